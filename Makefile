@@ -1,0 +1,41 @@
+# Fresh machine: `make demo` or `make test` install everything they need into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU wheel on machines like the CI one; on a CUDA machine pass e.g. TORCH_SPEC="torch==2.13.0" with your index.
+TORCH_SPEC ?= torch==2.13.0
+MODEL_DIR := models/SmolLM2-135M-Instruct
+
+.PHONY: install demo test test-slow bench fetch data clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+fetch: install $(MODEL_DIR)/config.json
+
+$(MODEL_DIR)/config.json:
+	$(PY) scripts/fetch_model.py --out $(MODEL_DIR)
+
+data: install
+	$(PY) scripts/make_quickstart_data.py
+
+# Fetch the embedded default model, fine-tune it on the generated task, compare before/after.
+demo: fetch
+	$(VENV)/bin/finetune train recipes/quickstart.yaml --overwrite
+	$(VENV)/bin/finetune eval recipes/quickstart.yaml --adapter runs/quickstart/checkpoint-final \
+		--compare --generate 8 --max-new-tokens 40 --json runs/quickstart/eval.json
+
+test: install
+	$(PY) -m pytest -q
+
+test-slow: fetch
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf runs merged .pytest_cache

@@ -1,0 +1,129 @@
+"""Tokenizer and base-model loading, 4-bit quantization, LoRA attachment.
+
+QLoRA in one paragraph: the frozen base weights W are stored as 4-bit NF4 codes
+(plus per-block scales, themselves quantized when `double_quant` is on) and
+dequantized block by block to `compute_dtype` inside each matmul. Only the LoRA
+matrices A (r x in) and B (out x r) train, in float32: a target layer computes
+    y = dequant(W) x + (alpha / r) * B (A dropout(x))
+with B initialised to zero, so training starts from exactly the base model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from finetune.errors import ModelError
+from finetune.recipe import ModelSection, QuantizationSection, Recipe
+
+# ChatML, for tokenizers that ship no chat template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    """`auto`: bf16 on a CUDA device that supports it, fp16 on older CUDA, fp32 on CPU.
+
+    (On CPUs without AVX-512/AMX, bf16 matmuls are ~25x slower than fp32.)
+    """
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_tokenizer(model: ModelSection | str, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    name, revision, trust = _source(model)
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"Cannot load the tokenizer of '{name}': {_first_line(e)}") from None
+    if chat_template:
+        tok.chat_template = chat_template
+    if tok.pad_token is None:
+        # Padding is masked through the attention mask and label masks, never by token id,
+        # so reusing EOS as the pad token does not hide the EOS labels.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def quantization_config(q: QuantizationSection) -> BitsAndBytesConfig | None:
+    if not q.load_in_4bit:
+        return None
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=resolve_compute_dtype(q.compute_dtype),
+    )
+
+
+def load_base_model(model: ModelSection | str, q: QuantizationSection, device: torch.device | str = "cpu"):
+    """The base model on `device`, quantized to 4 bit when the recipe says so."""
+    name, revision, trust = _source(model)
+    device = torch.device(device)
+    placement = device.index if device.type == "cuda" and device.index is not None else device.type
+    try:
+        base = AutoModelForCausalLM.from_pretrained(
+            name,
+            revision=revision,
+            trust_remote_code=trust,
+            quantization_config=quantization_config(q),
+            dtype=resolve_compute_dtype(q.compute_dtype),
+            device_map={"": placement},
+        )
+    except (OSError, ValueError) as e:
+        raise ModelError(f"Cannot load the model '{name}': {_first_line(e)}") from None
+    base.config.use_cache = False
+    return base
+
+
+def attach_lora(base, recipe: Recipe):
+    """Freeze the base, prepare it for k-bit training, wrap it with trainable LoRA adapters."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    checkpointing = recipe.training.gradient_checkpointing
+    if recipe.quantization.load_in_4bit:
+        base = prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    lora = recipe.lora
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias=lora.bias,
+        modules_to_save=lora.modules_to_save or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(base, config)
+
+
+def load_adapter(base, adapter_dir: str | Path):
+    from peft import PeftModel
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise ModelError(f"'{adapter_dir}' is not an adapter directory: it has no adapter_config.json.")
+    return PeftModel.from_pretrained(base, str(adapter_dir))
+
+
+def _source(model: ModelSection | str) -> tuple[str, str | None, bool]:
+    if isinstance(model, str):
+        return model, None, False
+    return model.name_or_path, model.revision, model.trust_remote_code
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
