@@ -80,7 +80,20 @@ def load_base_model(model: ModelSection | str, q: QuantizationSection, device: t
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot load the model '{name}': {_first_line(e)}") from None
     base.config.use_cache = False
+    _keep_one_cpu_4bit_path(base)
     return base
+
+
+def _keep_one_cpu_4bit_path(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 kernel the first time
+    the layer runs in eval mode without gradients, and keeps using that packing afterwards, in training
+    too. An evaluation in the middle of training would then change the training numerics (and the
+    eval loss would not measure the trained model). Keep every layer on the plain dequantize path."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
 
 
 def attach_lora(base, recipe: Recipe):
