@@ -7,7 +7,9 @@ looks like a checkpoint. Layout of a run directory:
     runs/<name>/recipe.yaml          the resolved recipe
     runs/<name>/metrics.jsonl        one JSON line per logging step / eval
     runs/<name>/checkpoint-<step>/   adapter_config.json, adapter_model.safetensors,
-                                     tokenizer files, recipe.yaml, trainer_state.json
+                                     tokenizer files, recipe.yaml, trainer_state.json,
+                                     environment.json, training_state.pt (optimizer,
+                                     scheduler, RNG states: what `--resume` needs)
     runs/<name>/checkpoint-final/    the same, at the end of training
     runs/<name>/summary.json         written last: the run finished
 """
@@ -21,7 +23,11 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from finetune.errors import CheckpointError
+
+TRAINING_STATE = "training_state.pt"
 
 
 @contextlib.contextmanager
@@ -49,14 +55,59 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
-def save_checkpoint(path: Path, model, tokenizer, recipe_yaml: str, state: dict) -> Path:
-    """Write a PEFT adapter checkpoint that plain `PeftModel.from_pretrained` loads."""
+def save_checkpoint(path: Path, model, tokenizer, records: dict[str, str | dict], training_state: dict) -> Path:
+    """Write a checkpoint: a PEFT adapter that plain `PeftModel.from_pretrained` loads, the tokenizer,
+    text/JSON records (recipe, trainer state, environment) and the optimizer/scheduler/RNG state."""
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / "recipe.yaml").write_text(recipe_yaml)
-        write_json(tmp / "trainer_state.json", state)
+        for name, content in records.items():
+            if isinstance(content, dict):
+                write_json(tmp / name, content)
+            else:
+                (tmp / name).write_text(content)
+        torch.save(training_state, tmp / TRAINING_STATE)
     return path
+
+
+def load_training_state(path: Path) -> tuple[dict, dict]:
+    """(trainer_state.json, training_state.pt contents) of a checkpoint."""
+    try:
+        trainer_state = json.loads((path / "trainer_state.json").read_text())
+        state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=False)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"Cannot resume from {path}: {e}.") from None
+    return trainer_state, state
+
+
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete `checkpoint-<step>` directories, oldest first (temporary ones never match)."""
+    found = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit() and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+def find_resume_checkpoint(run_dir: Path, resume: str) -> Path:
+    """`latest` = the newest complete step checkpoint in the run directory; otherwise a path."""
+    if resume != "latest":
+        path = Path(resume)
+    else:
+        found = step_checkpoints(run_dir)
+        if not found:
+            raise CheckpointError(f"Nothing to resume: {run_dir} holds no complete checkpoint-<step> directory.")
+        path = found[-1]
+    if not (path / TRAINING_STATE).is_file():
+        raise CheckpointError(
+            f"{path} is not a resumable checkpoint (no {TRAINING_STATE}); resume from a checkpoint-<step> directory."
+        )
+    return path
+
+
+def prune_checkpoints(run_dir: Path, keep: int, protect: Path | None = None) -> None:
+    """Delete all but the newest `keep` step checkpoints (and `protect`, e.g. the best one)."""
+    found = step_checkpoints(run_dir)
+    for old in found[: max(len(found) - keep, 0)]:
+        if protect is None or old.resolve() != protect.resolve():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def write_json(path: Path, obj: dict) -> None:

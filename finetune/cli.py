@@ -53,6 +53,9 @@ def _run(fn: Callable):
 def _quiet_libraries() -> None:
     import warnings
 
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # e.g. optional CPU kernels it cannot fetch
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -79,13 +82,16 @@ def train(
     recipe: Path = RecipeArg,
     overrides: Optional[list[str]] = OverridesArg,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in the same directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run directory."),
+    resume_from: Optional[Path] = typer.Option(None, help="Continue from this checkpoint directory."),
 ) -> None:
     """Fine-tune the recipe's model with LoRA adapters; writes checkpoints under the run directory."""
     r = _run(lambda: _load(recipe, overrides))
     _quiet_libraries()
     from finetune.train import train as run_training
 
-    _run(lambda: run_training(r, overwrite=overwrite, console=err_console))
+    start = str(resume_from) if resume_from else ("latest" if resume else None)
+    _run(lambda: run_training(r, overwrite=overwrite, resume=start, console=err_console))
 
 
 class BaseWeights(str, Enum):

@@ -289,3 +289,15 @@ class Collator:
             labels[i, :n] = torch.tensor(ex["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def fingerprint(data: DataSection, tok) -> str:
+    """Hash of what determines the tokenized data: file contents, the data section, the tokenizer."""
+    import hashlib
+
+    h = hashlib.sha256(data.model_dump_json().encode())
+    for f in sorted(set(data.train + ([data.eval] if data.eval else []))):
+        h.update(Path(f).read_bytes())
+    probe = tok("Fingerprint: 12 + 30 = 42, {\"k\": [1]} ünïcode", add_special_tokens=True)["input_ids"]
+    h.update(json.dumps([len(tok), tok.chat_template, tok.all_special_tokens, probe], default=str).encode())
+    return h.hexdigest()[:16]

@@ -39,3 +39,11 @@ class NonFiniteLossError(FinetuneError):
     """Training produced a NaN/inf loss or gradient; the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+class TrainingInterrupted(FinetuneError):
+    """SIGINT/SIGTERM stopped training after a checkpoint was written."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -26,7 +26,8 @@ from finetune.recipe import Recipe
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
     """Summed next-token cross-entropy over positions whose label is not -100."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    out = model(**inputs, use_cache=False)
     logits = out.logits[:, :-1, :].float()
     targets = batch["labels"][:, 1:].to(logits.device)
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")

@@ -108,6 +108,16 @@ class TrainingSection(Section):
     logging_steps: int = Field(10, ge=1, description="Optimizer steps between metric lines.")
     eval_steps: Optional[int] = Field(None, ge=1, description="Steps between eval-loss passes (always at the end).")
     save_steps: Optional[int] = Field(None, ge=1, description="Steps between checkpoints (always at the end).")
+    save_total_limit: Optional[int] = Field(
+        None, ge=1, description="Keep only the newest K step checkpoints (older ones deleted after a save)."
+    )
+    keep_best: bool = Field(False, description="With save_total_limit: also keep the checkpoint with the best eval loss.")
+    nan_policy: Literal["stop", "skip_step"] = Field(
+        "stop", description="On a NaN/inf loss or gradient: stop (last checkpoint intact) or skip that step."
+    )
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=list, description="Experiment trackers (via accelerate); each needs its package."
+    )
 
 
 class Recipe(Section):

@@ -3,18 +3,26 @@
 The loss of an optimizer step is the mean over every response token in all of its
 micro batches (on all processes), not the mean of per-batch means: each micro
 batch's summed token loss is divided by the step's total token count before
-backward. Padding-heavy or short batches therefore do not get extra weight, and
+backward. Padding-heavy or short batches therefore get no extra weight, and
 gradient accumulation gives the same gradient as one big batch.
+
+Resuming is exact: a checkpoint holds the adapter, optimizer, scheduler, RNG
+states and the data position (epoch, micro batches consumed), and data order is
+a pure function of (seed, epoch), so N steps + resume + N steps reproduces a
+straight 2N-step run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
+import signal
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
@@ -23,15 +31,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from finetune.checkpoint import prepare_run_dir, save_checkpoint, write_json
-from finetune.data import Collator, train_eval_split
-from finetune.errors import NonFiniteLossError
+from finetune import records
+from finetune.checkpoint import (
+    find_resume_checkpoint, load_training_state, prepare_run_dir, prune_checkpoints, save_checkpoint, write_json,
+)
+from finetune.data import IGNORE, Collator, fingerprint, train_eval_split
+from finetune.errors import NonFiniteLossError, TrainingInterrupted
 from finetune.evaluate import eval_loss, token_loss_sum
 from finetune.model import attach_lora, load_base_model, load_tokenizer, resolve_compute_dtype
 from finetune.recipe import Recipe, TrainingSection
 
 
-def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = None) -> Path:
+def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, console: Console | None = None) -> Path:
     """Fine-tune per the recipe; return the final checkpoint directory."""
     t = recipe.training
     console = console or Console(stderr=True)
@@ -39,20 +50,27 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     dtype = resolve_compute_dtype(recipe.quantization.compute_dtype)
     accelerator = Accelerator(
         mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
+        log_with=t.report_to or None,
+        project_dir=str(run_dir),
     )
     main = accelerator.is_main_process
-    if main:
+    resume_from = find_resume_checkpoint(run_dir, resume) if resume else None
+    if main and not resume_from:
         prepare_run_dir(run_dir, overwrite)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
     set_seed(t.seed)
 
     tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template)
     train_set, eval_set, stats = train_eval_split(recipe.data, tokenizer, t.seed)
+    env = records.environment(accelerator.device, fingerprint(recipe.data, tokenizer))
+    if resume_from:
+        records.check_resume(resume_from, recipe, env, console if main else None)
     model = attach_lora(load_base_model(recipe.model, recipe.quantization, accelerator.device), recipe)
     trainable, total_params = model.get_nb_trainable_parameters()
     collate = Collator(tokenizer.pad_token_id)
-    train_dl = DataLoader(train_set, batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate)
+    # A private generator keeps data loading from consuming the global RNG (dropout's), for exact resume.
+    train_dl = DataLoader(train_set, batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate,
+                          generator=torch.Generator().manual_seed(t.seed))
     eval_dl = DataLoader(eval_set, batch_size=t.micro_batch_size, collate_fn=collate) if eval_set else None
     optimizer = make_optimizer(model, t)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
@@ -63,114 +81,159 @@ def train(recipe: Recipe, *, overwrite: bool = False, console: Console | None = 
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_ratio * total_steps)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "best_eval_loss": None, "best_checkpoint": None}
+    window = {"loss": 0.0, "tokens": 0, "seen": 0}
+    rng_to_restore = None
+    if resume_from:
+        saved_state, saved = load_training_state(resume_from)
+        state.update({k: saved_state[k] for k in state})
+        window.update(saved["window"])
+        _load_adapter_weights(accelerator.unwrap_model(model), resume_from)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        rng_to_restore = saved["rng"]
     if main:
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        write_json(run_dir / "environment.json", env)
+        accelerator.init_trackers(recipe.name or "finetune", config=json.loads(recipe.model_dump_json()))
         console.print(
             f"[bold]{recipe.name}[/]: {stats.examples} train / {len(eval_set)} eval examples "
             f"({stats.truncated} truncated, {stats.dropped} dropped), {total_steps} steps, effective batch "
-            f"{t.micro_batch_size} x {t.gradient_accumulation_steps} x {accelerator.num_processes} processes\n"
-            f"trainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.3f}%), "
+            f"{t.micro_batch_size} x {t.gradient_accumulation_steps} x {accelerator.num_processes} processes"
+            + (f", resuming from {resume_from} at step {state['step']}" if resume_from else "")
+            + f"\ntrainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.3f}%), "
             f"compute dtype {str(dtype).removeprefix('torch.')}, device {accelerator.device}"
         )
-
-    def evaluate(step: int) -> dict:
-        loss = eval_loss(model, eval_dl, accelerator)
-        model.train()
-        record = {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
-        log(record)
-        return record
 
     def log(record: dict) -> None:
         if main:
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            progress.console.print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()))
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            progress.console.print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()), highlight=False, soft_wrap=True)
 
-    def checkpoint(name: str, step: int, epoch: int) -> Path:
+    def evaluate() -> dict:
+        loss = eval_loss(model, eval_dl, accelerator)
+        record = {"step": state["step"], "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
+        log(record)
+        return record
+
+    def checkpoint(name: str, eval_record: dict | None = None) -> Path:
         accelerator.wait_for_everyone()
         path = run_dir / name
+        if eval_record and (state["best_eval_loss"] is None or eval_record["eval_loss"] < state["best_eval_loss"]):
+            state["best_eval_loss"], state["best_checkpoint"] = eval_record["eval_loss"], str(path)
         if main:
-            state = {"step": step, "epoch": epoch, "total_steps": total_steps, "recipe": recipe.name}
-            save_checkpoint(path, accelerator.unwrap_model(model), tokenizer, recipe.to_yaml(), state)
+            training_state = {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": _rng_state(), "window": window,
+            }
+            files = {
+                "recipe.yaml": recipe.to_yaml(), "environment.json": env,
+                "trainer_state.json": {**state, "total_steps": total_steps, "recipe": recipe.name},
+            }
+            save_checkpoint(path, accelerator.unwrap_model(model), tokenizer, files, training_state)
+            if t.save_total_limit and name != "checkpoint-final":
+                best = Path(state["best_checkpoint"]) if t.keep_best and state["best_checkpoint"] else None
+                prune_checkpoints(run_dir, t.save_total_limit, protect=best)
         accelerator.wait_for_everyone()
         return path
 
     progress = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
         TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=console, disable=not main, transient=False,
+        console=console, disable=not main,
     )
-    task = progress.add_task("train", total=total_steps, info="")
+    task = progress.add_task("train", total=total_steps, completed=state["step"], info="")
     model.train()
-    step, epoch, started = 0, 0, time.perf_counter()
-    window = {"loss": 0.0, "tokens": 0, "seen": 0, "t0": time.perf_counter()}
-    last_eval = None
-    with progress:
-        while step < total_steps:
-            train_dl.set_epoch(epoch)
-            for group in _groups(train_dl, t.gradient_accumulation_steps):
-                n_tokens = accelerator.reduce(
-                    torch.tensor(sum(int((b["labels"][:, 1:] != -100).sum()) for b in group), device=accelerator.device),
+    started = time.perf_counter()
+    window_start = time.perf_counter()
+    stop = _StopOnSignal()
+    with progress, stop:
+        while state["step"] < total_steps:
+            train_dl.set_epoch(state["epoch"])
+            for group in _groups(train_dl, t.gradient_accumulation_steps, skip=state["micro_in_epoch"]):
+                if rng_to_restore is not None:  # after the data iterator exists: exactly where the run stopped
+                    _set_rng_state(rng_to_restore)
+                    rng_to_restore = None
+                n_tokens = int(accelerator.reduce(
+                    torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group), device=accelerator.device),
                     "sum",
-                ).item()
-                step_loss = 0.0
+                ))
+                step_loss = torch.zeros((), device=accelerator.device)
                 for i, batch in enumerate(group):
-                    sync = i == len(group) - 1
-                    with nullcontext() if sync else accelerator.no_sync(model):
+                    with nullcontext() if i == len(group) - 1 else accelerator.no_sync(model):
                         loss_sum = token_loss_sum(model, batch)
                         accelerator.backward(loss_sum * accelerator.num_processes / max(n_tokens, 1))
                     step_loss += loss_sum.detach()
-                    window["seen"] += int(batch["attention_mask"].sum())
+                    window["seen"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
                 step_loss = accelerator.reduce(step_loss, "sum").item() / max(n_tokens, 1)
-                grad_norm = (
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm) if t.max_grad_norm else None
-                )
-                if not math.isfinite(step_loss) or (grad_norm is not None and not torch.isfinite(grad_norm)):
-                    raise NonFiniteLossError(
-                        f"Step {step + 1}: the loss ({step_loss}) or gradient norm is not finite, so training "
-                        f"stopped before the optimizer applied it. Checkpoints written so far in {run_dir} are "
-                        f"intact. Lower training.learning_rate or check the data."
-                    )
-                optimizer.step()
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
+                state["micro_in_epoch"] += len(group)
+                state["step"] += 1
+                if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
+                    if t.nan_policy == "stop":
+                        raise NonFiniteLossError(
+                            f"Step {state['step']}: the loss ({step_loss}) or gradient norm ({float(grad_norm)}) is not "
+                            f"finite; training stopped before applying it. Checkpoints in {run_dir} are intact. Lower "
+                            f"training.learning_rate, check the data, or set training.nan_policy=skip_step."
+                        )
+                    log({"step": state["step"], "skipped": "non-finite loss or gradient"})
+                else:
+                    optimizer.step()
+                    window["loss"] += step_loss * n_tokens
+                    window["tokens"] += n_tokens
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
-                window["loss"] += step_loss * n_tokens
-                window["tokens"] += n_tokens
+                step = state["step"]
                 if step % t.logging_steps == 0 or step == total_steps:
-                    elapsed = time.perf_counter() - window["t0"]
-                    tok_s = window["seen"] * accelerator.num_processes / elapsed
+                    elapsed = time.perf_counter() - window_start
                     record = {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": window["loss"] / max(window["tokens"], 1),
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                        "tokens_per_s": tok_s,
+                        "step": step, "epoch": state["epoch"], "loss": window["loss"] / max(window["tokens"], 1),
+                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                        "tokens_per_s": window["seen"] * accelerator.num_processes / elapsed,
+                        "memory_gib": records.peak_memory_gib(accelerator.device),
                     }
                     log(record)
-                    progress.update(task, info=f"loss {record['loss']:.4f} lr {record['lr']:.2e} {tok_s:,.0f} tok/s")
-                    window = {"loss": 0.0, "tokens": 0, "seen": 0, "t0": time.perf_counter()}
+                    progress.update(task, info=f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                                               f"{record['tokens_per_s']:,.0f} tok/s")
+                    window.update(loss=0.0, tokens=0, seen=0)
+                    window_start = time.perf_counter()
                 progress.update(task, completed=step)
-                if eval_dl is not None and t.eval_steps and step % t.eval_steps == 0 and step < total_steps:
-                    last_eval = evaluate(step)
-                if t.save_steps and step % t.save_steps == 0 and step < total_steps:
-                    checkpoint(f"checkpoint-{step}", step, epoch)
+                if step < total_steps:
+                    last_eval = evaluate() if eval_dl is not None and t.eval_steps and step % t.eval_steps == 0 else None
+                    if t.save_steps and step % t.save_steps == 0:
+                        checkpoint(f"checkpoint-{step}", last_eval)
+                    if stop.signum:
+                        path = checkpoint(f"checkpoint-{step}")
+                        raise TrainingInterrupted(
+                            f"Stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint written to "
+                            f"{path}. Resume with: finetune train <recipe> --resume",
+                            exit_code=128 + stop.signum,
+                        )
                 if step >= total_steps:
                     break
-            epoch += 1
+            else:
+                state["epoch"] += 1
+                state["micro_in_epoch"] = 0
 
-    if eval_dl is not None:
-        last_eval = evaluate(step)
-    final = checkpoint("checkpoint-final", step, epoch)
+    last_eval = evaluate() if eval_dl is not None else None
+    final = checkpoint("checkpoint-final", last_eval)
     if main:
         summary = {
-            "steps": step,
+            "steps": state["step"],
             "train_examples": stats.examples,
             "wall_time_s": round(time.perf_counter() - started, 2),
             "eval_loss": last_eval and last_eval["eval_loss"],
+            "best_eval_loss": state["best_eval_loss"],
+            "best_checkpoint": state["best_checkpoint"],
             "final_checkpoint": str(final),
+            "peak_memory_gib": records.peak_memory_gib(accelerator.device),
         }
+        records.plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
         write_json(run_dir / "summary.json", summary)
+        accelerator.end_training()
         console.print(f"done in {summary['wall_time_s']:.1f}s; adapter written to [bold]{final}[/]")
     return final
 
@@ -188,16 +251,71 @@ def make_optimizer(model, t: TrainingSection) -> torch.optim.Optimizer:
     return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
-def _groups(dataloader, size: int):
-    """Micro batches grouped per optimizer step (the last group of an epoch may be shorter)."""
+def _groups(dataloader, size: int, skip: int = 0):
+    """Micro batches grouped per optimizer step, after skipping `skip` already-trained ones.
+
+    The last group of an epoch may be shorter. Skipped batches are still drawn, so the
+    data order (a function of seed and epoch) is exactly that of an uninterrupted run.
+    """
     group = []
-    for batch in dataloader:
+    for i, batch in enumerate(dataloader):
+        if i < skip:
+            continue
         group.append(batch)
         if len(group) == size:
             yield group
             group = []
     if group:
         yield group
+
+
+def _load_adapter_weights(model, checkpoint: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _StopOnSignal:
+    """First SIGINT/SIGTERM: remember it (the loop checkpoints and stops after the current step).
+    Second: stop at once; checkpoints are written atomically, so the last complete one stays intact."""
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False
 
 
 def _fmt(v) -> str:
