@@ -3,6 +3,7 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -123,3 +124,15 @@ def test_bad_recipe_writes_nothing_and_loads_no_torch(tmp_path):
     assert out.stdout.split() == ["2", "False", "False"], out.stdout + out.stderr
     assert "missing.jsonl" in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_readme_recipe_reference_matches_the_schema():
+    """The README's key table is generated from the schema; a stale table misleads users."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("recipe_reference", root / "scripts" / "recipe_reference.py")
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    readme = (root / "README.md").read_text()
+    assert ref.render(readme) == readme, "README recipe table is stale: run python scripts/recipe_reference.py"
