@@ -13,6 +13,7 @@ the error paths of every verb answer in well under a second.
 from __future__ import annotations
 
 import difflib
+import glob
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -43,8 +44,12 @@ class QuantizationSection(Section):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Matmul dtype: auto = bf16 on capable CUDA, fp16 on older CUDA, fp32 on CPU."
     )
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype the packed 4-bit codes are stored in: auto = the compute dtype under FSDP or "
+        "DeepSpeed ZeRO-3 (so quantized weights shard), uint8 otherwise."
+    )
 
-    @field_validator("compute_dtype", mode="before")
+    @field_validator("compute_dtype", "quant_storage", mode="before")
     @classmethod
     def _alias(cls, v: Any) -> Any:
         return DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
@@ -61,28 +66,173 @@ class LoraSection(Section):
     modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full and saved.")
 
 
+DATA_FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text")
+# The field names each format reads; `fields` in the recipe maps these to the data's own column names.
+FORMAT_FIELDS = {
+    "alpaca": ("instruction", "input", "output"),
+    "chat": ("messages", "role", "content"),
+    "sharegpt": ("conversations", "from", "value"),
+    "completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+TEMPLATE_NAMES = ("chatml", "llama-3", "alpaca", "none")
+DataFormat = Literal[DATA_FORMATS]  # type: ignore[valid-type]
+
+
+class DatasetSpec(Section):
+    path: str = Field(
+        description="A .jsonl/.json/.csv/.parquet file, a directory of them, a glob pattern, or a hub dataset id."
+    )
+    format: Optional[DataFormat] = Field(None, description="Record shape; defaults to data.format.")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="Format field -> column in this data, e.g. {prompt: question, completion: answer}.",
+    )
+    name: Optional[str] = Field(None, description="Hub dataset configuration (subset) name.")
+    split: str = Field("train", description="Hub split, slicing allowed (e.g. train[:1000]); ignored for local files.")
+    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
+    weight: Optional[float] = Field(
+        None, gt=0, description="Mixing weight: use round(weight x records) examples (repeated or subsampled)."
+    )
+    num_samples: Optional[int] = Field(None, ge=1, description="Use exactly this many examples (repeated or subsampled).")
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "DatasetSpec":
+        if self.weight is not None and self.num_samples is not None:
+            raise ValueError("give either weight or num_samples, not both")
+        return self
+
+
 class DataSection(Section):
-    train: list[str] = Field(description="Training file(s): JSONL, one record per line.")
-    eval: Optional[str] = Field(None, description="Held-out file for evaluation.")
+    datasets: list[DatasetSpec] = Field(
+        default_factory=list, description="Training datasets, concatenated; each may set its own format and fields."
+    )
+    train: list[str] = Field(
+        default_factory=list, description="Shorthand for datasets: file(s), directories or globs read with data.format."
+    )
+    eval: Optional[Union[str, list[DatasetSpec]]] = Field(
+        None, description="Held-out data: a path (read like the training data) or a list of datasets."
+    )
     eval_fraction: float = Field(
-        0.0, ge=0, lt=1, description="Without `eval`: fraction of train held out (fixed seed)."
+        0.0, ge=0, lt=1, description="Without `eval`: fraction of each training dataset held out (fixed seed)."
     )
-    format: Literal["alpaca", "chat", "completion", "text"] = Field(
+    format: DataFormat = Field(
         "alpaca",
-        description="alpaca: instruction/input/output; chat: messages; completion: prompt/completion; text: text.",
+        description="alpaca: instruction/input/output; chat: messages (role/content); sharegpt: conversations "
+        "(from/value); completion: prompt/completion; text: raw text.",
     )
-    max_length: int = Field(1024, ge=8, description="Tokens per example; longer ones are truncated.")
+    fields: dict[str, str] = Field(default_factory=dict, description="Field re-mapping for `train` and `eval` files.")
+    template: Optional[str] = Field(
+        None, description="chatml, llama-3, alpaca, a Jinja chat template, or none (plain prompt text, no chat "
+        "template); default: the tokenizer's own chat template.",
+    )
     train_on: Literal["completion", "all"] = Field(
-        "completion", description="completion: loss on responses only; all: on every token."
+        "completion", description="completion: loss on responses (every assistant turn) only; all: on every token."
     )
-    chat_template: Optional[str] = Field(
-        None, description="Jinja chat template for tokenizers without one (or to replace theirs)."
+    max_length: int = Field(1024, ge=8, description="Tokens per example (and per packed row).")
+    overlong: Literal["truncate", "drop"] = Field("truncate", description="Examples over max_length: cut or skip.")
+    packing: bool = Field(False, description="Concatenate examples into rows of max_length (attention kept apart).")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="A malformed record: stop before training (listing them), or skip it and count it."
     )
 
     @field_validator("train", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_chat_template(cls, v: Any) -> Any:
+        """`chat_template` (older recipes) is the same thing as `template`."""
+        if isinstance(v, dict) and "chat_template" in v:
+            v = dict(v)
+            if v.get("template") is not None:
+                raise ValueError("give either template or chat_template (its older name), not both")
+            v["template"] = v.pop("chat_template")
+        return v
+
+    @field_validator("template")
+    @classmethod
+    def _template(cls, v: Optional[str]) -> Optional[str]:
+        if v is None or v in TEMPLATE_NAMES or "{{" in v or "{%" in v:
+            return v
+        close = difflib.get_close_matches(v, TEMPLATE_NAMES, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ValueError(f"must be one of {', '.join(TEMPLATE_NAMES)} or a Jinja template string.{hint}")
+
+    @model_validator(mode="after")
+    def _datasets(self) -> "DataSection":
+        if not (self.train or self.datasets):
+            raise ValueError("name the training data: `train` (files) or `datasets` (a list of sources)")
+        specs = [("data", self.format, self.fields)] + [
+            (f"datasets[{i}]", d.format or self.format, d.fields) for i, d in enumerate(self.datasets)
+        ]
+        if isinstance(self.eval, list):
+            specs += [(f"eval[{i}]", d.format or self.format, d.fields) for i, d in enumerate(self.eval)]
+        for where, fmt, fields in specs:
+            unknown = sorted(set(fields) - set(FORMAT_FIELDS[fmt]))
+            if unknown:
+                raise ValueError(
+                    f"{where}.fields: '{unknown[0]}' is not a field of format '{fmt}' (its fields: "
+                    f"{', '.join(FORMAT_FIELDS[fmt])}); map those names to your columns, e.g. {{prompt: question}}"
+                )
+        return self
+
+    @property
+    def train_datasets(self) -> list[DatasetSpec]:
+        """Every training source with its format and field mapping resolved."""
+        return [DatasetSpec(path=f, format=self.format, fields=self.fields) for f in self.train] + [
+            self._resolve(d) for d in self.datasets
+        ]
+
+    @property
+    def eval_datasets(self) -> list[DatasetSpec]:
+        """Held-out sources; an eval path is read like the training data when all of it has one shape."""
+        if isinstance(self.eval, list):
+            return [self._resolve(d) for d in self.eval]
+        if not self.eval:
+            return []
+        shapes = {(d.format, tuple(sorted(d.fields.items()))) for d in self.train_datasets}
+        fmt, fields = next(iter(shapes)) if len(shapes) == 1 else (self.format, tuple(self.fields.items()))
+        return [DatasetSpec(path=self.eval, format=fmt, fields=dict(fields))]
+
+    def _resolve(self, d: DatasetSpec) -> DatasetSpec:
+        fields = d.fields if (d.fields or d.format) else self.fields
+        return d.model_copy(update={"format": d.format or self.format, "fields": fields})
+
+    @property
+    def chat_template(self) -> Optional[str]:
+        """The Jinja chat template to install on the tokenizer, or None to keep the tokenizer's own."""
+        from finetune.templates import BUILTIN
+
+        if self.template in (None, "none"):
+            return None
+        return BUILTIN.get(self.template, self.template)
+
+
+def data_files(path: str) -> Optional[list[Path]]:
+    """The local data files a dataset path names (possibly none), or None when it names a hub dataset.
+
+    A directory means every data file under it; a pattern with * ? or [ is a glob. A path that
+    does not exist is taken for a hub id (org/name) unless it looks like a file path.
+    """
+    p = Path(path).expanduser()
+    if any(c in path for c in "*?["):
+        hits = (Path(f) for f in glob.glob(str(p), recursive=True))
+        return sorted(f for f in hits if f.is_file() and f.suffix.lower() in DATA_EXTENSIONS)
+    if p.is_dir():
+        return sorted(
+            f for f in p.rglob("*")
+            if f.is_file() and f.suffix.lower() in DATA_EXTENSIONS
+            and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
+    if p.is_file():
+        return [p]
+    if p.suffix.lower() in DATA_EXTENSIONS or path.startswith((".", "/", "~")) or path.count("/") > 1:
+        return []
+    return None
 
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -253,16 +403,25 @@ def _section_model(loc: tuple) -> type[BaseModel] | None:
 def _check_paths(recipe: Recipe, path: Path, where: dict) -> None:
     """Files named by the recipe must exist before anything heavy starts."""
     problems = []
-    files = [(("data", "train", i), f) for i, f in enumerate(recipe.data.train)]
-    if recipe.data.eval:
-        files.append((("data", "eval"), recipe.data.eval))
+    data = recipe.data
+    files = [(("data", "train", i), f) for i, f in enumerate(data.train)]
+    files += [(("data", "datasets", i, "path"), d.path) for i, d in enumerate(data.datasets)]
+    if isinstance(data.eval, str):
+        files.append((("data", "eval"), data.eval))
+    elif data.eval:
+        files += [(("data", "eval", i, "path"), d.path) for i, d in enumerate(data.eval)]
     for loc, f in files:
-        if not Path(f).is_file():
-            key = ".".join(str(x) for x in loc)
-            problems.append(
-                f"{_locate(where, loc, str(path))}: {key}: data file '{f}' does not exist "
-                f"(relative paths are read from the current directory, {Path.cwd()})."
-            )
+        found = data_files(f)
+        if found is None or found:  # a hub id, or local files
+            continue
+        key = ".".join(str(x) for x in loc)
+        what = (f"pattern '{f}' matches no {'/'.join(DATA_EXTENSIONS)} file" if any(c in f for c in "*?[")
+                else f"directory '{f}' holds no {'/'.join(DATA_EXTENSIONS)} file" if Path(f).expanduser().is_dir()
+                else f"data file '{f}' does not exist")
+        problems.append(
+            f"{_locate(where, loc, str(path))}: {key}: {what} "
+            f"(relative paths are read from the current directory, {Path.cwd()})."
+        )
     name = recipe.model.name_or_path
     looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
     if not Path(name).expanduser().exists() and looks_local:

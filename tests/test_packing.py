@@ -1,0 +1,153 @@
+"""Packing keeps examples apart (same per-token loss as alone), the collator's packed batches, and the
+`finetune prepare` verb (summary, --show, bad records) plus a short packed training run."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.data import IGNORE, Collator, normalize, pack, padding_efficiency, real_tokens, tokenize_all
+from finetune.model import load_tokenizer
+from finetune.prepare import render_example
+from finetune.recipe import DataSection
+
+from conftest import write_jsonl
+
+runner = CliRunner()
+
+
+def examples(tok, n=5, train_on="completion"):
+    rows = [{"instruction": f"Repeat the word {'twice' if i % 2 else 'once'}.", "input": w,
+             "output": " ".join([w] * (1 + i % 2))} for i, w in enumerate(["cat", "dog", "sun", "tree", "bird"][:n])]
+    section = DataSection(train=["x.jsonl"], train_on=train_on)
+    return tokenize_all([normalize(r, "alpaca", {}) for r in rows], section, tok)[0]
+
+
+def test_pack_fills_rows_and_restarts_positions(tiny_tokenizer_dir):
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    exs = examples(tok)
+    lengths = [len(e["input_ids"]) for e in exs]
+    max_length = sum(sorted(lengths)[:3]) + 1  # room for about three per row
+    rows = pack(exs, max_length)
+    assert 1 < len(rows) < len(exs) and all(len(r["input_ids"]) <= max_length for r in rows)
+    segments = []
+    for row in rows:
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        ends = starts[1:] + [len(row["input_ids"])]
+        for s, e in zip(starts, ends):
+            assert row["position_ids"][s:e] == list(range(e - s))
+            assert row["labels"][s] == IGNORE  # nothing is predicted across a boundary
+            segments.append((tuple(row["input_ids"][s:e]), tuple(row["labels"][s + 1 : e])))
+    # every example exactly once, whole, with its own labels
+    assert sorted(segments) == sorted((tuple(e["input_ids"]), tuple(e["labels"][1:])) for e in exs)
+    assert padding_efficiency([10, 10, 10, 10], 2) == 1.0 and padding_efficiency([10, 5], 2) == 0.75
+
+
+def test_collator_packed_batch_has_no_attention_mask(tiny_tokenizer_dir):
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    rows = pack(examples(tok), 60)
+    batch = Collator(tok.pad_token_id)(rows[:2])
+    assert set(batch) == {"input_ids", "labels", "position_ids", "num_tokens"}
+    n = len(rows[1]["input_ids"])
+    width = batch["input_ids"].shape[1]
+    assert batch["position_ids"][1, :n].tolist() == rows[1]["position_ids"]
+    assert batch["position_ids"][1, n:].tolist() == list(range(width - n))  # padding is a sequence of its own
+    assert real_tokens(batch) == sum(len(r["input_ids"]) for r in rows[:2])
+    plain = Collator(tok.pad_token_id)(examples(tok)[:2])
+    assert real_tokens(plain) == int(plain["attention_mask"].sum()) < plain["input_ids"].numel()
+
+
+def per_token_loss(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "num_tokens")}
+        logits = model(**inputs, use_cache=False).logits
+    return F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=IGNORE, reduction="none")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_row_loss_equals_each_example_alone(tiny_model_dir, attn):
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn).eval()
+    exs = examples(tok, 3, train_on="all")
+    row = pack(exs, 1000)[0]
+    collate = Collator(tok.pad_token_id)
+    packed = per_token_loss(model, collate([row]))
+    alone = [per_token_loss(model, collate([ex])) for ex in pack(exs, 1)]  # one example per row
+    # In the packed row, each example's first token is no target (it would be predicted from the previous
+    # example: loss 0 there); every other target must have exactly the loss it has alone.
+    expected = torch.cat([torch.cat([torch.zeros(1), a]) if i else a for i, a in enumerate(alone)])
+    lengths = [len(e["input_ids"]) for e in pack(exs, 1)]
+    boundaries = [sum(lengths[:i]) - 1 for i in range(1, len(lengths))]
+    assert packed.shape == expected.shape and all(packed[b] == 0 for b in boundaries)
+    torch.testing.assert_close(packed, expected, atol=1e-5, rtol=0)
+    # The same row with an attention mask is one long sequence: later examples see earlier ones.
+    leaky = per_token_loss(model, {**collate([row]), "attention_mask": torch.ones(1, len(row["input_ids"]))})
+    assert (leaky - expected).abs().max() > 1e-3
+    # ... and so is a forward pass with a KV cache (transformers only separates packed examples without one).
+    batch = {k: v for k, v in collate([row]).items() if k != "num_tokens"}
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=True).logits
+    cached = F.cross_entropy(logits[0, :-1], batch["labels"][0, 1:], ignore_index=IGNORE, reduction="none")
+    assert (cached - expected).abs().max() > 1e-3
+
+
+def make_recipe(tmp_path, model_dir, rows, **data):
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    body = {
+        "name": "packed", "output_dir": str(tmp_path / "runs" / "packed"),
+        "model": {"name_or_path": str(model_dir)},
+        "quantization": {"load_in_4bit": False},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(tmp_path / "train.jsonl"), "max_length": 64, "packing": True, **data},
+        "training": {"max_steps": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1,
+                     "gradient_checkpointing": False, "optimizer": "adamw_torch", "learning_rate": 1e-3},
+    }
+    path = tmp_path / "r.yaml"
+    path.write_text(json.dumps(body))
+    return path
+
+
+def test_prepare_prints_summary_and_examples_without_model_weights(tmp_path, tiny_tokenizer_dir, toy_alpaca_rows):
+    """The tokenizer directory has no weights at all: prepare must not need them."""
+    assert not list(tiny_tokenizer_dir.glob("*.safetensors"))
+    rows = toy_alpaca_rows[:20] + [{"instruction": "x"}, {"instruction": "y", "output": ""}]
+    recipe = make_recipe(tmp_path, tiny_tokenizer_dir, rows, on_bad_record="skip", eval_fraction=0.2)
+    result = runner.invoke(app, ["prepare", str(recipe), "--show", "1"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    for label in ("examples", "length p50", "length p99", "length max", "truncated", "dropped",
+                  "bad records skipped", "padding efficiency unpacked", "packing efficiency"):
+        assert label in out
+    assert f"{tmp_path}/train.jsonl:21: missing field 'output'" in out and "written to" in out
+    assert "⟦" in out and "<|im_end|>⟧" in out and "<|im_start|>user" in out  # trained span, visible specials
+    again = runner.invoke(app, ["prepare", str(recipe)])
+    assert again.exit_code == 0 and "reused" in again.output
+
+
+def test_render_example_highlights_exactly_the_trained_tokens(tiny_tokenizer_dir):
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    ex = examples(tok, 2)[1]
+    text = render_example(ex, tok)
+    trained = "".join(text.plain[s.start:s.end] for s in text.spans if "green" in str(s.style))
+    assert trained == "dog dog<|im_end|>" and text.plain == tok.decode(ex["input_ids"])
+
+
+def test_prepare_stops_on_bad_records(tmp_path, tiny_tokenizer_dir):
+    recipe = make_recipe(tmp_path, tiny_tokenizer_dir, [{"instruction": "a", "output": "b"}, {"instruction": "a"}])
+    result = runner.invoke(app, ["prepare", str(recipe)])
+    assert result.exit_code == 2 and f"{tmp_path}/train.jsonl:2: missing field 'output'" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_packed_training_runs(tmp_path, tiny_model_dir, toy_alpaca_rows):
+    recipe = make_recipe(tmp_path, tiny_model_dir, toy_alpaca_rows[:24])
+    result = runner.invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(x) for x in (tmp_path / "runs" / "packed" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m for m in metrics if "loss" in m]
+    assert [m["step"] for m in losses] == [1, 2] and all(m["loss"] > 0 and m["tokens_per_s"] > 0 for m in losses)
+    assert (tmp_path / "runs" / ".cache" / "tokenized").is_dir()  # tokenized once, next to the runs
