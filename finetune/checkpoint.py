@@ -24,10 +24,14 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from finetune.errors import CheckpointError
 
 TRAINING_STATE = "training_state.pt"
+# What a failed write raises: OSError from Python's own writes, RuntimeError from torch.save's zip writer,
+# SafetensorError from the safetensors serializer (e.g. "File too large (os error 27)" or ENOSPC).
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
 
 
 @contextlib.contextmanager
@@ -39,6 +43,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         tmp.mkdir(parents=True)
         yield tmp
+        _fsync_tree(tmp)  # the data is on disk before the rename makes it a checkpoint, even if the machine dies
         if final.exists():  # replacing e.g. checkpoint-final: move the old one aside first
             old = final.with_name(f".old-{final.name}")
             shutil.rmtree(old, ignore_errors=True)
@@ -47,19 +52,48 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except OSError as e:
+        _fsync(final.parent)
+    except WRITE_ERRORS as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"Cannot write {final}: {e.strerror or e}. Earlier checkpoints are intact.") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise CheckpointError(
+            f"Cannot write {final}: {reason}. Is the disk full ({_free_space(final.parent)}) or the directory not "
+            f"writable? Earlier checkpoints are intact; resume from the newest with --resume."
+        ) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def save_checkpoint(path: Path, model, tokenizer, records: dict[str, str | dict], training_state: dict) -> Path:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    _fsync(root)
+
+
+def _free_space(path: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(path).free / 2**20:,.0f} MiB free there"
+    except OSError:
+        return "free space unknown"
+
+
+def save_checkpoint(path: Path, model, tokenizer, records: dict[str, str | dict], training_state: dict,
+                    state_dict: dict | None = None) -> Path:
     """Write a checkpoint: a PEFT adapter that plain `PeftModel.from_pretrained` loads, the tokenizer,
-    text/JSON records (recipe, trainer state, environment) and the optimizer/scheduler/RNG state."""
+    text/JSON records (recipe, trainer state, environment) and the optimizer/scheduler/RNG state.
+    `state_dict`: the full (gathered) weights when the model is sharded across processes (FSDP/ZeRO-3)."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         for name, content in records.items():
             if isinstance(content, dict):
@@ -81,9 +115,12 @@ def load_training_state(path: Path) -> tuple[dict, dict]:
 
 
 def step_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete `checkpoint-<step>` directories, oldest first (temporary ones never match)."""
+    """`checkpoint-<step>` directories, oldest first (temporary `.tmp-` and `.del-` ones never match)."""
     found = [p for p in run_dir.glob("checkpoint-*") if p.name.split("-", 1)[1].isdigit() and p.is_dir()]
     return sorted(found, key=lambda p: int(p.name.split("-", 1)[1]))
+
+
+REQUIRED_FILES = (TRAINING_STATE, "trainer_state.json", "adapter_model.safetensors")
 
 
 def find_resume_checkpoint(run_dir: Path, resume: str) -> Path:
@@ -91,7 +128,8 @@ def find_resume_checkpoint(run_dir: Path, resume: str) -> Path:
     if resume != "latest":
         path = Path(resume)
     else:
-        found = step_checkpoints(run_dir)
+        # Written atomically, a checkpoint-<step> is complete; still, never pick one that is not (copied in part).
+        found = [p for p in step_checkpoints(run_dir) if all((p / f).is_file() for f in REQUIRED_FILES)]
         if not found:
             raise CheckpointError(f"Nothing to resume: {run_dir} holds no complete checkpoint-<step> directory.")
         path = found[-1]
@@ -107,7 +145,10 @@ def prune_checkpoints(run_dir: Path, keep: int, protect: Path | None = None) -> 
     found = step_checkpoints(run_dir)
     for old in found[: max(len(found) - keep, 0)]:
         if protect is None or old.resolve() != protect.resolve():
-            shutil.rmtree(old, ignore_errors=True)
+            doomed = old.with_name(f".del-{old.name}")  # renamed first: a half-deleted directory is never picked
+            shutil.rmtree(doomed, ignore_errors=True)  # left over by a crash mid-delete
+            os.replace(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from finetune.errors import CheckpointError
+from finetune.errors import CheckpointError, RecipeError
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "finetune")
 
@@ -33,6 +33,30 @@ def environment(device: torch.device, data_fingerprint: str) -> dict:
     }
 
 
+def check_trackers(report_to: list[str]) -> None:
+    """Fail before any work if a requested logger is not installed (accelerate would only warn and log nothing)."""
+    from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available, "mlflow": is_mlflow_available}
+    missing = [name for name in report_to if not available[name]()]
+    if missing:
+        raise RecipeError(
+            f"training.report_to asks for {', '.join(missing)}, which is not installed: "
+            f"pip install {' '.join(missing)}, or remove it from training.report_to."
+        )
+
+
+def tracker_config(recipe) -> dict:
+    """The recipe as flat `section.key: value` pairs of scalars: TensorBoard's hparams take nothing else
+    (lists and None are written as JSON text); wandb and mlflow show them just as well."""
+    flat = {}
+    for section, values in json.loads(recipe.model_dump_json()).items():
+        for key, value in (values.items() if isinstance(values, dict) else [(None, values)]):
+            name = f"{section}.{key}" if key else section
+            flat[name] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return flat
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -51,7 +75,11 @@ def check_resume(checkpoint: Path, recipe, env: dict, console) -> None:
         raise CheckpointError(f"Cannot resume from {checkpoint}: its run records are unreadable ({e}).") from None
     problems = []
     if saved_env.get("data_fingerprint") != env["data_fingerprint"]:
-        problems.append("the training data (files, data section or tokenizer) changed since the checkpoint")
+        now_data = json.loads(recipe.data.model_dump_json())
+        changed = [f"data.{k} {v!r} -> {now_data.get(k)!r}" for k, v in saved_recipe.get("data", {}).items()
+                   if v != now_data.get(k)]
+        problems.append("the training data changed since the checkpoint (" + (
+            ", ".join(changed) if changed else "the contents of the data files or the tokenizer") + ")")
     saved_lora = saved_recipe.get("lora", {})
     now_lora = json.loads(recipe.lora.model_dump_json())
     for key in ("r", "target_modules", "modules_to_save", "bias"):
@@ -66,6 +94,17 @@ def check_resume(checkpoint: Path, recipe, env: dict, console) -> None:
                if lib != "finetune" and old != env["versions"].get(lib)]
     if changed and console is not None:
         console.print(f"[yellow]warning:[/] library versions differ from the checkpoint's: {', '.join(changed)}")
+
+
+def truncate_metrics(metrics: Path, step: int) -> None:
+    """Drop the lines logged after `step`: a run that died after its last checkpoint logged steps that
+    the resumed run will log again, and metrics.jsonl must hold each step once."""
+    if not metrics.exists():
+        return
+    lines = metrics.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        metrics.write_text("".join(kept))
 
 
 def peak_memory_gib(device: torch.device) -> float:
