@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
+from finetune.distributed import quant_storage, shards_parameters
 from finetune.errors import ModelError
 from finetune.recipe import ModelSection, QuantizationSection, Recipe
 
@@ -60,6 +61,7 @@ def quantization_config(q: QuantizationSection) -> BitsAndBytesConfig | None:
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=resolve_compute_dtype(q.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, quant_storage(q)),
     )
 
 
@@ -68,14 +70,17 @@ def load_base_model(model: ModelSection | str, q: QuantizationSection, device: t
     name, revision, trust = _source(model)
     device = torch.device(device)
     placement = device.index if device.type == "cuda" and device.index is not None else device.type
+    # Under FSDP / ZeRO-3 the launcher places (and shards) the weights; every parameter, the 4-bit codes
+    # included, must then share one float dtype. Otherwise each process holds a full copy on its device.
+    sharded = shards_parameters()
     try:
         base = AutoModelForCausalLM.from_pretrained(
             name,
             revision=revision,
             trust_remote_code=trust,
             quantization_config=quantization_config(q),
-            dtype=resolve_compute_dtype(q.compute_dtype),
-            device_map={"": placement},
+            dtype=getattr(torch, quant_storage(q)) if sharded and q.load_in_4bit else resolve_compute_dtype(q.compute_dtype),
+            device_map=None if sharded else {"": placement},
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot load the model '{name}': {_first_line(e)}") from None

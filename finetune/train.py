@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
@@ -35,8 +35,9 @@ from finetune import records
 from finetune.checkpoint import (
     find_resume_checkpoint, load_training_state, prepare_run_dir, prune_checkpoints, save_checkpoint, write_json,
 )
-from finetune.data import IGNORE, Collator, fingerprint, train_eval_split
-from finetune.errors import NonFiniteLossError, TrainingInterrupted
+from finetune.data import IGNORE, Collator, cache_dir, fingerprint, real_tokens, train_eval_split
+from finetune.distributed import check_strategy, shards_parameters
+from finetune.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted
 from finetune.evaluate import eval_loss, token_loss_sum
 from finetune.model import attach_lora, load_base_model, load_tokenizer, resolve_compute_dtype
 from finetune.recipe import Recipe, TrainingSection
@@ -48,20 +49,23 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
     console = console or Console(stderr=True)
     run_dir = recipe.run_dir
     dtype = resolve_compute_dtype(recipe.quantization.compute_dtype)
+    records.check_trackers(t.report_to)
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # without it, torchrun on CPU would start N independent runs, not gloo DDP
         mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
         log_with=t.report_to or None,
         project_dir=str(run_dir),
     )
     main = accelerator.is_main_process
+    check_strategy(recipe)
     resume_from = find_resume_checkpoint(run_dir, resume) if resume else None
     if main and not resume_from:
         prepare_run_dir(run_dir, overwrite)
     set_seed(t.seed)
 
     tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template)
-    train_set, eval_set, stats = train_eval_split(recipe.data, tokenizer, t.seed)
+    train_set, eval_set, stats = train_eval_split(recipe.data, tokenizer, t.seed, cache_dir(run_dir))
     env = records.environment(accelerator.device, fingerprint(recipe.data, tokenizer))
     if resume_from:
         records.check_resume(resume_from, recipe, env, console if main else None)
@@ -72,6 +76,10 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
     train_dl = DataLoader(train_set, batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate,
                           generator=torch.Generator().manual_seed(t.seed))
     eval_dl = DataLoader(eval_set, batch_size=t.micro_batch_size, collate_fn=collate) if eval_set else None
+    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        from peft.utils.other import fsdp_auto_wrap_policy  # frozen and trainable weights in separate units
+
+        accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
     optimizer = make_optimizer(model, t)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     if eval_dl is not None:
@@ -82,21 +90,26 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
     warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_ratio * total_steps)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
-    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "best_eval_loss": None, "best_checkpoint": None}
+    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "best_eval_loss": None, "best_checkpoint": None,
+             "skipped_steps": []}
     window = {"loss": 0.0, "tokens": 0, "seen": 0}
     rng_to_restore = None
     if resume_from:
         saved_state, saved = load_training_state(resume_from)
-        state.update({k: saved_state[k] for k in state})
+        state.update({k: saved_state.get(k, v) for k, v in state.items()})
         window.update(saved["window"])
         _load_adapter_weights(accelerator.unwrap_model(model), resume_from)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        rng_to_restore = saved["rng"]
+        if accelerator.scaler is not None and saved.get("scaler"):
+            accelerator.scaler.load_state_dict(saved["scaler"])
+        rng_to_restore = _this_process_rng(saved["rng"], accelerator)
     if main:
+        if resume_from:  # a crash may have logged steps after the checkpoint: they are about to be redone
+            records.truncate_metrics(run_dir / "metrics.jsonl", state["step"])
         (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
         write_json(run_dir / "environment.json", env)
-        accelerator.init_trackers(recipe.name or "finetune", config=json.loads(recipe.model_dump_json()))
+        accelerator.init_trackers(recipe.name or "finetune", config=records.tracker_config(recipe))
         console.print(
             f"[bold]{recipe.name}[/]: {stats.examples} train / {len(eval_set)} eval examples "
             f"({stats.truncated} truncated, {stats.dropped} dropped), {total_steps} steps, effective batch "
@@ -124,16 +137,23 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
         path = run_dir / name
         if eval_record and (state["best_eval_loss"] is None or eval_record["eval_loss"] < state["best_eval_loss"]):
             state["best_eval_loss"], state["best_checkpoint"] = eval_record["eval_loss"], str(path)
+        # Sharded (FSDP/ZeRO-3) weights are gathered by every process; DDP replicas are whole already.
+        state_dict = accelerator.get_state_dict(model) if shards_parameters() else None
+        rng = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]  # one per process
         if main:
             training_state = {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(), "window": window,
+                "rng": rng, "window": window,
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             }
             files = {
                 "recipe.yaml": recipe.to_yaml(), "environment.json": env,
-                "trainer_state.json": {**state, "total_steps": total_steps, "recipe": recipe.name},
+                "trainer_state.json": {
+                    **state, "total_steps": total_steps, "recipe": recipe.name,
+                    "epochs_done": round(state["epoch"] + state["micro_in_epoch"] / len(train_dl), 4),
+                },
             }
-            save_checkpoint(path, accelerator.unwrap_model(model), tokenizer, files, training_state)
+            save_checkpoint(path, accelerator.unwrap_model(model), tokenizer, files, training_state, state_dict)
             if t.save_total_limit and name != "checkpoint-final":
                 best = Path(state["best_checkpoint"]) if t.keep_best and state["best_checkpoint"] else None
                 prune_checkpoints(run_dir, t.save_total_limit, protect=best)
@@ -167,12 +187,16 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
                         loss_sum = token_loss_sum(model, batch)
                         accelerator.backward(loss_sum * accelerator.num_processes / max(n_tokens, 1))
                     step_loss += loss_sum.detach()
-                    window["seen"] += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+                    window["seen"] += real_tokens(batch)  # not padding, packed or not
                 step_loss = accelerator.reduce(step_loss, "sum").item() / max(n_tokens, 1)
                 grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
                 state["micro_in_epoch"] += len(group)
                 state["step"] += 1
-                if not (math.isfinite(step_loss) and torch.isfinite(grad_norm)):
+                # Under fp16 an inf gradient with a finite loss is routine: the grad scaler skips that step itself
+                # and lowers its scale. Anything else non-finite is the run diverging (or bad data).
+                scaled = accelerator.scaler is not None
+                finite = math.isfinite(step_loss) and (bool(torch.isfinite(grad_norm)) or scaled)
+                if not finite:
                     if t.nan_policy == "stop":
                         raise NonFiniteLossError(
                             f"Step {state['step']}: the loss ({step_loss}) or gradient norm ({float(grad_norm)}) is not "
@@ -180,6 +204,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
                             f"training.learning_rate, check the data, or set training.nan_policy=skip_step."
                         )
                     log({"step": state["step"], "skipped": "non-finite loss or gradient"})
+                    state["skipped_steps"].append(state["step"])
                 else:
                     optimizer.step()
                     window["loss"] += step_loss * n_tokens
@@ -187,7 +212,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step = state["step"]
-                if step % t.logging_steps == 0 or step == total_steps:
+                if finite and (step % t.logging_steps == 0 or step == total_steps):  # a skipped step has no loss
                     elapsed = time.perf_counter() - window_start
                     record = {
                         "step": step, "epoch": state["epoch"], "loss": window["loss"] / max(window["tokens"], 1),
@@ -203,14 +228,16 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
                 progress.update(task, completed=step)
                 if step < total_steps:
                     last_eval = evaluate() if eval_dl is not None and t.eval_steps and step % t.eval_steps == 0 else None
-                    if t.save_steps and step % t.save_steps == 0:
+                    saved = t.save_steps and step % t.save_steps == 0
+                    if saved:
                         checkpoint(f"checkpoint-{step}", last_eval)
-                    if stop.signum:
-                        path = checkpoint(f"checkpoint-{step}")
+                    signum = _agreed_signal(accelerator, stop.signum)
+                    if signum:
+                        path = run_dir / f"checkpoint-{step}" if saved else checkpoint(f"checkpoint-{step}")
                         raise TrainingInterrupted(
-                            f"Stopped by {signal.Signals(stop.signum).name} after step {step}; checkpoint written to "
+                            f"Stopped by {signal.Signals(signum).name} after step {step}; checkpoint written to "
                             f"{path}. Resume with: finetune train <recipe> --resume",
-                            exit_code=128 + stop.signum,
+                            exit_code=128 + signum,
                         )
                 if step >= total_steps:
                     break
@@ -218,8 +245,9 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
                 state["epoch"] += 1
                 state["micro_in_epoch"] = 0
 
-    last_eval = evaluate() if eval_dl is not None else None
-    final = checkpoint("checkpoint-final", last_eval)
+    with stop:  # a first Ctrl-C now lets the run finish: that is what it is about to do, and nothing is lost
+        last_eval = evaluate() if eval_dl is not None else None
+        final = checkpoint("checkpoint-final", last_eval)
     if main:
         summary = {
             "steps": state["step"],
@@ -228,6 +256,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
             "eval_loss": last_eval and last_eval["eval_loss"],
             "best_eval_loss": state["best_eval_loss"],
             "best_checkpoint": state["best_checkpoint"],
+            "skipped_steps": state["skipped_steps"],
             "final_checkpoint": str(final),
             "peak_memory_gib": records.peak_memory_gib(accelerator.device),
         }
@@ -276,6 +305,18 @@ def _load_adapter_weights(model, checkpoint: Path) -> None:
     set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
 
 
+def _this_process_rng(saved: list | dict, accelerator: Accelerator) -> dict:
+    """Each process resumes with its own RNG streams (dropout masks differ per process)."""
+    if isinstance(saved, dict):  # checkpoints written before per-process RNG states
+        return saved
+    if len(saved) != accelerator.num_processes:
+        raise CheckpointError(
+            f"The checkpoint was written by {len(saved)} processes, this run has {accelerator.num_processes}: "
+            f"resuming would change the data order and dropout. Launch {len(saved)} processes to resume it."
+        )
+    return saved[accelerator.process_index]
+
+
 def _rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -289,6 +330,14 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _agreed_signal(accelerator: Accelerator, signum: int) -> int:
+    """The signal any process received, so that all stop after the same step (a launcher may signal only some;
+    a process that stopped alone would leave the others waiting in the next collective forever)."""
+    if accelerator.num_processes == 1:
+        return signum
+    return int(accelerator.reduce(torch.tensor(signum, device=accelerator.device), "max"))
 
 
 class _StopOnSignal:
