@@ -1,0 +1,128 @@
+"""The training loss, computed without wasted logits.
+
+A causal LM projects every position onto the vocabulary, but only positions whose
+next token carries a label contribute to the loss: prompt tokens and padding do
+not. For SmolLM2-135M (hidden 576, vocabulary 49,152) that head is 57 MFLOP per
+position, about a fifth of the forward pass, and the float32 logits of one
+8 x 512 micro batch take 800 MB, plus as much again for the softmax kept for
+backward.
+
+So the loss takes the final hidden states from the model's own forward (a hook
+on the output layer hands it an empty slice instead), keeps only the labelled
+positions, and computes head, cross-entropy and the gradient with respect to the
+hidden states a chunk of rows at a time. Under LoRA the head is frozen, so that
+gradient is all backward needs: nothing vocabulary-sized outlives a chunk.
+
+Anything this does not cover exactly (a trainable or adapted head, a model that
+rescales or soft-caps its logits, a forward that never calls its output layer)
+takes the plain path over the model's full logits, so the loss is always the
+same number.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+CHUNK_BYTES = 64 * 2**20  # float32 logits per chunk: bounds the head's working memory
+
+
+def token_loss_sum(model, batch: dict) -> torch.Tensor:
+    """Summed next-token cross-entropy over positions whose label is not -100."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    labels = batch["labels"]
+    head = _frozen_linear_head(model)
+    if head is None:
+        return _full_logits_loss(model(**inputs, use_cache=False).logits, labels)
+
+    captured = {}
+
+    def keep_hidden(module, args):
+        # The model's own head then runs on the first position only: a cheap check that it adds nothing
+        # (scaling, soft-capping) to the plain projection computed below.
+        captured["hidden"] = args[0]
+        return (args[0][:, :1],)
+
+    handle = head.register_forward_pre_hook(keep_hidden)
+    try:
+        out = model(**inputs, use_cache=False)
+    finally:
+        handle.remove()
+    hidden = captured.get("hidden")
+    if hidden is None or hidden.dim() != 3 or out.logits.shape[:2] != (hidden.shape[0], 1):
+        return _full_logits_loss(out.logits, labels)  # the output layer was not used as expected
+    if not torch.allclose(out.logits[:, 0].float(), head(hidden[:, 0].detach()).float(), rtol=1e-3, atol=1e-3):
+        warnings.warn(f"{type(model).__name__} transforms its logits; computing the loss over all positions.")
+        return _full_logits_loss(model(**inputs, use_cache=False).logits, labels)
+
+    labels = labels.to(hidden.device)
+    keep = labels[:, 1:] != IGNORE
+    rows = hidden[:, :-1][keep]
+    chunk = max(1, CHUNK_BYTES // (4 * head.weight.shape[0]))
+    return LabelledCrossEntropy.apply(rows, head.weight, head.bias, labels[:, 1:][keep], chunk)
+
+
+def _frozen_linear_head(model) -> torch.nn.Linear | None:
+    """The output layer when it is a plain, frozen nn.Linear (the QLoRA case); None otherwise."""
+    head = getattr(model, "module", model).get_output_embeddings()  # through a DDP wrapper and PeftModel
+    if type(head) is not torch.nn.Linear or head.weight.requires_grad or _sharded(model, head.weight):
+        return None
+    if head.bias is not None and head.bias.requires_grad:
+        return None
+    return head
+
+
+def _sharded(model, weight: torch.Tensor) -> bool:
+    """FSDP / ZeRO-3 hold the head's weight in pieces outside the forward pass: use the model's own logits."""
+    if hasattr(weight, "ds_id"):  # DeepSpeed ZeRO-3
+        return True
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without distributed support
+        return False
+    return isinstance(model, FullyShardedDataParallel) or isinstance(weight, DTensor)
+
+
+def _full_logits_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = logits[:, :-1, :].float()
+    targets = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+
+
+class LabelledCrossEntropy(torch.autograd.Function):
+    """sum_i CE(rows_i @ weight.T + bias, targets_i), in chunks of rows; differentiable in `rows` only.
+
+    The forward pass already computes d loss / d rows (softmax minus one-hot, times the
+    weight), chunk by chunk, so backward is one multiplication by the incoming scale and
+    the logits never need to be stored or recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, bias, targets, chunk):
+        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        grad = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
+        for start in range(0, rows.shape[0], chunk):
+            h, t = rows[start : start + chunk], targets[start : start + chunk]
+            z = (h @ weight.t()).float()
+            if bias is not None:
+                z += bias.float()
+            z -= z.amax(dim=1, keepdim=True)
+            target_z = z.gather(1, t[:, None]).squeeze(1)
+            z.exp_()
+            sum_exp = z.sum(dim=1)
+            total += (sum_exp.log() - target_z).sum()
+            if grad is not None:
+                z /= sum_exp[:, None]  # softmax
+                z[torch.arange(len(t), device=z.device), t] -= 1
+                grad[start : start + chunk] = z.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None, None

@@ -1,0 +1,84 @@
+"""The labelled-positions-only loss must be the plain full-logits cross-entropy, value and gradient."""
+
+import pytest
+import torch
+from transformers import Gemma2Config, Gemma2ForCausalLM
+
+from finetune import loss as loss_module
+from finetune.loss import IGNORE, _full_logits_loss, token_loss_sum
+from finetune.model import attach_lora, load_base_model
+from finetune.recipe import Recipe
+
+
+def _batch(vocab: int) -> dict:
+    """Two rows: a prompt (no labels) then a response, the second row right-padded."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (2, 24), generator=g)
+    labels = ids.clone()
+    labels[:, :10] = IGNORE  # prompt
+    labels[1, 18:] = IGNORE  # padding
+    mask = torch.ones_like(ids)
+    mask[1, 18:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _plain(model, batch) -> torch.Tensor:
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    return _full_logits_loss(model(**inputs, use_cache=False).logits, batch["labels"])
+
+
+def _value_and_grads(fn, model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = fn(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def qlora_model(tiny_model_dir):
+    recipe = Recipe.model_validate({
+        "model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": ["unused.jsonl"]},
+        "quantization": {"compute_dtype": "float32"}, "lora": {"dropout": 0.0},
+        "training": {"gradient_checkpointing": False},
+    })
+    model = attach_lora(load_base_model(recipe.model, recipe.quantization), recipe)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B = 0 at init would leave A without gradient
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+@pytest.mark.parametrize("chunk_bytes", [loss_module.CHUNK_BYTES, 4 * 512 * 3])  # one chunk; 3-row chunks
+def test_qlora_loss_and_gradients_match_full_logits(qlora_model, monkeypatch, chunk_bytes):
+    monkeypatch.setattr(loss_module, "CHUNK_BYTES", chunk_bytes)
+    batch = _batch(qlora_model.config.vocab_size)
+    fast, fast_grads = _value_and_grads(token_loss_sum, qlora_model, batch)
+    plain, plain_grads = _value_and_grads(_plain, qlora_model, batch)
+    assert fast.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert fast_grads.keys() == plain_grads.keys() and fast_grads
+    for name in plain_grads:
+        scale = plain_grads[name].abs().max().item()  # float32 summation order differs: compare to the scale
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_no_grad_loss_matches(qlora_model):
+    batch = _batch(qlora_model.config.vocab_size)
+    with torch.no_grad():
+        assert token_loss_sum(qlora_model, batch).item() == pytest.approx(_plain(qlora_model, batch).item(), rel=1e-5)
+
+
+def test_model_that_soft_caps_its_logits_gets_the_plain_loss():
+    """Gemma 2 soft-caps logits after the head: projecting the hidden states alone would be a different loss."""
+    config = Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=1.0)
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(config)
+    model.get_output_embeddings().weight.requires_grad_(False)  # tied with the input embeddings: frozen, as in LoRA
+    batch = _batch(config.vocab_size)
+    with pytest.warns(UserWarning, match="transforms its logits"):
+        fast, fast_grads = _value_and_grads(token_loss_sum, model, batch)
+    plain, plain_grads = _value_and_grads(_plain, model, batch)
+    assert fast.item() == pytest.approx(plain.item(), rel=1e-6)
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name])
