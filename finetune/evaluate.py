@@ -1,36 +1,49 @@
-"""`finetune eval`: loss, perplexity and sample generations for a base model, an adapter or a merged model.
+"""`finetune eval`: loss, perplexity and generation metrics for base models, adapters and merged models.
 
 Loss is the mean cross-entropy over response tokens only (the same masking as
-training), so a before/after comparison measures exactly what training optimised.
-Perplexity is exp(loss). `exact_match` compares greedy generations with the
-reference response after stripping whitespace.
+training, from data.py), so a before/after comparison measures exactly what
+training optimised; perplexity is exp(loss). Generation metrics come from
+batched greedy (or sampled) completions of each example's prompt:
+
+- exact_match: the answer extracted from the completion equals the one extracted
+  from the reference. Extractors: `none` (the whole stripped text), `last_number`
+  (GSM8K style: the number after `####`, else the last number; `1,234.50` -> `1234.5`)
+  or `regex:PATTERN` (its first group, else the whole match).
+- contains: the (extracted) reference occurs in the completion (with `last_number`:
+  as one of its numbers; otherwise as a case-insensitive substring).
+- chrf / bleu: corpus scores from sacrebleu, when it is installed.
+
+Several adapters share one loaded base (PEFT switches between them), and the base
+itself is measured with the adapters disabled, so a comparison costs one model load.
+Training's periodic evaluation calls `eval_loss` (and may call `generation_metrics`)
+from here, so numbers during and after training are the same computation.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
 from finetune.data import IGNORE, Collator, prompt_and_reference, split_records, tokenize_all
-from finetune.errors import DataError
-from finetune.recipe import Recipe
+from finetune.errors import DataError, ModelError
+from finetune.loss import token_loss_sum  # the training loss; train.py imports it from here too
+from finetune.recipe import DataSection, ModelSection, QuantizationSection, Recipe
+
+SCHEMA = "finetune.eval/1"
 
 
-def token_loss_sum(model, batch: dict) -> torch.Tensor:
-    """Summed next-token cross-entropy over positions whose label is not -100."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    out = model(**inputs, use_cache=False)
-    logits = out.logits[:, :-1, :].float()
-    targets = batch["labels"][:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+# ------------------------------------------------------------------- loss
 
 
 @torch.no_grad()
@@ -50,108 +63,446 @@ def eval_loss(model, dataloader, accelerator=None) -> float:
     return (total[0] / total[1].clamp(min=1)).item()
 
 
+# ------------------------------------------------------------- extraction
+
+_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+
+
+def normalize_number(text: str) -> str:
+    """`1,234.50` -> `1234.5`, `-3.0` -> `-3`, `007` -> `7`: one spelling per value."""
+    try:
+        value = Decimal(text.replace(",", ""))
+    except InvalidOperation:
+        return text
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
+
+
+def last_number(text: str) -> str | None:
+    """GSM8K-style answer: the first number after the last `####`, else the last number in the text."""
+    if "####" in text:
+        after = _NUMBER.search(text.rsplit("####", 1)[1])
+        if after:
+            return normalize_number(after.group())
+    numbers = _NUMBER.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def make_extractor(spec: str | None) -> Callable[[str], str | None]:
+    """`none`/None: stripped text; `last_number`; `regex:PATTERN`: first group (else whole match) of the first match."""
+    if spec in (None, "", "none"):
+        return lambda text: text.strip()
+    if spec == "last_number":
+        return last_number
+    if spec.startswith("regex:"):
+        try:
+            pattern = re.compile(spec.removeprefix("regex:"), re.DOTALL)
+        except re.error as e:
+            raise DataError(f"Bad answer extractor '{spec}': {e}.") from None
+
+        def extract(text: str) -> str | None:
+            m = pattern.search(text)
+            if not m:
+                return None
+            return (m.group(1) if pattern.groups else m.group()).strip()
+
+        return extract
+    raise DataError(f"Unknown answer extractor '{spec}': use none, last_number or regex:PATTERN.")
+
+
+def score_example(prediction: str, reference: str, extractor: str | None) -> dict:
+    """Per-example scores: the extracted answers, exact match and contains."""
+    extract = make_extractor(extractor)
+    predicted = extract(prediction)
+    expected = extract(reference)
+    if expected is None:  # a reference the pattern does not fit: compare with all of it
+        expected = reference.strip()
+    if extractor == "last_number":
+        contains = expected in {normalize_number(n) for n in _NUMBER.findall(prediction)}
+    else:
+        contains = expected.lower() in prediction.lower()
+    return {"extracted": predicted, "expected": expected, "correct": predicted == expected, "contains": contains}
+
+
+def corpus_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """chrF and BLEU (0-100) via sacrebleu when it is installed; nothing otherwise."""
+    try:
+        import sacrebleu
+    except ImportError:
+        return {}
+    return {
+        "chrf": sacrebleu.corpus_chrf(predictions, [references]).score,
+        "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
+    }
+
+
+# ------------------------------------------------------------- generation
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    batch_size: int = 8
+    seed: int = 0
+    extractor: str | None = None  # none, last_number or regex:PATTERN
+
+
 @torch.no_grad()
-def generate(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy completions of token-id prompts, batched with left padding."""
+def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = GenerationOptions()) -> list[str]:
+    """Completions of token-id prompts, batched with left padding (greedy unless temperature > 0)."""
     device = next(model.parameters()).device
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = model.generation_config.eos_token_id
+    eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tok.eos_token_id} - {None})
+    sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p} \
+        if options.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    torch.manual_seed(options.seed)
+    was_training = model.training
+    model.eval()
     outputs = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
+    for start in range(0, len(prompts), options.batch_size):
+        chunk = prompts[start : start + options.batch_size]
         width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, p in enumerate(chunk):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
         out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-            do_sample=False, pad_token_id=tok.pad_token_id, use_cache=True,
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=options.max_new_tokens,
+            pad_token_id=pad, eos_token_id=eos, use_cache=True, **sampling,
         )
         outputs += [tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+    model.train(was_training)
     return outputs
+
+
+def generation_metrics(model, tok, records: list, options: GenerationOptions) -> tuple[dict, list[dict]]:
+    """Generate for each record's prompt and score against its reference: (metrics, per-example samples).
+
+    `records` are data.py Records (raw-text ones, with no prompt/response split, are left out). This is
+    what `finetune eval` runs per model; training can call it every `eval_generate_steps` on a small
+    subset (on the main process, with the unwrapped model).
+    """
+    pairs = [prompt_and_reference(r, r.fmt, tok) for r in records if r.fmt != "text"]
+    predictions = generate(model, tok, [p for p, _ in pairs], options)
+    samples = [
+        {"prompt": tok.decode(p), "reference": ref, "prediction": pred, **score_example(pred, ref, options.extractor)}
+        for (p, ref), pred in zip(pairs, predictions)
+    ]
+    n = max(len(samples), 1)
+    metrics = {
+        "exact_match": sum(s["correct"] for s in samples) / n,
+        "contains": sum(s["contains"] for s in samples) / n,
+        **corpus_scores(predictions, [ref for _, ref in pairs]),
+    }
+    return metrics, samples
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass
+class Candidate:
+    """One row of the comparison: a model, optionally with one adapter active."""
+
+    label: str
+    model: str
+    adapter: str | None
+    quantization: str
+
+
+def load_eval_model(section: ModelSection, quant: QuantizationSection, device):
+    """A model from a hub id, a directory or a GGUF file (dequantized by transformers on load)."""
+    from finetune.model import load_base_model, resolve_compute_dtype
+
+    if not section.name_or_path.endswith(".gguf"):
+        return load_base_model(section, quant, device)
+    from transformers import AutoModelForCausalLM
+
+    path = Path(section.name_or_path)
+    if quant.load_in_4bit:
+        raise ModelError(f"{path} is a GGUF file: it is loaded dequantized, not re-quantized; use --quantize none.")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                     dtype=resolve_compute_dtype(quant.compute_dtype))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"Cannot load the GGUF model {path}: {_first_line(e)}") from None
+    return model.to(device)
+
+
+def load_eval_tokenizer(source: str, chat_template: str | None):
+    """The tokenizer of an adapter, a model directory/hub id or a GGUF file."""
+    from finetune.model import load_tokenizer
+
+    if not source.endswith(".gguf"):
+        return load_tokenizer(source, chat_template)
+    from transformers import AutoTokenizer
+
+    path = Path(source)
+    try:
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"Cannot load the tokenizer of the GGUF model {path}: {_first_line(e)}") from None
+    if chat_template:
+        tok.chat_template = chat_template
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _quantization(quantize: str, recipe: Recipe | None, source: str, adapters: list[str]) -> QuantizationSection:
+    """auto: as the adapters were trained; else the recipe's for the recipe's own model; else none."""
+    from finetune.merge import adapter_recipe_quantization
+
+    recipe_quant = recipe.quantization if recipe else QuantizationSection()
+    if quantize == "none" or source.endswith(".gguf"):
+        return recipe_quant.model_copy(update={"load_in_4bit": False})
+    if quantize == "4bit":
+        return recipe_quant.model_copy(update={"load_in_4bit": True})
+    if adapters:
+        return adapter_recipe_quantization(adapters[0])
+    if recipe and source == recipe.model.name_or_path:
+        return recipe_quant
+    return recipe_quant.model_copy(update={"load_in_4bit": False})
+
+
+def _describe(q: QuantizationSection) -> str:
+    return f"4-bit {q.quant_type}" if q.load_in_4bit else "none"
+
+
+# ----------------------------------------------------------------- data
+
+
+def eval_data(recipe: Recipe | None, data: str | None, data_format: str | None = None,
+              fields: dict[str, str] | None = None) -> DataSection:
+    """The data section to evaluate on: the recipe's eval split, or `data` read like the recipe's data
+    (or in `data_format`, with `fields` mapping format fields to its columns)."""
+    if data is None:
+        if recipe is None:
+            raise DataError("Nothing to evaluate on: give a recipe (its eval data) or --data FILE.")
+        return recipe.data
+    if not Path(data).is_file():
+        raise DataError(f"--data: '{data}' is not a file.")
+    base = recipe.data.model_dump(exclude_unset=True) if recipe else {}
+    for key in ("eval_fraction", "datasets"):  # only --data is read
+        base.pop(key, None)
+    fmt = data_format or (recipe.data.format if recipe else _guess_format(data))
+    if fields is not None or (recipe and fmt != recipe.data.format):
+        base["fields"] = fields or {}
+    try:
+        return DataSection.model_validate({**base, "train": [data], "eval": data, "format": fmt})
+    except ValueError as e:
+        raise DataError(f"--data {data}: {e}") from None
+
+
+def _guess_format(path: str) -> str:
+    """The format whose fields the first record has (chat, alpaca, completion, text)."""
+    from finetune.data import read_rows
+
+    rows, _ = read_rows(path)
+    first = rows[0][1] if rows and isinstance(rows[0][1], dict) else {}
+    for fmt, key in (("chat", "messages"), ("alpaca", "instruction"), ("completion", "prompt"), ("text", "text")):
+        if key in first:
+            return fmt
+    raise DataError(f"{path}: cannot tell the data format from the fields {sorted(first)}; pass --format.")
+
+
+# ---------------------------------------------------------------- report
 
 
 @dataclass
 class EvalReport:
     data: str
     examples: int
+    generated: int
+    generation: dict | None
     models: dict[str, dict] = field(default_factory=dict)
-    samples: list[dict] = field(default_factory=list)
+    samples: list[dict] = field(default_factory=list)  # one per (model, generated example)
 
     def to_json(self) -> dict:
-        return {"data": self.data, "examples": self.examples, "models": self.models, "samples": self.samples}
+        """The --json document (schema `finetune.eval/1`); samples go to --samples instead."""
+        return {"schema": SCHEMA, "data": self.data, "examples": self.examples, "generated": self.generated,
+                "generation": self.generation, "models": self.models}
 
 
 def evaluate(
-    recipe: Recipe,
+    recipe: Recipe | None = None,
     *,
-    adapter: str | None = None,
-    model_path: str | None = None,
+    model: str | None = None,
+    adapters: list[str] | tuple = (),
     compare: bool = False,
+    data: str | None = None,
+    data_format: str | None = None,
+    fields: dict[str, str] | None = None,
+    quantize: str = "auto",
+    limit: int | None = None,
     generate_n: int = 0,
-    max_new_tokens: int = 128,
+    options: GenerationOptions | None = None,
+    harness: list[str] | None = None,
+    harness_include: str | None = None,
 ) -> EvalReport:
-    """Evaluate the recipe's model (or `model_path`), with `adapter` if given; `compare` adds the base."""
-    from finetune.model import load_adapter, load_base_model, load_tokenizer
-
-    source = model_path or recipe.model.name_or_path
-    model_section = recipe.model.model_copy(update={"name_or_path": source})
-    tok = load_tokenizer(adapter or model_section, recipe.data.chat_template)
-    _, records = split_records(recipe.data, recipe.training.seed)
+    """Evaluate `model` (default: the recipe's) with each adapter, and the base too with `compare`."""
+    options = options or GenerationOptions()
+    make_extractor(options.extractor)  # a bad pattern fails before any model loads
+    adapters = [str(a) for a in adapters]
+    for path in adapters:
+        if not (Path(path) / "adapter_config.json").is_file():
+            raise ModelError(f"'{path}' is not an adapter directory: it has no adapter_config.json.")
+    if recipe is None and model is None:
+        raise ModelError("Which model? Give a recipe or --model (a hub id, a directory or a .gguf file).")
+    source = model or recipe.model.name_or_path
+    section = recipe.model.model_copy(update={"name_or_path": source}) if recipe else ModelSection(name_or_path=source)
+    quant = _quantization(quantize, recipe, source, adapters)
+    data_section = eval_data(recipe, data, data_format, fields)
+    seed = recipe.training.seed if recipe else 42
+    records = split_records(data_section, seed)[1]
     if not records:
-        raise DataError(
-            "Nothing to evaluate on: the recipe has neither data.eval nor data.eval_fraction. "
-            "Add one (or override it, e.g. data.eval=path/to/eval.jsonl)."
-        )
-    examples, _ = tokenize_all(records, recipe.data, tok)
-    dl = DataLoader(examples, batch_size=recipe.training.micro_batch_size, collate_fn=Collator(tok.pad_token_id))
-    prompts = [prompt_and_reference(r, recipe.data.format, tok) for r in records[:generate_n]]
-    if recipe.data.format == "text":
-        prompts = []  # raw text has no prompt/response split to generate against
+        raise DataError("Nothing to evaluate on: the recipe has neither data.eval nor data.eval_fraction. "
+                        "Add one (or override it, e.g. data.eval=path/to/eval.jsonl), or pass --data FILE.")
+    records = records[:limit] if limit else records
+    tok = load_eval_tokenizer(adapters[0] if adapters else source, data_section.chat_template)
+    examples, _ = tokenize_all(records, data_section, tok)
+    batch_size = recipe.training.micro_batch_size if recipe else options.batch_size
+    loader = DataLoader(examples, batch_size=batch_size, collate_fn=Collator(tok.pad_token_id))
+    with_prompt = [r for r in records if r.fmt != "text"]  # raw text has no prompt/response split
+    to_generate = with_prompt[: len(with_prompt) if generate_n < 0 else generate_n]
 
-    candidates = [("adapter" if adapter else "model" if model_path else "base", model_section, adapter)]
-    if compare and (adapter or model_path):
-        candidates.insert(0, ("base", recipe.model, None))
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    data_name = recipe.data.eval or f"{recipe.data.eval_fraction:.0%} of {', '.join(recipe.data.train)}"
-    report = EvalReport(data=data_name, examples=len(examples))
-    report.samples = [{"prompt": tok.decode(p), "reference": ref} for p, ref in prompts]
-    for label, section, adapter_dir in candidates:
-        model = load_base_model(section, recipe.quantization, device)
-        if adapter_dir:
-            model = load_adapter(model, adapter_dir)
-        model.eval()
-        loss = eval_loss(model, dl)
+    report = EvalReport(
+        data=str(data or data_section.eval or f"{data_section.eval_fraction:.0%} held out of the training data"),
+        examples=len(examples), generated=len(to_generate),
+        generation={**asdict(options)} if to_generate else None,
+    )
+
+    def measure(candidate: Candidate, net) -> None:
+        started = time.perf_counter()
+        loss = eval_loss(net, loader)
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-        if prompts:
-            predictions = generate(model, tok, [p for p, _ in prompts], max_new_tokens)
-            for sample, prediction in zip(report.samples, predictions):
-                sample[label] = prediction
-                sample[f"{label}_correct"] = prediction == sample["reference"].strip()
-            metrics["exact_match"] = sum(s[f"{label}_correct"] for s in report.samples) / len(prompts)
-        report.models[label] = metrics
-        del model
+        seconds = {"loss": round(time.perf_counter() - started, 2)}
+        if to_generate:
+            started = time.perf_counter()
+            gen_metrics, samples = generation_metrics(net, tok, to_generate, options)
+            metrics.update(gen_metrics)
+            seconds["generate"] = round(time.perf_counter() - started, 2)
+            report.samples += [{"model": candidate.label, "index": i, **s} for i, s in enumerate(samples)]
+        if harness:
+            started = time.perf_counter()
+            metrics.update(run_harness(net, tok, harness, limit=limit, include=harness_include,
+                                       batch_size=options.batch_size))
+            seconds["harness"] = round(time.perf_counter() - started, 2)
+        report.models[candidate.label] = {**asdict(candidate), "metrics": metrics, "seconds": seconds}
+
+    if compare and model and not adapters and recipe and source != recipe.model.name_or_path:
+        base_quant = _quantization("auto", recipe, recipe.model.name_or_path, [])
+        base = load_eval_model(recipe.model, base_quant, device).eval()
+        measure(Candidate("base", recipe.model.name_or_path, None, _describe(base_quant)), base)
+        del base
+    net = load_eval_model(section, quant, device).eval()
+    if not adapters:
+        measure(Candidate("model" if model else "base", source, None, _describe(quant)), net)
+        return report
+    from peft import PeftModel
+
+    net = PeftModel.from_pretrained(net, adapters[0], adapter_name="a0")
+    for i, path in enumerate(adapters[1:], 1):
+        net.load_adapter(path, adapter_name=f"a{i}")
+    net.eval()
+    if compare:
+        with net.disable_adapter():
+            measure(Candidate("base", source, None, _describe(quant)), net)
+    for i, (label, path) in enumerate(zip(_adapter_labels(adapters), adapters)):
+        net.set_adapter(f"a{i}")
+        measure(Candidate(label, source, path, _describe(quant)), net)
     return report
 
 
-def print_report(report: EvalReport, console: Console, show_samples: bool = True) -> None:
-    if show_samples:
-        for i, s in enumerate(report.samples):
-            console.rule(f"sample {i + 1}")
-            console.print(f"[dim]{s['prompt'][-300:]}[/]", markup=True, highlight=False)
-            console.print(f"[bold]reference:[/] {s['reference']}", highlight=False)
-            for label in report.models:
-                mark = "[green]✓[/]" if s.get(f"{label}_correct") else "[red]✗[/]"
-                console.print(f"[bold]{label}:[/] {mark} {s.get(label, '')}", highlight=False)
-    table = Table(title=f"eval on {report.data} ({report.examples} examples)")
+def _adapter_labels(adapters: list[str]) -> list[str]:
+    """`adapter` for one; otherwise the shortest distinct path suffixes (run/checkpoint-final, ...)."""
+    if len(adapters) == 1:
+        return ["adapter"]
+    parts = [Path(a).resolve().parts for a in adapters]
+    for n in range(1, max(map(len, parts)) + 1):
+        labels = ["/".join(p[-n:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"adapter{i}" for i in range(len(adapters))]
+
+
+# --------------------------------------------------------------- harness
+
+
+def run_harness(model, tok, tasks: list[str], *, limit: int | None = None, include: str | None = None,
+                batch_size: int = 8) -> dict[str, float]:
+    """Run lm-evaluation-harness tasks on the in-memory model (adapter active, nothing merged).
+
+    Returns `task/metric` -> value for every numeric metric (standard errors left out).
+    """
+    try:
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise ModelError("--harness needs lm-evaluation-harness: pip install 'finetune[harness]'.") from None
+    lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size)
+    manager = TaskManager(include_path=include) if include else TaskManager()
+    try:
+        results = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager)
+    except (KeyError, ValueError) as e:
+        raise DataError(f"lm-eval could not run {', '.join(tasks)}: {_first_line(e)}") from None
+    out = {}
+    for task, metrics in (results or {}).get("results", {}).items():
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in key:
+                out[f"{task}/{key.removesuffix(',none')}"] = float(value)
+    return out
+
+
+# ---------------------------------------------------------------- output
+
+_ORDER = ["loss", "perplexity", "exact_match", "contains", "chrf", "bleu"]
+
+
+def print_report(report: EvalReport, console: Console, show_samples: int = 3) -> None:
+    """A few samples (every model's answer side by side), then the models x metrics table."""
+    by_index: dict[int, list[dict]] = {}
+    for s in report.samples:
+        by_index.setdefault(s["index"], []).append(s)
+    for i in sorted(by_index)[:show_samples]:
+        first = by_index[i][0]
+        console.rule(f"sample {i + 1}")
+        console.print(f"[dim]{first['prompt'][-300:]}[/]", highlight=False)
+        console.print(f"[bold]reference:[/] {first['reference']}", highlight=False)
+        for s in by_index[i]:
+            mark = "[green]✓[/]" if s["correct"] else "[red]✗[/]"
+            console.print(f"[bold]{s['model']}:[/] {mark} {s['prediction']}", highlight=False)
+    generated = f", {report.generated} generated" if report.generated else ""
+    table = Table(title=f"eval on {report.data} ({report.examples} examples{generated})")
     table.add_column("model")
-    columns = sorted({k for m in report.models.values() for k in m}, key=["loss", "perplexity", "exact_match"].index)
+    names = {k for m in report.models.values() for k in m["metrics"]}
+    columns = sorted(names, key=lambda c: (_ORDER.index(c) if c in _ORDER else len(_ORDER), c))
     for c in columns:
         table.add_column(c, justify="right")
-    for label, metrics in report.models.items():
-        table.add_row(label, *(f"{metrics[c]:.4f}" if c in metrics else "-" for c in columns))
+    for label, entry in report.models.items():
+        m = entry["metrics"]
+        table.add_row(label, *(f"{m[c]:.4f}" if c in m else "-" for c in columns))
     console.print(table)
 
 
 def write_report(report: EvalReport, path: str | Path) -> None:
     Path(path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+
+
+def write_samples(report: EvalReport, path: str | Path) -> None:
+    """One JSON line per (model, example): prompt, reference, prediction, extracted answer, correct."""
+    with open(path, "w") as f:
+        for s in report.samples:
+            f.write(json.dumps(s, ensure_ascii=False) + "\n")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

@@ -1,112 +1,506 @@
-"""`finetune merge`: fold a LoRA adapter into its base model and save a standalone model.
+"""`finetune merge`: fold LoRA adapters into their base model and save a standalone model.
 
 A QLoRA adapter was trained against dequant(quant(W)), not W. Merging it into the
 original weights gives W + delta, a model that differs (slightly) from the one
 that was trained and evaluated. `base_weights="dequantized"` (the default for a
 4-bit recipe) merges into dequant(quant(W)) + delta instead, which reproduces the
-trained model's logits up to float rounding. The "merge fidelity" report measures
-the largest and mean absolute logit difference against base+adapter on the
-quantized model, on a fixed batch.
+trained model's logits up to float rounding.
+
+How it runs, and why:
+1. Load the base exactly as trained (4-bit when the recipe was QLoRA) with the
+   adapter(s), combined by PEFT's `add_weighted_adapter` when there are several.
+   Its logits on a fixed probe batch are the reference: "the model that was trained".
+2. Stream the base checkpoint tensor by tensor (safetensors, read with pread):
+   each LoRA-targeted weight becomes base + PEFT's `get_delta_weight`, added in
+   float32, cast to the saved dtype and written straight into its shard, so only
+   one tensor is in memory at a time. The weights of the other `base_weights`
+   choice go to a scratch directory beside the output, so both can be measured.
+3. Free the reference, load the merged model and compute the "merge fidelity": the
+   max and mean absolute logit difference from the reference, for the chosen
+   base weights and (swapping the LoRA-targeted weights in, one at a time) for the
+   other. Peak memory is about the larger of the merged model and the 4-bit reference.
+Everything is written to a hidden sibling of `--out` and renamed into place only
+when complete (with `merge_report.json`), so a failure never leaves a partial model.
 """
 
 from __future__ import annotations
 
+import gc
 import json
-from dataclasses import dataclass
+import os
+import resource
+import shutil
+import struct
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
 
 from finetune.checkpoint import atomic_dir
 from finetune.errors import CheckpointError, ModelError
-from finetune.recipe import QuantizationSection
+from finetune.recipe import DTYPE_ALIASES, ModelSection, QuantizationSection
 
-PROBE_TEXT = "The quick brown fox jumps over the lazy dog. 12 + 30 = 42. {\"name\": \"Ada\"}"
+# The fixed probe batch of the fidelity report: prose, arithmetic, JSON, code and a chat turn.
+PROBE_TEXTS = [
+    "The quick brown fox jumps over the lazy dog. 12 + 30 = 42.",
+    'Extract the name and age as JSON: "Ada, 36" -> {"name": "Ada", "age": 36}',
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis.<|im_end|>",
+]
+COMBINATIONS = ("linear", "cat", "ties")
+REPORT_FILE = "merge_report.json"
 
 
 @dataclass
 class MergeReport:
-    out: Path
+    out: str
     base: str
+    adapters: list[str]
+    weights: list[float] | None
+    combination: str | None
     base_weights: str
     dtype: str
-    max_abs_logit_diff: float | None
-    mean_abs_logit_diff: float | None
+    # {"dequantized": {"max_abs_logit_diff", "mean_abs_logit_diff", "top1_agreement"}, "original": {...}}
+    fidelity: dict[str, dict[str, float]]
+    reference: str
+    probe_tokens: int
+    shards: int
+    size_bytes: int
+    rss_before_mib: float
+    peak_rss_mib: float
+    wall_time_s: float
+    pushed_to: str | None = None
+    notes: list[str] = field(default_factory=list)
 
+    @property
+    def chosen(self) -> dict[str, float]:
+        return self.fidelity[self.base_weights]
 
-def adapter_recipe_quantization(adapter_dir: Path) -> QuantizationSection:
-    """The quantization the adapter was trained with (from the recipe saved beside it)."""
-    recipe_file = adapter_dir / "recipe.yaml"
-    if not recipe_file.is_file():
-        return QuantizationSection(load_in_4bit=False)
-    return QuantizationSection.model_validate((yaml.safe_load(recipe_file.read_text()) or {}).get("quantization", {}))
+    def to_json(self) -> dict:
+        return asdict(self)
 
 
 def merge(
-    adapter_dir: str | Path,
+    adapters: str | Path | list[str | Path],
     out: str | Path,
     *,
     base: str | None = None,
     base_weights: str = "auto",
     dtype: str = "auto",
+    weights: list[float] | None = None,
+    combination: str = "linear",
+    density: float = 0.5,
+    max_shard_size: str | int = "5GB",
     overwrite: bool = False,
+    push_to_hub: str | None = None,
 ) -> MergeReport:
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from finetune.model import load_adapter, load_base_model
-
-    adapter_dir, out = Path(adapter_dir), Path(out)
-    config_file = adapter_dir / "adapter_config.json"
-    if not config_file.is_file():
-        raise ModelError(f"'{adapter_dir}' is not an adapter directory: it has no adapter_config.json.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"Output directory {out} is not empty; pass --overwrite to replace it.")
-    base = base or json.loads(config_file.read_text())["base_model_name_or_path"]
-    quant = adapter_recipe_quantization(adapter_dir)
+    """Merge one adapter (or a weighted combination of several) into the base; see the module docstring."""
+    started, rss_before = time.perf_counter(), _peak_rss_mib()
+    adapter_dirs = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
+    out = Path(out)
+    model_section, quant = _check_inputs(adapter_dirs, out, base, weights, combination, overwrite)
     if base_weights == "auto":
         base_weights = "dequantized" if quant.load_in_4bit else "original"
     if base_weights == "dequantized" and not quant.load_in_4bit:
-        raise ModelError(f"--base-weights dequantized needs a 4-bit adapter; {adapter_dir} was trained without quantization.")
+        raise ModelError(
+            f"--base-weights dequantized needs a 4-bit adapter; {adapter_dirs[0]} was trained without quantization, "
+            "so its base weights are the original ones (use --base-weights original)."
+        )
+    if push_to_hub:
+        _check_hub_access(push_to_hub)  # fail before minutes of merging, not after
+    target_dtype = _target_dtype(dtype, model_section)
+    files = _base_weight_files(model_section)
 
-    tok = AutoTokenizer.from_pretrained(adapter_dir)
-    probe = tok([PROBE_TEXT], return_tensors="pt")
-    # Reference: base + adapter exactly as trained (quantized when the recipe was QLoRA), on CPU.
-    trained = load_adapter(load_base_model(base, quant, "cpu"), adapter_dir)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(adapter_dirs[0])
+    probe = _probe_batch(tok)
+    trained, adapter_name = _load_trained(model_section, quant, adapter_dirs, weights, combination, density)
     with torch.no_grad():
         reference = trained(**probe).logits.float()
-    dequantized = _dequantized_weights(trained) if base_weights == "dequantized" else {}
-    del trained
+    modes = ["dequantized", "original"] if quant.load_in_4bit else ["original"]
+    other = [m for m in modes if m != base_weights]
+    notes = [] if quant.load_in_4bit else ["dequantized: not applicable, the adapter was trained without quantization"]
+
+    scratch = Path(tempfile.mkdtemp(prefix=f".scratch-{out.name}-", dir=out.parent if out.parent.exists() else None))
+    try:
+        with atomic_dir(out) as tmp:
+            shards, size = _write_merged(trained, adapter_name, files, tmp, scratch if other else None,
+                                         base_weights, target_dtype, max_shard_size)
+            del trained
+            gc.collect()  # PEFT models hold reference cycles: free the reference before loading the merged model
+            _save_companions(model_section, tok, tmp, target_dtype)
+            fidelity = _fidelity(tmp, scratch, probe, reference, base_weights, other, target_dtype)
+            report = MergeReport(
+                out=str(out), base=model_section.name_or_path, adapters=[str(a) for a in adapter_dirs],
+                weights=weights, combination=combination if len(adapter_dirs) > 1 or weights else None,
+                base_weights=base_weights, dtype=str(target_dtype).removeprefix("torch."), fidelity=fidelity,
+                reference=_describe_reference(quant), probe_tokens=int(probe["attention_mask"].sum()),
+                shards=shards, size_bytes=size, rss_before_mib=rss_before, peak_rss_mib=_peak_rss_mib(),
+                wall_time_s=0.0, notes=notes,
+            )
+            report.wall_time_s = round(time.perf_counter() - started, 2)
+            (tmp / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if push_to_hub:
+        _push(out, push_to_hub)
+        report.pushed_to = push_to_hub
+    return report
+
+
+# ------------------------------------------------------------------ inputs
+
+
+def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> tuple[ModelSection, QuantizationSection]:
+    """The base model section and quantization the adapters were trained with; refuse bad combinations early."""
+    for a in adapter_dirs:
+        if not (a / "adapter_config.json").is_file():
+            raise ModelError(f"'{a}' is not an adapter directory: it has no adapter_config.json.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise CheckpointError(f"Output directory {out} is not empty; pass --overwrite to replace it.")
+    if weights is not None and len(weights) != len(adapter_dirs):
+        raise ModelError(f"--weights has {len(weights)} value(s) for {len(adapter_dirs)} adapter(s); "
+                         "give one per adapter.")
+    if combination not in COMBINATIONS:
+        raise ModelError(f"--combination must be one of {', '.join(COMBINATIONS)}, not '{combination}'.")
+    configs = [json.loads((a / "adapter_config.json").read_text()) for a in adapter_dirs]
+    bases = {c.get("base_model_name_or_path") for c in configs}
+    if base is None and len(bases) > 1:
+        raise ModelError(f"The adapters were trained on different bases ({', '.join(map(str, bases))}); "
+                         "they cannot be merged into one model.")
+    if any(c.get("use_dora") for c in configs):
+        raise ModelError("DoRA adapters are not supported by `finetune merge` (their merge rescales whole rows).")
+    recipes = [_saved_recipe(a) for a in adapter_dirs]
+    quants = {json.dumps(r.get("quantization", {}), sort_keys=True) for r in recipes}
+    if len(quants) > 1:
+        raise ModelError("The adapters were trained with different quantization settings; merge them separately.")
+    quant = QuantizationSection.model_validate(recipes[0]["quantization"]) if "quantization" in recipes[0] \
+        else QuantizationSection(load_in_4bit=False)
+    section = ModelSection.model_validate(recipes[0]["model"]) if "model" in recipes[0] \
+        else ModelSection(name_or_path=configs[0]["base_model_name_or_path"])
+    if base is not None:
+        section = ModelSection(name_or_path=base)
+    return section, quant
+
+
+def _saved_recipe(adapter_dir: Path) -> dict:
+    """The recipe saved beside a checkpoint (quantization and base model it was trained with), or {}."""
+    recipe_file = adapter_dir / "recipe.yaml"
+    return (yaml.safe_load(recipe_file.read_text()) or {}) if recipe_file.is_file() else {}
+
+
+def adapter_recipe_quantization(adapter_dir: str | Path) -> QuantizationSection:
+    """The quantization an adapter was trained with (no recipe beside it: none)."""
+    recipe = _saved_recipe(Path(adapter_dir))
+    if "quantization" not in recipe:
+        return QuantizationSection(load_in_4bit=False)
+    return QuantizationSection.model_validate(recipe["quantization"])
+
+
+def _target_dtype(dtype: str, section: ModelSection) -> torch.dtype:
+    """`auto`: the dtype the base checkpoint declares (float32 when it declares none)."""
+    if dtype != "auto":
+        return getattr(torch, DTYPE_ALIASES.get(dtype, dtype))
+    from transformers import AutoConfig
 
     try:
-        full = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    except OSError as e:
-        raise ModelError(f"Cannot load the base model '{base}': {str(e).splitlines()[0]}") from None
-    target_dtype = full.config.dtype if dtype == "auto" else getattr(torch, dtype)
-    with torch.no_grad():
-        for name, weight in dequantized.items():
-            full.get_submodule(name).weight.copy_(weight)
-    merged = PeftModel.from_pretrained(full, str(adapter_dir)).merge_and_unload()
-    with torch.no_grad():
-        diff = (merged(**probe).logits.float() - reference).abs()
-    merged = merged.to(target_dtype)
-    with atomic_dir(out) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-    return MergeReport(
-        out=out, base=base, base_weights=base_weights, dtype=str(target_dtype).removeprefix("torch."),
-        max_abs_logit_diff=diff.max().item(), mean_abs_logit_diff=diff.mean().item(),
+        declared = AutoConfig.from_pretrained(section.name_or_path, revision=section.revision,
+                                              trust_remote_code=section.trust_remote_code).dtype
+    except (OSError, ValueError) as e:
+        raise ModelError(f"Cannot read the config of the base model '{section.name_or_path}': "
+                         f"{_first_line(e)}") from None
+    if declared is None:
+        return torch.float32
+    return declared if isinstance(declared, torch.dtype) else getattr(torch, str(declared).removeprefix("torch."))
+
+
+def _base_weight_files(section: ModelSection) -> list[Path]:
+    """The base checkpoint's safetensors files (local directory, or the hub cache)."""
+    root = Path(section.name_or_path)
+    if not root.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            root = Path(snapshot_download(section.name_or_path, revision=section.revision,
+                                          allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json"]))
+        except Exception as e:  # offline, unknown repo, no access: all end the same way for the user
+            raise ModelError(f"Cannot fetch the base model '{section.name_or_path}': {_first_line(e)}") from None
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        return [root / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (root / "model.safetensors").is_file():
+        return [root / "model.safetensors"]
+    raise ModelError(
+        f"The base model '{section.name_or_path}' has no safetensors weights (model.safetensors or an index); "
+        "merge streams safetensors only. Convert it first (load it and save_pretrained it)."
     )
 
 
-def _dequantized_weights(model) -> dict[str, torch.Tensor]:
-    """Float32 dequant(quant(W)) of every 4-bit linear layer, keyed by its name in the plain model."""
+# --------------------------------------------------------------- the trained model
+
+
+def _load_trained(section, quant, adapter_dirs, weights, combination, density):
+    """Base as trained (4-bit if QLoRA) + adapter(s) on CPU, and the name of the adapter to merge."""
+    from peft import PeftModel
+
+    from finetune.model import load_base_model
+
+    model = PeftModel.from_pretrained(load_base_model(section, quant, "cpu"), str(adapter_dirs[0]), adapter_name="a0")
+    names = ["a0"]
+    for i, a in enumerate(adapter_dirs[1:], 1):
+        model.load_adapter(str(a), adapter_name=f"a{i}")
+        names.append(f"a{i}")
+    active = "a0"
+    if len(names) > 1 or weights is not None:
+        try:
+            model.add_weighted_adapter(names, list(weights or [1.0] * len(names)), "combined",
+                                       combination_type=combination, density=density if combination == "ties" else None)
+        except ValueError as e:  # e.g. `linear` and `ties` need equal ranks
+            raise ModelError(f"Cannot combine the adapters with '{combination}': {e}. "
+                             "`cat` accepts any ranks.") from None
+        model.set_adapter("combined")
+        active = "combined"
+    return model.eval(), active
+
+
+def _describe_reference(quant: QuantizationSection) -> str:
+    if not quant.load_in_4bit:
+        return "base + adapter (no quantization), on CPU"
+    dq = ", double quant" if quant.double_quant else ""
+    return f"base in 4-bit {quant.quant_type}{dq} + adapter, as trained, on CPU"
+
+
+def _probe_batch(tok) -> dict[str, torch.Tensor]:
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    rows = [tok(t, add_special_tokens=True)["input_ids"][:64] for t in PROBE_TEXTS]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+# -------------------------------------------------------------------- writing
+
+
+def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype, max_shard_size) -> tuple[int, int]:
+    """Stream the base checkpoint into `out_dir` as merged shards (and the other choice's LoRA-targeted
+    weights into `scratch`), one tensor in memory at a time. Returns (number of shards, total bytes)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    modules = dict(trained.base_model.model.named_modules())
+    lora = {n: m for n, m in modules.items() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+    trained_copies = {n: m.modules_to_save[adapter] for n, m in modules.items()
+                      if isinstance(m, ModulesToSaveWrapper) and adapter in m.modules_to_save}
+    trained_bias = trained.peft_config[adapter].bias != "none"
+    handles = [_open_safetensors(f) for f in files]
+    where = {k: h for h in handles for k in h.keys()}
+    missing = {f"{n}.weight" for n in lora} - set(where)
+    if missing:
+        raise ModelError(
+            f"The adapter modifies weights the base checkpoint does not store under the same name "
+            f"({', '.join(sorted(missing)[:3])}...): tied or renamed weights cannot be merged by streaming."
+        )
+
+    def saved_dtype(t_dtype: torch.dtype) -> torch.dtype:
+        return dtype if t_dtype.is_floating_point else t_dtype
+
+    plan = {}  # the merged model's tensors, as shapes only: enough to plan shards and write headers
+    for k, h in where.items():
+        sl = h.get_slice(k)
+        plan[k] = torch.empty(sl.get_shape(), dtype=saved_dtype(_DTYPES[sl.get_dtype()]), device="meta")
+    split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)
+
+    def merged_weights(key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the saved tensor, the other base-weights choice's version when the key is LoRA-targeted)."""
+        module_name, _, param = key.rpartition(".")
+        tensor = where[key].get_tensor(key)
+        if module_name in lora and param == "weight":
+            layer = lora[module_name]
+            delta = layer.get_delta_weight(adapter).detach().float()
+            dequantized, original = _dequantized(layer), tensor.float()
+            chosen, other = (dequantized, original) if base_weights == "dequantized" else (original, dequantized)
+            return (chosen + delta).to(dtype), (other + delta).to(dtype)
+        if module_name in trained_copies:
+            tensor = getattr(trained_copies[module_name], param).detach()
+        elif trained_bias and param == "bias" and module_name in modules:
+            tensor = modules[module_name].get_parameter("bias").detach()
+        return tensor.to(saved_dtype(tensor.dtype)), None
+
+    for filename, keys in split.filename_to_tensors.items():
+        lora_keys = [k for k in keys if k.rpartition(".")[0] in lora and k.endswith(".weight")] if scratch else []
+        with _SafetensorsWriter(out_dir / filename, {k: plan[k] for k in keys}) as out, \
+                _SafetensorsWriter(scratch / filename if lora_keys else None, {k: plan[k] for k in lora_keys}) as alt:
+            for key in keys:
+                tensor, other = merged_weights(key)
+                out.write(key, tensor)
+                if key in alt.plan:
+                    alt.write(key, other)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return len(split.filename_to_tensors), int(split.metadata.get("total_size", 0))
+
+
+class _SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor, in the order of `plan` (name -> meta tensor).
+
+    safetensors' own writers take every tensor at once, i.e. a whole shard in memory. The format is
+    an 8-byte header length, a JSON header (dtype, shape, byte offsets per tensor) and the raw bytes;
+    the plan gives the header up front, so each tensor is written as soon as it is computed.
+    A None path writes nothing (and accepts nothing).
+    """
+
+    def __init__(self, path: Path | None, plan: dict[str, torch.Tensor]):
+        self.path, self.plan, self.order = path, plan, iter(plan)
+        self.file = None
+
+    def __enter__(self) -> "_SafetensorsWriter":
+        if self.path is None:
+            return self
+        header, offset = {}, 0
+        for name, t in self.plan.items():
+            size = t.numel() * t.element_size()
+            header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        header["__metadata__"] = {"format": "pt"}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+        self.file = open(self.path, "wb")
+        self.file.write(struct.pack("<Q", len(blob)) + blob)
+        return self
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected = self.plan[next(self.order)]
+        if name not in self.plan or expected.shape != tensor.shape or expected.dtype != tensor.dtype:
+            raise ModelError(f"Internal error writing {self.path}: {name} {tuple(tensor.shape)} {tensor.dtype} does "
+                             f"not match the planned {tuple(expected.shape)} {expected.dtype}.")
+        self.file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+    def __exit__(self, *exc) -> None:
+        if self.file is not None:
+            self.file.close()
+        if exc[0] is None and next(self.order, None) is not None:
+            raise ModelError(f"Internal error writing {self.path}: not every planned tensor was written.")
+
+
+def _open_safetensors(path: Path):
+    """Read tensors with pread where safetensors offers it: mmap would count the whole file as resident."""
+    try:
+        return safe_open(str(path), framework="pt", backend="pread")
+    except TypeError:  # safetensors before 0.8
+        return safe_open(str(path), framework="pt")
+
+
+def _dequantized(layer) -> torch.Tensor:
+    """float32 dequant(quant(W)) of a LoRA layer's 4-bit base weight: the weight the adapter was trained against."""
     import bitsandbytes as bnb
 
-    weights = {}
-    for name, module in model.base_model.model.named_modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
-            weights[name.replace(".base_layer", "")] = w
-    return weights
+    weight = layer.get_base_layer().weight
+    if not isinstance(weight, bnb.nn.Params4bit):
+        return weight.detach().float()
+    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def _save_companions(section: ModelSection, tok, out_dir: Path, dtype: torch.dtype) -> None:
+    """config.json (with the saved dtype, no quantization), generation config, tokenizer and chat template."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(section.name_or_path, revision=section.revision,
+                                        trust_remote_code=section.trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    config.save_pretrained(out_dir)
+    try:
+        GenerationConfig.from_pretrained(section.name_or_path, revision=section.revision).save_pretrained(out_dir)
+    except OSError:
+        pass  # the base ships none; transformers derives one from config.json
+    tok.save_pretrained(out_dir)  # the tokenizer the adapter was trained with, chat template included
+
+
+# ------------------------------------------------------------------- fidelity
+
+
+def _fidelity(out_dir, scratch, probe, reference, base_weights, other, dtype) -> dict[str, dict[str, float]]:
+    """Logit differences of the saved model (and of the other base-weights choice) from the reference."""
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype).eval()
+    keep = probe["attention_mask"].bool()
+
+    def diff() -> dict[str, float]:
+        with torch.no_grad():
+            logits = merged(**probe).logits.float()
+        d = (logits - reference).abs()[keep]
+        same_top1 = (logits.argmax(-1) == reference.argmax(-1))[keep].float().mean()
+        return {"max_abs_logit_diff": d.max().item(), "mean_abs_logit_diff": d.mean().item(),
+                "top1_agreement": same_top1.item()}
+
+    result = {base_weights: diff()}
+    for mode in other:
+        with torch.no_grad():  # swap in the other choice's LoRA-targeted weights, one tensor at a time
+            for shard in sorted(scratch.glob("*.safetensors")):
+                f = _open_safetensors(shard)
+                for key in f.keys():
+                    merged.get_parameter(key).copy_(f.get_tensor(key))
+        result[mode] = diff()
+    del merged
+    return result
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if os.uname().sysname == "Darwin" else 1024), 1)
+
+
+# ------------------------------------------------------------------------ hub
+
+
+def _check_hub_access(repo: str) -> None:
+    """Fail fast (before merging) when the Hub cannot be reached or no token is configured."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointError(f"Cannot push to the Hub repo '{repo}': HF_HUB_OFFLINE is set. "
+                              "Merge without --push-to-hub and upload later with `hf upload`.")
+    try:
+        HfApi().whoami()
+    except Exception as e:  # no token, no network, bad token: the message says which
+        raise CheckpointError(
+            f"Cannot push to the Hub repo '{repo}': {_first_line(e)}. Nothing was merged. Log in with "
+            "`hf auth login` (or set HF_TOKEN) and check the network, or merge without --push-to-hub."
+        ) from None
+
+
+def _push(out: Path, repo: str) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    try:
+        api.create_repo(repo, exist_ok=True, repo_type="model")
+        api.upload_folder(repo_id=repo, folder_path=str(out), commit_message="Upload model merged by finetune")
+    except Exception as e:
+        raise CheckpointError(f"Merged into {out}, but pushing to '{repo}' failed: {_first_line(e)}. "
+                              f"Upload it later with `hf upload {repo} {out}`.") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
