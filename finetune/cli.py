@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from finetune.errors import FinetuneError
 
@@ -41,7 +42,7 @@ def _run(fn: Callable):
     except FinetuneError as e:
         if _debug["on"]:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # "[x]" is text
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         if _debug["on"]:
@@ -62,6 +63,8 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*kernels.*")
+    # bitsandbytes falls back to plain AdamW on CPU; train.py states the device, the warning adds nothing.
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
 
 
 def _load(recipe: Path, overrides: Optional[list[str]]):
@@ -78,15 +81,57 @@ def validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = Override
 
 
 @app.command()
+def plan(
+    recipe: Path = RecipeArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    device_memory: Optional[str] = typer.Option(
+        None, "--device-memory", help="Memory to plan against, e.g. 24GiB (default: the GPU's, else available RAM)."
+    ),
+) -> None:
+    """Predict peak training memory term by term (model built on the meta device, no weights loaded)."""
+    r = _run(lambda: _load(recipe, overrides))
+    _quiet_libraries()
+    from finetune.plan import parse_size, plan as make_plan, print_plan
+
+    limit = _run(lambda: parse_size(device_memory)) if device_memory else None
+    print_plan(_run(lambda: make_plan(r, device_memory=limit)), console)
+
+
+@app.command()
+def prepare(
+    recipe: Path = RecipeArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    show: int = typer.Option(0, "--show", min=0, help="Print N rendered training examples, trained tokens highlighted."),
+) -> None:
+    """Tokenize the recipe's data (cached for training) and summarise it, without loading the model weights."""
+    r = _run(lambda: _load(recipe, overrides))
+    _quiet_libraries()
+    from finetune.prepare import prepare as run_prepare, print_examples, print_summary
+
+    report = _run(lambda: run_prepare(r))
+    print_summary(report, console)
+    if show:
+        print_examples(report, console, show)
+
+
+@app.command()
 def train(
     recipe: Path = RecipeArg,
     overrides: Optional[list[str]] = OverridesArg,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier run in the same directory."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the run directory."),
     resume_from: Optional[Path] = typer.Option(None, help="Continue from this checkpoint directory."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Train on N processes (one per GPU; gloo on CPU) "
+                              "through accelerate's launcher. Under accelerate launch / torchrun, leave it at 1."),
 ) -> None:
     """Fine-tune the recipe's model with LoRA adapters; writes checkpoints under the run directory."""
     r = _run(lambda: _load(recipe, overrides))
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from finetune.distributed import launch
+
+        argv = ["train", str(recipe), *(overrides or []), *(["--overwrite"] if overwrite else []),
+                *(["--resume"] if resume else []), *(["--resume-from", str(resume_from)] if resume_from else [])]
+        raise typer.Exit(launch(nproc, (["--debug"] if _debug["on"] else []) + argv))
     _quiet_libraries()
     from finetune.train import train as run_training
 
@@ -102,54 +147,150 @@ class BaseWeights(str, Enum):
 
 class SaveDtype(str, Enum):
     auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
     bfloat16 = "bfloat16"
     float16 = "float16"
     float32 = "float32"
 
 
+class Combination(str, Enum):
+    linear = "linear"
+    cat = "cat"
+    ties = "ties"
+
+
+def _split_weights(adapters: list[str], weights: Optional[list[str]]) -> tuple[list[str], Optional[list[float]]]:
+    """Accept `--weights 0.7 0.3` (the values after the first land among the positional arguments),
+    `--weights 0.7,0.3` and `--weights 0.7 --weights 0.3`. A number that names an existing path stays an adapter."""
+    if weights is None:
+        return adapters, None
+
+    def number(s: str) -> bool:
+        try:
+            float(s)
+        except ValueError:
+            return False
+        return not Path(s).exists()
+
+    values = [w for item in weights for w in item.split(",") if w.strip()] + [a for a in adapters if number(a)]
+    try:
+        return [a for a in adapters if not number(a)], [float(w) for w in values]
+    except ValueError:
+        raise typer.BadParameter(f"takes numbers, got {' '.join(weights)}", param_hint="--weights") from None
+
+
 @app.command()
 def merge(
-    adapter: Path = typer.Argument(..., help="Adapter checkpoint directory (e.g. runs/x/checkpoint-final)."),
+    adapters: list[str] = typer.Argument(..., help="Adapter checkpoint directory (e.g. runs/x/checkpoint-final); "
+                                                  "several are combined with --weights."),
     out: Path = typer.Option(..., "--out", help="Directory for the merged model."),
-    base: Optional[str] = typer.Option(None, help="Base model (default: the one named in the adapter)."),
+    base: Optional[str] = typer.Option(None, help="Base model (default: the one the adapter was trained on)."),
     base_weights: BaseWeights = typer.Option(
         BaseWeights.auto, help="dequantized: merge into the NF4-dequantized weights the adapter was trained on; "
         "original: into the full-precision weights. auto: dequantized for 4-bit adapters."
     ),
-    dtype: SaveDtype = typer.Option(SaveDtype.auto, help="Saved dtype: auto (the base's), bfloat16, float16, float32."),
+    dtype: SaveDtype = typer.Option(SaveDtype.auto, help="Saved dtype: auto (the base's), bf16, fp16, fp32."),
+    weights: Optional[list[str]] = typer.Option(None, "--weights", help="One weight per adapter: --weights 0.7 0.3."),
+    combination: Combination = typer.Option(
+        Combination.linear, help="How PEFT combines several adapters: linear (equal ranks), cat (exact, rank = sum), "
+        "ties (equal ranks, uses --density)."
+    ),
+    density: float = typer.Option(0.5, min=0.0, max=1.0, help="ties: share of each adapter's delta kept."),
+    max_shard_size: str = typer.Option("5GB", help="Split the safetensors weights into shards of at most this size."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out directory."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload to this Hub repo (org/name)."),
 ) -> None:
-    """Fold an adapter into its base model and save a standalone model (safetensors)."""
+    """Fold adapters into their base model and save a standalone model (safetensors) with a fidelity report."""
+    adapter_dirs, weight_values = _run(lambda: _split_weights(adapters, weights))
     _quiet_libraries()
     from finetune.merge import merge as run_merge
 
-    rep = _run(lambda: run_merge(adapter, out, base=base, base_weights=base_weights.value, dtype=dtype.value, overwrite=overwrite))
+    rep = _run(lambda: run_merge(
+        adapter_dirs, out, base=base, base_weights=base_weights.value, dtype=dtype.value, weights=weight_values,
+        combination=combination.value, density=density, max_shard_size=max_shard_size, overwrite=overwrite,
+        push_to_hub=push_to_hub,
+    ))
     console.print(
-        f"merged {adapter} into {rep.base} ({rep.base_weights} base weights), saved {rep.dtype} to [bold]{rep.out}[/]\n"
-        f"merge fidelity vs base+adapter as trained: max |dlogit| {rep.max_abs_logit_diff:.3g}, "
-        f"mean {rep.mean_abs_logit_diff:.3g}"
+        f"merged {', '.join(rep.adapters)} into {rep.base} ({rep.base_weights} base weights), saved {rep.dtype} "
+        f"to [bold]{rep.out}[/] ({rep.shards} shard(s), {rep.size_bytes / 2**20:,.0f} MiB, peak RSS "
+        f"{rep.peak_rss_mib:,.0f} MiB, {rep.wall_time_s:.1f}s)",
+        highlight=False,
     )
+    console.print(f"merge fidelity vs {rep.reference}, on {rep.probe_tokens} probe tokens: max / mean |logit diff|, "
+                  "same top-1 token", highlight=False)
+    for mode, d in rep.fidelity.items():
+        mark = " (saved)" if mode == rep.base_weights else ""
+        console.print(f"  {mode:<12} {d['max_abs_logit_diff']:.3g} / {d['mean_abs_logit_diff']:.3g}, "
+                      f"{d['top1_agreement']:.1%}{mark}", highlight=False)
+    for note in rep.notes:
+        console.print(f"  {note}", highlight=False)
+    if rep.pushed_to:
+        console.print(f"pushed to the Hub repo {rep.pushed_to}")
+
+
+class Quantize(str, Enum):
+    auto = "auto"
+    four_bit = "4bit"
+    none = "none"
 
 
 @app.command("eval")
 def eval_(
-    recipe: Path = RecipeArg,
+    recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (its model and eval data); optional with "
+                                                       "--model and --data.", show_default=False),
     overrides: Optional[list[str]] = OverridesArg,
-    adapter: Optional[Path] = typer.Option(None, help="Adapter checkpoint to evaluate on top of the base."),
-    model: Optional[str] = typer.Option(None, help="Evaluate this model (e.g. a merged directory) instead."),
-    compare: bool = typer.Option(False, "--compare", help="Also evaluate the recipe's base model, side by side."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers (and samples) to this file."),
-    generate: int = typer.Option(0, "--generate", min=0, help="Generate this many sample completions."),
+    model: Optional[str] = typer.Option(None, help="Model to evaluate: hub id, directory (e.g. a merge) or .gguf "
+                                                  "file. Default: the recipe's."),
+    adapter: Optional[list[Path]] = typer.Option(None, "--adapter", help="Adapter on top of the model; repeat "
+                                                 "to compare several."),
+    compare: bool = typer.Option(False, "--compare", help="Also evaluate the base model, side by side."),
+    data: Optional[str] = typer.Option(None, help="Evaluate on this file instead of the recipe's eval data."),
+    data_format: Optional[str] = typer.Option(None, "--format", help="Format of --data (default: the recipe's, or "
+                                              "guessed from the first record)."),
+    field: Optional[list[str]] = typer.Option(None, "--field", help="Map a format field to a column of --data, "
+                                              "e.g. --field prompt=question --field completion=answer."),
+    quantize: Quantize = typer.Option(Quantize.auto, help="auto: 4-bit as the adapter/recipe was trained (never "
+                                      "for --model or GGUF); 4bit; none."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N eval examples."),
+    generate: int = typer.Option(0, "--generate", min=-1, help="Generate for the first N examples and score "
+                                 "exact_match/contains (-1: all)."),
+    extract: str = typer.Option("none", help="Answer extractor for exact_match: none, last_number, regex:PATTERN."),
     max_new_tokens: int = typer.Option(128, min=1, help="Length limit for generated completions."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0: greedy; above 0: sampling at this temperature."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling (with --temperature > 0)."),
+    batch_size: int = typer.Option(8, min=1, help="Prompts generated together (left-padded)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the numbers to this file (schema "
+                                            "finetune.eval/1)."),
+    samples: Optional[Path] = typer.Option(None, "--samples", help="Write every generation to this JSONL file."),
+    harness: Optional[list[str]] = typer.Option(None, "--harness", help="lm-eval tasks (comma-separated) on the "
+                                                "in-memory model; needs finetune[harness]."),
+    harness_include: Optional[Path] = typer.Option(None, help="Directory of custom lm-eval task YAML files."),
 ) -> None:
-    """Loss, perplexity (and exact match of generations) on the recipe's eval data."""
-    r = _run(lambda: _load(recipe, overrides))
+    """Loss, perplexity and generation metrics (exact match, contains, chrF/BLEU) for models and adapters."""
+    r = _run(lambda: _load(recipe, overrides)) if recipe else None
     _quiet_libraries()
-    from finetune.evaluate import evaluate, print_report, write_report
+    from finetune.evaluate import GenerationOptions, evaluate, print_report, write_report, write_samples
 
-    rep = _run(lambda: evaluate(r, adapter=adapter and str(adapter), model_path=model, compare=compare,
-                                generate_n=generate, max_new_tokens=max_new_tokens))
+    options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                batch_size=batch_size, seed=seed, extractor=extract)
+    tasks = [t for item in harness or [] for t in item.split(",") if t.strip()]
+    bad = [f for f in field or [] if "=" not in f]
+    if bad:
+        raise typer.BadParameter(f"expected FIELD=COLUMN, got '{bad[0]}'", param_hint="--field")
+    fields = dict(f.split("=", 1) for f in field) if field else None
+    rep = _run(lambda: evaluate(
+        r, model=model, adapters=[str(a) for a in adapter or []], compare=compare, data=data, data_format=data_format,
+        fields=fields,
+        quantize=quantize.value, limit=limit, generate_n=generate, options=options, harness=tasks or None,
+        harness_include=harness_include and str(harness_include),
+    ))
     print_report(rep, console)
     if json_out:
         write_report(rep, json_out)
         console.print(f"wrote {json_out}")
+    if samples:
+        write_samples(rep, samples)
+        console.print(f"wrote {len(rep.samples)} samples to {samples}")

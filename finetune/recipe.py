@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import glob
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -257,6 +258,28 @@ class TrainingSection(Section):
     seed: int = Field(42, description="Seed for initialisation, dropout and shuffling.")
     logging_steps: int = Field(10, ge=1, description="Optimizer steps between metric lines.")
     eval_steps: Optional[int] = Field(None, ge=1, description="Steps between eval-loss passes (always at the end).")
+    eval_generate_steps: Optional[int] = Field(
+        None, ge=1, description="Steps between generation metrics (exact_match, contains) on a few eval examples; "
+        "off by default (generation is slow). Also at the end when set."
+    )
+    eval_generate_examples: int = Field(16, ge=1, description="Eval examples generated for those metrics.")
+    eval_max_new_tokens: int = Field(128, ge=1, description="Length limit for those generations.")
+    eval_extract: str = Field(
+        "none", description="Answer extractor for exact_match: none, last_number (GSM8K '#### 42') or regex:PATTERN."
+    )
+
+    @field_validator("eval_extract")
+    @classmethod
+    def _extractor(cls, v: str) -> str:
+        if v in ("none", "last_number"):
+            return v
+        if v.startswith("regex:"):
+            try:
+                re.compile(v.removeprefix("regex:"))
+            except re.error as e:
+                raise ValueError(f"not a valid regular expression ({e})") from None
+            return v
+        raise ValueError("expected none, last_number or regex:PATTERN")
     save_steps: Optional[int] = Field(None, ge=1, description="Steps between checkpoints (always at the end).")
     save_total_limit: Optional[int] = Field(
         None, ge=1, description="Keep only the newest K step checkpoints (older ones deleted after a save)."

@@ -35,10 +35,10 @@ from finetune import records
 from finetune.checkpoint import (
     find_resume_checkpoint, load_training_state, prepare_run_dir, prune_checkpoints, save_checkpoint, write_json,
 )
-from finetune.data import IGNORE, Collator, cache_dir, fingerprint, real_tokens, train_eval_split
+from finetune.data import IGNORE, Collator, cache_dir, fingerprint, real_tokens, split_records, train_eval_split
 from finetune.distributed import check_strategy, shards_parameters
 from finetune.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted
-from finetune.evaluate import eval_loss, token_loss_sum
+from finetune.evaluate import GenerationOptions, eval_loss, generation_metrics, token_loss_sum
 from finetune.model import attach_lora, load_base_model, load_tokenizer, resolve_compute_dtype
 from finetune.recipe import Recipe, TrainingSection
 
@@ -126,11 +126,27 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
             accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
             progress.console.print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()), highlight=False, soft_wrap=True)
 
+    generation_records = []
+    if t.eval_generate_steps and main:
+        generation_records = [r for r in split_records(recipe.data, t.seed)[1] if r.fmt != "text"]
+        generation_records = generation_records[: t.eval_generate_examples]
+
     def evaluate() -> dict:
         loss = eval_loss(model, eval_dl, accelerator)
         record = {"step": state["step"], "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
         log(record)
         return record
+
+    def generation_eval() -> None:
+        """exact_match / contains of greedy generations on the first eval examples, as `finetune eval` scores
+        them. Main process only (the others wait); the RNG is forked so training randomness is unchanged."""
+        if main and generation_records:
+            options = GenerationOptions(max_new_tokens=t.eval_max_new_tokens, extractor=t.eval_extract,
+                                        batch_size=t.micro_batch_size)
+            with torch.random.fork_rng(devices=[]):
+                metrics, _ = generation_metrics(accelerator.unwrap_model(model), tokenizer, generation_records, options)
+            log({"step": state["step"], **{f"eval_{k}": v for k, v in metrics.items()}})
+        accelerator.wait_for_everyone()
 
     def checkpoint(name: str, eval_record: dict | None = None) -> Path:
         accelerator.wait_for_everyone()
@@ -228,6 +244,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
                 progress.update(task, completed=step)
                 if step < total_steps:
                     last_eval = evaluate() if eval_dl is not None and t.eval_steps and step % t.eval_steps == 0 else None
+                    if t.eval_generate_steps and step % t.eval_generate_steps == 0:
+                        generation_eval()
                     saved = t.save_steps and step % t.save_steps == 0
                     if saved:
                         checkpoint(f"checkpoint-{step}", last_eval)
@@ -247,6 +265,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
 
     with stop:  # a first Ctrl-C now lets the run finish: that is what it is about to do, and nothing is lost
         last_eval = evaluate() if eval_dl is not None else None
+        if t.eval_generate_steps:
+            generation_eval()
         final = checkpoint("checkpoint-final", last_eval)
     if main:
         summary = {

@@ -497,3 +497,17 @@ def test_a_requested_tracker_that_is_not_installed_is_a_recipe_error(tmp_path, t
 def test_tensorboard_tracker_writes_event_files(tmp_path, tiny_model_dir, data):
     assert train(make_recipe(tmp_path, tiny_model_dir, data, report_to=["tensorboard"])).exit_code == 0
     assert list((tmp_path / "runs" / "run").rglob("events.out.tfevents.*"))
+
+
+def test_generation_metrics_during_training_leave_training_unchanged(tmp_path, tiny_model_dir, data, straight):
+    """exact_match every N steps comes from the same code as `finetune eval`, and generating must not
+    consume the dropout RNG: the losses equal those of the same run without it."""
+    recipe = make_recipe(tmp_path, tiny_model_dir, data, eval_steps=2, eval_generate_steps=3,
+                         eval_generate_examples=3, eval_max_new_tokens=4)
+    result = train(recipe)
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "run"
+    generated = [m for m in metrics(run) if "eval_exact_match" in m]
+    assert [m["step"] for m in generated] == [3, STEPS]
+    assert all(0 <= m["eval_exact_match"] <= 1 and 0 <= m["eval_contains"] <= 1 for m in generated)
+    assert losses(run) == losses(straight)
