@@ -31,6 +31,11 @@ demo: fetch
 	$(VENV)/bin/finetune eval recipes/quickstart.yaml --adapter runs/quickstart/checkpoint-final \
 		--compare --generate 8 --max-new-tokens 40 --json runs/quickstart/eval.json
 
+# finetune vs TRL's SFTTrainer on the same job (ratio table; ~1 h on 2 CPU cores). Not part of `make test`.
+bench: fetch
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) scripts/bench.py $(BENCH_ARGS)
+
 test: install
 	$(PY) -m pytest -q
 

@@ -26,7 +26,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+from finetune.data import IGNORE
 CHUNK_BYTES = 64 * 2**20  # float32 logits per chunk: bounds the head's working memory
 
 
@@ -90,7 +90,9 @@ def _sharded(model, weight: torch.Tensor) -> bool:
 def _full_logits_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     logits = logits[:, :-1, :].float()
     targets = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
 
 
 class LabelledCrossEntropy(torch.autograd.Function):

@@ -103,7 +103,7 @@ def _keep_one_cpu_4bit_path(model) -> None:
 
 def attach_lora(base, recipe: Recipe):
     """Freeze the base, prepare it for k-bit training, wrap it with trainable LoRA adapters."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     checkpointing = recipe.training.gradient_checkpointing
     if recipe.quantization.load_in_4bit:
@@ -115,8 +115,15 @@ def attach_lora(base, recipe: Recipe):
     elif checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
+    return get_peft_model(base, lora_config(recipe))
+
+
+def lora_config(recipe: Recipe):
+    """The recipe's adapters as a peft LoraConfig (also used by `finetune plan` on a meta-device model)."""
+    from peft import LoraConfig
+
     lora = recipe.lora
-    config = LoraConfig(
+    return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -125,7 +132,6 @@ def attach_lora(base, recipe: Recipe):
         modules_to_save=lora.modules_to_save or None,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(base, config)
 
 
 def load_adapter(base, adapter_dir: str | Path):

@@ -1,0 +1,384 @@
+"""`finetune plan`: predicted peak training memory of a recipe, without loading any weights.
+
+The model is built on the meta device (shapes only), converted to 4-bit the way
+transformers does it and wrapped with the recipe's LoRA config by peft itself, so
+which layers are quantized and which get adapters is exactly what training will
+do. The terms:
+
+- 4-bit base weights: per quantized layer of n weights, n/2 bytes of NF4 codes, one
+  absmax per 64-weight block (one byte each with double quantization, plus a float32
+  per 256 of those, an offset and its 256-entry code table; four bytes without), and
+  the 16-entry NF4 table.
+- weights kept in the compute dtype: embeddings, norms, an untied LM head, biases.
+- LoRA parameters and their gradients: float32 (peft upcasts adapters).
+- optimizer states: AdamW keeps two float32 moments per parameter; the 8-bit
+  bitsandbytes variant keeps two bytes per parameter plus a float32 scale per
+  256-value block for tensors of at least 4096 values (smaller ones stay 32-bit).
+- activations saved for backward, per token and layer, counted tensor by tensor
+  for a Llama-style decoder (residual stream, RMSNorm statistics, rotated q/k, v,
+  attention output and log-sum-exp, the gated MLP's three intermediates, and for
+  every adapter its input after dropout, the dropout mask and its rank-r output);
+  with gradient checkpointing only each layer's input is kept, plus one layer's
+  full set while it is recomputed. Counted for micro_batch_size x sequence length,
+  where the sequence length is the longest example of the recipe's data when the
+  data can be read (batches are padded to their longest example), else max_length.
+- loss: finetune computes the LM head only at labelled positions, in chunks of at
+  most 64 MiB of float32 logits (finetune/loss.py).
+- working buffers: one dequantized weight matrix and the gradient of one layer's
+  widest activation, alive during backward.
+
+On CPU the peak resident memory also holds the Python/torch runtime (measured in
+this process after importing the training stack) and the memory-mapped checkpoint:
+weights that stay in their stored dtype are used in place from the file, so its
+pages stay resident. And glibc's allocator keeps freed blocks for reuse instead of
+returning them: measured at 0.7 to 1.2 times the activations (docs/performance.md), so
+the plan adds one times the activations.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.errors import FinetuneError, RecipeError
+from finetune.recipe import Recipe
+
+BLOCK = 64  # bitsandbytes 4-bit blocksize
+NESTED_BLOCK = 256  # blocksize of the double-quantized absmax values
+MIN_8BIT_SIZE = 4096  # bitsandbytes 8-bit optimizers keep smaller tensors in 32 bit
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+         "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+@dataclass
+class Term:
+    name: str
+    bytes: int
+    note: str = ""
+    counted: bool = True  # part of the predicted peak (alternatives are shown, not added)
+
+
+@dataclass
+class MemoryPlan:
+    recipe: str
+    device: str
+    seq_length: int
+    seq_note: str
+    terms: list[Term] = field(default_factory=list)
+    available: int | None = None
+    available_note: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(t.bytes for t in self.terms if t.counted)
+
+    def term(self, name: str) -> Term:
+        return next(t for t in self.terms if t.name == name)
+
+    @property
+    def verdict(self) -> str:
+        if self.available is None:
+            return "no memory limit known: pass --device-memory, e.g. 24GiB"
+        if self.total <= 0.9 * self.available:
+            return f"fits: {self.total / self.available:.0%} of {gib(self.available)}"
+        if self.total <= self.available:
+            return f"tight: {self.total / self.available:.0%} of {gib(self.available)}; allocator overhead may not fit"
+        return f"does not fit: needs {gib(self.total)}, {gib(self.available)} available"
+
+
+def parse_size(text: str) -> int:
+    """'24GiB', '24 GB', '512MiB', '1e9' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in UNITS:
+        raise RecipeError(f"--device-memory '{text}' is not a size; write e.g. 24GiB, 80GB or 512MiB.")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def gib(n: int | float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+# ----------------------------------------------------------------------- the plan
+
+
+def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = None,
+         seq_length: int | None = None) -> MemoryPlan:
+    """Predicted peak memory of training `recipe` on `device` (default: cuda if available, else cpu)."""
+    import torch
+
+    from finetune.model import resolve_compute_dtype
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_compute_dtype(recipe.quantization.compute_dtype)
+    if device == "cpu" and dtype != torch.float32 and recipe.quantization.compute_dtype == "auto":
+        dtype = torch.float32
+    width = torch.empty((), dtype=dtype).element_size()
+    model, stored_dtype = meta_model(recipe, dtype)
+    t = recipe.training
+    if seq_length is None:
+        seq_length, seq_note = _sequence_length(recipe)
+    else:
+        seq_note = "given"
+    tokens = t.micro_batch_size * seq_length
+
+    quantized, kept = weight_bytes(model, width)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    ckpt = t.gradient_checkpointing
+    used, other = (activation_bytes(model, recipe, t.micro_batch_size, seq_length, width, checkpointing=c)
+                   for c in (ckpt, not ckpt))
+    config = model.config.get_text_config()
+    vocab, hidden = config.vocab_size, config.hidden_size
+    chunk_rows = max(1, (64 * 2**20) // (4 * vocab))
+    loss = min(tokens, chunk_rows) * vocab * 4 + 2 * tokens * hidden * width
+    mapped = checkpoint_bytes(recipe) if device == "cpu" else 0
+    in_place = bool(mapped) and stored_dtype == dtype  # CPU uses such weights in place from the mapped file
+
+    terms = [
+        Term("4-bit base weights", quantized, "NF4 codes + quantization constants" if quantized else "not quantized"),
+        Term("weights in compute dtype", kept, f"embeddings, norms, biases, untied head ({_dtype(dtype)})"
+             + (", inside the mapped checkpoint" if in_place else ""), counted=not in_place),
+        Term("LoRA parameters", 4 * n_trainable, f"{n_trainable:,} trainable (float32)"),
+        Term("gradients", 4 * n_trainable, "float32, one per trainable parameter"),
+        Term("optimizer states", optimizer_bytes(trainable, t.optimizer), t.optimizer),
+        Term("activations", used,
+             f"{t.micro_batch_size} x {seq_length} tokens, {'with' if ckpt else 'without'} gradient checkpointing"),
+        Term(f"activations {'without' if ckpt else 'with'} checkpointing", other, "the alternative, not added",
+             counted=False),
+        Term("loss (labelled positions, chunked)", loss, f"<= {min(tokens, chunk_rows)} rows of {vocab:,} logits"),
+        Term("working buffers", working_bytes(model, tokens, width), "a dequantized weight, one layer's gradients"),
+    ]
+    if device == "cpu":
+        terms += [
+            Term("runtime", runtime_rss(), "Python + torch + libraries, measured here"),
+            Term("mapped checkpoint", mapped, "weight files read via mmap stay resident"),
+            Term("allocator slack", used, "freed blocks glibc keeps: ~1x activations (measured 0.7-1.2x)"),
+        ]
+    result = MemoryPlan(recipe=recipe.name or "recipe", device=device, seq_length=seq_length, seq_note=seq_note,
+                        terms=terms)
+    result.available, result.available_note = _available(device, device_memory)
+    return result
+
+
+def meta_model(recipe: Recipe, dtype):
+    """The recipe's model as training builds it (4-bit layers, LoRA adapters) on the meta device,
+    and the dtype its checkpoint stores."""
+    import torch
+
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from finetune.model import quantization_config
+
+    m = recipe.model
+    try:
+        config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise FinetuneError(f"Cannot read the config of '{m.name_or_path}': {str(e).splitlines()[0]}") from None
+    stored = getattr(config, "dtype", None)
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=m.trust_remote_code)
+    model.tie_weights()  # from_config leaves tied embeddings as two tensors on the meta device
+    q = quantization_config(recipe.quantization)
+    if q is not None:
+        from transformers.integrations.bitsandbytes import replace_with_bnb_linear
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        skip = get_keys_to_not_convert(model) + list(q.llm_int8_skip_modules or [])
+        model = replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=q)
+    from peft import get_peft_model
+
+    from finetune.model import lora_config
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return get_peft_model(model, lora_config(recipe)), stored
+
+
+def weight_bytes(model, width: int) -> tuple[int, int]:
+    """(bytes of 4-bit layers with their quantization constants, bytes of every other base weight)."""
+    import bitsandbytes as bnb
+
+    quantized, kept, seen = 0, 0, set()
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            quantized += nf4_bytes(module.in_features * module.out_features, module.weight.compress_statistics)
+            seen.add(id(module.weight))
+    for name, p in model.named_parameters(remove_duplicate=True):
+        if id(p) not in seen and not p.requires_grad:
+            kept += p.numel() * width
+    return quantized, kept
+
+
+def nf4_bytes(n: int, double_quant: bool) -> int:
+    """Bytes bitsandbytes stores for one 4-bit weight of n values (blocksize 64)."""
+    blocks = math.ceil(n / BLOCK)
+    codes = math.ceil(n / 2) + 16 * 4  # two codes a byte, and the NF4 table
+    if not double_quant:
+        return codes + 4 * blocks
+    # uint8 absmax, a float32 scale per 256 of them, their offset and code table
+    return codes + blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 + 256 * 4
+
+
+def optimizer_bytes(params, optimizer: str) -> int:
+    total = 0
+    for p in params:
+        n = p.numel()
+        if optimizer == "paged_adamw_8bit" and n >= MIN_8BIT_SIZE:
+            total += 2 * (n + 4 * math.ceil(n / 256))  # two uint8 moments, a float32 scale per block each
+        else:
+            total += 8 * n + (4 if optimizer == "adamw_torch" else 0)  # two float32 moments (+ torch's step tensor)
+    if optimizer == "paged_adamw_8bit" and any(p.numel() >= MIN_8BIT_SIZE for p in params):
+        total += 2 * 256 * 4  # the shared 8-bit code tables
+    return total
+
+
+def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, checkpointing: bool) -> int:
+    """Bytes saved for backward by the decoder stack for one micro batch (Llama-style decoder)."""
+    c = model.config.get_text_config()
+    h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or h // heads
+    tokens = batch * seq
+    per_layer = (per_token_layer_elements(model, recipe, h, inter, heads, kv, head_dim) * width + (heads + 2) * 4)
+    rotary = 2 * seq * head_dim * width  # cos and sin, shared by the layers
+    final = tokens * (h * width + 4)  # the final norm's input and statistics
+    if checkpointing:
+        return tokens * layers * h * width + tokens * per_layer + rotary + final
+    return tokens * layers * per_layer + rotary + final
+
+
+def per_token_layer_elements(model, recipe: Recipe, h: int, inter: int, heads: int, kv: int, head_dim: int) -> int:
+    """Values saved per token by one decoder layer (excluding the float32 statistics)."""
+    attention_out = heads * head_dim
+    base = 2 * h + (heads + 2 * kv) * head_dim + attention_out + 3 * inter  # residuals, q k v, output, MLP
+    r, dropout = recipe.lora.r, recipe.lora.dropout
+    # adapter inputs: which tensor each projection reads, its size, and whether the base already saves it
+    inputs = {"q_proj": ("x", h, False), "k_proj": ("x", h, False), "v_proj": ("x", h, False),
+              "o_proj": ("attn", attention_out, True),
+              "gate_proj": ("xm", h, False), "up_proj": ("xm", h, False), "down_proj": ("act", inter, False)}
+    adapted = _adapted_in_first_layer(model)
+    extra, counted = 0, set()
+    for name, d_in in adapted:
+        group, size, saved = inputs.get(name, (name, d_in, False))
+        extra += r
+        if dropout > 0:
+            extra += 2 * size  # the dropout mask and the dropped input, one per adapter
+        elif not saved and group not in counted:
+            extra += size  # the shared input, once
+            counted.add(group)
+    return base + extra
+
+
+def _adapted_in_first_layer(model) -> list[tuple[str, int]]:
+    """(short name, in_features) of the LoRA-wrapped linear layers of the first decoder layer."""
+    from peft.tuners.lora import LoraLayer
+
+    found, prefix = [], None
+    for name, module in model.named_modules():
+        m = re.search(r"\.layers\.(\d+)\.", name + ".")
+        if not (m and isinstance(module, LoraLayer)):
+            continue
+        prefix = prefix or m.group(0)
+        if m.group(0) == prefix:
+            found.append((name.rsplit(".", 1)[-1], module.in_features))
+    return found
+
+
+def working_bytes(model, tokens: int, width: int) -> int:
+    import bitsandbytes as bnb
+
+    c = model.config.get_text_config()
+    largest = max((m.in_features * m.out_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)),
+                  default=0)
+    return largest * width + 2 * tokens * max(c.hidden_size, c.intermediate_size) * width
+
+
+# ------------------------------------------------------------------ environment
+
+
+def runtime_rss() -> int:
+    """Resident memory of this process after importing what training imports: the runtime every run pays."""
+    import accelerate  # noqa: F401
+    import bitsandbytes  # noqa: F401
+    import datasets  # noqa: F401
+    import peft  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+
+    try:
+        import os
+
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):  # not Linux
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def checkpoint_bytes(recipe: Recipe) -> int:
+    path = Path(recipe.model.name_or_path).expanduser()
+    if not path.is_dir():
+        return 0  # a hub id: its files are in the cache; not counted
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def _sequence_length(recipe: Recipe) -> tuple[int, str]:
+    """The padded batch width to plan for: the data's longest example (capped), or max_length."""
+    data = recipe.data
+    if data.packing:
+        return data.max_length, "packed rows of data.max_length"
+    try:
+        from finetune.data import prepare_data
+        from finetune.model import load_tokenizer
+
+        prepared = prepare_data(data, load_tokenizer(recipe.model, data.chat_template), recipe.training.seed)
+    except FinetuneError as e:
+        return data.max_length, f"data.max_length (data not read: {str(e).splitlines()[0]})"
+    longest = max(prepared.stats.lengths, default=data.max_length)
+    if longest >= data.max_length:
+        return data.max_length, "data.max_length (the data has examples that long)"
+    return longest, f"longest training example (data.max_length is {data.max_length})"
+
+
+def _available(device: str, given: int | None) -> tuple[int | None, str]:
+    if given is not None:
+        return given, "--device-memory"
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        return total, f"{torch.cuda.get_device_name()} total"
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available, "available RAM"
+    except ImportError:
+        return None, ""
+
+
+def _dtype(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def print_plan(p: MemoryPlan, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"predicted peak memory: {p.recipe} on {p.device}")
+    table.add_column("term")
+    table.add_column("GiB", justify="right")
+    table.add_column("")
+    for t in p.terms:
+        style = "dim" if not t.counted else None
+        table.add_row(t.name, f"{t.bytes / 2**30:.3f}", t.note, style=style)
+    table.add_section()
+    table.add_row("[bold]predicted peak[/]", f"[bold]{p.total / 2**30:.3f}[/]", "")
+    if p.available is not None:
+        table.add_row("available", f"{p.available / 2**30:.3f}", p.available_note)
+    console.print(table)
+    console.print(f"sequence length {p.seq_length}: {p.seq_note}", soft_wrap=True)
+    console.print(f"verdict: {p.verdict}", soft_wrap=True)

@@ -1,0 +1,127 @@
+"""`finetune plan`: the weight, LoRA and optimizer terms must be exactly what training allocates."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from finetune.errors import RecipeError
+from finetune.loss import token_loss_sum
+from finetune.model import attach_lora, load_base_model
+from finetune.plan import activation_bytes, meta_model, optimizer_bytes, parse_size, plan, weight_bytes
+from finetune.recipe import Recipe, TrainingSection
+from finetune.train import make_optimizer
+
+
+def _recipe(model_dir, **lora) -> Recipe:
+    return Recipe.model_validate({
+        "model": {"name_or_path": str(model_dir)}, "data": {"train": ["unused.jsonl"], "max_length": 24},
+        "quantization": {"compute_dtype": "float32"}, "lora": lora,
+        "training": {"gradient_checkpointing": False, "micro_batch_size": 2},
+    })
+
+
+def _storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (shared tables count once)."""
+    seen = {}
+    for t in tensors:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+def _quant_tensors(model):
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            qs = module.weight.quant_state
+            yield from (module.weight.data, qs.absmax, qs.code)
+            if qs.nested:
+                yield from (qs.offset, qs.state2.absmax, qs.state2.code)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_weight_terms_match_the_loaded_model(tiny_model_dir, double_quant):
+    recipe = _recipe(tiny_model_dir).model_copy(deep=True)
+    recipe.quantization.double_quant = double_quant
+    real = load_base_model(recipe.model, recipe.quantization)
+    quantized, kept = weight_bytes(meta_model(recipe, torch.float32)[0], width=4)
+    assert quantized == _storage_bytes(_quant_tensors(real))
+    plain = [p for p in real.parameters() if not isinstance(p, bnb.nn.Params4bit)]
+    assert kept == _storage_bytes(plain)
+
+
+@pytest.mark.parametrize("lora", [{}, {"r": 64, "target_modules": ["q_proj", "v_proj"]}])
+@pytest.mark.parametrize("optimizer", ["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch"])
+def test_lora_and_optimizer_terms_match_training(tiny_model_dir, lora, optimizer):
+    """r=64 makes some adapters >= 4096 values, so the 8-bit optimizer mixes 8-bit and 32-bit states."""
+    recipe = _recipe(tiny_model_dir, **lora)
+    model = attach_lora(load_base_model(recipe.model, recipe.quantization), recipe)
+    planned = [p for p in meta_model(recipe, torch.float32)[0].parameters() if p.requires_grad]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(p.shape for p in planned) == sorted(p.shape for p in trained)
+
+    opt = make_optimizer(model, TrainingSection(optimizer=optimizer))
+    for p in trained:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    states = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    assert optimizer_bytes(planned, optimizer) == _storage_bytes(states)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.05])
+def test_activation_term_is_close_to_what_autograd_saves(tiny_model_dir, dropout):
+    recipe = _recipe(tiny_model_dir, dropout=dropout)
+    model = attach_lora(load_base_model(recipe.model, recipe.quantization), recipe)
+    model.train()
+    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    saved = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        token_loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    measured = sum(n for ptr, n in saved.items() if ptr not in params)
+    planned = activation_bytes(meta_model(recipe, torch.float32)[0], recipe, 2, 24, 4, checkpointing=False)
+    assert planned == pytest.approx(measured, rel=0.1)
+
+
+def test_plan_totals_and_verdict(tiny_model_dir):
+    recipe = _recipe(tiny_model_dir)
+    p = plan(recipe, device_memory=parse_size("1GiB"), device="cpu", seq_length=24)
+    assert p.total == sum(t.bytes for t in p.terms if t.counted)
+    assert p.term("activations").bytes > p.term("activations with checkpointing").bytes
+    assert p.verdict.startswith("fits")
+    tight = plan(recipe, device_memory=p.total // 2, device="cpu", seq_length=24)
+    assert tight.verdict.startswith("does not fit")
+
+
+def test_parse_size():
+    assert parse_size("24GiB") == 24 * 2**30
+    assert parse_size("80 GB") == 80 * 10**9
+    assert parse_size("512mib") == 512 * 2**20
+    with pytest.raises(RecipeError, match="not a size"):
+        parse_size("lots")
+
+
+def test_plan_command(tmp_path, tiny_model_dir, toy_alpaca_rows):
+    """The CLI verb reads the recipe and its data (the longest example sets the batch width) and prints a verdict."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from conftest import write_jsonl
+    from finetune.cli import app
+
+    write_jsonl(tmp_path / "train.jsonl", toy_alpaca_rows[:8])
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": str(tmp_path / "train.jsonl")},
+        "training": {"micro_batch_size": 2},
+    }))
+    out = CliRunner().invoke(app, ["plan", str(recipe), "--device-memory", "1KiB"])
+    assert out.exit_code == 0, out.output
+    assert "longest training example" in out.output and "does not fit" in out.output
+    bad = CliRunner().invoke(app, ["plan", str(recipe), "--device-memory", "lots"])
+    assert bad.exit_code == 2 and "not a size" in bad.output
