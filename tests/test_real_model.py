@@ -38,7 +38,7 @@ def test_quickstart_learns_and_merges(tmp_path, monkeypatch):
                                  "--compare", "--json", str(tmp_path / "eval.json")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "eval.json").read_text())
-    base, tuned = (report["models"][k]["loss"] for k in report["models"])
+    base, tuned = (m["metrics"]["loss"] for m in report["models"].values())
     assert tuned < base, report["models"]
 
     merged = tmp_path / "merged"
