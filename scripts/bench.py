@@ -47,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
                    f"(default: {GSM8K} if present, else the quickstart data)")
     p.add_argument("--examples", type=int, default=128)
     p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--accumulation", type=int, default=2)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--accumulation", type=int, default=4)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--resume", action="store_true", help="Reuse finished runs of the same job in --work.")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--tools", default=",".join(TOOLS))
     p.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "inherit"],
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
     work.mkdir(parents=True, exist_ok=True)
     spec = make_spec(args, work)
-    (work / "spec.json").write_text(json.dumps(spec, indent=2))
+    previous = work / "spec.json"
+    reuse = args.resume and previous.is_file() and json.loads(previous.read_text()) == spec
+    previous.write_text(json.dumps(spec, indent=2))
     tools = [t for t in args.tools.split(",") if t]
     variants = [v for v in args.variants.split(",") if v]
     print(f"job: {spec['examples']} examples of {spec['data_source']}, {spec['label_tokens']:,} loss-bearing tokens, "
@@ -87,13 +90,17 @@ def main(argv: list[str] | None = None) -> int:
             order = tools if repeat % 2 == 0 else tools[::-1]
             for tool in order:
                 n += 1
-                r = run_worker(tool, variant, work, repeat, args.omp_wait_policy)
+                done = work / f"{tool}-{variant}-{repeat}.json"
+                if reuse and done.is_file():
+                    r = json.loads(done.read_text())
+                else:
+                    r = run_worker(tool, variant, work, repeat, args.omp_wait_policy)
                 results.setdefault((tool, variant), []).append(r)
                 print(f"[{n}/{total}] {tool:8s} {variant:8s} {r['wall_s']:7.1f} s  peak {r['peak_mem_gib']:.2f} GiB  "
                       f"step-1 loss {r['losses'][0]:.4f}  load {os.getloadavg()[0]:.2f}", flush=True)
     summary = summarize(results, spec)
-    (work / "results.json").write_text(json.dumps({"spec": spec, "runs": {f"{t}/{v}": rs for (t, v), rs in results.items()},
-                                                   "summary": summary}, indent=2))
+    runs = {f"{t}/{v}": rs for (t, v), rs in results.items()}
+    (work / "results.json").write_text(json.dumps({"spec": spec, "runs": runs, "summary": summary}, indent=2))
     print_table(summary, variants, args.repeats)
     print(f"raw results: {work / 'results.json'}")
     return 0
@@ -122,7 +129,8 @@ def make_spec(args, work: Path) -> dict:
             rows.append(row)
             label_tokens += len(completion)
     if len(rows) < args.examples:
-        sys.exit(f"{source} has only {len(rows)} records within {args.max_length} tokens; --examples is {args.examples}")
+        sys.exit(f"{source} has only {len(rows)} records within {args.max_length} tokens; "
+                 f"--examples is {args.examples}")
     data = work / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {
@@ -153,7 +161,8 @@ def run_worker(tool: str, variant: str, work: Path, repeat: int, wait_policy: st
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     if wait_policy != "inherit":
         env["OMP_WAIT_POLICY"] = wait_policy
-    cmd = [sys.executable, __file__, "--work", str(work), "--worker", tool, "--variant", variant, "--result", str(result)]
+    cmd = [sys.executable, __file__, "--work", str(work), "--worker", tool, "--variant", variant,
+           "--result", str(result)]
     with open(log, "w") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     if done.returncode:
@@ -314,7 +323,8 @@ def print_table(summary: dict, variants: list[str], repeats: int) -> None:
             for t in TOOLS}
     if all(best.values()):
         a, b = summary[best["finetune"]], summary[best["trl"]]
-        console.print(f"best vs best: {best['finetune']} / {best['trl']}: {a['examples_per_s'] / b['examples_per_s']:.2f}x "
+        ratio = a["examples_per_s"] / b["examples_per_s"]
+        console.print(f"best vs best: {best['finetune']} / {best['trl']}: {ratio:.2f}x "
                       f"examples/s at {a['peak_mem_gib'] / b['peak_mem_gib']:.2f}x peak memory")
     if "finetune/unpacked" in summary and "trl/unpacked" in summary:
         a, b = summary["finetune/unpacked"]["step1_loss"], summary["trl/unpacked"]["step1_loss"]
