@@ -581,13 +581,17 @@ class Collator:
 
     Plain examples get an attention mask. Packed rows (with position_ids) get none, so the model
     keeps their examples apart; their padding forms one more pseudo-sequence at the end of the row,
-    and `num_tokens` says how many tokens of each row are real.
+    and `num_tokens` says how many tokens of each row are real. With `padding_free` the batch is
+    one row instead (see `flatten`).
     """
 
     pad_id: int
     pad_to_multiple_of: int = 1
+    padding_free: bool = False
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            return flatten(batch)
         width = max(len(ex["input_ids"]) for ex in batch)
         width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         packed = "position_ids" in batch[0]
@@ -606,6 +610,22 @@ class Collator:
             return {"input_ids": ids, "labels": labels, "position_ids": positions, "num_tokens": lengths}
         mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def flatten(batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The whole micro batch as one row without padding: examples (or packed rows) end to end.
+
+    The same targets as the padded batch (each example's first label is never a target there either),
+    kept apart the way packed rows are: position_ids restart per example and there is no attention mask.
+    """
+    ids, labels, positions = [], [], []
+    for ex in batch:
+        ids += ex["input_ids"]
+        labels += [IGNORE] + ex["labels"][1:]
+        positions += ex["position_ids"] if "position_ids" in ex else range(len(ex["input_ids"]))
+    row = lambda values: torch.tensor([values], dtype=torch.long)  # noqa: E731
+    return {"input_ids": row(ids), "labels": row(labels), "position_ids": row(positions),
+            "num_tokens": torch.tensor([len(ids)])}
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:

@@ -71,7 +71,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
         records.check_resume(resume_from, recipe, env, console if main else None)
     model = attach_lora(load_base_model(recipe.model, recipe.quantization, accelerator.device), recipe)
     trainable, total_params = model.get_nb_trainable_parameters()
-    collate = Collator(tokenizer.pad_token_id)
+    collate = Collator(tokenizer.pad_token_id, padding_free=t.padding_free)
     # A private generator keeps data loading from consuming the global RNG (dropout's), for exact resume.
     train_dl = DataLoader(train_set, batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate,
                           generator=torch.Generator().manual_seed(t.seed))

@@ -10,7 +10,9 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.data import IGNORE, Collator, normalize, pack, padding_efficiency, real_tokens, tokenize_all
+from finetune import data as data_module
+from finetune.data import IGNORE, Collator, flatten, normalize, pack, padding_efficiency, real_tokens, tokenize_all
+from finetune.loss import token_loss_sum
 from finetune.model import load_tokenizer
 from finetune.prepare import render_example
 from finetune.recipe import DataSection
@@ -95,6 +97,39 @@ def test_packed_row_loss_equals_each_example_alone(tiny_model_dir, attn):
     assert (cached - expected).abs().max() > 1e-3
 
 
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = token_loss_sum(model, batch)
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_padding_free_batch_has_the_padded_batchs_loss_and_gradients(tiny_model_dir, attn, packed):
+    """training.padding_free: one row without padding must be the same work as the padded batch."""
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation=attn)
+    exs = examples(tok, 5, train_on="all")  # every first label is a real token: boundaries must drop it
+    batch = pack(exs, 40) if packed else exs
+    padded, flat = Collator(tok.pad_token_id)(batch), Collator(tok.pad_token_id, padding_free=True)(batch)
+    total = sum(len(ex["input_ids"]) for ex in batch)
+    assert flat["input_ids"].shape == (1, total) and real_tokens(flat) == real_tokens(padded) == total
+    targets = lambda b: int((b["labels"][:, 1:] != IGNORE).sum())  # noqa: E731 - what the loss counts
+    assert "attention_mask" not in flat and targets(flat) == targets(padded)
+    model.eval()  # no dropout: the two passes must be the same function
+    loss, grads = _loss_and_grads(model, padded)
+    flat_loss, flat_grads = _loss_and_grads(model, flat)
+    assert flat_loss == pytest.approx(loss, rel=1e-5)
+    assert flat_grads.keys() == grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(flat_grads[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item())
+    # Without restarting positions the examples would see each other: the test can tell.
+    leaky = {**flat, "position_ids": torch.arange(total)[None]}
+    with torch.no_grad():
+        assert abs(token_loss_sum(model, leaky).item() - loss) > 1e-3 * abs(loss)
+
+
 def make_recipe(tmp_path, model_dir, rows, **data):
     write_jsonl(tmp_path / "train.jsonl", rows)
     body = {
@@ -151,3 +186,23 @@ def test_packed_training_runs(tmp_path, tiny_model_dir, toy_alpaca_rows):
     losses = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in losses] == [1, 2] and all(m["loss"] > 0 and m["tokens_per_s"] > 0 for m in losses)
     assert (tmp_path / "runs" / ".cache" / "tokenized").is_dir()  # tokenized once, next to the runs
+
+
+def test_padding_free_training_logs_the_padded_runs_losses(tmp_path, tiny_model_dir, toy_alpaca_rows, monkeypatch):
+    """The recipe key reaches the collator, and end to end it changes the compute, not the numbers."""
+    flattened = []
+    monkeypatch.setattr(data_module, "flatten", lambda batch: flattened.append(len(batch)) or flatten(batch))
+    losses = {}
+    for padding_free in (False, True):
+        recipe = make_recipe(tmp_path, tiny_model_dir, toy_alpaca_rows[:24], packing=False)
+        body = json.loads(recipe.read_text())
+        body["training"]["padding_free"] = padding_free
+        body["output_dir"] = str(tmp_path / "runs" / f"pf-{padding_free}")
+        recipe.write_text(json.dumps(body))
+        result = runner.invoke(app, ["train", str(recipe)])
+        assert result.exit_code == 0, result.output
+        metrics = (tmp_path / "runs" / f"pf-{padding_free}" / "metrics.jsonl").read_text().splitlines()
+        losses[padding_free] = [m["loss"] for m in map(json.loads, metrics) if "loss" in m]
+        assert bool(flattened) == padding_free  # only the padding-free run flattens its batches
+    assert len(losses[True]) == 2 and flattened.count(2) >= 2  # micro batches of 2 examples
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
