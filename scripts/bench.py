@@ -2,15 +2,17 @@
 
 Both run the same job: same model, data, LoRA config, NF4 quantization, sequence length,
 micro batch, accumulation, optimizer, learning-rate schedule, seed and compute dtype, once
-with plain padded batches and once packed (finetune: `data.packing: true`; TRL: its
-strongest setting, `packing=True` with best-fit-decreasing bins and padding-free batches).
+in three variants: plain padded batches ("unpacked"); the same batches fed as one row
+without padding ("padfree": finetune `training.padding_free: true`, TRL `padding_free=True`);
+and packed rows (finetune `data.packing: true`; TRL `packing=True` with best-fit-decreasing
+bins, which also makes its batches padding-free).
 Every run is a fresh subprocess (so peak memory is per run), the order of the two tools
 alternates between repeats, and the table shows medians and finetune/TRL ratios.
 
 Equal work is checked, not assumed: the data order is the same in both (a seeded
 permutation from the same seed), and the LoRA B matrices start at zero, so the first
-optimizer step's loss must agree between the two tools to float precision in the unpacked
-variant; the table prints both. Two TRL defaults would make the work different and are
+optimizer step's loss must agree between the two tools to float precision in every
+variant; the report prints both. Two TRL defaults would make the work different and are
 undone: it stores QLoRA adapters in bfloat16 (they are cast back to float32, like
 finetune's) and it defaults to gradient checkpointing (set to the recipe's value).
 
@@ -37,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 QUICKSTART = ROOT / "data" / "quickstart" / "train.jsonl"
 TOOLS = ("finetune", "trl")
-VARIANTS = ("unpacked", "packed")
+VARIANTS = ("unpacked", "padfree", "packed")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,6 +195,7 @@ def run_finetune(spec: dict, variant: str, work: Path) -> dict:
             "learning_rate": spec["learning_rate"], "warmup_steps": 0, "scheduler": "cosine",
             "optimizer": spec["optimizer"], "gradient_checkpointing": spec["gradient_checkpointing"],
             "max_grad_norm": 1.0, "weight_decay": 0.0, "logging_steps": 1, "seed": spec["seed"],
+            "padding_free": variant == "padfree",
         },
     }
     path = work / f"finetune-{variant}.yaml"
@@ -240,7 +243,10 @@ def run_trl(spec: dict, variant: str, work: Path) -> dict:
         learning_rate=spec["learning_rate"], lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, optim=spec["optimizer"], gradient_checkpointing=spec["gradient_checkpointing"],
         bf16=dtype == torch.bfloat16, fp16=False, use_cpu=not cuda,
-        max_length=spec["max_length"], packing=variant == "packed", completion_only_loss=True,
+        # TRL refuses max_length with padding_free unpacked; every example of the job fits max_length anyway
+        max_length=None if variant == "padfree" else spec["max_length"],
+        packing=variant == "packed", padding_free=variant != "unpacked",
+        completion_only_loss=True,
         logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
         seed=spec["seed"], data_seed=spec["seed"], dataloader_num_workers=0,
     )
@@ -326,10 +332,11 @@ def print_table(summary: dict, variants: list[str], repeats: int) -> None:
         ratio = a["examples_per_s"] / b["examples_per_s"]
         console.print(f"best vs best: {best['finetune']} / {best['trl']}: {ratio:.2f}x "
                       f"examples/s at {a['peak_mem_gib'] / b['peak_mem_gib']:.2f}x peak memory")
-    if "finetune/unpacked" in summary and "trl/unpacked" in summary:
-        a, b = summary["finetune/unpacked"]["step1_loss"], summary["trl/unpacked"]["step1_loss"]
-        verdict = "agree" if abs(a - b) <= 2e-3 * abs(b) else "DIFFER: not the same work"
-        console.print(f"same batches, same step-1 loss: finetune {a:.5f}, TRL {b:.5f} ({verdict})")
+    for v in variants:
+        if f"finetune/{v}" in summary and f"trl/{v}" in summary:
+            a, b = summary[f"finetune/{v}"]["step1_loss"], summary[f"trl/{v}"]["step1_loss"]
+            verdict = "agree" if abs(a - b) <= 2e-3 * abs(b) else "DIFFER: not the same work"
+            console.print(f"{v}: same batches, same step-1 loss: finetune {a:.5f}, TRL {b:.5f} ({verdict})")
 
 
 if __name__ == "__main__":
