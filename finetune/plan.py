@@ -340,6 +340,10 @@ def _sequence_length(recipe: Recipe) -> tuple[int, str]:
     except FinetuneError as e:
         return data.max_length, f"data.max_length (data not read: {str(e).splitlines()[0]})"
     longest = max(prepared.stats.lengths, default=data.max_length)
+    if recipe.training.padding_free and prepared.stats.lengths:
+        k = recipe.training.micro_batch_size
+        biggest = sum(sorted(prepared.stats.lengths)[-k:])  # the fullest possible row, unpadded
+        return -(-biggest // k), f"padding-free rows: the {k} longest examples end to end are {biggest} tokens"
     if longest >= data.max_length:
         return data.max_length, "data.max_length (the data has examples that long)"
     return longest, f"longest training example (data.max_length is {data.max_length})"

@@ -125,3 +125,22 @@ def test_plan_command(tmp_path, tiny_model_dir, toy_alpaca_rows):
     assert "longest training example" in out.output and "does not fit" in out.output
     bad = CliRunner().invoke(app, ["plan", str(recipe), "--device-memory", "lots"])
     assert bad.exit_code == 2 and "not a size" in bad.output
+
+
+def test_padding_free_plans_the_fullest_unpadded_row(tmp_path, tiny_model_dir, toy_alpaca_rows):
+    """Padded, the widest batch is micro_batch x longest; padding-free, it is the k longest examples end to end."""
+    from conftest import write_jsonl
+    from finetune.data import prepare_data
+    from finetune.model import load_tokenizer
+    from finetune.plan import _sequence_length
+
+    write_jsonl(tmp_path / "train.jsonl", toy_alpaca_rows[:12])
+    body = {"model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": str(tmp_path / "train.jsonl")},
+            "training": {"micro_batch_size": 3}}
+    padded = Recipe.model_validate(body)
+    free = Recipe.model_validate({**body, "training": {"micro_batch_size": 3, "padding_free": True}})
+    lengths = sorted(prepare_data(padded.data, load_tokenizer(str(tiny_model_dir)), 42).stats.lengths)
+    assert lengths[0] < lengths[-1]  # otherwise the two plans could not differ
+    assert _sequence_length(padded)[0] == lengths[-1]
+    seq, note = _sequence_length(free)
+    assert 3 * (seq - 1) < sum(lengths[-3:]) <= 3 * seq < 3 * lengths[-1] and "padding-free" in note
