@@ -33,10 +33,6 @@ CHUNK_BYTES = 64 * 2**20  # float32 logits per chunk: bounds the head's working 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
     """Summed next-token cross-entropy over positions whose label is not -100."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    if "attention_mask" in inputs and _right_padded(inputs["attention_mask"]):
-        # Causal attention never lets a token see the padding after it, so the mask changes nothing for the
-        # real tokens; without it SDPA takes its causal fast path instead of a masked one.
-        del inputs["attention_mask"]
     labels = batch["labels"]
     head = _frozen_linear_head(model)
     if head is None:
@@ -67,11 +63,6 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     rows = hidden[:, :-1][keep]
     chunk = max(1, CHUNK_BYTES // (4 * head.weight.shape[0]))
     return LabelledCrossEntropy.apply(rows, head.weight, head.bias, labels[:, 1:][keep], chunk)
-
-
-def _right_padded(mask: torch.Tensor) -> bool:
-    """Each row is real tokens then padding (what the collator builds), never padding first or in between."""
-    return mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def _frozen_linear_head(model) -> torch.nn.Linear | None:

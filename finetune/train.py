@@ -32,7 +32,6 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from finetune import records
-from finetune.attention import use_segmented_attention
 from finetune.checkpoint import (
     find_resume_checkpoint, load_training_state, prepare_run_dir, prune_checkpoints, save_checkpoint, write_json,
 )
@@ -71,8 +70,6 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
     if resume_from:
         records.check_resume(resume_from, recipe, env, console if main else None)
     model = attach_lora(load_base_model(recipe.model, recipe.quantization, accelerator.device), recipe)
-    if recipe.data.packing or t.padding_free:
-        use_segmented_attention(model)  # each packed example attends to itself only, at its own cost
     trainable, total_params = model.get_nb_trainable_parameters()
     collate = Collator(tokenizer.pad_token_id, padding_free=t.padding_free)
     # A private generator keeps data loading from consuming the global RNG (dropout's), for exact resume.
