@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from finetune.errors import DataError
+from finetune.errors import DataError, first_line
 from finetune.recipe import DATA_EXTENSIONS, FORMAT_FIELDS, DataSection, DatasetSpec, data_files
 from finetune.templates import ALPACA, MARKERS
 
@@ -172,7 +172,7 @@ def _read_parquet(path: Path):
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for a damaged file
-        raise DataError(f"{path}: not a readable Parquet file ({_first_line(e)}).") from None
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(e)}).") from None
     return [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
 
 
@@ -210,7 +210,7 @@ def _hub_revision(path: str, revision: str | None) -> str:
                         f"hub (relative paths are read from the current directory, {Path.cwd()}).") from None
     except Exception as e:  # no network: connection, DNS or timeout errors of the HTTP client
         raise DataError(
-            f"Cannot reach the Hugging Face hub to load dataset '{path}' ({_first_line(e)}). On a machine without "
+            f"Cannot reach the Hugging Face hub to load dataset '{path}' ({first_line(e)}). On a machine without "
             "network, point the recipe at local files, or set HF_HUB_OFFLINE=1 to use a copy already in the "
             "local Hugging Face cache."
         ) from None
@@ -226,7 +226,7 @@ def _load_hub(spec: DatasetSpec):
     except Exception as e:
         offline = " (HF_HUB_OFFLINE is set: only the local cache is used)" if _hub_offline() else ""
         raise DataError(f"Cannot load hub dataset '{spec.path}' (name={spec.name}, split={spec.split}){offline}: "
-                        f"{_first_line(e)}") from None
+                        f"{first_line(e)}") from None
 
 
 # --------------------------------------------------------------- normalising
@@ -729,8 +729,3 @@ def train_eval_split(data: DataSection, tok, seed: int, cache: Path | None = Non
     if data.packing:
         return pack(p.train, data.max_length), pack(p.eval, data.max_length), p.stats
     return p.train, p.eval, p.stats
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

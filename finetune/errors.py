@@ -47,3 +47,9 @@ class TrainingInterrupted(FinetuneError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def first_line(e: Exception) -> str:
+    """The first line of a library's exception message (or its type): enough to say what went wrong."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__

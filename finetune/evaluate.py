@@ -36,7 +36,7 @@ from rich.table import Table
 from torch.utils.data import DataLoader
 
 from finetune.data import IGNORE, Collator, prompt_and_reference, split_records, tokenize_all
-from finetune.errors import DataError, ModelError
+from finetune.errors import DataError, ModelError, first_line
 from finetune.loss import token_loss_sum  # the training loss; train.py imports it from here too
 from finetune.recipe import DataSection, ModelSection, QuantizationSection, Recipe
 
@@ -230,7 +230,7 @@ def load_eval_model(section: ModelSection, quant: QuantizationSection, device):
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                      dtype=resolve_compute_dtype(quant.compute_dtype))
     except (OSError, ValueError) as e:
-        raise ModelError(f"Cannot load the GGUF model {path}: {_first_line(e)}") from None
+        raise ModelError(f"Cannot load the GGUF model {path}: {first_line(e)}") from None
     return model.to(device)
 
 
@@ -246,7 +246,7 @@ def load_eval_tokenizer(source: str, chat_template: str | None):
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (OSError, ValueError) as e:
-        raise ModelError(f"Cannot load the tokenizer of the GGUF model {path}: {_first_line(e)}") from None
+        raise ModelError(f"Cannot load the tokenizer of the GGUF model {path}: {first_line(e)}") from None
     if chat_template:
         tok.chat_template = chat_template
     if tok.pad_token is None:
@@ -452,7 +452,7 @@ def run_harness(model, tok, tasks: list[str], *, limit: int | None = None, inclu
     try:
         results = simple_evaluate(model=lm, tasks=list(tasks), limit=limit, task_manager=manager)
     except (KeyError, ValueError) as e:
-        raise DataError(f"lm-eval could not run {', '.join(tasks)}: {_first_line(e)}") from None
+        raise DataError(f"lm-eval could not run {', '.join(tasks)}: {first_line(e)}") from None
     out = {}
     for task, metrics in (results or {}).get("results", {}).items():
         for key, value in metrics.items():
@@ -501,8 +501,3 @@ def write_samples(report: EvalReport, path: str | Path) -> None:
     with open(path, "w") as f:
         for s in report.samples:
             f.write(json.dumps(s, ensure_ascii=False) + "\n")
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

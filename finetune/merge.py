@@ -41,7 +41,7 @@ import yaml
 from safetensors import safe_open
 
 from finetune.checkpoint import atomic_dir
-from finetune.errors import CheckpointError, ModelError
+from finetune.errors import CheckpointError, ModelError, first_line
 from finetune.recipe import DTYPE_ALIASES, ModelSection, QuantizationSection
 
 # The fixed probe batch of the fidelity report: prose, arithmetic, JSON, code and a chat turn.
@@ -213,7 +213,7 @@ def _target_dtype(dtype: str, section: ModelSection) -> torch.dtype:
                                               trust_remote_code=section.trust_remote_code).dtype
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot read the config of the base model '{section.name_or_path}': "
-                         f"{_first_line(e)}") from None
+                         f"{first_line(e)}") from None
     if declared is None:
         return torch.float32
     return declared if isinstance(declared, torch.dtype) else getattr(torch, str(declared).removeprefix("torch."))
@@ -229,7 +229,7 @@ def _base_weight_files(section: ModelSection) -> list[Path]:
             root = Path(snapshot_download(section.name_or_path, revision=section.revision,
                                           allow_patterns=["*.safetensors", "*.safetensors.index.json", "*.json"]))
         except Exception as e:  # offline, unknown repo, no access: all end the same way for the user
-            raise ModelError(f"Cannot fetch the base model '{section.name_or_path}': {_first_line(e)}") from None
+            raise ModelError(f"Cannot fetch the base model '{section.name_or_path}': {first_line(e)}") from None
     index = root / "model.safetensors.index.json"
     if index.is_file():
         return [root / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
@@ -484,7 +484,7 @@ def _check_hub_access(repo: str) -> None:
         HfApi().whoami()
     except Exception as e:  # no token, no network, bad token: the message says which
         raise CheckpointError(
-            f"Cannot push to the Hub repo '{repo}': {_first_line(e)}. Nothing was merged. Log in with "
+            f"Cannot push to the Hub repo '{repo}': {first_line(e)}. Nothing was merged. Log in with "
             "`hf auth login` (or set HF_TOKEN) and check the network, or merge without --push-to-hub."
         ) from None
 
@@ -497,10 +497,5 @@ def _push(out: Path, repo: str) -> None:
         api.create_repo(repo, exist_ok=True, repo_type="model")
         api.upload_folder(repo_id=repo, folder_path=str(out), commit_message="Upload model merged by finetune")
     except Exception as e:
-        raise CheckpointError(f"Merged into {out}, but pushing to '{repo}' failed: {_first_line(e)}. "
+        raise CheckpointError(f"Merged into {out}, but pushing to '{repo}' failed: {first_line(e)}. "
                               f"Upload it later with `hf upload {repo} {out}`.") from None
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

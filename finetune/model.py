@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from finetune.distributed import quant_storage, shards_parameters
-from finetune.errors import ModelError
+from finetune.errors import ModelError, first_line
 from finetune.recipe import ModelSection, QuantizationSection, Recipe
 
 # ChatML, for tokenizers that ship no chat template.
@@ -43,7 +43,7 @@ def load_tokenizer(model: ModelSection | str, chat_template: str | None = None) 
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust)
     except (OSError, ValueError) as e:
-        raise ModelError(f"Cannot load the tokenizer of '{name}': {_first_line(e)}") from None
+        raise ModelError(f"Cannot load the tokenizer of '{name}': {first_line(e)}") from None
     if chat_template:
         tok.chat_template = chat_template
     if tok.pad_token is None:
@@ -83,7 +83,7 @@ def load_base_model(model: ModelSection | str, q: QuantizationSection, device: t
             device_map=None if sharded else {"": placement},
         )
     except (OSError, ValueError) as e:
-        raise ModelError(f"Cannot load the model '{name}': {_first_line(e)}") from None
+        raise ModelError(f"Cannot load the model '{name}': {first_line(e)}") from None
     base.config.use_cache = False
     _keep_one_cpu_4bit_path(base)
     return base
@@ -146,8 +146,3 @@ def _source(model: ModelSection | str) -> tuple[str, str | None, bool]:
     if isinstance(model, str):
         return model, None, False
     return model.name_or_path, model.revision, model.trust_remote_code
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

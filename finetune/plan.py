@@ -21,7 +21,8 @@ do. The terms:
   with gradient checkpointing only each layer's input is kept, plus one layer's
   full set while it is recomputed. Counted for micro_batch_size x sequence length,
   where the sequence length is the longest example of the recipe's data when the
-  data can be read (batches are padded to their longest example), else max_length.
+  data can be read (batches are padded to their longest example), else max_length;
+  with `training.padding_free`, the micro batch's longest examples end to end.
 - loss: finetune computes the LM head only at labelled positions, in chunks of at
   most 64 MiB of float32 logits (finetune/loss.py).
 - working buffers: one dequantized weight matrix and the gradient of one layer's
@@ -42,7 +43,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.errors import FinetuneError, RecipeError
+from finetune.errors import FinetuneError, RecipeError, first_line
 from finetune.recipe import Recipe
 
 BLOCK = 64  # bitsandbytes 4-bit blocksize
@@ -176,7 +177,7 @@ def meta_model(recipe: Recipe, dtype):
     try:
         config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise FinetuneError(f"Cannot read the config of '{m.name_or_path}': {str(e).splitlines()[0]}") from None
+        raise FinetuneError(f"Cannot read the config of '{m.name_or_path}': {first_line(e)}") from None
     stored = getattr(config, "dtype", None)
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
     with init_empty_weights():
@@ -338,7 +339,7 @@ def _sequence_length(recipe: Recipe) -> tuple[int, str]:
 
         prepared = prepare_data(data, load_tokenizer(recipe.model, data.chat_template), recipe.training.seed)
     except FinetuneError as e:
-        return data.max_length, f"data.max_length (data not read: {str(e).splitlines()[0]})"
+        return data.max_length, f"data.max_length (data not read: {first_line(e)})"
     longest = max(prepared.stats.lengths, default=data.max_length)
     if recipe.training.padding_free and prepared.stats.lengths:
         k = recipe.training.micro_batch_size
