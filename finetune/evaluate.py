@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from finetune.data import IGNORE, Collator, prompt_and_reference, split_records, tokenize_all
 from finetune.errors import DataError, ModelError, first_line
 from finetune.loss import token_loss_sum  # the training loss; train.py imports it from here too
+from finetune.model import check_adapter_dir, load_tokenizer
 from finetune.recipe import DataSection, ModelSection, QuantizationSection, Recipe
 
 SCHEMA = "finetune.eval/1"
@@ -234,26 +235,6 @@ def load_eval_model(section: ModelSection, quant: QuantizationSection, device):
     return model.to(device)
 
 
-def load_eval_tokenizer(source: str, chat_template: str | None):
-    """The tokenizer of an adapter, a model directory/hub id or a GGUF file."""
-    from finetune.model import load_tokenizer
-
-    if not source.endswith(".gguf"):
-        return load_tokenizer(source, chat_template)
-    from transformers import AutoTokenizer
-
-    path = Path(source)
-    try:
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"Cannot load the tokenizer of the GGUF model {path}: {first_line(e)}") from None
-    if chat_template:
-        tok.chat_template = chat_template
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def _quantization(quantize: str, recipe: Recipe | None, source: str, adapters: list[str]) -> QuantizationSection:
     """auto: as the adapters were trained; else the recipe's for the recipe's own model; else none."""
     from finetune.merge import adapter_recipe_quantization
@@ -350,8 +331,7 @@ def evaluate(
     make_extractor(options.extractor)  # a bad pattern fails before any model loads
     adapters = [str(a) for a in adapters]
     for path in adapters:
-        if not (Path(path) / "adapter_config.json").is_file():
-            raise ModelError(f"'{path}' is not an adapter directory: it has no adapter_config.json.")
+        check_adapter_dir(path)
     if recipe is None and model is None:
         raise ModelError("Which model? Give a recipe or --model (a hub id, a directory or a .gguf file).")
     source = model or recipe.model.name_or_path
@@ -364,7 +344,7 @@ def evaluate(
         raise DataError("Nothing to evaluate on: the recipe has neither data.eval nor data.eval_fraction. "
                         "Add one (or override it, e.g. data.eval=path/to/eval.jsonl), or pass --data FILE.")
     records = records[:limit] if limit else records
-    tok = load_eval_tokenizer(adapters[0] if adapters else source, data_section.chat_template)
+    tok = load_tokenizer(adapters[0] if adapters else source, data_section.chat_template)  # also a .gguf
     examples, _ = tokenize_all(records, data_section, tok)
     batch_size = recipe.training.micro_batch_size if recipe else options.batch_size
     loader = DataLoader(examples, batch_size=batch_size, collate_fn=Collator(tok.pad_token_id))

@@ -158,9 +158,10 @@ def merge(
 
 def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> tuple[ModelSection, QuantizationSection]:
     """The base model section and quantization the adapters were trained with; refuse bad combinations early."""
+    from finetune.model import check_adapter_dir
+
     for a in adapter_dirs:
-        if not (a / "adapter_config.json").is_file():
-            raise ModelError(f"'{a}' is not an adapter directory: it has no adapter_config.json.")
+        check_adapter_dir(a)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"Output directory {out} is not empty; pass --overwrite to replace it.")
     if weights is not None and len(weights) != len(adapter_dirs):

@@ -40,8 +40,9 @@ def resolve_compute_dtype(name: str) -> torch.dtype:
 
 def load_tokenizer(model: ModelSection | str, chat_template: str | None = None) -> PreTrainedTokenizerBase:
     name, revision, trust = _source(model)
+    source, gguf = (Path(name).parent, {"gguf_file": Path(name).name}) if name.endswith(".gguf") else (name, {})
     try:
-        tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust)
+        tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust, **gguf)
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot load the tokenizer of '{name}': {first_line(e)}") from None
     if chat_template:
@@ -134,12 +135,10 @@ def lora_config(recipe: Recipe):
     )
 
 
-def load_adapter(base, adapter_dir: str | Path):
-    from peft import PeftModel
-
+def check_adapter_dir(adapter_dir: str | Path) -> None:
+    """Refuse, with a readable error, a path that is not a PEFT adapter directory (before any model loads)."""
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise ModelError(f"'{adapter_dir}' is not an adapter directory: it has no adapter_config.json.")
-    return PeftModel.from_pretrained(base, str(adapter_dir))
 
 
 def _source(model: ModelSection | str) -> tuple[str, str | None, bool]:
