@@ -68,7 +68,7 @@ def _quiet_libraries() -> None:
 
 
 def _load(recipe: Path, overrides: Optional[list[str]]):
-    from finetune.recipe import load_recipe
+    from finetune.recipe_file import load_recipe
 
     return load_recipe(recipe, overrides or [])
 

@@ -218,7 +218,8 @@ class Candidate:
 
 def load_eval_model(section: ModelSection, quant: QuantizationSection, device):
     """A model from a hub id, a directory or a GGUF file (dequantized by transformers on load)."""
-    from finetune.model import load_base_model, resolve_compute_dtype
+    from finetune.model import load_base_model
+    from finetune.placement import resolve_compute_dtype
 
     if not section.name_or_path.endswith(".gguf"):
         return load_base_model(section, quant, device)

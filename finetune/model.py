@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from finetune.distributed import quant_storage, shards_parameters
 from finetune.errors import ModelError, first_line
+from finetune.placement import Placement, resolve
 from finetune.recipe import ModelSection, QuantizationSection, Recipe
 
 # ChatML, for tokenizers that ship no chat template.
@@ -24,18 +24,6 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-
-
-def resolve_compute_dtype(name: str) -> torch.dtype:
-    """`auto`: bf16 on a CUDA device that supports it, fp16 on older CUDA, fp32 on CPU.
-
-    (On CPUs without AVX-512/AMX, bf16 matmuls are ~25x slower than fp32.)
-    """
-    if name != "auto":
-        return getattr(torch, name)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def load_tokenizer(model: ModelSection | str, chat_template: str | None = None) -> PreTrainedTokenizerBase:
@@ -54,34 +42,38 @@ def load_tokenizer(model: ModelSection | str, chat_template: str | None = None) 
     return tok
 
 
-def quantization_config(q: QuantizationSection) -> BitsAndBytesConfig | None:
+def quantization_config(q: QuantizationSection, placement: Placement | None = None) -> BitsAndBytesConfig | None:
     if not q.load_in_4bit:
         return None
+    placement = placement or resolve(q)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=resolve_compute_dtype(q.compute_dtype),
-        bnb_4bit_quant_storage=getattr(torch, quant_storage(q)),
+        bnb_4bit_compute_dtype=placement.compute_dtype,
+        bnb_4bit_quant_storage=placement.quant_storage,
     )
 
 
-def load_base_model(model: ModelSection | str, q: QuantizationSection, device: torch.device | str = "cpu"):
-    """The base model on `device`, quantized to 4 bit when the recipe says so."""
+def load_base_model(model: ModelSection | str, q: QuantizationSection, device: torch.device | str = "cpu",
+                    placement: Placement | None = None):
+    """The base model on `device`, quantized to 4 bit when the recipe says so (placement: resolved from `q`
+    and the launcher's environment unless the caller resolved it already)."""
     name, revision, trust = _source(model)
+    placement = placement or resolve(q)
     device = torch.device(device)
-    placement = device.index if device.type == "cuda" and device.index is not None else device.type
+    device_map = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
     # Under FSDP / ZeRO-3 the launcher places (and shards) the weights; every parameter, the 4-bit codes
     # included, must then share one float dtype. Otherwise each process holds a full copy on its device.
-    sharded = shards_parameters()
+    sharded = placement.shards_parameters
     try:
         base = AutoModelForCausalLM.from_pretrained(
             name,
             revision=revision,
             trust_remote_code=trust,
-            quantization_config=quantization_config(q),
-            dtype=getattr(torch, quant_storage(q)) if sharded and q.load_in_4bit else resolve_compute_dtype(q.compute_dtype),
-            device_map=None if sharded else {"": placement},
+            quantization_config=quantization_config(q, placement),
+            dtype=placement.quant_storage if sharded and q.load_in_4bit else placement.compute_dtype,
+            device_map=None if sharded else device_map,
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot load the model '{name}': {first_line(e)}") from None

@@ -109,7 +109,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     """Predicted peak memory of training `recipe` on `device` (default: cuda if available, else cpu)."""
     import torch
 
-    from finetune.model import resolve_compute_dtype
+    from finetune.placement import resolve_compute_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_compute_dtype(recipe.quantization.compute_dtype)

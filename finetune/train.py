@@ -36,10 +36,11 @@ from finetune.checkpoint import (
     find_resume_checkpoint, load_training_state, prepare_run_dir, prune_checkpoints, save_checkpoint, write_json,
 )
 from finetune.data import IGNORE, Collator, cache_dir, fingerprint, real_tokens, split_records, train_eval_split
-from finetune.distributed import check_strategy, shards_parameters
+from finetune.distributed import check_strategy
 from finetune.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted
 from finetune.evaluate import GenerationOptions, eval_loss, generation_metrics, token_loss_sum
-from finetune.model import attach_lora, load_base_model, load_tokenizer, resolve_compute_dtype
+from finetune.model import attach_lora, load_base_model, load_tokenizer
+from finetune.placement import resolve
 from finetune.recipe import Recipe, TrainingSection
 
 
@@ -48,17 +49,18 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
     t = recipe.training
     console = console or Console(stderr=True)
     run_dir = recipe.run_dir
-    dtype = resolve_compute_dtype(recipe.quantization.compute_dtype)
+    placement = resolve(recipe.quantization)
+    dtype = placement.compute_dtype
     records.check_trackers(t.report_to)
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # without it, torchrun on CPU would start N independent runs, not gloo DDP
-        mixed_precision={torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no"),
+        mixed_precision=placement.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
         log_with=t.report_to or None,
         project_dir=str(run_dir),
     )
     main = accelerator.is_main_process
-    check_strategy(recipe)
+    check_strategy(recipe, placement)
     resume_from = find_resume_checkpoint(run_dir, resume) if resume else None
     if main and not resume_from:
         prepare_run_dir(run_dir, overwrite)
@@ -69,7 +71,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
     env = records.environment(accelerator.device, fingerprint(recipe.data, tokenizer))
     if resume_from:
         records.check_resume(resume_from, recipe, env, console if main else None)
-    model = attach_lora(load_base_model(recipe.model, recipe.quantization, accelerator.device), recipe)
+    model = attach_lora(load_base_model(recipe.model, recipe.quantization, accelerator.device, placement), recipe)
     trainable, total_params = model.get_nb_trainable_parameters()
     collate = Collator(tokenizer.pad_token_id, padding_free=t.padding_free)
     # A private generator keeps data loading from consuming the global RNG (dropout's), for exact resume.
@@ -154,7 +156,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
         if eval_record and (state["best_eval_loss"] is None or eval_record["eval_loss"] < state["best_eval_loss"]):
             state["best_eval_loss"], state["best_checkpoint"] = eval_record["eval_loss"], str(path)
         # Sharded (FSDP/ZeRO-3) weights are gathered by every process; DDP replicas are whole already.
-        state_dict = accelerator.get_state_dict(model) if shards_parameters() else None
+        state_dict = accelerator.get_state_dict(model) if placement.shards_parameters else None
         rng = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]  # one per process
         if main:
             training_state = {

@@ -178,7 +178,7 @@ def run_finetune(spec: dict, variant: str, work: Path) -> dict:
     from rich.console import Console
 
     from finetune.cli import _quiet_libraries
-    from finetune.recipe import load_recipe
+    from finetune.recipe_file import load_recipe
     from finetune.train import train
 
     _quiet_libraries()

@@ -12,7 +12,8 @@ from finetune.data import (
 )
 from finetune.errors import DataError, RecipeError
 from finetune.model import load_tokenizer
-from finetune.recipe import DataSection, load_recipe
+from finetune.recipe import DataSection
+from finetune.recipe_file import load_recipe
 from finetune.templates import BUILTIN
 
 from conftest import write_jsonl

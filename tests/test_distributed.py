@@ -28,7 +28,7 @@ WORKER = """
 import os, sys
 from safetensors.torch import save_file
 import finetune.train as ft
-from finetune.recipe import load_recipe
+from finetune.recipe_file import load_recipe
 
 captured = {}
 attach = ft.attach_lora
@@ -144,20 +144,24 @@ def test_presets_are_valid_accelerate_configs():
 
 
 def test_sharded_launch_requires_float_quant_storage(tmp_path, tiny_model_dir, monkeypatch):
-    from finetune.distributed import check_strategy, quant_storage
+    import torch
+
+    from finetune.distributed import check_strategy
+    from finetune.placement import resolve
     from finetune.errors import RecipeError
-    from finetune.recipe import load_recipe
+    from finetune.recipe_file import load_recipe
 
     write_jsonl(tmp_path / "train.jsonl", [{"instruction": "a", "output": "b"}])
     write_jsonl(tmp_path / "eval.jsonl", [{"instruction": "a", "output": "b"}])
     r = load_recipe(recipe(tmp_path, tiny_model_dir, "x"))
-    assert quant_storage(r.quantization) == "uint8"  # single process: the compact default
+    assert resolve(r.quantization).quant_storage == torch.uint8  # single process: the compact default
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert quant_storage(r.quantization) == "float32"  # compute dtype on this CPU
-    check_strategy(r)
+    assert resolve(r.quantization).quant_storage == torch.float32  # compute dtype on this CPU
+    check_strategy(r, resolve(r.quantization))
     bad = load_recipe(recipe(tmp_path, tiny_model_dir, "x"), ["quantization.quant_storage=uint8"])
     with pytest.raises(RecipeError, match="quant_storage is uint8 but fsdp shards parameters"):
-        check_strategy(bad)
+        check_strategy(bad, resolve(bad.quantization))
     with pytest.raises(RecipeError, match="paged_adamw_8bit"):
-        check_strategy(load_recipe(recipe(tmp_path, tiny_model_dir, "x"), ["training.optimizer=paged_adamw_8bit"]))
+        eight_bit = load_recipe(recipe(tmp_path, tiny_model_dir, "x"), ["training.optimizer=paged_adamw_8bit"])
+        check_strategy(eight_bit, resolve(eight_bit.quantization))

@@ -155,7 +155,7 @@ def test_cli_json_schema_and_samples(setup):
 
 def test_adapters_on_one_base_score_as_if_loaded_alone(setup, tiny_model_dir):
     """Switching adapters on a shared base (and disabling them for `base`) gives each one's own numbers."""
-    from finetune.recipe import load_recipe
+    from finetune.recipe_file import load_recipe
 
     recipe = load_recipe(setup["recipe"])
     together = evaluate(recipe, adapters=[setup["a"], setup["b"]], compare=True)
@@ -261,7 +261,7 @@ def test_harness_runs_a_local_task_on_the_in_memory_adapter(setup, tmp_path):
         "generation_kwargs:\n  max_gen_toks: 4\n  until: ['\\n']\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
     )
-    from finetune.recipe import load_recipe
+    from finetune.recipe_file import load_recipe
 
     rep = evaluate(load_recipe(setup["recipe"]), adapters=[setup["a"]], harness=["finetune_toy"],
                    harness_include=str(tasks))

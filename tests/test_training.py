@@ -404,7 +404,7 @@ def interrupted(tmp_path_factory, tiny_model_dir, data):
 
 
 def test_run_dir_and_checkpoints_record_the_recipe_and_environment(interrupted):
-    from finetune.recipe import load_recipe
+    from finetune.recipe_file import load_recipe
 
     recipe, run_dir = interrupted
     checkpoint = run_dir / "checkpoint-2"

@@ -1,0 +1,68 @@
+"""Where and in what precision a run computes, resolved once: compute dtype, 4-bit storage dtype, launch strategy.
+
+Everything that depends on the hardware or on the launcher is decided here, from the recipe's
+`quantization` section and the environment `accelerate launch` / `torchrun` set, and passed down
+as one `Placement`. model.py (loading), distributed.py (strategy checks), plan.py and train.py
+read it; none of them asks the environment again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from finetune.recipe import QuantizationSection
+
+STRATEGIES = ("single", "ddp", "fsdp", "deepspeed")
+
+
+@dataclass(frozen=True)
+class Placement:
+    compute_dtype: torch.dtype  # matmul dtype of the frozen 4-bit weights (and autocast's)
+    quant_storage: torch.dtype  # dtype the packed 4-bit codes are stored in
+    strategy: str  # single | ddp | fsdp | deepspeed
+    shards_parameters: bool  # FSDP or ZeRO-3: the launcher places and shards the weights
+
+    @property
+    def mixed_precision(self) -> str:
+        """accelerate's name for autocast in the compute dtype."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.compute_dtype, "no")
+
+
+def resolve(q: QuantizationSection) -> Placement:
+    """The run's placement under the active launcher (read from the environment)."""
+    s = strategy()
+    shards = s == "fsdp" or (s == "deepspeed" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+    compute = resolve_compute_dtype(q.compute_dtype)
+    # FSDP and ZeRO-3 can only shard float tensors, and every parameter of a wrapped unit must share one
+    # dtype, so there the 4-bit codes are stored in the compute dtype.
+    storage = q.quant_storage if q.quant_storage != "auto" else ("compute" if shards else "uint8")
+    return Placement(compute, compute if storage == "compute" else getattr(torch, storage), s, shards)
+
+
+def strategy() -> str:
+    """`fsdp`, `deepspeed`, `ddp` (several processes, plain data parallel) or `single`."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return "fsdp"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        return "deepspeed"
+    return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    """`auto`: bf16 on a CUDA device that supports it, fp16 on older CUDA, fp32 on CPU.
+
+    (On CPUs without AVX-512/AMX, bf16 matmuls are ~25x slower than fp32; with AVX512_BF16,
+    today's bitsandbytes + autocast path is still slower than fp32: docs/performance.md.)
+    """
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,157 @@
+"""Reading a recipe file: YAML with line numbers, `key.sub=value` overrides, and errors that name file:line:key.
+
+`load_recipe(path, overrides)` reads the YAML, applies the overrides and validates everything
+against the schema (recipe.py) before any model is loaded. Every problem is reported with the
+recipe file, the YAML line (or the override) and the key, with "did you mean" for unknown keys.
+Like recipe.py, this imports neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from finetune.errors import RecipeError
+from finetune.recipe import DATA_EXTENSIONS, Recipe, data_files
+
+
+def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe; raise RecipeError naming file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise RecipeError(f"Cannot read recipe {path}: {e.strerror or e}.") from None
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of sections (model, data, training, ...).")
+    where = {key: f"{path}:{line}" for key, line in _key_lines(root)}
+    for item in overrides:
+        key = _apply_override(data, item)
+        where[key] = f"command-line override '{item}'"
+    data.setdefault("name", path.stem)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_explain(e, path, where)) from None
+    _check_paths(recipe, path, where)
+    return recipe
+
+
+def _key_lines(node: Any, prefix: tuple = ()) -> list[tuple[tuple, int]]:
+    """(key path, 1-based line) for every key and list item in a composed YAML tree."""
+    out = []
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = prefix + (k.value,)
+            out.append((key, k.start_mark.line + 1))
+            out += _key_lines(v, key)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out.append((prefix + (i,), v.start_mark.line + 1))
+            out += _key_lines(v, prefix + (i,))
+    return out
+
+
+def _apply_override(data: dict, item: str) -> tuple:
+    if "=" not in item:
+        raise RecipeError(f"Override '{item}' is not of the form key.sub=value (e.g. training.max_steps=10).")
+    dotted, raw = item.split("=", 1)
+    keys = tuple(dotted.strip().split("."))
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"Override '{item}': '{'.'.join(keys[: i + 1])}' is a value, not a section.")
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        node[keys[-1]] = raw
+    return keys
+
+
+def _locate(where: dict, loc: tuple, default: str) -> str:
+    """The most specific known place for a key path (the key itself, else its section)."""
+    for n in range(len(loc), 0, -1):
+        if loc[:n] in where:
+            return where[loc[:n]]
+    return default
+
+
+def _explain(err: ValidationError, path: Path, where: dict) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(x for x in e["loc"] if not (isinstance(x, str) and x.startswith("function-")))
+        key = ".".join(str(x) for x in loc) or "(top level)"
+        place = _locate(where, loc, str(path))
+        if e["type"] == "extra_forbidden":
+            section = _section_model(loc[:-1])
+            valid = list(section.model_fields) if section else []
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            lines.append(
+                f"{place}: unknown key '{key}'.{hint} Valid keys here: {', '.join(valid)}."
+            )
+        elif e["type"] == "missing":
+            lines.append(f"{place}: required key '{key}' is missing.")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{place}: {key}: {msg} (got {e.get('input')!r}).")
+    return f"Invalid recipe {path}:\n" + "\n".join(lines)
+
+
+def _section_model(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Recipe
+    for k in loc:
+        field = model.model_fields.get(k)
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def _check_paths(recipe: Recipe, path: Path, where: dict) -> None:
+    """Files named by the recipe must exist before anything heavy starts."""
+    problems = []
+    data = recipe.data
+    files = [(("data", "train", i), f) for i, f in enumerate(data.train)]
+    files += [(("data", "datasets", i, "path"), d.path) for i, d in enumerate(data.datasets)]
+    if isinstance(data.eval, str):
+        files.append((("data", "eval"), data.eval))
+    elif data.eval:
+        files += [(("data", "eval", i, "path"), d.path) for i, d in enumerate(data.eval)]
+    for loc, f in files:
+        found = data_files(f)
+        if found is None or found:  # a hub id, or local files
+            continue
+        key = ".".join(str(x) for x in loc)
+        what = (f"pattern '{f}' matches no {'/'.join(DATA_EXTENSIONS)} file" if any(c in f for c in "*?[")
+                else f"directory '{f}' holds no {'/'.join(DATA_EXTENSIONS)} file" if Path(f).expanduser().is_dir()
+                else f"data file '{f}' does not exist")
+        problems.append(
+            f"{_locate(where, loc, str(path))}: {key}: {what} "
+            f"(relative paths are read from the current directory, {Path.cwd()})."
+        )
+    name = recipe.model.name_or_path
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+    if not Path(name).expanduser().exists() and looks_local:
+        problems.append(
+            f"{_locate(where, ('model', 'name_or_path'), str(path))}: model.name_or_path: "
+            f"'{name}' is not a local directory nor a hub id (org/name)."
+        )
+    if problems:
+        raise RecipeError(f"Invalid recipe {path}:\n" + "\n".join(problems))
