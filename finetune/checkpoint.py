@@ -19,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 
@@ -174,3 +176,42 @@ def prepare_run_dir(run_dir: Path, overwrite: bool) -> None:
         probe.unlink()
     except OSError as e:
         raise CheckpointError(f"Cannot write to the run directory {run_dir}: {e.strerror or e}.") from None
+
+
+# ----------------------------------------------------------------- resume: adapter and RNG streams
+
+
+def load_adapter_weights(model, checkpoint: Path) -> None:
+    """The checkpoint's trained adapter weights into a PeftModel built from the same recipe."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+
+
+def rng_state() -> dict:
+    """This process's RNG streams: python, numpy, torch (and CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def this_process_rng(saved: list | dict, num_processes: int, process_index: int) -> dict:
+    """Each process resumes with its own RNG streams (dropout masks differ per process)."""
+    if isinstance(saved, dict):  # checkpoints written before per-process RNG states
+        return saved
+    if len(saved) != num_processes:
+        raise CheckpointError(
+            f"The checkpoint was written by {len(saved)} processes, this run has {num_processes}: "
+            f"resuming would change the data order and dropout. Launch {len(saved)} processes to resume it."
+        )
+    return saved[process_index]

@@ -37,7 +37,6 @@ from torch.utils.data import DataLoader
 
 from finetune.data import IGNORE, Collator, prompt_and_reference, split_records, tokenize_all
 from finetune.errors import DataError, ModelError, first_line
-from finetune.loss import token_loss_sum  # the training loss; train.py imports it from here too
 from finetune.model import check_adapter_dir, load_tokenizer
 from finetune.recipe import DataSection, ModelSection, QuantizationSection, Recipe
 
@@ -48,20 +47,33 @@ SCHEMA = "finetune.eval/1"
 
 
 @torch.no_grad()
-def eval_loss(model, dataloader, accelerator=None) -> float:
-    """Mean response-token loss over a dataloader (summed over processes when distributed)."""
+def eval_objective(model, dataloader, objective=None, accelerator=None) -> dict[str, float]:
+    """Mean loss per unit (and the objective's metrics per unit) over a dataloader, summed over processes
+    when distributed; the objective defaults to SFT, the response-token cross-entropy."""
+    from finetune.objectives import SFT
+
+    objective = objective or SFT()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    total = torch.zeros(2 + len(objective.metrics), dtype=torch.float64, device=device)  # loss, units, metrics
     for batch in dataloader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        total[0] += token_loss_sum(model, batch).double()
-        total[1] += (batch["labels"][:, 1:] != IGNORE).sum()
+        out = objective(model, batch)
+        total[0] += out.total.double()
+        total[1] += objective.units(batch)
+        for i, name in enumerate(objective.metrics):
+            total[2 + i] += out.metrics[name].double()
     if accelerator is not None:
         total = accelerator.reduce(total, "sum")
     model.train(was_training)
-    return (total[0] / total[1].clamp(min=1)).item()
+    means = (total / total[1].clamp(min=1)).tolist()
+    return {"loss": means[0], **dict(zip(objective.metrics, means[2:]))}
+
+
+def eval_loss(model, dataloader, accelerator=None) -> float:
+    """Mean response-token loss over a dataloader (summed over processes when distributed)."""
+    return eval_objective(model, dataloader, accelerator=accelerator)["loss"]
 
 
 # ------------------------------------------------------------- extraction

@@ -1,4 +1,4 @@
-"""Run records: the environment a run used, checks before resuming, memory, the loss curve."""
+"""Run records: the metrics log, the environment a run used, checks before resuming, memory, the loss curve."""
 
 from __future__ import annotations
 
@@ -13,6 +13,26 @@ import torch
 import yaml
 
 from finetune.errors import CheckpointError, RecipeError
+
+
+class MetricsLog:
+    """metrics.jsonl, the experiment trackers and a console line per record; main process only."""
+
+    def __init__(self, path: Path, accelerator, console):
+        self.path, self.accelerator, self.console = path, accelerator, console
+
+    def write(self, record: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        self.console.print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()), highlight=False, soft_wrap=True)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "finetune")
 

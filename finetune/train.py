@@ -1,28 +1,29 @@
-"""`finetune train`: set up, then one readable loop.
+"""`finetune train`: `setup` (everything from the recipe), then `fit` (one readable loop), then `finish`.
 
-The loss of an optimizer step is the mean over every response token in all of its
-micro batches (on all processes), not the mean of per-batch means: each micro
-batch's summed token loss is divided by the step's total token count before
-backward. Padding-heavy or short batches therefore get no extra weight, and
-gradient accumulation gives the same gradient as one big batch.
+Where things live: the loss of a micro batch is the recipe's objective (objectives.py; SFT's
+token loss without wasted logits is loss.py), the data comes tokenized from finetune/data/, the
+model from model.py with its precision and placement resolved once (placement.py), and
+checkpoints, resume state and RNG streams are written and read by checkpoint.py.
 
-Resuming is exact: a checkpoint holds the adapter, optimizer, scheduler, RNG
-states and the data position (epoch, micro batches consumed), and data order is
-a pure function of (seed, epoch), so N steps + resume + N steps reproduces a
-straight 2N-step run.
+The loss of an optimizer step is the mean over every unit (response token for SFT) in all of its
+micro batches on all processes, not the mean of per-batch means: each micro batch's summed loss
+is divided by the step's total unit count before backward. Padding-heavy or short batches
+therefore get no extra weight, and gradient accumulation gives the same gradient as one big batch.
+
+Resuming is exact: a checkpoint holds the adapter, optimizer, scheduler, RNG states and the data
+position (`LoopState`: epoch, micro batches consumed), and data order is a pure function of
+(seed, epoch), so N steps + resume + N steps reproduces a straight 2N-step run.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
@@ -31,48 +32,120 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
+from finetune import checkpoint as ckpt
 from finetune import records
-from finetune.checkpoint import (
-    find_resume_checkpoint, load_training_state, prepare_run_dir, prune_checkpoints, save_checkpoint, write_json,
-)
-from finetune.data import IGNORE, Collator, cache_dir, fingerprint, real_tokens, split_records, train_eval_split
+from finetune.data import Collator, cache_dir, fingerprint, real_tokens, split_records, train_eval_split
 from finetune.distributed import check_strategy
-from finetune.errors import CheckpointError, NonFiniteLossError, TrainingInterrupted
-from finetune.evaluate import GenerationOptions, eval_loss, generation_metrics, token_loss_sum
+from finetune.errors import NonFiniteLossError, TrainingInterrupted
+from finetune.evaluate import GenerationOptions, eval_objective, generation_metrics
+from finetune.interrupt import StopOnSignal, agreed_signal
 from finetune.model import attach_lora, load_base_model, load_tokenizer
-from finetune.placement import resolve
+from finetune.objectives import Objective, make_objective
+from finetune.placement import Placement, dtype_name, resolve
 from finetune.recipe import Recipe, TrainingSection
+from finetune.records import MetricsLog
+
+
+@dataclass
+class LoopState:
+    """Where training is. Saved in every checkpoint (trainer_state.json) and restored on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0  # micro batches of this epoch already trained
+    best_eval_loss: float | None = None
+    best_checkpoint: str | None = None
+    skipped_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Window:
+    """Sums since the last metrics line (saved with a checkpoint, so a resumed run logs the same lines)."""
+
+    loss: float = 0.0  # summed over units
+    units: int = 0
+    seen: int = 0  # real (non-padding) tokens processed, for tokens/s
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's, summed over units
+
+    def add(self, step: "StepResult") -> None:
+        self.loss += step.loss * step.units
+        self.units += step.units
+        for k, v in step.metrics.items():
+            self.metrics[k] = self.metrics.get(k, 0.0) + v
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the step's units on all processes
+    units: int
+    grad_norm: float
+    seen: int  # real tokens of this process
+    metrics: dict[str, float]  # summed over units on all processes
+    finite: bool
+
+
+@dataclass
+class Run:
+    """Everything `setup` builds and the loop pieces read: passed explicitly, never captured."""
+
+    recipe: Recipe
+    accelerator: Accelerator
+    placement: Placement
+    tokenizer: object
+    model: torch.nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    train_dl: DataLoader
+    eval_dl: DataLoader | None
+    total_steps: int
+    env: dict
+    log: MetricsLog
+    train_examples: int  # before packing
+    state: LoopState = field(default_factory=LoopState)
+    window: Window = field(default_factory=Window)
+    generation_records: list = field(default_factory=list)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
 
 
 def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, console: Console | None = None) -> Path:
     """Fine-tune per the recipe; return the final checkpoint directory."""
-    t = recipe.training
     console = console or Console(stderr=True)
-    run_dir = recipe.run_dir
+    run, rng_to_restore = setup(recipe, console, overwrite=overwrite, resume=resume)
+    started = time.perf_counter()
+    progress = _progress(console, run)
+    stop = StopOnSignal()
+    with progress, stop:
+        fit(run, progress, stop, rng_to_restore)
+    with stop:  # a first Ctrl-C now lets the run finish: that is what it is about to do, and nothing is lost
+        return finish(run, started)
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+
+def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | None) -> tuple[Run, dict | None]:
+    """Recipe -> data -> model -> optimizer, restored from a checkpoint when resuming.
+    Returns the run and the RNG state to restore once the data iterator exists (None for a fresh run)."""
+    t = recipe.training
     placement = resolve(recipe.quantization)
-    dtype = placement.compute_dtype
     records.check_trackers(t.report_to)
-    accelerator = Accelerator(
-        cpu=not torch.cuda.is_available(),  # without it, torchrun on CPU would start N independent runs, not gloo DDP
-        mixed_precision=placement.mixed_precision,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
-        log_with=t.report_to or None,
-        project_dir=str(run_dir),
-    )
-    main = accelerator.is_main_process
+    accelerator = _accelerator(recipe, placement)
     check_strategy(recipe, placement)
-    resume_from = find_resume_checkpoint(run_dir, resume) if resume else None
-    if main and not resume_from:
-        prepare_run_dir(run_dir, overwrite)
+    resume_from = ckpt.find_resume_checkpoint(recipe.run_dir, resume) if resume else None
+    if accelerator.is_main_process and not resume_from:
+        ckpt.prepare_run_dir(recipe.run_dir, overwrite)
     set_seed(t.seed)
 
     tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template)
-    train_set, eval_set, stats = train_eval_split(recipe.data, tokenizer, t.seed, cache_dir(run_dir))
+    train_set, eval_set, stats = train_eval_split(recipe.data, tokenizer, t.seed, cache_dir(recipe.run_dir))
     env = records.environment(accelerator.device, fingerprint(recipe.data, tokenizer))
     if resume_from:
-        records.check_resume(resume_from, recipe, env, console if main else None)
+        records.check_resume(resume_from, recipe, env, console if accelerator.is_main_process else None)
     model = attach_lora(load_base_model(recipe.model, recipe.quantization, accelerator.device, placement), recipe)
-    trainable, total_params = model.get_nb_trainable_parameters()
     collate = Collator(tokenizer.pad_token_id, padding_free=t.padding_free)
     # A private generator keeps data loading from consuming the global RNG (dropout's), for exact resume.
     train_dl = DataLoader(train_set, batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate,
@@ -84,209 +157,32 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None,
         accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
     optimizer = make_optimizer(model, t)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
-    if eval_dl is not None:
-        eval_dl = accelerator.prepare(eval_dl)
-
-    steps_per_epoch = math.ceil(len(train_dl) / t.gradient_accumulation_steps)
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
+    total_steps = t.max_steps or t.epochs * math.ceil(len(train_dl) / t.gradient_accumulation_steps)
     warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_ratio * total_steps)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    run = Run(recipe, accelerator, placement, tokenizer, model, make_objective(recipe), optimizer, scheduler,
+              train_dl, eval_dl, total_steps, env, MetricsLog(recipe.run_dir / "metrics.jsonl", accelerator, console),
+              stats.examples)
+    rng = _restore(run, resume_from) if resume_from else None
+    if t.eval_generate_steps and run.main:
+        run.generation_records = [r for r in split_records(recipe.data, t.seed)[1] if r.fmt != "text"]
+        run.generation_records = run.generation_records[: t.eval_generate_examples]
+    if run.main:
+        _start_records(run, resume_from)
+        console.print(_banner(run, len(eval_set), stats, resume_from))
+    return run, rng
 
-    state = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "best_eval_loss": None, "best_checkpoint": None,
-             "skipped_steps": []}
-    window = {"loss": 0.0, "tokens": 0, "seen": 0}
-    rng_to_restore = None
-    if resume_from:
-        saved_state, saved = load_training_state(resume_from)
-        state.update({k: saved_state.get(k, v) for k, v in state.items()})
-        window.update(saved["window"])
-        _load_adapter_weights(accelerator.unwrap_model(model), resume_from)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if accelerator.scaler is not None and saved.get("scaler"):
-            accelerator.scaler.load_state_dict(saved["scaler"])
-        rng_to_restore = _this_process_rng(saved["rng"], accelerator)
-    if main:
-        if resume_from:  # a crash may have logged steps after the checkpoint: they are about to be redone
-            records.truncate_metrics(run_dir / "metrics.jsonl", state["step"])
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-        write_json(run_dir / "environment.json", env)
-        accelerator.init_trackers(recipe.name or "finetune", config=records.tracker_config(recipe))
-        console.print(
-            f"[bold]{recipe.name}[/]: {stats.examples} train / {len(eval_set)} eval examples "
-            f"({stats.truncated} truncated, {stats.dropped} dropped), {total_steps} steps, effective batch "
-            f"{t.micro_batch_size} x {t.gradient_accumulation_steps} x {accelerator.num_processes} processes"
-            + (f", resuming from {resume_from} at step {state['step']}" if resume_from else "")
-            + f"\ntrainable parameters: {trainable:,} of {total_params:,} ({100 * trainable / total_params:.3f}%), "
-            f"compute dtype {str(dtype).removeprefix('torch.')}, device {accelerator.device}"
-        )
 
-    def log(record: dict) -> None:
-        if main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
-            progress.console.print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()), highlight=False, soft_wrap=True)
-
-    generation_records = []
-    if t.eval_generate_steps and main:
-        generation_records = [r for r in split_records(recipe.data, t.seed)[1] if r.fmt != "text"]
-        generation_records = generation_records[: t.eval_generate_examples]
-
-    def evaluate() -> dict:
-        loss = eval_loss(model, eval_dl, accelerator)
-        record = {"step": state["step"], "eval_loss": loss, "eval_ppl": math.exp(min(loss, 50))}
-        log(record)
-        return record
-
-    def generation_eval() -> None:
-        """exact_match / contains of greedy generations on the first eval examples, as `finetune eval` scores
-        them. Main process only (the others wait); the RNG is forked so training randomness is unchanged."""
-        if main and generation_records:
-            options = GenerationOptions(max_new_tokens=t.eval_max_new_tokens, extractor=t.eval_extract,
-                                        batch_size=t.micro_batch_size)
-            with torch.random.fork_rng(devices=[]):
-                metrics, _ = generation_metrics(accelerator.unwrap_model(model), tokenizer, generation_records, options)
-            log({"step": state["step"], **{f"eval_{k}": v for k, v in metrics.items()}})
-        accelerator.wait_for_everyone()
-
-    def checkpoint(name: str, eval_record: dict | None = None) -> Path:
-        accelerator.wait_for_everyone()
-        path = run_dir / name
-        if eval_record and (state["best_eval_loss"] is None or eval_record["eval_loss"] < state["best_eval_loss"]):
-            state["best_eval_loss"], state["best_checkpoint"] = eval_record["eval_loss"], str(path)
-        # Sharded (FSDP/ZeRO-3) weights are gathered by every process; DDP replicas are whole already.
-        state_dict = accelerator.get_state_dict(model) if placement.shards_parameters else None
-        rng = gather_object([_rng_state()]) if accelerator.num_processes > 1 else [_rng_state()]  # one per process
-        if main:
-            training_state = {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": rng, "window": window,
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            }
-            files = {
-                "recipe.yaml": recipe.to_yaml(), "environment.json": env,
-                "trainer_state.json": {
-                    **state, "total_steps": total_steps, "recipe": recipe.name,
-                    "epochs_done": round(state["epoch"] + state["micro_in_epoch"] / len(train_dl), 4),
-                },
-            }
-            save_checkpoint(path, accelerator.unwrap_model(model), tokenizer, files, training_state, state_dict)
-            if t.save_total_limit and name != "checkpoint-final":
-                best = Path(state["best_checkpoint"]) if t.keep_best and state["best_checkpoint"] else None
-                prune_checkpoints(run_dir, t.save_total_limit, protect=best)
-        accelerator.wait_for_everyone()
-        return path
-
-    progress = Progress(
-        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-        console=console, disable=not main,
+def _accelerator(recipe: Recipe, placement: Placement) -> Accelerator:
+    t = recipe.training
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),  # without it, torchrun on CPU would start N independent runs, not gloo DDP
+        mixed_precision=placement.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
+        log_with=t.report_to or None,
+        project_dir=str(recipe.run_dir),
     )
-    task = progress.add_task("train", total=total_steps, completed=state["step"], info="")
-    model.train()
-    started = time.perf_counter()
-    window_start = time.perf_counter()
-    stop = _StopOnSignal()
-    with progress, stop:
-        while state["step"] < total_steps:
-            train_dl.set_epoch(state["epoch"])
-            for group in _groups(train_dl, t.gradient_accumulation_steps, skip=state["micro_in_epoch"]):
-                if rng_to_restore is not None:  # after the data iterator exists: exactly where the run stopped
-                    _set_rng_state(rng_to_restore)
-                    rng_to_restore = None
-                n_tokens = int(accelerator.reduce(
-                    torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in group), device=accelerator.device),
-                    "sum",
-                ))
-                step_loss = torch.zeros((), device=accelerator.device)
-                for i, batch in enumerate(group):
-                    with nullcontext() if i == len(group) - 1 else accelerator.no_sync(model):
-                        loss_sum = token_loss_sum(model, batch)
-                        accelerator.backward(loss_sum * accelerator.num_processes / max(n_tokens, 1))
-                    step_loss += loss_sum.detach()
-                    window["seen"] += real_tokens(batch)  # not padding, packed or not
-                step_loss = accelerator.reduce(step_loss, "sum").item() / max(n_tokens, 1)
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm or float("inf"))
-                state["micro_in_epoch"] += len(group)
-                state["step"] += 1
-                # Under fp16 an inf gradient with a finite loss is routine: the grad scaler skips that step itself
-                # and lowers its scale. Anything else non-finite is the run diverging (or bad data).
-                scaled = accelerator.scaler is not None
-                finite = math.isfinite(step_loss) and (bool(torch.isfinite(grad_norm)) or scaled)
-                if not finite:
-                    if t.nan_policy == "stop":
-                        raise NonFiniteLossError(
-                            f"Step {state['step']}: the loss ({step_loss}) or gradient norm ({float(grad_norm)}) is not "
-                            f"finite; training stopped before applying it. Checkpoints in {run_dir} are intact. Lower "
-                            f"training.learning_rate, check the data, or set training.nan_policy=skip_step."
-                        )
-                    log({"step": state["step"], "skipped": "non-finite loss or gradient"})
-                    state["skipped_steps"].append(state["step"])
-                else:
-                    optimizer.step()
-                    window["loss"] += step_loss * n_tokens
-                    window["tokens"] += n_tokens
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step = state["step"]
-                if finite and (step % t.logging_steps == 0 or step == total_steps):  # a skipped step has no loss
-                    elapsed = time.perf_counter() - window_start
-                    record = {
-                        "step": step, "epoch": state["epoch"], "loss": window["loss"] / max(window["tokens"], 1),
-                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                        "tokens_per_s": window["seen"] * accelerator.num_processes / elapsed,
-                        "memory_gib": records.peak_memory_gib(accelerator.device),
-                    }
-                    log(record)
-                    progress.update(task, info=f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                                               f"{record['tokens_per_s']:,.0f} tok/s")
-                    window.update(loss=0.0, tokens=0, seen=0)
-                    window_start = time.perf_counter()
-                progress.update(task, completed=step)
-                if step < total_steps:
-                    last_eval = evaluate() if eval_dl is not None and t.eval_steps and step % t.eval_steps == 0 else None
-                    if t.eval_generate_steps and step % t.eval_generate_steps == 0:
-                        generation_eval()
-                    saved = t.save_steps and step % t.save_steps == 0
-                    if saved:
-                        checkpoint(f"checkpoint-{step}", last_eval)
-                    signum = _agreed_signal(accelerator, stop.signum)
-                    if signum:
-                        path = run_dir / f"checkpoint-{step}" if saved else checkpoint(f"checkpoint-{step}")
-                        raise TrainingInterrupted(
-                            f"Stopped by {signal.Signals(signum).name} after step {step}; checkpoint written to "
-                            f"{path}. Resume with: finetune train <recipe> --resume",
-                            exit_code=128 + signum,
-                        )
-                if step >= total_steps:
-                    break
-            else:
-                state["epoch"] += 1
-                state["micro_in_epoch"] = 0
-
-    with stop:  # a first Ctrl-C now lets the run finish: that is what it is about to do, and nothing is lost
-        last_eval = evaluate() if eval_dl is not None else None
-        if t.eval_generate_steps:
-            generation_eval()
-        final = checkpoint("checkpoint-final", last_eval)
-    if main:
-        summary = {
-            "steps": state["step"],
-            "train_examples": stats.examples,
-            "wall_time_s": round(time.perf_counter() - started, 2),
-            "eval_loss": last_eval and last_eval["eval_loss"],
-            "best_eval_loss": state["best_eval_loss"],
-            "best_checkpoint": state["best_checkpoint"],
-            "skipped_steps": state["skipped_steps"],
-            "final_checkpoint": str(final),
-            "peak_memory_gib": records.peak_memory_gib(accelerator.device),
-        }
-        records.plot_losses(run_dir / "metrics.jsonl", run_dir / "loss.png")
-        write_json(run_dir / "summary.json", summary)
-        accelerator.end_training()
-        console.print(f"done in {summary['wall_time_s']:.1f}s; adapter written to [bold]{final}[/]")
-    return final
 
 
 def make_optimizer(model, t: TrainingSection) -> torch.optim.Optimizer:
@@ -300,6 +196,152 @@ def make_optimizer(model, t: TrainingSection) -> torch.optim.Optimizer:
         "adamw_torch": torch.optim.AdamW,
     }[t.optimizer]
     return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+
+
+def _restore(run: Run, path: Path) -> dict:
+    """Load a checkpoint's adapter, optimizer, scheduler, loop state and window; return this process's RNG state."""
+    trainer_state, saved = ckpt.load_training_state(path)
+    run.state = LoopState(**{k: trainer_state[k] for k in asdict(LoopState()) if k in trainer_state})
+    window = dict(saved["window"])
+    window.setdefault("units", window.pop("tokens", 0))  # checkpoints written before objectives
+    run.window = Window(**window)
+    ckpt.load_adapter_weights(run.accelerator.unwrap_model(run.model), path)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    if run.accelerator.scaler is not None and saved.get("scaler"):
+        run.accelerator.scaler.load_state_dict(saved["scaler"])
+    return ckpt.this_process_rng(saved["rng"], run.accelerator.num_processes, run.accelerator.process_index)
+
+
+def _start_records(run: Run, resume_from: Path | None) -> None:
+    run_dir = run.recipe.run_dir
+    if resume_from:  # a crash may have logged steps after the checkpoint: they are about to be redone
+        records.truncate_metrics(run_dir / "metrics.jsonl", run.state.step)
+    (run_dir / "recipe.yaml").write_text(run.recipe.to_yaml())
+    ckpt.write_json(run_dir / "environment.json", run.env)
+    run.accelerator.init_trackers(run.recipe.name or "finetune", config=records.tracker_config(run.recipe))
+
+
+def _banner(run: Run, n_eval: int, stats, resume_from: Path | None) -> str:
+    t, acc = run.recipe.training, run.accelerator
+    trainable, total = acc.unwrap_model(run.model).get_nb_trainable_parameters()
+    return (
+        f"[bold]{run.recipe.name}[/]: {stats.examples} train / {n_eval} eval examples "
+        f"({stats.truncated} truncated, {stats.dropped} dropped), {run.total_steps} steps, effective batch "
+        f"{t.micro_batch_size} x {t.gradient_accumulation_steps} x {acc.num_processes} processes"
+        + (f", resuming from {resume_from} at step {run.state.step}" if resume_from else "")
+        + f"\ntrainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), "
+        f"objective {t.objective}, compute dtype {dtype_name(run.placement.compute_dtype)}, device {acc.device}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+
+def fit(run: Run, progress: Progress, stop: StopOnSignal, rng_to_restore: dict | None) -> None:
+    """Optimizer steps until `total_steps`: each one a group of micro batches, then logging, eval, saving."""
+    t, state = run.recipe.training, run.state
+    task = progress.add_task("train", total=run.total_steps, completed=state.step, info="")
+    run.model.train()
+    window_start = time.perf_counter()
+    while state.step < run.total_steps:
+        run.train_dl.set_epoch(state.epoch)
+        for group in _groups(run.train_dl, t.gradient_accumulation_steps, skip=state.micro_in_epoch):
+            if rng_to_restore is not None:  # after the data iterator exists: exactly where the run stopped
+                ckpt.set_rng_state(rng_to_restore)
+                rng_to_restore = None
+            result = train_step(run, group)
+            state.micro_in_epoch += len(group)
+            state.step += 1
+            if not result.finite:
+                _non_finite(run, result)
+            run.window.seen += result.seen
+            if result.finite:
+                run.window.add(result)
+            if result.finite and (state.step % t.logging_steps == 0 or state.step == run.total_steps):
+                info = log_window(run, result, time.perf_counter() - window_start)  # a skipped step has no loss
+                progress.update(task, info=info)
+                window_start = time.perf_counter()
+            progress.update(task, completed=state.step)
+            if state.step < run.total_steps:
+                periodic(run, stop)
+            if state.step >= run.total_steps:
+                break
+        else:
+            state.epoch += 1
+            state.micro_in_epoch = 0
+
+
+def train_step(run: Run, group: list[dict]) -> StepResult:
+    """Forward and backward every micro batch of one optimizer step, then clip and (if finite) step."""
+    acc, objective, t = run.accelerator, run.objective, run.recipe.training
+    units = int(acc.reduce(torch.tensor(sum(objective.units(b) for b in group), device=acc.device), "sum"))
+    loss = torch.zeros(1 + len(objective.metrics), device=acc.device)  # the loss, then the objective's metrics
+    seen = 0
+    for i, batch in enumerate(group):
+        with nullcontext() if i == len(group) - 1 else acc.no_sync(run.model):
+            out = objective(run.model, batch)
+            acc.backward(out.total * acc.num_processes / max(units, 1))
+        loss += torch.stack([out.total.detach(), *(out.metrics[k] for k in objective.metrics)]).to(loss)
+        seen += real_tokens(batch)  # not padding, packed or not
+    sums = acc.reduce(loss, "sum").tolist()
+    grad_norm = acc.clip_grad_norm_(run.model.parameters(), t.max_grad_norm or float("inf"))
+    step_loss = sums[0] / max(units, 1)
+    # Under fp16 an inf gradient with a finite loss is routine: the grad scaler skips that step itself
+    # and lowers its scale. Anything else non-finite is the run diverging (or bad data).
+    finite = math.isfinite(step_loss) and (bool(torch.isfinite(grad_norm)) or acc.scaler is not None)
+    if finite:
+        run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return StepResult(step_loss, units, float(grad_norm), seen, dict(zip(objective.metrics, sums[1:])), finite)
+
+
+def _non_finite(run: Run, result: StepResult) -> None:
+    """nan_policy: stop before the step is applied (checkpoints intact), or record it as skipped."""
+    step = run.state.step
+    if run.recipe.training.nan_policy == "stop":
+        raise NonFiniteLossError(
+            f"Step {step}: the loss ({result.loss}) or gradient norm ({result.grad_norm}) is not finite; training "
+            f"stopped before applying it. Checkpoints in {run.recipe.run_dir} are intact. Lower "
+            f"training.learning_rate, check the data, or set training.nan_policy=skip_step."
+        )
+    run.log.write({"step": step, "skipped": "non-finite loss or gradient"})
+    run.state.skipped_steps.append(step)
+
+
+def log_window(run: Run, result: StepResult, elapsed: float) -> str:
+    """Write the metrics line for the steps since the last one; return the progress bar's text."""
+    w, acc = run.window, run.accelerator
+    record = {
+        "step": run.state.step, "epoch": run.state.epoch, "loss": w.loss / max(w.units, 1),
+        **{k: v / max(w.units, 1) for k, v in w.metrics.items()},
+        "lr": run.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
+        "tokens_per_s": w.seen * acc.num_processes / elapsed,
+        "memory_gib": records.peak_memory_gib(acc.device),
+    }
+    run.log.write(record)
+    run.window = Window()
+    return f"loss {record['loss']:.4f} lr {record['lr']:.2e} {record['tokens_per_s']:,.0f} tok/s"
+
+
+def periodic(run: Run, stop: StopOnSignal) -> None:
+    """After a step that is not the last: eval, generation metrics and checkpoint when due; stop on a signal."""
+    t, step = run.recipe.training, run.state.step
+    last_eval = evaluate(run) if run.eval_dl is not None and t.eval_steps and step % t.eval_steps == 0 else None
+    if t.eval_generate_steps and step % t.eval_generate_steps == 0:
+        generation_eval(run)
+    saved = bool(t.save_steps and step % t.save_steps == 0)
+    if saved:
+        save(run, f"checkpoint-{step}", last_eval)
+    signum = agreed_signal(run.accelerator, stop.signum)
+    if signum:
+        path = run.recipe.run_dir / f"checkpoint-{step}" if saved else save(run, f"checkpoint-{step}")
+        raise TrainingInterrupted(
+            f"Stopped by {signal.Signals(signum).name} after step {step}; checkpoint written to "
+            f"{path}. Resume with: finetune train <recipe> --resume",
+            exit_code=128 + signum,
+        )
 
 
 def _groups(dataloader, size: int, skip: int = 0):
@@ -320,74 +362,87 @@ def _groups(dataloader, size: int, skip: int = 0):
         yield group
 
 
-def _load_adapter_weights(model, checkpoint: Path) -> None:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+# ------------------------------------------------------------------------------- evaluation, saving, end
 
 
-def _this_process_rng(saved: list | dict, accelerator: Accelerator) -> dict:
-    """Each process resumes with its own RNG streams (dropout masks differ per process)."""
-    if isinstance(saved, dict):  # checkpoints written before per-process RNG states
-        return saved
-    if len(saved) != accelerator.num_processes:
-        raise CheckpointError(
-            f"The checkpoint was written by {len(saved)} processes, this run has {accelerator.num_processes}: "
-            f"resuming would change the data order and dropout. Launch {len(saved)} processes to resume it."
-        )
-    return saved[accelerator.process_index]
+def evaluate(run: Run) -> dict:
+    """The objective's loss and metrics on the eval data (all processes), logged as eval_*."""
+    out = eval_objective(run.model, run.eval_dl, run.objective, run.accelerator)
+    record = {"step": run.state.step, "eval_loss": out["loss"], "eval_ppl": math.exp(min(out["loss"], 50)),
+              **{f"eval_{k}": v for k, v in out.items() if k != "loss"}}
+    run.log.write(record)
+    return record
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def generation_eval(run: Run) -> None:
+    """exact_match / contains of greedy generations on the first eval examples, as `finetune eval` scores
+    them. Main process only (the others wait); the RNG is forked so training randomness is unchanged."""
+    t = run.recipe.training
+    if run.main and run.generation_records:
+        options = GenerationOptions(max_new_tokens=t.eval_max_new_tokens, extractor=t.eval_extract,
+                                    batch_size=t.micro_batch_size)
+        with torch.random.fork_rng(devices=[]):
+            model = run.accelerator.unwrap_model(run.model)
+            metrics, _ = generation_metrics(model, run.tokenizer, run.generation_records, options)
+        run.log.write({"step": run.state.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+    run.accelerator.wait_for_everyone()
 
 
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def save(run: Run, name: str, eval_record: dict | None = None) -> Path:
+    """Write checkpoint `name` (all processes take part; the main one writes) and prune old ones."""
+    acc, state, t = run.accelerator, run.state, run.recipe.training
+    acc.wait_for_everyone()
+    path = run.recipe.run_dir / name
+    if eval_record and (state.best_eval_loss is None or eval_record["eval_loss"] < state.best_eval_loss):
+        state.best_eval_loss, state.best_checkpoint = eval_record["eval_loss"], str(path)
+    # Sharded (FSDP/ZeRO-3) weights are gathered by every process; DDP replicas are whole already.
+    state_dict = acc.get_state_dict(run.model) if run.placement.shards_parameters else None
+    rng = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]  # one per process
+    if run.main:
+        training_state = {
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "rng": rng, "window": asdict(run.window),
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+        }
+        trainer_state = {**asdict(state), "total_steps": run.total_steps, "recipe": run.recipe.name,
+                         "epochs_done": round(state.epoch + state.micro_in_epoch / len(run.train_dl), 4)}
+        files = {"recipe.yaml": run.recipe.to_yaml(), "environment.json": run.env, "trainer_state.json": trainer_state}
+        ckpt.save_checkpoint(path, acc.unwrap_model(run.model), run.tokenizer, files, training_state, state_dict)
+        if t.save_total_limit and name != "checkpoint-final":
+            best = Path(state.best_checkpoint) if t.keep_best and state.best_checkpoint else None
+            ckpt.prune_checkpoints(run.recipe.run_dir, t.save_total_limit, protect=best)
+    acc.wait_for_everyone()
+    return path
 
 
-def _agreed_signal(accelerator: Accelerator, signum: int) -> int:
-    """The signal any process received, so that all stop after the same step (a launcher may signal only some;
-    a process that stopped alone would leave the others waiting in the next collective forever)."""
-    if accelerator.num_processes == 1:
-        return signum
-    return int(accelerator.reduce(torch.tensor(signum, device=accelerator.device), "max"))
+def finish(run: Run, started: float) -> Path:
+    """Final eval and checkpoint, then summary.json and the loss plot."""
+    last_eval = evaluate(run) if run.eval_dl is not None else None
+    if run.recipe.training.eval_generate_steps:
+        generation_eval(run)
+    final = save(run, "checkpoint-final", last_eval)
+    if run.main:
+        summary = {
+            "steps": run.state.step,
+            "train_examples": run.train_examples,
+            "wall_time_s": round(time.perf_counter() - started, 2),
+            "eval_loss": last_eval and last_eval["eval_loss"],
+            "best_eval_loss": run.state.best_eval_loss,
+            "best_checkpoint": run.state.best_checkpoint,
+            "skipped_steps": run.state.skipped_steps,
+            "final_checkpoint": str(final),
+            "peak_memory_gib": records.peak_memory_gib(run.accelerator.device),
+        }
+        records.plot_losses(run.recipe.run_dir / "metrics.jsonl", run.recipe.run_dir / "loss.png")
+        ckpt.write_json(run.recipe.run_dir / "summary.json", summary)
+        run.accelerator.end_training()
+        run.log.console.print(f"done in {summary['wall_time_s']:.1f}s; adapter written to [bold]{final}[/]")
+    return final
 
 
-class _StopOnSignal:
-    """First SIGINT/SIGTERM: remember it (the loop checkpoints and stops after the current step).
-    Second: stop at once; checkpoints are written atomically, so the last complete one stays intact."""
-
-    def __init__(self):
-        self.signum = 0
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.signum:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._previous[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        return False
-
-
-def _fmt(v) -> str:
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+def _progress(console: Console, run: Run) -> Progress:
+    return Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=console, disable=not run.main,
+    )

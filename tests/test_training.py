@@ -24,6 +24,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import finetune.checkpoint
+import finetune.objectives
 import finetune.train
 from finetune.checkpoint import find_resume_checkpoint
 from finetune.cli import app
@@ -102,7 +104,7 @@ def assert_same_adapter(a: Path, b: Path, atol=1e-6) -> None:
 
 def stop_after_save(monkeypatch, at_step: int) -> None:
     """Make the run die (like a kill) right after checkpoint-<at_step> is complete."""
-    real = finetune.train.save_checkpoint
+    real = finetune.checkpoint.save_checkpoint
 
     def save_then_die(path, *args, **kwargs):
         out = real(path, *args, **kwargs)
@@ -110,7 +112,7 @@ def stop_after_save(monkeypatch, at_step: int) -> None:
             raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(finetune.train, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(finetune.checkpoint, "save_checkpoint", save_then_die)
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +173,7 @@ def test_resume_is_exact_on_a_4bit_base_with_the_default_optimizer(tmp_path, tin
 def poison_micro_batch(monkeypatch, n: int, what: str) -> None:
     """Make training micro batch n give a NaN loss, or a finite loss with NaN gradients.
     Micro batches 1-2 are step 1, 3-4 step 2, 5 step 3 (the epoch's short last step), 6-7 step 4."""
-    real = finetune.train.token_loss_sum
+    real = finetune.objectives.token_loss_sum
     calls = {"n": 0}
 
     def loss_sum(model, batch):
@@ -184,7 +186,7 @@ def poison_micro_batch(monkeypatch, n: int, what: str) -> None:
             return loss + (lora_a.sum() * 0).abs().sqrt()  # value 0, gradient 0 * inf = NaN
         return loss
 
-    monkeypatch.setattr(finetune.train, "token_loss_sum", loss_sum)
+    monkeypatch.setattr(finetune.objectives, "token_loss_sum", loss_sum)
 
 
 @pytest.mark.parametrize("what", ["loss", "gradient"])
@@ -221,7 +223,7 @@ def test_skip_step_policy_skips_the_bad_step_and_finishes(tmp_path, tiny_model_d
 # The real CLI in a child process, slowed to ~0.3 s per micro batch so that a signal lands mid-run.
 PACED_CLI = """
 import sys, time
-import finetune.train as t
+import finetune.objectives as t
 real = t.token_loss_sum
 def paced(model, batch):
     time.sleep(0.3)
@@ -262,7 +264,7 @@ def test_sigint_checkpoints_after_the_step_and_resume_finishes_the_run(straight,
 
 def send_signals_during_step(monkeypatch, *plan: tuple[int, int]) -> None:
     """Deliver real signals to this process while micro batch n runs: plan = (micro batch number, signal)."""
-    real = finetune.train.token_loss_sum
+    real = finetune.objectives.token_loss_sum
     calls = {"n": 0}
 
     def loss_sum(model, batch):
@@ -273,7 +275,7 @@ def send_signals_during_step(monkeypatch, *plan: tuple[int, int]) -> None:
                     os.kill(os.getpid(), signum)
         return real(model, batch)
 
-    monkeypatch.setattr(finetune.train, "token_loss_sum", loss_sum)
+    monkeypatch.setattr(finetune.objectives, "token_loss_sum", loss_sum)
 
 
 def test_sigterm_finishes_the_step_then_exits_143(tmp_path, tiny_model_dir, data, monkeypatch):
@@ -345,7 +347,7 @@ def test_a_kill_while_saving_never_leaves_a_checkpoint_that_resume_would_pick(
 
 def test_save_total_limit_keeps_the_newest_and_the_best(tmp_path, tiny_model_dir, data, monkeypatch):
     scripted = iter([3.0, 1.0, 2.0, 2.5, 2.6, 2.7])  # eval loss after steps 1..6: the best is step 2
-    monkeypatch.setattr(finetune.train, "eval_loss", lambda *a, **kw: next(scripted))
+    monkeypatch.setattr(finetune.train, "eval_objective", lambda *a, **kw: {"loss": next(scripted)})
     recipe = make_recipe(tmp_path, tiny_model_dir, data, eval_steps=1, save_steps=1, save_total_limit=2, keep_best=True)
     run_dir = tmp_path / "runs" / "run"
     assert train(recipe).exit_code == 0
@@ -366,7 +368,7 @@ def test_a_full_disk_at_save_time_is_a_clear_error_and_keeps_the_previous_checkp
     The adapter file is 8 KiB (its README 5 KiB), training_state.pt 35 KiB."""
     recipe = make_recipe(tmp_path, tiny_model_dir, data, save_steps=2, save_total_limit=1)
     run_dir = tmp_path / "runs" / "run"
-    real_save = finetune.train.save_checkpoint
+    real_save = finetune.checkpoint.save_checkpoint
 
     def save_on_a_full_disk(path, *args, **kwargs):
         if path.name != "checkpoint-4":
@@ -378,7 +380,7 @@ def test_a_full_disk_at_save_time_is_a_clear_error_and_keeps_the_previous_checkp
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, before)
 
-    monkeypatch.setattr(finetune.train, "save_checkpoint", save_on_a_full_disk)
+    monkeypatch.setattr(finetune.checkpoint, "save_checkpoint", save_on_a_full_disk)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
     try:
         result = train(recipe)
@@ -464,13 +466,13 @@ def test_resume_warns_about_other_library_versions(interrupted, tmp_path):
 
 
 def test_a_first_sigint_during_the_final_save_lets_the_run_finish(tmp_path, tiny_model_dir, data, monkeypatch):
-    real = finetune.train.eval_loss
+    real = finetune.train.eval_objective
 
     def final_eval_interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(finetune.train, "eval_loss", final_eval_interrupted)
+    monkeypatch.setattr(finetune.train, "eval_objective", final_eval_interrupted)
     result = train(make_recipe(tmp_path, tiny_model_dir, data))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "run" / "summary.json").exists()
