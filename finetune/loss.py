@@ -32,11 +32,17 @@ CHUNK_BYTES = 64 * 2**20  # float32 logits per chunk: bounds the head's working 
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
     """Summed next-token cross-entropy over positions whose label is not -100."""
+    return token_losses(model, batch)[0].sum()
+
+
+def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cross-entropy at each labelled position as a float32 vector, the boolean mask of those positions
+    over labels[:, 1:]): the vector follows the mask's row-major order."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     labels = batch["labels"]
     head = _frozen_linear_head(model)
     if head is None:
-        return _full_logits_loss(model(**inputs, use_cache=False).logits, labels)
+        return _full_logits_losses(model(**inputs, use_cache=False).logits, labels)
 
     captured = {}
 
@@ -53,16 +59,43 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
         handle.remove()
     hidden = captured.get("hidden")
     if hidden is None or hidden.dim() != 3 or out.logits.shape[:2] != (hidden.shape[0], 1):
-        return _full_logits_loss(out.logits, labels)  # the output layer was not used as expected
+        return _full_logits_losses(out.logits, labels)  # the output layer was not used as expected
     if not torch.allclose(out.logits[:, 0].float(), head(hidden[:, 0].detach()).float(), rtol=1e-3, atol=1e-3):
         warnings.warn(f"{type(model).__name__} transforms its logits; computing the loss over all positions.")
-        return _full_logits_loss(model(**inputs, use_cache=False).logits, labels)
+        return _full_logits_losses(model(**inputs, use_cache=False).logits, labels)
 
     labels = labels.to(hidden.device)
     keep = labels[:, 1:] != IGNORE
     rows = hidden[:, :-1][keep]
     chunk = max(1, CHUNK_BYTES // (4 * head.weight.shape[0]))
-    return LabelledCrossEntropy.apply(rows, head.weight, head.bias, labels[:, 1:][keep], chunk)
+    return LabelledCrossEntropy.apply(rows, head.weight, head.bias, labels[:, 1:][keep], chunk), keep
+
+
+def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each sequence's labelled tokens, their count), one entry per sequence.
+
+    A sequence is a row of a padded batch, or an example of a padding-free row (its positions restart
+    at 0). Computed like the training loss: the head only at labelled positions.
+    """
+    ce, keep = token_losses(model, batch)
+    if "attention_mask" in batch or "position_ids" not in batch:
+        segment = torch.arange(keep.shape[0], device=keep.device)[:, None].expand(-1, keep.shape[1] + 1)
+    elif keep.shape[0] == 1:
+        segment = torch.cumsum(batch["position_ids"].to(keep.device) == 0, dim=1) - 1
+    else:
+        raise ValueError("per-sequence log-probabilities need padded rows or one padding-free row, not packed rows")
+    n = int(segment.max()) + 1
+    index = segment[:, 1:][keep]  # the label at position t is the token t+1, of t+1's sequence
+    logps = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add(0, index, -ce)
+    counts = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add(0, index, torch.ones_like(ce))
+    return logps, counts
+
+
+def num_sequences(batch: dict) -> int:
+    """Sequences in a collated batch (see `sequence_logprobs`), counted without a forward pass."""
+    if "attention_mask" in batch or "position_ids" not in batch:
+        return batch["input_ids"].shape[0]
+    return int((batch["position_ids"] == 0).sum())
 
 
 def _frozen_linear_head(model) -> torch.nn.Linear | None:
@@ -88,15 +121,17 @@ def _sharded(model, weight: torch.Tensor) -> bool:
 
 
 def _full_logits_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = logits[:, :-1, :].float()
+    return _full_logits_losses(logits, labels)[0].sum()
+
+
+def _full_logits_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     targets = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
-    )
+    keep = targets != IGNORE
+    return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none"), keep
 
 
 class LabelledCrossEntropy(torch.autograd.Function):
-    """sum_i CE(rows_i @ weight.T + bias, targets_i), in chunks of rows; differentiable in `rows` only.
+    """CE(rows_i @ weight.T + bias, targets_i) for each row i, in chunks of rows; differentiable in `rows` only.
 
     The forward pass already computes d loss / d rows (softmax minus one-hot, times the
     weight), chunk by chunk, so backward is one multiplication by the incoming scale and
@@ -105,7 +140,7 @@ class LabelledCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, weight, bias, targets, chunk):
-        total = torch.zeros((), dtype=torch.float32, device=rows.device)
+        losses = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
         grad = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
         for start in range(0, rows.shape[0], chunk):
             h, t = rows[start : start + chunk], targets[start : start + chunk]
@@ -116,15 +151,15 @@ class LabelledCrossEntropy(torch.autograd.Function):
             target_z = z.gather(1, t[:, None]).squeeze(1)
             z.exp_()
             sum_exp = z.sum(dim=1)
-            total += (sum_exp.log() - target_z).sum()
+            losses[start : start + chunk] = sum_exp.log() - target_z
             if grad is not None:
                 z /= sum_exp[:, None]  # softmax
                 z[torch.arange(len(t), device=z.device), t] -= 1
                 grad[start : start + chunk] = z.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
-        return total
+        return losses
 
     @staticmethod
-    def backward(ctx, grad_total):
+    def backward(ctx, grad_losses):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None
+        return grad * grad_losses.to(grad.dtype)[:, None], None, None, None, None

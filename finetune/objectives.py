@@ -18,9 +18,10 @@ import importlib
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from finetune.data import IGNORE
-from finetune.loss import token_loss_sum
+from finetune.loss import num_sequences, sequence_logprobs, token_loss_sum
 from finetune.recipe import OBJECTIVES, Recipe
 
 
@@ -56,6 +57,87 @@ class SFT(Objective):
 
     def __call__(self, model, batch: dict) -> LossSum:
         return LossSum(token_loss_sum(model, batch))
+
+
+class Preference(Objective):
+    """Objectives on (prompt, chosen, rejected) pairs. A batch holds each pair's two sequences side by side,
+    chosen first ([c0, r0, c1, r1, ...]: padded rows or one padding-free row), so one forward scores both;
+    sequence log-probabilities are summed over answer tokens only, the head applied only there (loss.py)."""
+
+    unit = "pair"
+
+    def units(self, batch: dict) -> int:
+        return num_sequences(batch) // 2
+
+
+class DPO(Preference):
+    """Direct Preference Optimization (arXiv 2305.18290), with the 4-bit base as the free reference model.
+
+    With policy log-probabilities p and reference log-probabilities q of the chosen (c) and rejected (r)
+    answers, the implicit rewards are beta * (p - q) and the loss of a pair is
+        sigmoid: -(1 - eps) * log sigmoid(beta * m) - eps * log sigmoid(-beta * m),   m = (p_c - p_r) - (q_c - q_r)
+        ipo:     (m - 1 / (2 * beta))^2, with p and q the mean log-probability per answer token
+    where eps is `label_smoothing` (conservative DPO). The reference is the same model with its adapter
+    switched off (one no-grad forward per micro batch), or `ref_logps` precomputed into the batch.
+    At the start (LoRA B = 0) policy and reference agree: m = 0 and the sigmoid loss is log 2 for every pair.
+    """
+
+    metrics = ("rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
+               "logps/chosen", "logps/rejected")
+
+    def __init__(self, recipe: Recipe | None = None):
+        super().__init__(recipe)
+        self.settings = recipe.dpo if recipe is not None else None
+
+    def __call__(self, model, batch: dict) -> LossSum:
+        s = self.settings
+        logps, counts = sequence_logprobs(model, batch)
+        ref = batch["ref_logps"].to(logps) if "ref_logps" in batch else reference_logprobs(model, batch)
+        if s.loss == "ipo":
+            logps, ref = logps / counts, ref / counts
+        chosen, rejected = logps[0::2] - ref[0::2], logps[1::2] - ref[1::2]
+        margin = chosen - rejected
+        if s.loss == "ipo":
+            losses = (margin - 1 / (2 * s.beta)) ** 2
+        else:
+            losses = -(1 - s.label_smoothing) * F.logsigmoid(s.beta * margin) \
+                - s.label_smoothing * F.logsigmoid(-s.beta * margin)
+        r_c, r_r = s.beta * chosen.detach(), s.beta * rejected.detach()
+        metrics = {"rewards/chosen": r_c.sum(), "rewards/rejected": r_r.sum(),
+                   "rewards/accuracy": (r_c > r_r).float().sum(), "rewards/margin": (r_c - r_r).sum(),
+                   "logps/chosen": logps[0::2].detach().sum(), "logps/rejected": logps[1::2].detach().sum()}
+        return LossSum(losses.sum(), metrics)
+
+
+class ORPO(Preference):
+    """Odds Ratio Preference Optimization (arXiv 2403.07691): no reference model.
+
+    With P = exp(mean log-probability per answer token), odds = P / (1 - P), the loss of a pair is
+        -log P_c (the chosen answer's SFT term, per token) - lambda * log sigmoid(log odds_c - log odds_r)
+    """
+
+    metrics = ("nll", "log_odds_ratio", "rewards/accuracy", "logps/chosen", "logps/rejected")
+
+    def __call__(self, model, batch: dict) -> LossSum:
+        weight = self.recipe.orpo.lambda_ if self.recipe is not None else 0.1
+        logps, counts = sequence_logprobs(model, batch)
+        mean = (logps / counts).clamp(max=-1e-6)  # P < 1, so that log(1 - P) is finite
+        log_odds = mean - torch.log(-torch.expm1(mean))
+        ratio = log_odds[0::2] - log_odds[1::2]
+        nll = -mean[0::2]
+        losses = nll - weight * F.logsigmoid(ratio)
+        metrics = {"nll": nll.detach().sum(), "log_odds_ratio": ratio.detach().sum(),
+                   "rewards/accuracy": (ratio > 0).float().detach().sum(),
+                   "logps/chosen": logps[0::2].detach().sum(), "logps/rejected": logps[1::2].detach().sum()}
+        return LossSum(losses.sum(), metrics)
+
+
+@torch.no_grad()
+def reference_logprobs(model, batch: dict) -> torch.Tensor:
+    """Summed answer log-probabilities under the base model: the same forward with the adapter switched off."""
+    peft_model = getattr(model, "module", model)  # through a DDP wrapper; the forward still goes through it
+    with peft_model.disable_adapter():
+        return sequence_logprobs(model, batch)[0]
 
 
 def make_objective(recipe: Recipe) -> Objective:

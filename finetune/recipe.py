@@ -63,7 +63,7 @@ class LoraSection(Section):
     modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full and saved.")
 
 
-DATA_FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text")
+DATA_FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text", "preference")
 # The field names each format reads; `fields` in the recipe maps these to the data's own column names.
 FORMAT_FIELDS = {
     "alpaca": ("instruction", "input", "output"),
@@ -71,6 +71,7 @@ FORMAT_FIELDS = {
     "sharegpt": ("conversations", "from", "value"),
     "completion": ("prompt", "completion"),
     "text": ("text",),
+    "preference": ("prompt", "chosen", "rejected"),
 }
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 TEMPLATE_NAMES = ("chatml", "llama-3", "alpaca", "none")
@@ -117,7 +118,8 @@ class DataSection(Section):
     format: DataFormat = Field(
         "alpaca",
         description="alpaca: instruction/input/output; chat: messages (role/content); sharegpt: conversations "
-        "(from/value); completion: prompt/completion; text: raw text.",
+        "(from/value); completion: prompt/completion; text: raw text; preference: prompt/chosen/rejected "
+        "(for training.objective dpo or orpo).",
     )
     fields: dict[str, str] = Field(default_factory=dict, description="Field re-mapping for `train` and `eval` files.")
     template: Optional[str] = Field(
@@ -235,13 +237,15 @@ def data_files(path: str) -> Optional[list[Path]]:
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 # Training objectives: recipe name -> "module:class" of its implementation (finetune/objectives.py), so the
 # schema stays torch-free. A new objective is one class there and one entry here.
-OBJECTIVES = {"sft": "finetune.objectives:SFT"}
+OBJECTIVES = {"sft": "finetune.objectives:SFT", "dpo": "finetune.objectives:DPO", "orpo": "finetune.objectives:ORPO"}
+PREFERENCE_OBJECTIVES = ("dpo", "orpo")  # these read data.format preference, and nothing else
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch")
 
 
 class TrainingSection(Section):
     objective: str = Field(
-        "sft", description="What the loss is: sft = next-token cross-entropy on the trained (response) tokens."
+        "sft", description="What the loss is: sft = next-token cross-entropy on the trained (response) tokens; "
+        "dpo / orpo = preference losses on prompt/chosen/rejected pairs (settings in the dpo / orpo sections).",
     )
     epochs: int = Field(1, ge=1, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
@@ -309,6 +313,29 @@ class TrainingSection(Section):
     )
 
 
+class DPOSection(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the pull towards the reference (the base model).")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        "sigmoid", description="sigmoid: DPO (arXiv 2305.18290); ipo: IPO's squared loss on mean token "
+        "log-probabilities (arXiv 2310.12036).",
+    )
+    label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="Conservative DPO: the assumed share of flipped preference labels."
+    )
+    precompute_reference: bool = Field(
+        False, description="Compute the reference log-probabilities once before training (cached) instead of "
+        "one adapter-disabled forward per micro batch.",
+    )
+
+
+class ORPOSection(Section):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    lambda_: float = Field(
+        0.1, alias="lambda", ge=0, description="Weight of the odds-ratio term added to the chosen answer's "
+        "SFT loss (arXiv 2403.07691).",
+    )
+
+
 class Recipe(Section):
     name: Optional[str] = Field(None, description="Run name; defaults to the recipe file's name.")
     output_dir: Optional[str] = Field(None, description="Run directory; defaults to runs/<name>.")
@@ -317,11 +344,25 @@ class Recipe(Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
+    dpo: DPOSection = Field(default_factory=DPOSection)
+    orpo: ORPOSection = Field(default_factory=ORPOSection)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
         if self.data.eval and self.data.eval_fraction:
             raise ValueError("give either data.eval or data.eval_fraction, not both")
+        objective, data = self.training.objective, self.data
+        formats = {d.format for d in data.train_datasets + data.eval_datasets}
+        if objective in PREFERENCE_OBJECTIVES and formats != {"preference"}:
+            raise ValueError(f"training.objective {objective} learns from preference pairs, but data.format is "
+                             f"{', '.join(sorted(formats))}; set data.format to preference (prompt/chosen/rejected)")
+        if objective not in PREFERENCE_OBJECTIVES and "preference" in formats:
+            raise ValueError(f"data.format preference holds prompt/chosen/rejected pairs, which training.objective "
+                             f"{objective} cannot learn from; set training.objective to one of "
+                             f"{', '.join(PREFERENCE_OBJECTIVES)}")
+        if objective in PREFERENCE_OBJECTIVES and data.packing:
+            raise ValueError(f"data.packing would split the pairs training.objective {objective} compares; "
+                             "use training.padding_free instead")
         return self
 
     @property
@@ -329,4 +370,4 @@ class Recipe(Section):
         return Path(self.output_dir or Path("runs") / (self.name or "run"))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)

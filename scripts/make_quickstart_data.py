@@ -2,6 +2,9 @@
 
 The data is synthetic and owned by this project. Generation is deterministic: the same arguments always
 give byte-identical files. Eval records never share a (name, age, city) triple with train records.
+Preference pairs for DPO/ORPO (preference_train.jsonl, preference_eval.jsonl) are made from the same
+records: the chosen answer is the exact compact JSON, the rejected one a typical mistake (a wrong age or
+city, pretty-printed JSON, prose around it, a missing field).
 
     python scripts/make_quickstart_data.py [--out-dir DIR] [--train N] [--eval N] [--seed S]
 """
@@ -70,6 +73,29 @@ def make_records(rng: random.Random, n: int, taken: set) -> list[dict]:
     return records
 
 
+MISTAKES = ("age", "city", "pretty", "prose", "missing")
+
+
+def make_pairs(rng: random.Random, records: list[dict]) -> list[dict]:
+    """A preference pair per record: {prompt, chosen, rejected}, the rejected answer one of MISTAKES."""
+    pairs = []
+    for r in records:
+        answer = json.loads(r["output"])
+        mistake = rng.choice(MISTAKES)
+        wrong = dict(answer)
+        if mistake == "age":
+            wrong["age"] = answer["age"] + rng.choice([-11, -3, -1, 1, 2, 10])
+        elif mistake == "city":
+            wrong["city"] = rng.choice([c for c in CITIES if c != answer["city"]])
+        elif mistake == "missing":
+            del wrong[rng.choice(["age", "city"])]
+        rejected = json.dumps(wrong, indent=2) if mistake == "pretty" else json.dumps(wrong)
+        if mistake == "prose":
+            rejected = f"Sure! Here is the JSON you asked for:\n{rejected}"
+        pairs.append({"prompt": f"{r['instruction']}\n\n{r['input']}", "chosen": r["output"], "rejected": rejected})
+    return pairs
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     with path.open("w", encoding="utf-8", newline="\n") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -89,7 +115,9 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out_dir / "train.jsonl", train)
     write_jsonl(args.out_dir / "eval.jsonl", held_out)
-    print(f"{args.out_dir}: {len(train)} train and {len(held_out)} eval records")
+    write_jsonl(args.out_dir / "preference_train.jsonl", make_pairs(random.Random(args.seed + 2), train))
+    write_jsonl(args.out_dir / "preference_eval.jsonl", make_pairs(random.Random(args.seed + 3), held_out))
+    print(f"{args.out_dir}: {len(train)} train and {len(held_out)} eval records (and as preference pairs)")
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def _default(field) -> str:
 def _rows(model: type[BaseModel], prefix: str = "") -> list[str]:
     rows = []
     for name, field in model.model_fields.items():
-        key = prefix + name
+        key = prefix + (field.alias or name)
         ann = field.annotation
         inner = [a for a in typing.get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
         if isinstance(ann, type) and issubclass(ann, BaseModel):
