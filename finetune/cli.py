@@ -307,3 +307,16 @@ def eval_(
         if samples:
             write_samples(rep, samples)
             console.print(f"wrote {len(rep.samples)} samples to {samples}")
+
+
+@app.command()
+def verify(path: Path = typer.Argument(..., help="A checkpoint directory, or a run directory (all its checkpoints).",
+                                       show_default=False)) -> None:
+    """Check checkpoints against their manifests (size, sha256 of every file): which are intact, which damaged."""
+    from finetune.verify import check_report, verify as run_verify
+
+    report = _run(lambda: run_verify(path))
+    for v in report.verdicts:
+        mark = "[green]ok[/]     " if v.intact else "[bold red]damaged[/]"
+        console.print(f"{mark} {escape(str(v.path))}: {escape(v.summary())}", highlight=False, soft_wrap=True)
+    _run(lambda: check_report(report))

@@ -115,9 +115,9 @@ def merge(
     target_dtype = _target_dtype(dtype, model_section)
     files = _base_weight_files(model_section)
 
-    from transformers import AutoTokenizer
+    from finetune.model import load_adapter_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(adapter_dirs[0])
+    tok, tokenizer_note = load_adapter_tokenizer(adapter_dirs[0], model_section)  # as training loads it
     probe = _probe_batch(tok)
     trained, adapter_name = _load_trained(model_section, quant, adapter_dirs, weights, combination, density)
     with torch.no_grad():
@@ -125,6 +125,7 @@ def merge(
     modes = ["dequantized", "original"] if quant.load_in_4bit else ["original"]
     other = [m for m in modes if m != base_weights]
     notes = [] if quant.load_in_4bit else ["dequantized: not applicable, the adapter was trained without quantization"]
+    notes += [tokenizer_note] if tokenizer_note else []
 
     scratch = Path(tempfile.mkdtemp(prefix=f".scratch-{out.name}-", dir=out.parent if out.parent.exists() else None))
     try:
