@@ -207,13 +207,18 @@ def test_eval_progress_reaches_a_pipe_before_the_end(tmp_path, tiny_model_dir, t
         env={**os.environ, "OMP_NUM_THREADS": "1", "FINETUNE_PROGRESS_INTERVAL": "0.5"},
     )
     try:
-        first = child.stderr.readline()
+        seen = []
+        while not any(line.startswith("generate (model): ") for line in seen):  # its first line, at the start
+            seen.append(child.stderr.readline())
+            assert seen[-1], seen  # EOF before any progress
         running = child.poll() is None
         rest, more = child.communicate(timeout=120)
     finally:
         child.kill()
-    assert child.returncode == 0, first + more
-    lines = [first, *more.splitlines()]
-    assert running and any("generate" in line and "/24" in line for line in lines), lines
+    assert child.returncode == 0, "".join(seen) + more
+    lines = seen + more.splitlines()
+    assert running, lines  # progress came while the generation was still going
+    assert any(line.startswith("generate (model): 24/24 examples (100%)") and "tokens/s" in line for line in lines)
+    assert any(line.startswith("loss (model): ") for line in lines)
     assert not any("\r" in line or "\x1b[" in line for line in lines)  # no redrawing without a terminal
-    assert "exact_match" in rest and "generate" not in rest
+    assert "exact_match" in rest and "examples/s" not in rest  # results on stdout, progress on stderr
