@@ -23,8 +23,8 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from finetune.errors import FinetuneError
 

@@ -19,7 +19,7 @@ import os
 import sys
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -65,7 +65,8 @@ class Task:
 
     def rates(self) -> str:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
-        parts = [f"{self.done / elapsed:,.2f} {self.unit}/s"] if self.done else []
+        rate = self.done / elapsed
+        parts = [f"{rate:,.2f} {self.unit}/s" if rate < 10 else f"{rate:,.0f} {self.unit}/s"] if self.done else []
         for k, v in self.counts.items():
             parts.append(f"{_amount(k, v)}, {_amount(k, v / elapsed)}/s")
         return ", ".join(parts)
@@ -78,9 +79,9 @@ class Task:
         eta = ""
         if self.total and self.done and not final:
             eta = f", eta {_clock(elapsed / self.done * (self.total - self.done))}"
-        rates = self.rates()
-        return (f"{self.description}: {done} {self.unit}{pct}{', ' + rates if rates else ''}, "
-                f"elapsed {_clock(elapsed)}{eta}{' (done)' if final else ''}")
+        parts = [f"{done} {self.unit}{pct}"] if self.unit else []  # no unit: elapsed time only
+        parts += [self.rates()] if self.rates() else []
+        return f"{self.description}: {', '.join([*parts, f'elapsed {_clock(elapsed)}'])}{eta}{' (done)' if final else ''}"
 
 
 @contextlib.contextmanager
@@ -105,8 +106,9 @@ def track(description: str, total: int | None = None, unit: str = "", console: C
 
 @contextlib.contextmanager
 def _bar(task: Task, console: Console) -> Iterator[None]:
-    columns = [TextColumn(f"[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(task.unit),
-               TextColumn("{task.fields[rates]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    counts = [MofNCompleteColumn(), TextColumn(task.unit)] if task.unit else []
+    columns = [TextColumn(f"[bold]{task.description}"), BarColumn(), *counts, TextColumn("{task.fields[rates]}"),
+               TimeElapsedColumn(), *([TextColumn("eta"), TimeRemainingColumn()] if task.total else [])]
     with Progress(*columns, console=console, transient=False) as bar:
         task._bar = (bar, bar.add_task(task.description, total=task.total, rates=""))
         yield

@@ -97,8 +97,8 @@ def _file_problems(file: Path, expected: dict) -> list[str]:
         return [f"{file} has {size:,} bytes, expected {expected['size']:,} (truncated or overwritten)"]
     found = sha256(file)
     if found != expected["sha256"]:
-        return [f"{file} has sha256 {found[:16]}..., expected {expected['sha256'][:16]}... (same size: "
-                f"its contents changed)"]
+        changed = f"{file} has sha256 {found[:16]}..., expected {expected['sha256'][:16]}..."
+        return [changed + " (same size: its contents changed)"]
     return []
 
 

@@ -1,8 +1,8 @@
+# ruff: noqa: F811  (fixtures imported from test_training are parameters here)
 """Trust under sharing and damage: run locks, verified checkpoints, no code from checkpoints, progress.
 
 The runs are test_training.py's few-step runs of the real CLI on the 2-layer fixture model."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,18 +12,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_jsonl
+from test_training import (  # noqa: F401  (data, one_thread, straight: fixtures)
+    PACED_CLI,
+    assert_same_adapter,
+    data,
+    flat,
+    losses,
+    make_recipe,
+    one_thread,
+    runner,
+    stop_after_save,
+    straight,
+    train,
+)
 
 from finetune import lock
+from finetune.cli import app
 from finetune.model import load_tokenizer
 from finetune.recipe import ModelSection
 from finetune.verify import write_manifest
-from test_training import (  # noqa: F401  (data, one_thread, straight: fixtures)
-    PACED_CLI, STEPS, assert_same_adapter, data, flat, losses, make_recipe, one_thread, runner, stop_after_save,
-    straight, train,
-)
-from finetune.cli import app
-
-from conftest import write_jsonl
 
 
 def start_paced_train(recipe: Path, cwd: Path, *args: str) -> subprocess.Popen:
