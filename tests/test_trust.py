@@ -4,6 +4,7 @@
 The runs are test_training.py's few-step runs of the real CLI on the 2-layer fixture model."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -230,3 +231,20 @@ def test_eval_progress_reaches_a_pipe_before_the_end(tmp_path, tiny_model_dir, t
     assert any(line.startswith("loss (model): ") for line in lines)
     assert not any("\r" in line or "\x1b[" in line for line in lines)  # no redrawing without a terminal
     assert "exact_match" in rest and "examples/s" not in rest  # results on stdout, progress on stderr
+
+
+def test_merge_of_an_adapter_without_tokenizer_files_uses_the_base_tokenizer(stopped_at_4, tmp_path):
+    _, run_dir = stopped_at_4
+    adapter_dir = tmp_path / "third-party"
+    shutil.copytree(run_dir / "checkpoint-2", adapter_dir)
+    for f in adapter_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")) or f.name == "manifest.json":
+            f.unlink()
+    out = tmp_path / "merged"
+    with lock.hold(out, "finetune merge --out"):  # another merge writing there: refused
+        result = runner.invoke(app, ["merge", str(adapter_dir), "--out", str(out)])
+    assert result.exit_code == 2 and f"PID{os.getpid()}" in flat(result.output), result.output
+    result = runner.invoke(app, ["merge", str(adapter_dir), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert f"{adapter_dir}hasnotokenizerfiles:usedthebasemodel's" in flat(result.output)
+    assert (out / "tokenizer.json").is_file()
