@@ -23,6 +23,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -138,9 +139,9 @@ def load_training_state(path: Path) -> tuple[dict, dict]:
 
 
 def _unsafe_global(e: Exception) -> str:
-    text = str(e)
-    at = text.find("Unsupported global:")
-    return text[at:].splitlines()[0].strip().rstrip(".") if at >= 0 else first_line(e)
+    """`it needs io.open` from torch's long message (whose advice, to allow-list it, is not for this case)."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    return f"it needs {found.group(1)}" if found else first_line(e)
 
 
 def _numpy_array_globals() -> list:
