@@ -81,7 +81,8 @@ class Task:
             eta = f", eta {_clock(elapsed / self.done * (self.total - self.done))}"
         parts = [f"{done} {self.unit}{pct}"] if self.unit else []  # no unit: elapsed time only
         parts += [self.rates()] if self.rates() else []
-        return f"{self.description}: {', '.join([*parts, f'elapsed {_clock(elapsed)}'])}{eta}{' (done)' if final else ''}"
+        parts.append(f"elapsed {_clock(elapsed)}{eta}{' (done)' if final else ''}")
+        return f"{self.description}: {', '.join(parts)}"
 
 
 @contextlib.contextmanager

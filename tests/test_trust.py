@@ -49,7 +49,9 @@ def wait_for_first_metrics(child: subprocess.Popen, run_dir: Path) -> None:
         time.sleep(0.05)
 
 
-def test_a_second_train_on_a_live_run_directory_is_refused_and_touches_nothing(tmp_path, tiny_model_dir, data, straight):
+def test_a_second_train_on_a_live_run_directory_is_refused_and_touches_nothing(
+    tmp_path, tiny_model_dir, data, straight
+):
     recipe = make_recipe(tmp_path, tiny_model_dir, data, eval_steps=2)  # the straight run's recipe
     run_dir = tmp_path / "runs" / "run"
     first = start_paced_train(recipe, tmp_path)
