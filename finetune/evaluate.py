@@ -209,7 +209,7 @@ def generation_metrics(model, tok, records: list, options: GenerationOptions, on
     subset (on the main process, with the unwrapped model).
     """
     pairs = [prompt_and_reference(r, r.fmt, tok) for r in records if r.fmt != "text"]
-    predictions = generate(model, tok, [p for p, _ in pairs], options, on_chunk)
+    predictions = generate(model, tok, [p for p, _ in pairs], options, **({"on_chunk": on_chunk} if on_chunk else {}))
     samples = [
         {"prompt": tok.decode(p), "reference": ref, "prediction": pred, **score_example(pred, ref, options.extractor)}
         for (p, ref), pred in zip(pairs, predictions)
@@ -381,14 +381,12 @@ def evaluate(
 
     def measure(candidate: Candidate, net) -> None:
         started = time.perf_counter()
-        with track(f"loss ({candidate.label})", total=len(loader), unit="batches") as task:
-            loss = eval_loss(net, loader, on_batch=task.advance)
+        loss = _loss_with_progress(net, loader, candidate.label)
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
         seconds = {"loss": round(time.perf_counter() - started, 2)}
         if to_generate:
             started = time.perf_counter()
-            with track(f"generate ({candidate.label})", total=len(to_generate), unit="examples") as task:
-                gen_metrics, samples = generation_metrics(net, tok, to_generate, options, on_chunk=task.advance)
+            gen_metrics, samples = _generation_with_progress(net, tok, to_generate, options, candidate.label)
             metrics.update(gen_metrics)
             seconds["generate"] = round(time.perf_counter() - started, 2)
             report.samples += [{"model": candidate.label, "index": i, **s} for i, s in enumerate(samples)]
@@ -421,6 +419,16 @@ def evaluate(
         net.set_adapter(f"a{i}")
         measure(Candidate(label, source, path, _describe(quant)), net)
     return report
+
+
+def _loss_with_progress(net, loader, label: str) -> float:
+    with track(f"loss ({label})", total=len(loader), unit="batches") as task:  # on stderr
+        return eval_loss(net, loader, on_batch=task.advance)
+
+
+def _generation_with_progress(net, tok, records, options, label: str) -> tuple[dict, list[dict]]:
+    with track(f"generate ({label})", total=len(records), unit="examples") as task:  # examples, tokens/s, ETA
+        return generation_metrics(net, tok, records, options, on_chunk=task.advance)
 
 
 def _adapter_labels(adapters: list[str]) -> list[str]:

