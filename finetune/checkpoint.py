@@ -9,7 +9,9 @@ looks like a checkpoint. Layout of a run directory:
     runs/<name>/checkpoint-<step>/   adapter_config.json, adapter_model.safetensors,
                                      tokenizer files, recipe.yaml, trainer_state.json,
                                      environment.json, training_state.pt (optimizer,
-                                     scheduler, RNG states: what `--resume` needs)
+                                     scheduler, RNG states: what `--resume` needs),
+                                     manifest.json (written last: size and sha256 of
+                                     every file, checked on resume; verify.py)
     runs/<name>/checkpoint-final/    the same, at the end of training
     runs/<name>/summary.json         written last: the run finished
 """
@@ -19,8 +21,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -28,7 +33,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from finetune.errors import CheckpointError
+from finetune.errors import CheckpointError, first_line
+from finetune.verify import verify_checkpoint, write_manifest
 
 TRAINING_STATE = "training_state.pt"
 # What a failed write raises: OSError from Python's own writes, RuntimeError from torch.save's zip writer,
@@ -103,17 +109,45 @@ def save_checkpoint(path: Path, model, tokenizer, records: dict[str, str | dict]
             else:
                 (tmp / name).write_text(content)
         torch.save(training_state, tmp / TRAINING_STATE)
+        write_manifest(tmp)  # last: it lists exactly what was written, and is renamed into place with it
     return path
 
 
 def load_training_state(path: Path) -> tuple[dict, dict]:
-    """(trainer_state.json, training_state.pt contents) of a checkpoint."""
+    """(trainer_state.json, training_state.pt contents) of a checkpoint.
+
+    training_state.pt is read with `weights_only=True`: tensors, numbers, strings and containers only, so a
+    checkpoint from someone else cannot run code on load. Only numpy's array type is allowed beyond that
+    (the RNG state of checkpoints written before it was stored as a tensor)."""
     try:
         trainer_state = json.loads((path / "trainer_state.json").read_text())
-        state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=False)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"Cannot resume from {path}: {e}.") from None
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"Cannot resume from {path}: trainer_state.json is unreadable ({e}).") from None
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            state = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"Refusing to resume from {path}: {path / TRAINING_STATE} holds Python objects other than tensors, "
+            f"numbers and containers ({_unsafe_global(e)}); loading it could run arbitrary code. Resume only from "
+            f"checkpoints written by finetune, or start again with --overwrite."
+        ) from None
+    except (OSError, ValueError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"Cannot resume from {path}: {path / TRAINING_STATE} is unreadable "
+                              f"({first_line(e)}).") from None
     return trainer_state, state
+
+
+def _unsafe_global(e: Exception) -> str:
+    """`it needs io.open` from torch's long message (whose advice, to allow-list it, is not for this case)."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    return f"it needs {found.group(1)}" if found else first_line(e)
+
+
+def _numpy_array_globals() -> list:
+    """What unpickling a plain numpy uint32 array needs (no code beyond building the array)."""
+    reconstruct = getattr(np, "_core", np.core).multiarray._reconstruct
+    return [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def step_checkpoints(run_dir: Path) -> list[Path]:
@@ -126,20 +160,37 @@ REQUIRED_FILES = (TRAINING_STATE, "trainer_state.json", "adapter_model.safetenso
 
 
 def find_resume_checkpoint(run_dir: Path, resume: str) -> Path:
-    """`latest` = the newest complete step checkpoint in the run directory; otherwise a path."""
+    """`latest` = the newest complete and intact step checkpoint in the run directory; otherwise a path.
+    A damaged newer checkpoint is named in a warning and skipped; a damaged named one is an error."""
     if resume != "latest":
         path = Path(resume)
-    else:
-        # Written atomically, a checkpoint-<step> is complete; still, never pick one that is not (copied in part).
-        found = [p for p in step_checkpoints(run_dir) if all((p / f).is_file() for f in REQUIRED_FILES)]
-        if not found:
-            raise CheckpointError(f"Nothing to resume: {run_dir} holds no complete checkpoint-<step> directory.")
-        path = found[-1]
-    if not (path / TRAINING_STATE).is_file():
-        raise CheckpointError(
-            f"{path} is not a resumable checkpoint (no {TRAINING_STATE}); resume from a checkpoint-<step> directory."
-        )
-    return path
+        if not (path / TRAINING_STATE).is_file():
+            raise CheckpointError(f"{path} is not a resumable checkpoint (no {TRAINING_STATE}); resume from a "
+                                  f"checkpoint-<step> directory.")
+        verdict = verify_checkpoint(path)
+        if not verdict.intact:
+            raise CheckpointError(f"Cannot resume from {path}: it is damaged: {'; '.join(verdict.problems)}.")
+        return path
+    # Written atomically, a checkpoint-<step> is complete; still, never pick one that is not (copied in part).
+    found = [p for p in step_checkpoints(run_dir) if all((p / f).is_file() for f in REQUIRED_FILES)]
+    if not found:
+        raise CheckpointError(f"Nothing to resume: {run_dir} holds no complete checkpoint-<step> directory.")
+    damaged = []
+    for path in reversed(found):
+        verdict = verify_checkpoint(path)
+        if verdict.intact:
+            if damaged:
+                _warn(f"{'; '.join(damaged)}. Resuming from {path.name}, the newest intact checkpoint, instead.")
+            return path
+        damaged.append(f"{path.name} is damaged: {'; '.join(verdict.problems)}")
+    raise CheckpointError(f"Nothing to resume in {run_dir}: every checkpoint is damaged. {'. '.join(damaged)}. "
+                          f"Start again with --overwrite.")
+
+
+def _warn(message: str) -> None:
+    """Once per run (the main process) on stderr, beside the progress bar."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def prune_checkpoints(run_dir: Path, keep: int, protect: Path | None = None) -> None:
@@ -191,7 +242,9 @@ def load_adapter_weights(model, checkpoint: Path) -> None:
 
 def rng_state() -> dict:
     """This process's RNG streams: python, numpy, torch (and CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, key, pos, has_gauss, gauss = np.random.get_state()  # the key as a tensor: loadable with weights_only
+    numpy_state = [kind, torch.from_numpy(key.astype(np.int64)), pos, has_gauss, gauss]
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -199,7 +252,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, np.asarray(key, dtype=np.int64).astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

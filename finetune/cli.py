@@ -7,6 +7,7 @@ Heavy libraries are imported inside the commands, so recipe errors answer fast.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from enum import Enum
 from pathlib import Path
@@ -49,6 +50,16 @@ def _run(fn: Callable):
             raise
         err_console.print("[bold red]interrupted[/]")
         raise typer.Exit(130) from None
+
+
+@contextlib.contextmanager
+def _holding(paths: list, what: str):
+    """Hold the locks of the outputs a command writes (lock.py) for the whole command; refused: exit 2."""
+    from finetune.lock import hold_all
+
+    with contextlib.ExitStack() as stack:
+        _run(lambda: stack.enter_context(hold_all(paths, what)))
+        yield
 
 
 def _quiet_libraries() -> None:
@@ -207,11 +218,12 @@ def merge(
     _quiet_libraries()
     from finetune.merge import merge as run_merge
 
-    rep = _run(lambda: run_merge(
-        adapter_dirs, out, base=base, base_weights=base_weights.value, dtype=dtype.value, weights=weight_values,
-        combination=combination.value, density=density, max_shard_size=max_shard_size, overwrite=overwrite,
-        push_to_hub=push_to_hub,
-    ))
+    with _holding([out], "finetune merge --out"):
+        rep = _run(lambda: run_merge(
+            adapter_dirs, out, base=base, base_weights=base_weights.value, dtype=dtype.value, weights=weight_values,
+            combination=combination.value, density=density, max_shard_size=max_shard_size, overwrite=overwrite,
+            push_to_hub=push_to_hub,
+        ))
     console.print(
         f"merged {', '.join(rep.adapters)} into {rep.base} ({rep.base_weights} base weights), saved {rep.dtype} "
         f"to [bold]{rep.out}[/] ({rep.shards} shard(s), {rep.size_bytes / 2**20:,.0f} MiB, peak RSS "
@@ -281,16 +293,30 @@ def eval_(
     if bad:
         raise typer.BadParameter(f"expected FIELD=COLUMN, got '{bad[0]}'", param_hint="--field")
     fields = dict(f.split("=", 1) for f in field) if field else None
-    rep = _run(lambda: evaluate(
-        r, model=model, adapters=[str(a) for a in adapter or []], compare=compare, data=data, data_format=data_format,
-        fields=fields,
-        quantize=quantize.value, limit=limit, generate_n=generate, options=options, harness=tasks or None,
-        harness_include=harness_include and str(harness_include),
-    ))
-    print_report(rep, console)
-    if json_out:
-        write_report(rep, json_out)
-        console.print(f"wrote {json_out}")
-    if samples:
-        write_samples(rep, samples)
-        console.print(f"wrote {len(rep.samples)} samples to {samples}")
+    with _holding([json_out, samples], "finetune eval"):  # from the start: a refusal costs no evaluation
+        rep = _run(lambda: evaluate(
+            r, model=model, adapters=[str(a) for a in adapter or []], compare=compare, data=data,
+            data_format=data_format, fields=fields,
+            quantize=quantize.value, limit=limit, generate_n=generate, options=options, harness=tasks or None,
+            harness_include=harness_include and str(harness_include),
+        ))
+        print_report(rep, console)
+        if json_out:
+            write_report(rep, json_out)
+            console.print(f"wrote {json_out}")
+        if samples:
+            write_samples(rep, samples)
+            console.print(f"wrote {len(rep.samples)} samples to {samples}")
+
+
+@app.command()
+def verify(path: Path = typer.Argument(..., help="A checkpoint directory, or a run directory (all its checkpoints).",
+                                       show_default=False)) -> None:
+    """Check checkpoints against their manifests (size, sha256 of every file): which are intact, which damaged."""
+    from finetune.verify import check_report, verify as run_verify
+
+    report = _run(lambda: run_verify(path))
+    for v in report.verdicts:
+        mark = "[green]ok[/]     " if v.intact else "[bold red]damaged[/]"
+        console.print(f"{mark} {escape(str(v.path))}: {escape(v.summary())}", highlight=False, soft_wrap=True)
+    _run(lambda: check_report(report))

@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from finetune.data import IGNORE, Collator, prompt_and_reference, split_records, tokenize_all
 from finetune.errors import DataError, ModelError, first_line
 from finetune.model import check_adapter_dir, load_tokenizer
+from finetune.progress import track
 from finetune.recipe import DataSection, ModelSection, QuantizationSection, Recipe
 
 SCHEMA = "finetune.eval/1"
@@ -47,9 +48,10 @@ SCHEMA = "finetune.eval/1"
 
 
 @torch.no_grad()
-def eval_objective(model, dataloader, objective=None, accelerator=None) -> dict[str, float]:
+def eval_objective(model, dataloader, objective=None, accelerator=None, on_batch=None) -> dict[str, float]:
     """Mean loss per unit (and the objective's metrics per unit) over a dataloader, summed over processes
-    when distributed; the objective defaults to SFT, the response-token cross-entropy."""
+    when distributed; the objective defaults to SFT, the response-token cross-entropy.
+    `on_batch(1)` is called after each batch (progress.py's `Task.advance`)."""
     from finetune.objectives import SFT
 
     objective = objective or SFT()
@@ -64,6 +66,8 @@ def eval_objective(model, dataloader, objective=None, accelerator=None) -> dict[
         total[1] += objective.units(batch)
         for i, name in enumerate(objective.metrics):
             total[2 + i] += out.metrics[name].double()
+        if on_batch is not None:
+            on_batch(1)
     if accelerator is not None:
         total = accelerator.reduce(total, "sum")
     model.train(was_training)
@@ -71,9 +75,9 @@ def eval_objective(model, dataloader, objective=None, accelerator=None) -> dict[
     return {"loss": means[0], **dict(zip(objective.metrics, means[2:]))}
 
 
-def eval_loss(model, dataloader, accelerator=None) -> float:
+def eval_loss(model, dataloader, accelerator=None, on_batch=None) -> float:
     """Mean response-token loss over a dataloader (summed over processes when distributed)."""
-    return eval_objective(model, dataloader, accelerator=accelerator)["loss"]
+    return eval_objective(model, dataloader, accelerator=accelerator, on_batch=on_batch)["loss"]
 
 
 # ------------------------------------------------------------- extraction
@@ -164,8 +168,10 @@ class GenerationOptions:
 
 
 @torch.no_grad()
-def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = GenerationOptions()) -> list[str]:
-    """Completions of token-id prompts, batched with left padding (greedy unless temperature > 0)."""
+def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = GenerationOptions(),
+             on_chunk=None) -> list[str]:
+    """Completions of token-id prompts, batched with left padding (greedy unless temperature > 0).
+    `on_chunk(examples, tokens=generated)` is called after each batch (progress.py's `Task.advance`)."""
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = model.generation_config.eos_token_id
@@ -189,11 +195,13 @@ def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = 
             pad_token_id=pad, eos_token_id=eos, use_cache=True, **sampling,
         )
         outputs += [tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+        if on_chunk is not None:
+            on_chunk(len(chunk), tokens=int((out[:, width:] != pad).sum()))
     model.train(was_training)
     return outputs
 
 
-def generation_metrics(model, tok, records: list, options: GenerationOptions) -> tuple[dict, list[dict]]:
+def generation_metrics(model, tok, records: list, options: GenerationOptions, on_chunk=None) -> tuple[dict, list[dict]]:
     """Generate for each record's prompt and score against its reference: (metrics, per-example samples).
 
     `records` are data.py Records (raw-text ones, with no prompt/response split, are left out). This is
@@ -201,7 +209,7 @@ def generation_metrics(model, tok, records: list, options: GenerationOptions) ->
     subset (on the main process, with the unwrapped model).
     """
     pairs = [prompt_and_reference(r, r.fmt, tok) for r in records if r.fmt != "text"]
-    predictions = generate(model, tok, [p for p, _ in pairs], options)
+    predictions = generate(model, tok, [p for p, _ in pairs], options, **({"on_chunk": on_chunk} if on_chunk else {}))
     samples = [
         {"prompt": tok.decode(p), "reference": ref, "prediction": pred, **score_example(pred, ref, options.extractor)}
         for (p, ref), pred in zip(pairs, predictions)
@@ -373,12 +381,12 @@ def evaluate(
 
     def measure(candidate: Candidate, net) -> None:
         started = time.perf_counter()
-        loss = eval_loss(net, loader)
+        loss = _loss_with_progress(net, loader, candidate.label)
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
         seconds = {"loss": round(time.perf_counter() - started, 2)}
         if to_generate:
             started = time.perf_counter()
-            gen_metrics, samples = generation_metrics(net, tok, to_generate, options)
+            gen_metrics, samples = _generation_with_progress(net, tok, to_generate, options, candidate.label)
             metrics.update(gen_metrics)
             seconds["generate"] = round(time.perf_counter() - started, 2)
             report.samples += [{"model": candidate.label, "index": i, **s} for i, s in enumerate(samples)]
@@ -411,6 +419,16 @@ def evaluate(
         net.set_adapter(f"a{i}")
         measure(Candidate(label, source, path, _describe(quant)), net)
     return report
+
+
+def _loss_with_progress(net, loader, label: str) -> float:
+    with track(f"loss ({label})", total=len(loader), unit="batches") as task:  # on stderr
+        return eval_loss(net, loader, on_batch=task.advance)
+
+
+def _generation_with_progress(net, tok, records, options, label: str) -> tuple[dict, list[dict]]:
+    with track(f"generate ({label})", total=len(records), unit="examples") as task:  # examples, tokens/s, ETA
+        return generation_metrics(net, tok, records, options, on_chunk=task.advance)
 
 
 def _adapter_labels(adapters: list[str]) -> list[str]:

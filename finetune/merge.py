@@ -42,6 +42,7 @@ from safetensors import safe_open
 
 from finetune.checkpoint import atomic_dir
 from finetune.errors import CheckpointError, ModelError, first_line
+from finetune.progress import track
 from finetune.recipe import DTYPE_ALIASES, ModelSection, QuantizationSection
 
 # The fixed probe batch of the fidelity report: prose, arithmetic, JSON, code and a chat turn.
@@ -115,9 +116,9 @@ def merge(
     target_dtype = _target_dtype(dtype, model_section)
     files = _base_weight_files(model_section)
 
-    from transformers import AutoTokenizer
+    from finetune.model import load_adapter_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(adapter_dirs[0])
+    tok, tokenizer_note = load_adapter_tokenizer(adapter_dirs[0], model_section)  # as training loads it
     probe = _probe_batch(tok)
     trained, adapter_name = _load_trained(model_section, quant, adapter_dirs, weights, combination, density)
     with torch.no_grad():
@@ -125,6 +126,7 @@ def merge(
     modes = ["dequantized", "original"] if quant.load_in_4bit else ["original"]
     other = [m for m in modes if m != base_weights]
     notes = [] if quant.load_in_4bit else ["dequantized: not applicable, the adapter was trained without quantization"]
+    notes += [tokenizer_note] if tokenizer_note else []
 
     scratch = Path(tempfile.mkdtemp(prefix=f".scratch-{out.name}-", dir=out.parent if out.parent.exists() else None))
     try:
@@ -336,15 +338,18 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
             tensor = modules[module_name].get_parameter("bias").detach()
         return tensor.to(saved_dtype(tensor.dtype)), None
 
-    for filename, keys in split.filename_to_tensors.items():
-        lora_keys = [k for k in keys if k.rpartition(".")[0] in lora and k.endswith(".weight")] if scratch else []
-        with _SafetensorsWriter(out_dir / filename, {k: plan[k] for k in keys}) as out, \
-                _SafetensorsWriter(scratch / filename if lora_keys else None, {k: plan[k] for k in lora_keys}) as alt:
-            for key in keys:
-                tensor, other = merged_weights(key)
-                out.write(key, tensor)
-                if key in alt.plan:
-                    alt.write(key, other)
+    with track("merge", total=len(plan), unit="tensors") as task:
+        for filename, keys in split.filename_to_tensors.items():
+            lora_keys = [k for k in keys if k.rpartition(".")[0] in lora and k.endswith(".weight")] if scratch else []
+            alt_path = scratch / filename if lora_keys else None
+            with _SafetensorsWriter(out_dir / filename, {k: plan[k] for k in keys}) as out, \
+                    _SafetensorsWriter(alt_path, {k: plan[k] for k in lora_keys}) as alt:
+                for key in keys:
+                    tensor, other = merged_weights(key)
+                    out.write(key, tensor)
+                    if key in alt.plan:
+                        alt.write(key, other)
+                    task.advance(1, bytes=tensor.numel() * tensor.element_size())
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -131,6 +131,18 @@ def check_adapter_dir(adapter_dir: str | Path) -> None:
     """Refuse, with a readable error, a path that is not a PEFT adapter directory (before any model loads)."""
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise ModelError(f"'{adapter_dir}' is not an adapter directory: it has no adapter_config.json.")
+    from finetune.verify import verify_adapter
+
+    verify_adapter(adapter_dir)  # a damaged file is named here, not a safetensors traceback later
+
+
+def load_adapter_tokenizer(adapter_dir: str | Path, base: ModelSection | str) -> tuple[PreTrainedTokenizerBase, str]:
+    """The tokenizer saved with an adapter (chat template included), through `load_tokenizer` as in training.
+    A third-party adapter saved without one gets the base model's, with a note saying so ("" otherwise)."""
+    if any((Path(adapter_dir) / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")):
+        return load_tokenizer(str(adapter_dir)), ""
+    name = base if isinstance(base, str) else base.name_or_path
+    return load_tokenizer(base), f"{adapter_dir} has no tokenizer files: used the base model's ({name})"
 
 
 def _source(model: ModelSection | str) -> tuple[str, str | None, bool]:

@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from finetune.data import IGNORE, DataStats, PreparedData, cache_dir, pack, padding_efficiency, prepare_data
+from finetune.progress import track
 from finetune.recipe import Recipe
 
 TRAINED = "bold black on green"
@@ -44,7 +45,8 @@ def prepare(recipe: Recipe) -> PrepareReport:
 
     started = time.perf_counter()
     tok = load_tokenizer(recipe.model, recipe.data.chat_template)
-    data = prepare_data(recipe.data, tok, recipe.training.seed, cache_dir(recipe.run_dir))
+    with track("read + tokenize data"):  # elapsed time only, for now: data/ has no per-record hook yet
+        data = prepare_data(recipe.data, tok, recipe.training.seed, cache_dir(recipe.run_dir))
     rows = [len(r["input_ids"]) for r in pack(data.train, recipe.data.max_length)]
     lengths = [len(ex["input_ids"]) for ex in data.train]
     mbs, seed = recipe.training.micro_batch_size, recipe.training.seed

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from finetune import checkpoint as ckpt
-from finetune import records
+from finetune import lock, records
 from finetune.data import Collator, cache_dir, fingerprint, real_tokens, split_records, train_eval_split
 from finetune.distributed import check_strategy
 from finetune.errors import NonFiniteLossError, TrainingInterrupted
@@ -114,14 +114,16 @@ class Run:
 def train(recipe: Recipe, *, overwrite: bool = False, resume: str | None = None, console: Console | None = None) -> Path:
     """Fine-tune per the recipe; return the final checkpoint directory."""
     console = console or Console(stderr=True)
-    run, rng_to_restore = setup(recipe, console, overwrite=overwrite, resume=resume)
-    started = time.perf_counter()
-    progress = _progress(console, run)
-    stop = StopOnSignal()
-    with progress, stop:
-        fit(run, progress, stop, rng_to_restore)
-    with stop:  # a first Ctrl-C now lets the run finish: that is what it is about to do, and nothing is lost
-        return finish(run, started)
+    # One train per run directory, locked before anything in it is touched (main process only; lock.py).
+    with lock.hold(recipe.run_dir, "finetune train") if lock.is_main_process() else nullcontext():
+        run, rng_to_restore = setup(recipe, console, overwrite=overwrite, resume=resume)
+        started = time.perf_counter()
+        progress = _progress(console, run)
+        stop = StopOnSignal()
+        with progress, stop:
+            fit(run, progress, stop, rng_to_restore)
+        with stop:  # a first Ctrl-C now lets the run finish: that is what it is about to do, and nothing is lost
+            return finish(run, started)
 
 
 # ---------------------------------------------------------------------------------------------- set-up

