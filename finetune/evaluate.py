@@ -151,15 +151,23 @@ class GenerationOptions:
     extractor: str | None = None  # none, last_number or regex:PATTERN
 
 
-@torch.no_grad()
-def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = GenerationOptions()) -> list[str]:
-    """Completions of token-id prompts, batched with left padding (greedy unless temperature > 0)."""
-    device = next(model.parameters()).device
+def generation_kwargs(model, tok, options: GenerationOptions) -> dict:
+    """`model.generate` arguments for these options: length, pad/eos ids, greedy or sampling (also `finetune chat`)."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = model.generation_config.eos_token_id
     eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tok.eos_token_id} - {None})
     sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p} \
         if options.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"max_new_tokens": options.max_new_tokens, "pad_token_id": pad, "eos_token_id": eos, "use_cache": True,
+            **sampling}
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = GenerationOptions()) -> list[str]:
+    """Completions of token-id prompts, batched with left padding (greedy unless temperature > 0)."""
+    device = next(model.parameters()).device
+    kwargs = generation_kwargs(model, tok, options)
+    pad = kwargs["pad_token_id"]
     torch.manual_seed(options.seed)
     was_training = model.training
     model.eval()
@@ -172,10 +180,7 @@ def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = 
         for i, p in enumerate(chunk):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=options.max_new_tokens,
-            pad_token_id=pad, eos_token_id=eos, use_cache=True, **sampling,
-        )
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         outputs += [tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
     model.train(was_training)
     return outputs

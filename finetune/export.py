@@ -78,6 +78,7 @@ def export(source: str | Path, out: str | Path, *, type: str = "f16", base: str 
 
             model_dir = Path(scratch) / "merged"
             merge_report = merge(source, model_dir, base=base, base_weights=base_weights, dtype="fp32")
+            _note_base(model_dir, merge_report.base)
             merged_from = str(source)
         partial = out.with_name(f".{out.stem}.partial-{os.getpid()}.gguf")
         try:
@@ -100,6 +101,13 @@ def export(source: str | Path, out: str | Path, *, type: str = "f16", base: str 
     report.wall_time_s = round(time.perf_counter() - started, 2)
     (out.parent / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
     return report
+
+
+def _note_base(model_dir: Path, base: str) -> None:
+    """Record the base model's name in the scratch merge's config (read back by `_model_names`)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    config["_base_model"] = base
+    (model_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def _check(source: Path, out: Path, type: str, overwrite: bool) -> None:
@@ -144,8 +152,9 @@ def write_gguf(model_dir: Path, path: Path, type: str, console=None) -> dict:
     rope_factors = llama3_rope_factors(config)
 
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
-    add_model_metadata(writer, config, _model_name(config, model_dir))
-    tokenizer = add_tokenizer(writer, model_dir, config.vocab_size, _model_name(config, model_dir))
+    names = _model_names(config, model_dir)
+    add_model_metadata(writer, config, names[0])
+    tokenizer = add_tokenizer(writer, model_dir, config.vocab_size, " ".join(names))
     writer.add_file_type(_FILE_TYPES[type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if rope_factors is not None:
@@ -209,8 +218,12 @@ def _rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return rope_permute(w, n_head)
 
 
-def _model_name(config, model_dir: Path) -> str:
-    return str(getattr(config, "_name_or_path", "") or "").split("/")[-1] or model_dir.resolve().name
+def _model_names(config, model_dir: Path) -> list[str]:
+    """Names for the model, most telling first: the metadata's name is the first; all of them tell SmolLM's
+    tokenizer apart (see gguf_meta.pre_tokenizer_id)."""
+    names = [getattr(config, "_model_name_or_path", None), getattr(config, "_base_model", None),
+             getattr(config, "_name_or_path", None), model_dir.resolve().name]
+    return [str(n).rstrip("/").split("/")[-1] for n in names if n]
 
 
 class _progress:
