@@ -226,13 +226,11 @@ def load_eval_model(section: ModelSection, quant: QuantizationSection, device):
     from finetune.model import load_base_model
     from finetune.placement import resolve_compute_dtype
 
-    if not section.name_or_path.endswith(".gguf"):
+    if not section.name_or_path.endswith(".gguf") or quant.load_in_4bit:  # 4-bit: via its safetensors conversion
         return load_base_model(section, quant, device)
     from transformers import AutoModelForCausalLM
 
     path = Path(section.name_or_path)
-    if quant.load_in_4bit:
-        raise ModelError(f"{path} is a GGUF file: it is loaded dequantized, not re-quantized; use --quantize none.")
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                      dtype=resolve_compute_dtype(quant.compute_dtype))
@@ -246,7 +244,7 @@ def _quantization(quantize: str, recipe: Recipe | None, source: str, adapters: l
     from finetune.merge import adapter_recipe_quantization
 
     recipe_quant = recipe.quantization if recipe else QuantizationSection()
-    if quantize == "none" or source.endswith(".gguf"):
+    if quantize == "none" or (source.endswith(".gguf") and quantize == "auto" and not adapters):
         return recipe_quant.model_copy(update={"load_in_4bit": False})
     if quantize == "4bit":
         return recipe_quant.model_copy(update={"load_in_4bit": True})
