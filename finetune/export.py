@@ -207,8 +207,9 @@ def _plan(config, handles, name_map, qtype):
                 t = gguf.GGMLQuantizationType.F16
                 fallback.append(name)
             plan.append((name, (handle, key), shape, t))
-    notes = [f"{len(fallback)} tensor(s) kept in f16: their rows do not split into quantization blocks "
-             f"({', '.join(fallback[:3])}{', ...' if len(fallback) > 3 else ''})"] if fallback else []
+    listed = ", ".join(fallback[:3]) + (", ..." if len(fallback) > 3 else "")
+    notes = [f"{len(fallback)} tensor(s) kept in f16: their rows do not split into quantization blocks ({listed})"]
+    notes = notes if fallback else []
     return plan, notes
 
 

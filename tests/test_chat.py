@@ -4,15 +4,15 @@ without a reload and answer like each adapter loaded alone, and the checkpoint's
 import json
 
 import pytest
+from conftest import write_jsonl
+from test_merge import make_adapter
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-from conftest import write_jsonl
 from finetune.chat import ChatOptions, Session, load_session, prompt_ids, reply
 from finetune.cli import app
 from finetune.model import load_base_model
 from finetune.recipe import QuantizationSection
-from test_merge import make_adapter
 
 runner = CliRunner()
 OPTIONS = ChatOptions(max_new_tokens=12)

@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import CHATML_TEMPLATE, CORPUS
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 from typer.testing import CliRunner
 
-from conftest import CHATML_TEMPLATE, CORPUS
 from finetune.cli import app
 
 pytest.importorskip("gguf")

@@ -6,11 +6,11 @@ import torch
 
 pytest.importorskip("gguf")
 
-from finetune.errors import RecipeError  # noqa: E402
-from finetune.export import write_gguf  # noqa: E402
-from finetune.model import load_base_model  # noqa: E402
-from finetune.recipe import QuantizationSection  # noqa: E402
-from finetune.recipe_file import load_recipe  # noqa: E402
+from finetune.errors import RecipeError
+from finetune.export import write_gguf
+from finetune.model import load_base_model
+from finetune.recipe import QuantizationSection
+from finetune.recipe_file import load_recipe
 
 IDS = torch.tensor([[1, 5, 9, 23, 42, 7, 3, 11]])
 
@@ -38,6 +38,7 @@ def test_a_gguf_base_is_quantized_to_nf4_like_its_source(tiny_gguf, tiny_model_d
 
 def test_recipe_validation_and_plan_accept_a_gguf_file(tiny_gguf, tiny_model_dir, tmp_path):
     from conftest import write_jsonl
+
     from finetune.plan import plan
 
     data = tmp_path / "train.jsonl"
