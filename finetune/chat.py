@@ -194,8 +194,11 @@ class _Streamer:
             self.write(text[self.shown:])
             self.shown = len(text)
 
-    def end(self) -> None:
-        pass
+    def end(self) -> None:  # whatever was held back (a reply may end on an incomplete character)
+        text = self.text().lstrip()
+        if len(text) > self.shown:
+            self.write(text[self.shown:])
+            self.shown = len(text)
 
     def text(self) -> str:
         return self.tok.decode(self.ids, skip_special_tokens=True)

@@ -84,3 +84,53 @@ def test_interactive_commands_and_stdin(adapters):
     result = runner.invoke(app, ["chat", str(adapters[0]), "--max-new-tokens", "12"], input=PROMPT + "\n")
     alone = load_session(str(adapters[0]))
     assert result.exit_code == 0 and result.stdout == reply(alone, PROMPT, OPTIONS) + "\n"
+
+
+def test_interactive_session_streams_switches_and_survives_ctrl_c(adapters, monkeypatch, capsys):
+    from finetune import chat as chat_module
+
+    session = load_session(str(adapters[0]), adapters=[str(adapters[1])])
+    expected = {label: reply(load_session(str(adapters[i])), PROMPT, OPTIONS)
+                for i, label in enumerate(["one", "two"])}
+    terse = load_session(str(adapters[0]))
+    terse.messages = [{"role": "system", "content": "Be terse."}]
+    expected["terse"] = reply(terse, PROMPT, OPTIONS)
+    session.messages = []
+    lines = iter(["/adapter two", PROMPT, "/reset", "/adapter nope", "/system Be terse.", "/adapter one", PROMPT,
+                  "/exit", "never read"])
+    monkeypatch.setattr("builtins.input", lambda _prompt: next(lines))
+    chat_module._interactive(session, OPTIONS, None)
+    out = capsys.readouterr()
+    assert [line.rstrip() for line in out.out.splitlines()] == [expected["two"], expected["terse"]]
+    assert "no adapter 'nope'; loaded: one, two" in out.err
+    assert session.active == "one" and session.messages[0] == {"role": "system", "content": "Be terse."}
+    assert next(lines) == "never read"
+
+    # Ctrl-C in the middle of a reply stops that reply only; Ctrl-D ends the session
+    pieces = []
+
+    def interrupt_after_first_piece(piece):
+        pieces.append(piece)
+        if len(pieces) == 2:  # the second streamed piece: Ctrl-C
+            raise KeyboardInterrupt
+        return len(piece)
+
+    session.messages = []
+    lines = iter([PROMPT])
+
+    def read(_prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", read)
+    monkeypatch.setattr(chat_module.sys.stdout, "write", interrupt_after_first_piece)
+    chat_module._interactive(session, OPTIONS, None)
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert "stopped: " in err
+    assert [m["role"] for m in session.messages] == ["user", "assistant"]
+    partial = "".join(pieces).strip()  # the tokens generated before Ctrl-C
+    assert session.messages[1]["content"] == partial and expected["one"].startswith(partial)
+    assert len(partial) < len(expected["one"])
