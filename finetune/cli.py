@@ -312,6 +312,8 @@ def export(
     type_: GgufType = typer.Option(GgufType.f16, "--type", help="Tensor type of the weights (norms stay f32)."),
     base: Optional[str] = typer.Option(None, help="Adapter source: base model (default: the one it was trained on)."),
     base_weights: BaseWeights = typer.Option(BaseWeights.auto, help="Adapter source: as for `finetune merge`."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="Write only the checkpoint's LoRA matrices, "
+                                      "as a GGUF adapter for llama.cpp's --lora over an exported base."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Write a model as one GGUF file for llama.cpp / Ollama, with a logit check against the source."""
@@ -319,7 +321,13 @@ def export(
     from finetune.export import export as run_export
 
     rep = _run(lambda: run_export(source, out, type=type_.value, base=base, base_weights=base_weights.value,
-                                  overwrite=overwrite, console=err_console))
+                                  overwrite=overwrite, adapter_only=adapter_only, console=err_console))
+    if adapter_only:
+        console.print(f"exported the adapter {rep.source} ({rep.architecture}, {rep.tensors} tensors, "
+                      f"{rep.size_bytes / 2**20:,.1f} MiB) to [bold]{rep.out}[/]", highlight=False)
+        for note in rep.notes:
+            console.print(f"  {note}", highlight=False)
+        return
     console.print(f"exported {rep.source} ({rep.architecture}) to [bold]{rep.out}[/] as {rep.type}: {rep.tensors} "
                   f"tensors, {rep.size_bytes / 2**20:,.1f} MiB, peak RSS {rep.write_peak_rss_mib:,.0f} MiB while "
                   f"writing ({rep.peak_rss_mib:,.0f} MiB with the check), {rep.wall_time_s:.1f}s", highlight=False)

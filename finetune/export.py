@@ -65,11 +65,15 @@ class ExportReport:
 
 
 def export(source: str | Path, out: str | Path, *, type: str = "f16", base: str | None = None,
-           base_weights: str = "auto", overwrite: bool = False, console=None) -> ExportReport:
-    """Export `source` (merged model directory or adapter checkpoint) to the GGUF file `out`."""
+           base_weights: str = "auto", overwrite: bool = False, adapter_only: bool = False,
+           console=None) -> ExportReport:
+    """Export `source` (merged model directory or adapter checkpoint) to the GGUF file `out`; with
+    `adapter_only`, the checkpoint's LoRA matrices as a llama.cpp adapter (see export_adapter.py)."""
     started = time.perf_counter()
     source, out = Path(source), Path(out)
     _check(source, out, type, overwrite)
+    if adapter_only:
+        return _export_adapter(source, out, type, started, console)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as scratch:
         merged_from, merge_report = None, None
         model_dir = source
@@ -99,6 +103,30 @@ def export(source: str | Path, out: str | Path, *, type: str = "f16", base: str 
             partial.unlink(missing_ok=True)
     report.peak_rss_mib = _peak_rss_mib()
     report.wall_time_s = round(time.perf_counter() - started, 2)
+    (out.parent / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def _export_adapter(source: Path, out: Path, type: str, started: float, console) -> ExportReport:
+    from finetune.export_adapter import write_adapter_gguf
+
+    if not (source / "adapter_config.json").is_file():
+        raise ModelError(f"--adapter-only needs an adapter checkpoint; '{source}' has no adapter_config.json.")
+    partial = out.with_name(f".{out.stem}.partial-{os.getpid()}.gguf")
+    try:
+        info = write_adapter_gguf(source, partial, type, console)
+        report = ExportReport(
+            out=str(out), source=str(source), type=type if type in ("f32", "f16") else "f16",
+            architecture=info["architecture"], merged_from=None, base_weights="original", tokenizer={},
+            tensors=info["tensors"], size_bytes=partial.stat().st_size, write_peak_rss_mib=_peak_rss_mib(),
+            peak_rss_mib=_peak_rss_mib(), wall_time_s=round(time.perf_counter() - started, 2),
+            notes=[f"LoRA adapter, rank {info['rank']}, alpha {info['alpha']}: use it with llama.cpp "
+                   "`--lora FILE` over a base GGUF exported by `finetune export`; transformers cannot read "
+                   "GGUF adapters, so no logits were compared here", *info["notes"]],
+        )
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     (out.parent / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
     return report
 

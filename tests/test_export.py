@@ -138,3 +138,35 @@ def test_unsupported_architecture_and_existing_output_are_exit_2(tiny_model_dir,
     result = runner.invoke(app, ["export", str(tiny_model_dir), "--out", str(taken)])
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert taken.read_text() == "mine"
+
+
+def test_adapter_only_plus_base_gguf_equals_the_merged_gguf(tiny_model_dir, tmp_path):
+    """What llama.cpp computes at load, W + (alpha / r) * B @ A from the adapter file over the base file, equals
+    the merged export tensor by tensor (q/k permuted alike)."""
+    import gguf
+
+    from finetune.export import write_gguf
+    from test_merge import make_adapter
+
+    adapter = make_adapter(tmp_path / "adapter", tiny_model_dir, load_in_4bit=False)
+    write_gguf(tiny_model_dir, tmp_path / "base.gguf", "f32")
+    (tmp_path / "m").mkdir()
+    assert runner.invoke(app, ["export", str(adapter), "--out", str(tmp_path / "m" / "merged.gguf"),
+                               "--type", "f32"]).exit_code == 0
+    result = runner.invoke(app, ["export", str(adapter), "--adapter-only", "--out", str(tmp_path / "lora.gguf"),
+                                 "--type", "f32"])
+    assert result.exit_code == 0, result.output
+    lora = gguf.GGUFReader(tmp_path / "lora.gguf")
+    assert lora.fields["general.type"].contents() == "adapter" and lora.fields["adapter.type"].contents() == "lora"
+    alpha = lora.fields["adapter.lora.alpha"].contents()
+    pairs = {t.name: t.data for t in lora.tensors}
+    base = {t.name: t.data for t in gguf.GGUFReader(tmp_path / "base.gguf").tensors}
+    merged = {t.name: t.data for t in gguf.GGUFReader(tmp_path / "m" / "merged.gguf").tensors}
+    targets = [n.removesuffix(".lora_a") for n in pairs if n.endswith(".lora_a")]
+    assert len(targets) == 2 * 7 and "blk.1.attn_q.weight" in targets  # all-linear on 2 layers
+    for name in targets:
+        a, b = torch.tensor(pairs[name + ".lora_a"]), torch.tensor(pairs[name + ".lora_b"])
+        delta = alpha / a.shape[0] * (b @ a)
+        assert torch.allclose(torch.from_numpy(base[name]) + delta, torch.from_numpy(merged[name]), atol=1e-5), name
+    untouched = set(merged) - set(targets)
+    assert all(torch.equal(torch.from_numpy(base[n]), torch.from_numpy(merged[n])) for n in untouched)
