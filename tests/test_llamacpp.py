@@ -84,3 +84,25 @@ def test_llama_cpp_tokenizes_and_continues_like_transformers(merged, exported):
         if t == "f16":
             assert got == expected, (tok.decode(got), tok.decode(expected))
     assert agreement["q8_0"] >= 0.9, agreement
+
+
+def test_llama_cpp_applies_the_exported_adapter_like_the_merge(tmp_path):
+    """Base GGUF + `--adapter-only` GGUF in llama.cpp continues like the merge into the original weights."""
+    if not (DEMO / "adapter_config.json").is_file():
+        pytest.skip("needs the demo run (make demo)")
+    from finetune.export import export
+    from finetune.merge import merge
+
+    merge(DEMO, tmp_path / "merged", base_weights="original", dtype="fp32")
+    for name, source, only in (("base", BASE, False), ("lora", DEMO, True)):
+        (tmp_path / name).mkdir()
+        export(source, tmp_path / name / f"{name}.gguf", type="f16", adapter_only=only)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=True)["input_ids"]
+    expected = greedy_hf(model, ids)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "base" / "base.gguf"),
+                          lora_path=str(tmp_path / "lora" / "lora.gguf"), n_ctx=512, n_threads=2, verbose=False)
+    got = greedy_llama(llm, ids)
+    assert sum(a == b for a, b in zip(got, expected)) / STEPS >= 0.9, (tok.decode(got), tok.decode(expected))
