@@ -24,7 +24,19 @@ PROBE = torch.tensor([[1, 5, 9, 23, 42, 7, 3, 11, 200, 301], [4, 8, 15, 16, 23, 
 
 @pytest.fixture(scope="module")
 def tiny_qwen2_dir(tmp_path_factory):
-    """A random 2-layer Qwen2 (q/k/v biases, tied embeddings, GQA) with a Qwen2-style byte-level BPE tokenizer."""
+    return _tiny_qwen(tmp_path_factory, "qwen2")
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3_dir(tmp_path_factory):
+    return _tiny_qwen(tmp_path_factory, "qwen3")
+
+
+def _tiny_qwen(tmp_path_factory, kind):
+    """A random 2-layer Qwen2 (q/k/v biases) or Qwen3 (q/k norms), tied embeddings, GQA, with a Qwen2-style
+    byte-level BPE tokenizer."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
@@ -37,17 +49,18 @@ def tiny_qwen2_dir(tmp_path_factory):
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=CHATML_TEMPLATE, eos_token="<|im_end|>",
                                   pad_token="<|endoftext|>", extra_special_tokens=["<|im_start|>", "<|im_end|>"],
                                   clean_up_tokenization_spaces=False)
-    config = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, initializer_range=0.2,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    config_class, model_class = (Qwen2Config, Qwen2ForCausalLM) if kind == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
+    config = config_class(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                          tie_word_embeddings=True, eos_token_id=tok.eos_token_id, initializer_range=0.2,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # random biases, so a wrong bias mapping shows in the logits
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0, 0.5)
-    path = tmp_path_factory.mktemp("tiny_qwen2")
+    model = model_class(config)
+    with torch.no_grad():  # random biases and norms, so a wrong mapping shows in the logits
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "q_norm" in name or "k_norm" in name:
+                p.normal_(1.0 if "norm" in name else 0.0, 0.5)
+    path = tmp_path_factory.mktemp(f"tiny_{kind}")
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -66,16 +79,16 @@ def logits(model):
         return model(input_ids=PROBE).logits
 
 
-@pytest.mark.parametrize("which", ["llama", "qwen2"])
-def test_f32_export_reloads_with_the_same_tokenizer_and_logits(which, tiny_model_dir, tiny_qwen2_dir, tmp_path):
-    model_dir = tiny_model_dir if which == "llama" else tiny_qwen2_dir
+@pytest.mark.parametrize("which", ["llama", "qwen2", "qwen3"])
+def test_f32_export_reloads_with_the_same_tokenizer_and_logits(which, request, tmp_path):
+    model_dir = request.getfixturevalue("tiny_model_dir" if which == "llama" else f"tiny_{which}_dir")
     out = tmp_path / "model-f32.gguf"
     reloaded, report, output = export_and_reload(model_dir, out, "f32")
     source = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     assert (logits(reloaded) - logits(source)).abs().max().item() <= 1e-4
     assert report["architecture"] == which and report["type"] == "f32"
     assert report["fidelity"]["max_abs_logit_diff"] <= 1e-4 and report["fidelity"]["top1_agreement"] == 1.0
-    assert report["tokenizer"]["pre"] == ("gpt-2" if which == "llama" else "qwen2")
+    assert report["tokenizer"]["pre"] == ("gpt-2" if which == "llama" else "qwen2")  # qwen3 uses qwen2's
     assert all(report["tokenizer_agreement"].values())
     tok = AutoTokenizer.from_pretrained(model_dir)
     gguf_tok = AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
