@@ -9,7 +9,8 @@ How it runs, and why:
    data, streamed one tensor at a time from the safetensors files: read, q/k permuted for llama.cpp's
    Llama rope layout, converted (f32, f16, bf16, q8_0 or q4_0 with gguf.quants) and appended, so peak
    memory stays near one tensor beyond the runtime. 1-D tensors (norms, biases) stay float32, as llama.cpp
-   expects; a weight whose rows do not split into 32-value blocks falls back to f16.
+   expects; a weight whose rows do not split into 32-value blocks falls back to f16; q4_0 keeps the
+   embedding and LM head at q8_0 (on SmolLM2-135M: top-1 agreement 68% -> 74% for 13 MiB).
 3. The file is written under a hidden name beside the output and renamed into place when complete.
 4. Proof: transformers reads the file back (`gguf_file=`) and its logits on the probe batch are compared with
    the source model's, and its tokenizer with the source tokenizer on a set of strings; all of it goes to
@@ -231,6 +232,8 @@ def _plan(config, handles, name_map, qtype):
             t = qtype
             if len(shape) == 1:
                 t = gguf.GGMLQuantizationType.F32
+            elif qtype == gguf.GGMLQuantizationType.Q4_0 and name in ("output.weight", "token_embd.weight"):
+                t = gguf.GGMLQuantizationType.Q8_0  # the LM head (tied: the embedding) decides every token
             elif qtype in blocked and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
                 t = gguf.GGMLQuantizationType.F16
                 fallback.append(name)
