@@ -330,7 +330,8 @@ def export(
         return
     console.print(f"exported {rep.source} ({rep.architecture}) to [bold]{rep.out}[/] as {rep.type}: {rep.tensors} "
                   f"tensors, {rep.size_bytes / 2**20:,.1f} MiB, peak RSS {rep.write_peak_rss_mib:,.0f} MiB while "
-                  f"writing ({rep.peak_rss_mib:,.0f} MiB with the check), {rep.wall_time_s:.1f}s", highlight=False)
+                  f"writing (runtime {rep.rss_before_mib:,.0f} MiB; {rep.peak_rss_mib:,.0f} MiB with the check), "
+                  f"{rep.wall_time_s:.1f}s", highlight=False)
     tk = rep.tokenizer
     same = rep.tokenizer_agreement or {}
     console.print(f"tokenizer {tk['model']} (pre-tokenizer {tk['pre']}), {tk['tokens']} tokens, chat template "

@@ -52,6 +52,7 @@ class ExportReport:
     tokenizer: dict
     tensors: int
     size_bytes: int
+    rss_before_mib: float  # the runtime (torch, transformers, gguf) before any weight is read
     write_peak_rss_mib: float
     peak_rss_mib: float
     wall_time_s: float
@@ -73,8 +74,12 @@ def export(source: str | Path, out: str | Path, *, type: str = "f16", base: str 
     started = time.perf_counter()
     source, out = Path(source), Path(out)
     _check(source, out, type, overwrite)
+    import gguf  # noqa: F401  (part of the runtime measured below)
+    import transformers  # noqa: F401
+
+    rss_before = _peak_rss_mib()
     if adapter_only:
-        return _export_adapter(source, out, type, started, console)
+        return _export_adapter(source, out, type, started, rss_before, console)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as scratch:
         merged_from, merge_report = None, None
         model_dir = source
@@ -94,7 +99,7 @@ def export(source: str | Path, out: str | Path, *, type: str = "f16", base: str 
                 out=str(out), source=str(source), type=type, architecture=info["architecture"],
                 merged_from=merged_from, base_weights=merge_report.base_weights if merge_report else None,
                 tokenizer=info["tokenizer"], tensors=info["tensors"], size_bytes=partial.stat().st_size,
-                write_peak_rss_mib=write_peak, peak_rss_mib=0.0, wall_time_s=0.0,
+                rss_before_mib=rss_before, write_peak_rss_mib=write_peak, peak_rss_mib=0.0, wall_time_s=0.0,
                 merge_fidelity=merge_report.chosen if merge_report else None,
                 notes=info["notes"] + (merge_report.notes if merge_report else []),
             )
@@ -108,7 +113,7 @@ def export(source: str | Path, out: str | Path, *, type: str = "f16", base: str 
     return report
 
 
-def _export_adapter(source: Path, out: Path, type: str, started: float, console) -> ExportReport:
+def _export_adapter(source: Path, out: Path, type: str, started: float, rss_before: float, console) -> ExportReport:
     from finetune.export_adapter import write_adapter_gguf
 
     if not (source / "adapter_config.json").is_file():
@@ -119,7 +124,8 @@ def _export_adapter(source: Path, out: Path, type: str, started: float, console)
         report = ExportReport(
             out=str(out), source=str(source), type=type if type in ("f32", "f16") else "f16",
             architecture=info["architecture"], merged_from=None, base_weights="original", tokenizer={},
-            tensors=info["tensors"], size_bytes=partial.stat().st_size, write_peak_rss_mib=_peak_rss_mib(),
+            tensors=info["tensors"], size_bytes=partial.stat().st_size, rss_before_mib=rss_before,
+            write_peak_rss_mib=_peak_rss_mib(),
             peak_rss_mib=_peak_rss_mib(), wall_time_s=round(time.perf_counter() - started, 2),
             notes=[f"LoRA adapter, rank {info['rank']}, alpha {info['alpha']}: use it with llama.cpp "
                    "`--lora FILE` over a base GGUF exported by `finetune export`; transformers cannot read "
