@@ -56,6 +56,7 @@ def _quiet_libraries() -> None:
 
     import logging
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader draws a bar of its own (not via logging)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # e.g. optional CPU kernels it cannot fetch
     import transformers
 
