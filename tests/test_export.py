@@ -180,6 +180,6 @@ def test_adapter_only_plus_base_gguf_equals_the_merged_gguf(tiny_model_dir, tmp_
     for name in targets:
         a, b = torch.tensor(pairs[name + ".lora_a"]), torch.tensor(pairs[name + ".lora_b"])
         delta = alpha / a.shape[0] * (b @ a)
-        assert torch.allclose(torch.from_numpy(base[name]) + delta, torch.from_numpy(merged[name]), atol=1e-5), name
+        assert torch.allclose(torch.tensor(base[name]) + delta, torch.tensor(merged[name]), atol=1e-5), name
     untouched = set(merged) - set(targets)
-    assert all(torch.equal(torch.from_numpy(base[n]), torch.from_numpy(merged[n])) for n in untouched)
+    assert all(torch.equal(torch.tensor(base[n]), torch.tensor(merged[n])) for n in untouched)
