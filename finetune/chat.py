@@ -79,6 +79,9 @@ def load_session(target: str | None, *, model: str | None = None, adapters: list
         adapters.insert(0, target)
         saved = _saved_recipe(Path(target)).get("model")
         section = ModelSection.model_validate(saved) if saved else None
+    elif target and not Path(target).exists() and (target.startswith((".", "/", "~")) or target.endswith(".gguf")):
+        raise ModelError(f"'{target}' does not exist; give a recipe (.yaml), an adapter checkpoint directory, a "
+                         "model directory, a .gguf file or a hub id.")
     elif target:
         model = model or target
     for a in adapters:
