@@ -35,7 +35,7 @@ demo: fetch
 	$(VENV)/bin/finetune export runs/quickstart/checkpoint-final --out runs/quickstart/quickstart-q8_0.gguf \
 		--type q8_0 --overwrite
 	@echo "llama.cpp: llama-cli -m runs/quickstart/quickstart-q8_0.gguf -cnv"
-	@echo "Ollama:    cd runs/quickstart && printf 'FROM ./quickstart-q8_0.gguf\n' > Modelfile && ollama create quickstart -f Modelfile && ollama run quickstart"
+	@echo "Ollama:    cd runs/quickstart && echo 'FROM ./quickstart-q8_0.gguf' > Modelfile && ollama create quickstart -f Modelfile && ollama run quickstart"
 
 # finetune vs TRL's SFTTrainer on the same job (ratio table; ~1 h on 2 CPU cores). Not part of `make test`.
 bench: fetch
