@@ -185,11 +185,11 @@ class _Streamer:
     """A transformers streamer: decodes the new tokens so far and passes on the text not yet shown."""
 
     def __init__(self, tok, write):
-        self.tok, self.write, self.ids, self.shown, self.prompt_seen, self.started = tok, write, [], 0, False, None
+        self.tok, self.write, self.ids, self.shown, self.prompt_seen = tok, write, [], 0, False
 
     def put(self, value) -> None:
         if not self.prompt_seen:  # generate() first passes the prompt
-            self.prompt_seen, self.started = True, time.perf_counter()
+            self.prompt_seen = True
             return
         self.ids += value.reshape(-1).tolist()
         text = self.text().lstrip()
@@ -205,10 +205,6 @@ class _Streamer:
 
     def text(self) -> str:
         return self.tok.decode(self.ids, skip_special_tokens=True)
-
-    def tokens_per_second(self) -> float:
-        elapsed = time.perf_counter() - (self.started or time.perf_counter())
-        return len(self.ids) / elapsed if elapsed > 0 else 0.0
 
 
 def _interactive(session: Session, options: ChatOptions, console) -> None:
