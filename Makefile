@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,export]"
 	touch $@
 
 fetch: install $(MODEL_DIR)/config.json
@@ -30,6 +30,12 @@ demo: fetch
 	$(VENV)/bin/finetune train recipes/quickstart.yaml --overwrite
 	$(VENV)/bin/finetune eval recipes/quickstart.yaml --adapter runs/quickstart/checkpoint-final \
 		--compare --generate 8 --max-new-tokens 40 --json runs/quickstart/eval.json
+	printf "Extract the person's name, age and city as JSON.\n\nLena, 29, teacher, Oslo." | \
+		$(VENV)/bin/finetune chat runs/quickstart/checkpoint-final --max-new-tokens 40
+	$(VENV)/bin/finetune export runs/quickstart/checkpoint-final --out runs/quickstart/quickstart-q8_0.gguf \
+		--type q8_0 --overwrite
+	@echo "llama.cpp: llama-cli -m runs/quickstart/quickstart-q8_0.gguf -cnv"
+	@echo "Ollama:    cd runs/quickstart && echo 'FROM ./quickstart-q8_0.gguf' > Modelfile && ollama create quickstart -f Modelfile && ollama run quickstart"
 
 # finetune vs TRL's SFTTrainer on the same job (ratio table; ~1 h on 2 CPU cores). Not part of `make test`.
 bench: fetch

@@ -67,6 +67,7 @@ def _quiet_libraries() -> None:
 
     import logging
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader draws a bar of its own (not via logging)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # e.g. optional CPU kernels it cannot fetch
     import transformers
 
@@ -320,3 +321,90 @@ def verify(path: Path = typer.Argument(..., help="A checkpoint directory, or a r
         mark = "[green]ok[/]     " if v.intact else "[bold red]damaged[/]"
         console.print(f"{mark} {escape(str(v.path))}: {escape(v.summary())}", highlight=False, soft_wrap=True)
     _run(lambda: check_report(report))
+
+
+class GgufType(str, Enum):
+    f32 = "f32"
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"
+    q4_0 = "q4_0"
+
+
+@app.command()
+def export(
+    source: Path = typer.Argument(..., help="A merged model directory or an adapter checkpoint (merged first).",
+                                  show_default=False),
+    out: Path = typer.Option(..., "--out", help="The GGUF file to write, e.g. merged/quickstart-q8_0.gguf."),
+    type_: GgufType = typer.Option(GgufType.f16, "--type", help="Tensor type of the weights (norms stay f32)."),
+    base: Optional[str] = typer.Option(None, help="Adapter source: base model (default: the one it was trained on)."),
+    base_weights: BaseWeights = typer.Option(BaseWeights.auto, help="Adapter source: as for `finetune merge`."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="Write only the checkpoint's LoRA matrices, "
+                                      "as a GGUF adapter for llama.cpp's --lora over an exported base."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
+) -> None:
+    """Write a model as one GGUF file for llama.cpp / Ollama, with a logit check against the source."""
+    _quiet_libraries()
+    from finetune.export import export as run_export
+
+    with _holding([out], "finetune export"):
+        rep = _run(lambda: run_export(source, out, type=type_.value, base=base, base_weights=base_weights.value,
+                                      overwrite=overwrite, adapter_only=adapter_only, console=err_console))
+    if adapter_only:
+        console.print(f"exported the adapter {rep.source} ({rep.architecture}, {rep.tensors} tensors, "
+                      f"{rep.size_bytes / 2**20:,.1f} MiB) to [bold]{rep.out}[/]", highlight=False)
+        for note in rep.notes:
+            console.print(f"  {note}", highlight=False)
+        return
+    console.print(f"exported {rep.source} ({rep.architecture}) to [bold]{rep.out}[/] as {rep.type}: {rep.tensors} "
+                  f"tensors, {rep.size_bytes / 2**20:,.1f} MiB, peak RSS {rep.write_peak_rss_mib:,.0f} MiB while "
+                  f"writing (runtime {rep.rss_before_mib:,.0f} MiB; {rep.peak_rss_mib:,.0f} MiB with the check), "
+                  f"{rep.wall_time_s:.1f}s", highlight=False)
+    tk = rep.tokenizer
+    same = rep.tokenizer_agreement or {}
+    console.print(f"tokenizer {tk['model']} (pre-tokenizer {tk['pre']}), {tk['tokens']} tokens, chat template "
+                  f"{'yes' if tk['chat_template'] else 'no'}; read back with the same ids on "
+                  f"{sum(same.values())}/{len(same)} probe strings", highlight=False)
+    if rep.fidelity:
+        f = rep.fidelity
+        console.print(f"GGUF vs source on {rep.probe_tokens} probe tokens: max / mean |logit diff| "
+                      f"{f['max_abs_logit_diff']:.3g} / {f['mean_abs_logit_diff']:.3g}, same top-1 token "
+                      f"{f['top1_agreement']:.1%}", highlight=False)
+    for note in rep.notes:
+        console.print(f"  {note}", highlight=False)
+    console.print(f"run it: llama-cli -m {rep.out} -cnv   |   ollama: echo 'FROM ./{Path(rep.out).name}' > "
+                  f"Modelfile && ollama create mymodel -f Modelfile", highlight=False)
+
+
+@app.command()
+def chat(
+    target: Optional[str] = typer.Argument(None, help="A recipe, an adapter checkpoint (e.g. "
+                                           "runs/x/checkpoint-final), a model directory or a .gguf file.",
+                                           show_default=False),
+    overrides: Optional[list[str]] = OverridesArg,
+    model: Optional[str] = typer.Option(None, help="Base model: hub id, directory or .gguf file (default: the "
+                                        "recipe's or checkpoint's)."),
+    adapter: Optional[list[Path]] = typer.Option(None, "--adapter", help="Adapter on top; repeat to load several "
+                                                 "(switch with /adapter NAME)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Print one reply to this and exit (also: text on "
+                                         "stdin when it is not a terminal)."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Length limit of a reply."),
+    temperature: float = typer.Option(0.0, min=0.0, help="0: greedy (deterministic); above 0: sampling."),
+    top_p: float = typer.Option(1.0, min=0.0, max=1.0, help="Nucleus sampling (with --temperature > 0)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+) -> None:
+    """Chat with a model, adapter checkpoint or GGUF file: interactive, or one reply with --prompt."""
+    import sys
+
+    _quiet_libraries()
+    from finetune.chat import ChatOptions, chat as run_chat
+
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read().strip()
+    options = ChatOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                          system=system)
+    answer = _run(lambda: run_chat(target, model=model, adapters=[str(a) for a in adapter or []],
+                                   overrides=overrides, prompt=prompt, options=options, console=err_console))
+    if answer is not None:
+        sys.stdout.write(answer + "\n")

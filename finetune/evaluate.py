@@ -167,17 +167,25 @@ class GenerationOptions:
     extractor: str | None = None  # none, last_number or regex:PATTERN
 
 
+def generation_kwargs(model, tok, options: GenerationOptions) -> dict:
+    """`model.generate` arguments for these options: length, pad/eos ids, greedy or sampling (also `finetune chat`)."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    eos = model.generation_config.eos_token_id
+    eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tok.eos_token_id} - {None})
+    sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p} \
+        if options.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"max_new_tokens": options.max_new_tokens, "pad_token_id": pad, "eos_token_id": eos, "use_cache": True,
+            **sampling}
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = GenerationOptions(),
              on_chunk=None) -> list[str]:
     """Completions of token-id prompts, batched with left padding (greedy unless temperature > 0).
     `on_chunk(examples, tokens=generated)` is called after each batch (progress.py's `Task.advance`)."""
     device = next(model.parameters()).device
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = model.generation_config.eos_token_id
-    eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tok.eos_token_id} - {None})
-    sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p} \
-        if options.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    kwargs = generation_kwargs(model, tok, options)
+    pad = kwargs["pad_token_id"]
     torch.manual_seed(options.seed)
     was_training = model.training
     model.eval()
@@ -190,10 +198,7 @@ def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = 
         for i, p in enumerate(chunk):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
-        out = model.generate(
-            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=options.max_new_tokens,
-            pad_token_id=pad, eos_token_id=eos, use_cache=True, **sampling,
-        )
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
         outputs += [tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
         if on_chunk is not None:
             on_chunk(len(chunk), tokens=int((out[:, width:] != pad).sum()))
@@ -241,13 +246,11 @@ def load_eval_model(section: ModelSection, quant: QuantizationSection, device):
     from finetune.model import load_base_model
     from finetune.placement import resolve_compute_dtype
 
-    if not section.name_or_path.endswith(".gguf"):
+    if not section.name_or_path.endswith(".gguf") or quant.load_in_4bit:  # 4-bit: via its safetensors conversion
         return load_base_model(section, quant, device)
     from transformers import AutoModelForCausalLM
 
     path = Path(section.name_or_path)
-    if quant.load_in_4bit:
-        raise ModelError(f"{path} is a GGUF file: it is loaded dequantized, not re-quantized; use --quantize none.")
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                      dtype=resolve_compute_dtype(quant.compute_dtype))
@@ -261,7 +264,7 @@ def _quantization(quantize: str, recipe: Recipe | None, source: str, adapters: l
     from finetune.merge import adapter_recipe_quantization
 
     recipe_quant = recipe.quantization if recipe else QuantizationSection()
-    if quantize == "none" or source.endswith(".gguf"):
+    if quantize == "none" or (source.endswith(".gguf") and quantize == "auto" and not adapters):
         return recipe_quant.model_copy(update={"load_in_4bit": False})
     if quantize == "4bit":
         return recipe_quant.model_copy(update={"load_in_4bit": True})

@@ -127,6 +127,7 @@ def merge(
     other = [m for m in modes if m != base_weights]
     notes = [] if quant.load_in_4bit else ["dequantized: not applicable, the adapter was trained without quantization"]
     notes += [tokenizer_note] if tokenizer_note else []
+    notes += [n for n in [_gguf_note(model_section.name_or_path)] if n]
 
     scratch = Path(tempfile.mkdtemp(prefix=f".scratch-{out.name}-", dir=out.parent if out.parent.exists() else None))
     try:
@@ -188,7 +189,17 @@ def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> t
         else ModelSection(name_or_path=configs[0]["base_model_name_or_path"])
     if base is not None:
         section = ModelSection(name_or_path=base)
+    if section.name_or_path.endswith(".gguf"):  # streamed from its cached safetensors conversion (gguf_in.py)
+        from finetune.gguf_in import as_transformers_dir
+
+        section = ModelSection(name_or_path=str(as_transformers_dir(section.name_or_path)))
     return section, quant
+
+
+def _gguf_note(name_or_path: str) -> str | None:
+    from finetune.gguf_in import source_note
+
+    return source_note(name_or_path)
 
 
 def _saved_recipe(adapter_dir: Path) -> dict:

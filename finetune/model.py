@@ -60,6 +60,10 @@ def load_base_model(model: ModelSection | str, q: QuantizationSection, device: t
     """The base model on `device`, quantized to 4 bit when the recipe says so (placement: resolved from `q`
     and the launcher's environment unless the caller resolved it already)."""
     name, revision, trust = _source(model)
+    if name.endswith(".gguf"):  # dequantized once into a cached transformers directory, then loaded as any other
+        from finetune.gguf_in import as_transformers_dir
+
+        name = str(as_transformers_dir(name))
     placement = placement or resolve(q)
     device = torch.device(device)
     device_map = {"": device.index if device.type == "cuda" and device.index is not None else device.type}

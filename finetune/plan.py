@@ -174,12 +174,21 @@ def meta_model(recipe: Recipe, dtype):
     from finetune.model import quantization_config
 
     m = recipe.model
+    if m.name_or_path.endswith(".gguf"):  # its config, read by transformers' GGUF reader (no weights loaded)
+        m = m.model_copy(update={"name_or_path": str(Path(m.name_or_path).parent)})
+        gguf = {"gguf_file": Path(recipe.model.name_or_path).name}
+    else:
+        gguf = {}
     try:
-        config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        config = AutoConfig.from_pretrained(m.name_or_path, revision=m.revision, trust_remote_code=m.trust_remote_code,
+                                            **gguf)
     except (OSError, ValueError) as e:
         raise FinetuneError(f"Cannot read the config of '{m.name_or_path}': {first_line(e)}") from None
     stored = getattr(config, "dtype", None)
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    if gguf:  # trained from its float32 conversion (finetune/gguf_in.py), not from the GGUF's own quantization
+        config.__dict__.pop("quantization_config", None)
+        stored = torch.float32
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=m.trust_remote_code)
     model.tie_weights()  # from_config leaves tied embeddings as two tensors on the meta device
@@ -323,6 +332,8 @@ def runtime_rss() -> int:
 
 def checkpoint_bytes(recipe: Recipe) -> int:
     path = Path(recipe.model.name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.stat().st_size
     if not path.is_dir():
         return 0  # a hub id: its files are in the cache; not counted
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))

@@ -147,7 +147,7 @@ def _check_paths(recipe: Recipe, path: Path, where: dict) -> None:
             f"(relative paths are read from the current directory, {Path.cwd()})."
         )
     name = recipe.model.name_or_path
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") != 1 or name.endswith(".gguf")
     if not Path(name).expanduser().exists() and looks_local:
         problems.append(
             f"{_locate(where, ('model', 'name_or_path'), str(path))}: model.name_or_path: "

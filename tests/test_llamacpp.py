@@ -1,0 +1,108 @@
+"""llama.cpp runs what `finetune export` writes (slow: needs the real SmolLM2 model and llama-cpp-python,
+`pip install -e '.[llamacpp]'`, which builds llama.cpp from source). Run with `make test-slow`.
+
+On the demo model (runs/quickstart/checkpoint-final merged, or the base SmolLM2 when there is no demo run):
+llama.cpp tokenizes like the original tokenizer, and its greedy continuation of a chat prompt equals
+transformers' greedy continuation of the merged model for 32 tokens at f16, and agrees on >= 90% of them at q8_0.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+pytestmark = pytest.mark.slow
+llama_cpp = pytest.importorskip("llama_cpp")
+pytest.importorskip("gguf")
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ROOT / "models" / "SmolLM2-135M-Instruct"
+DEMO = ROOT / "runs" / "quickstart" / "checkpoint-final"
+STRINGS = ["Hello world", "Lena, 29, teacher, Oslo.", "12345 + 678 = 13023", "naïve café, 東京 🙂",
+           "<|im_start|>user\nhi<|im_end|>\n", "  two  spaces\tand a tab\n\nnewlines", '{"name": "Ada", "age": 36}']
+PROMPT = "Extract the person's name, age and city as JSON.\n\nLena, 29, teacher, Oslo."
+STEPS = 32
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    if not (BASE / "config.json").is_file():
+        pytest.skip("needs models/SmolLM2-135M-Instruct (make fetch)")
+    if not (DEMO / "adapter_config.json").is_file():
+        return BASE
+    from finetune.merge import merge
+
+    out = tmp_path_factory.mktemp("demo") / "merged"
+    merge(DEMO, out, dtype="fp32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(merged, tmp_path_factory):
+    from finetune.export import export
+
+    root = tmp_path_factory.mktemp("gguf")
+    files = {}
+    for t in ("f16", "q8_0"):
+        (root / t).mkdir()
+        files[t] = export(merged, root / t / f"demo-{t}.gguf", type=t).out
+    return files
+
+
+def greedy_hf(model, ids: list[int]) -> list[int]:
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(STEPS):
+            out.append(int(model(input_ids=torch.tensor([out])).logits[0, -1].argmax()))
+    return out[len(ids):]
+
+
+def greedy_llama(llm, ids: list[int]) -> list[int]:
+    out = []
+    for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+        out.append(t)
+        if len(out) == STEPS:
+            break
+    return out
+
+
+def test_llama_cpp_tokenizes_and_continues_like_transformers(merged, exported):
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=True)["input_ids"]
+    expected = greedy_hf(model, ids)
+    agreement = {}
+    for t, path in exported.items():
+        llm = llama_cpp.Llama(model_path=path, n_ctx=512, n_threads=2, verbose=False)
+        for s in STRINGS:
+            assert llm.tokenize(s.encode(), add_bos=False, special=True) == tok(s, add_special_tokens=False)[
+                "input_ids"], (t, s)
+        got = greedy_llama(llm, ids)
+        agreement[t] = sum(a == b for a, b in zip(got, expected)) / STEPS
+        if t == "f16":
+            assert got == expected, (tok.decode(got), tok.decode(expected))
+    assert agreement["q8_0"] >= 0.9, agreement
+
+
+def test_llama_cpp_applies_the_exported_adapter_like_the_merge(tmp_path):
+    """Base GGUF + `--adapter-only` GGUF in llama.cpp continues like the merge into the original weights."""
+    if not (DEMO / "adapter_config.json").is_file():
+        pytest.skip("needs the demo run (make demo)")
+    from finetune.export import export
+    from finetune.merge import merge
+
+    merge(DEMO, tmp_path / "merged", base_weights="original", dtype="fp32")
+    for name, source, only in (("base", BASE, False), ("lora", DEMO, True)):
+        (tmp_path / name).mkdir()
+        export(source, tmp_path / name / f"{name}.gguf", type="f16", adapter_only=only)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    ids = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True,
+                                  tokenize=True, return_dict=True)["input_ids"]
+    expected = greedy_hf(model, ids)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "base" / "base.gguf"),
+                          lora_path=str(tmp_path / "lora" / "lora.gguf"), n_ctx=512, n_threads=2, verbose=False)
+    got = greedy_llama(llm, ids)
+    assert sum(a == b for a, b in zip(got, expected)) / STEPS >= 0.9, (tok.decode(got), tok.decode(expected))
