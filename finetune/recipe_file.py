@@ -109,7 +109,10 @@ def _explain(err: ValidationError, path: Path, where: dict) -> str:
             lines.append(f"{place}: required key '{key}' is missing.")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            lines.append(f"{place}: {key}: {msg} (got {e.get('input')!r}).")
+            if not loc:  # a rule across sections: it names its keys; point at the objective's line
+                lines.append(f"{_locate(where, ('training', 'objective'), str(path))}: {msg}.")
+            else:
+                lines.append(f"{place}: {key}: {msg} (got {e.get('input')!r}).")
     return f"Invalid recipe {path}:\n" + "\n".join(lines)
 
 

@@ -5,10 +5,9 @@ token loss without wasted logits is loss.py), the data comes tokenized from fine
 model from model.py with its precision and placement resolved once (placement.py), and
 checkpoints, resume state and RNG streams are written and read by checkpoint.py.
 
-The loss of an optimizer step is the mean over every unit (response token for SFT) in all of its
-micro batches on all processes, not the mean of per-batch means: each micro batch's summed loss
-is divided by the step's total unit count before backward. Padding-heavy or short batches
-therefore get no extra weight, and gradient accumulation gives the same gradient as one big batch.
+A step's loss is the mean over every unit (response token for SFT, pair for DPO) of all its micro
+batches on all processes: each micro batch's summed loss is divided by the step's unit count before
+backward, so gradient accumulation gives the same gradient as one big batch.
 
 Resuming is exact: a checkpoint holds the adapter, optimizer, scheduler, RNG states and the data
 position (`LoopState`: epoch, micro batches consumed), and data order is a pure function of
@@ -34,7 +33,7 @@ from transformers import get_scheduler
 
 from finetune import checkpoint as ckpt
 from finetune import lock, records
-from finetune.data import Collator, cache_dir, fingerprint, real_tokens, split_records, train_eval_split
+from finetune.data import Collator, PairCollator, Pairs, cache_dir, fingerprint, real_tokens, split_records, train_eval_split
 from finetune.distributed import check_strategy
 from finetune.errors import NonFiniteLossError, TrainingInterrupted
 from finetune.evaluate import GenerationOptions, eval_objective, generation_metrics
@@ -149,6 +148,7 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
         records.check_resume(resume_from, recipe, env, console if accelerator.is_main_process else None)
     model = attach_lora(load_base_model(recipe.model, recipe.quantization, accelerator.device, placement), recipe)
     collate = Collator(tokenizer.pad_token_id, padding_free=t.padding_free)
+    collate = PairCollator(collate) if isinstance(train_set, Pairs) else collate  # a pair's two sides together
     # A private generator keeps data loading from consuming the global RNG (dropout's), for exact resume.
     train_dl = DataLoader(train_set, batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate,
                           generator=torch.Generator().manual_seed(t.seed))
@@ -168,8 +168,8 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
               stats.examples)
     rng = _restore(run, resume_from) if resume_from else None
     if t.eval_generate_steps and run.main:
-        run.generation_records = [r for r in split_records(recipe.data, t.seed)[1] if r.fmt != "text"]
-        run.generation_records = run.generation_records[: t.eval_generate_examples]
+        prompted = [r for r in split_records(recipe.data, t.seed)[1] if r.fmt in ("alpaca", "chat", "completion")]
+        run.generation_records = prompted[: t.eval_generate_examples]
     if run.main:
         _start_records(run, resume_from)
         console.print(_banner(run, len(eval_set), stats, resume_from))

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from finetune import data as D
+from finetune.data import read as D
 from finetune.data import DataStats, load_source, prepare_data, split_records
 from finetune.errors import DataError
 from finetune.model import load_tokenizer

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune import data as data_module
+from finetune.data import batch as data_module
 from finetune.data import IGNORE, Collator, flatten, normalize, pack, padding_efficiency, real_tokens, tokenize_all
 from finetune.loss import token_loss_sum
 from finetune.model import load_tokenizer

@@ -1,5 +1,6 @@
 """DPO and ORPO: the losses of the paper formulas, computed without wasted logits, on one loop."""
 
+import json
 import math
 
 import pytest
@@ -147,3 +148,122 @@ def test_flatten_keeps_pairs_in_order():
     ps = [(example([5, 6], [7]), example([5, 6], [8, 9]))]
     row = flatten([x for p in ps for x in p])
     assert row["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3]]
+
+
+# ------------------------------------------------------------------------ data and the CLI
+
+from conftest import TOY_WORDS, write_jsonl  # noqa: E402
+from test_training import adapter, flat, make_recipe, metrics, stop_after_save, train  # noqa: E402
+
+
+def preference_rows(n: int) -> list[dict]:
+    """Repeat-a-word pairs: chosen repeats it, rejected names another word. Three record shapes."""
+    rows = []
+    for i in range(n):
+        word, other = TOY_WORDS[i % 16], TOY_WORDS[(i + 5) % 16]
+        prompt, chosen, rejected = f"Repeat the word twice. {word}", f"{word} {word}", f"{other}"
+        if i % 3 == 0:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        elif i % 3 == 1:
+            rows.append({"prompt": [{"role": "user", "content": prompt}],
+                         "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": [{"role": "assistant", "content": rejected}]})
+        else:  # full conversations sharing the prompt turn
+            user = {"role": "user", "content": prompt}
+            rows.append({"chosen": [user, {"role": "assistant", "content": chosen}],
+                         "rejected": [user, {"role": "assistant", "content": rejected}]})
+    return rows
+
+
+@pytest.fixture
+def pref_data(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", preference_rows(24))
+    write_jsonl(tmp_path / "eval.jsonl", preference_rows(6))
+    return tmp_path
+
+
+def pref_recipe(tmp_path, model_dir, data_dir, name="dpo", objective="dpo", **training):
+    path = make_recipe(tmp_path, model_dir, data_dir, name=name, objective=objective, **training)
+    body = json.loads(path.read_text())
+    body["data"].update(format="preference", max_length=48)
+    body["training"]["micro_batch_size"] = 2
+    path.write_text(json.dumps(body))
+    return path
+
+
+def test_the_three_record_shapes_render_the_same_tokens(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from finetune.data import normalize, tokenize_all
+    from finetune.recipe import DataSection
+
+    tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    rows = preference_rows(3)
+    rows[1]["prompt"][0]["content"] = rows[2]["chosen"][0]["content"] = rows[0]["prompt"]
+    rows[1]["chosen"][0]["content"] = rows[2]["chosen"][1]["content"] = rows[0]["chosen"]
+    rows[1]["rejected"][0]["content"] = rows[2]["rejected"][1]["content"] = rows[0]["rejected"]
+    rows[2]["rejected"][0] = rows[2]["chosen"][0]
+    records = [normalize(r, "preference", {}) for r in rows]
+    examples, stats = tokenize_all(records, DataSection(train=["x.jsonl"], format="preference"), tok)
+    assert len(examples) == 6 and stats.examples == 6
+    assert examples[0]["input_ids"] == examples[2]["input_ids"] == examples[4]["input_ids"]
+    assert examples[1]["labels"] == examples[3]["labels"] == examples[5]["labels"]
+    trained = tok.decode([t for t in examples[0]["labels"] if t != IGNORE])
+    assert trained == rows[0]["chosen"] + "<|im_end|>"  # only the answer and its end of turn
+
+
+def test_dpo_trains_through_the_cli_from_log_2(tmp_path, tiny_model_dir, pref_data):
+    result = train(pref_recipe(tmp_path, tiny_model_dir, pref_data, max_steps=3, eval_steps=2))
+    assert result.exit_code == 0, result.output
+    rows = [m for m in metrics(tmp_path / "runs" / "dpo") if "loss" in m]
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # LoRA B = 0: policy = reference
+    assert rows[0]["rewards/chosen"] == rows[0]["rewards/rejected"] == 0.0
+    assert {"rewards/accuracy", "rewards/margin", "logps/chosen", "logps/rejected"} <= rows[-1].keys()
+    evals = [m for m in metrics(tmp_path / "runs" / "dpo") if "eval_loss" in m]
+    assert evals and "eval_rewards/accuracy" in evals[-1]
+    assert "objective dpo" in flat(result.output).replace("objectivedpo", "objective dpo")
+
+
+def test_orpo_trains_through_the_cli(tmp_path, tiny_model_dir, pref_data):
+    result = train(pref_recipe(tmp_path, tiny_model_dir, pref_data, name="orpo", objective="orpo", max_steps=2))
+    assert result.exit_code == 0, result.output
+    rows = [m for m in metrics(tmp_path / "runs" / "orpo") if "loss" in m]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) and "log_odds_ratio" in r for r in rows)
+
+
+def test_dpo_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_model_dir, pref_data, monkeypatch):
+    straight = pref_recipe(tmp_path / "a", tiny_model_dir, pref_data, max_steps=4)
+    assert train(straight).exit_code == 0
+    resumed = pref_recipe(tmp_path / "b", tiny_model_dir, pref_data, max_steps=4, save_steps=2)
+    with monkeypatch.context() as m:
+        stop_after_save(m, 2)
+        assert train(resumed).exit_code != 0
+    assert train(resumed, "--resume").exit_code == 0
+    a, b = tmp_path / "a" / "runs" / "dpo", tmp_path / "b" / "runs" / "dpo"
+    assert [r["loss"] for r in metrics(a) if "loss" in r] == [r["loss"] for r in metrics(b) if "loss" in r]
+    wa, wb = adapter(a / "checkpoint-final"), adapter(b / "checkpoint-final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("objective,fmt,key", [("dpo", "alpaca", "set data.format to preference"),
+                                               ("sft", "preference", "training.objective to one of dpo, orpo")])
+def test_objective_and_data_must_match(tmp_path, tiny_model_dir, pref_data, objective, fmt, key):
+    path = pref_recipe(tmp_path, tiny_model_dir, pref_data, objective=objective)
+    body = json.loads(path.read_text())
+    body["data"]["format"] = fmt
+    path.write_text(json.dumps(body))
+    result = train(path)
+    assert result.exit_code == 2 and key in " ".join(result.output.split())
+    assert "training.objective" in result.output and "data.format" in result.output
+
+
+def test_bad_preference_records_are_named_with_file_and_line(tmp_path, tiny_model_dir, pref_data):
+    rows = preference_rows(6)
+    rows[2] = {"prompt": "p", "chosen": "same", "rejected": "same"}
+    rows[4] = {"prompt": "p", "chosen": "a"}
+    write_jsonl(pref_data / "train.jsonl", rows)
+    result = train(pref_recipe(tmp_path, tiny_model_dir, pref_data))
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2
+    assert f"train.jsonl:3: 'chosen' and 'rejected' are the same answer" in text.replace(str(pref_data) + "/", "")
+    assert "train.jsonl:5: missing field 'rejected'" in text.replace(str(pref_data) + "/", "")

@@ -1,0 +1,389 @@
+"""Reading: local files (.jsonl/.json/.csv/.parquet), directories, globs and hub datasets into Records.
+
+Reading keeps the file and line of every record, so a bad record is reported where the user
+can fix it (`on_bad_record: error` lists them; `skip` counts them). Every source is normalised
+to a few shapes before rendering: alpaca, chat (sharegpt becomes chat), completion, text and
+preference; a format is one entry of `FORMATS`. Mixing weights and the held-out split are here too.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune.errors import DataError, first_line
+from finetune.recipe import DATA_EXTENSIONS, FORMAT_FIELDS, DataSection, DatasetSpec, data_files
+
+MAX_LISTED = 10
+SHAREGPT_ROLES = {
+    "system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+    "chatgpt": "assistant", "model": "assistant", "bing": "assistant", "bard": "assistant",
+    "tool": "tool", "function_response": "tool", "observation": "tool",
+}
+
+
+@dataclass
+class Record:
+    """One usable record in a normalised shape, with where it came from."""
+
+    fmt: str  # alpaca | chat | completion | text
+    data: dict
+    where: str  # "file:line" (or "file row N", "hub-id[split] row N")
+
+
+@dataclass
+class DataStats:
+    examples: int = 0
+    tokens: int = 0  # after truncation
+    label_tokens: int = 0
+    truncated: int = 0
+    dropped: int = 0  # over max_length with overlong=drop, or no response token left after truncation
+    skipped: int = 0  # bad records skipped (on_bad_record: skip)
+    bad: list[str] = field(default_factory=list, repr=False)  # the first of those, as file:line: problem
+    lengths: list[int] = field(default_factory=list, repr=False)  # token lengths before truncation
+    sources: list[dict] = field(default_factory=list, repr=False)  # per dataset: records, skipped, train, eval
+
+
+class _BadRecord(Exception):
+    pass
+
+
+
+# --------------------------------------------------------------------- reading
+
+
+def read_rows(path: str | Path) -> tuple[list[tuple[str, Any]], list[str]]:
+    """(where, row) for every parsed row of a local data file, and a 'where: problem' line for each unparsable one."""
+    rows = _read_file(Path(path))
+    return ([(w, r) for w, r in rows if not isinstance(r, _BadRecord)],
+            [f"{w}: {r}" for w, r in rows if isinstance(r, _BadRecord)])
+
+
+def _read_file(path: Path) -> list[tuple[str, Any]]:
+    """(where, row) for every row of a local data file, in file order; an unparsable row is a _BadRecord."""
+    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
+    reader = readers.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use {', '.join(readers)}.")
+    try:
+        return reader(path)
+    except OSError as e:
+        raise DataError(f"Cannot read data file {path}: {e.strerror or e}.") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
+
+
+def _read_jsonl(path: Path, text: str | None = None):
+    text = path.read_text(encoding="utf-8-sig") if text is None else text
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"{path}:{n}", json.loads(line)))
+        except json.JSONDecodeError as e:
+            rows.append((f"{path}:{n}", _BadRecord(f"broken JSON ({e.msg} at column {e.colno})")))
+    return rows
+
+
+def _read_json(path: Path):
+    """A JSON array of records (each reported at the line where it starts), or JSON Lines named .json."""
+    text = path.read_text(encoding="utf-8-sig")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        lines = [x for x in text.splitlines() if x.strip()]
+        if len(lines) > 1 and _parses(lines[0]):
+            return _read_jsonl(path, text)
+        return [(f"{path}:{e.lineno}", _BadRecord(f"broken JSON ({e.msg} at column {e.colno})"))]
+    if not isinstance(doc, list):
+        raise DataError(f"{path}: expected a JSON array of records (or one JSON object per line), "
+                        f"got a JSON {type(doc).__name__}.")
+    rows, decoder, i, line = [], json.JSONDecoder(), text.index("[") + 1, 1 + text.count("\n", 0, text.index("["))
+    skip = re.compile(r"[\s,]*")
+    while True:
+        j = skip.match(text, i).end()
+        line += text.count("\n", i, j)
+        if text[j] == "]":
+            return rows
+        obj, i = decoder.raw_decode(text, j)
+        rows.append((f"{path}:{line}", obj))
+        line += text.count("\n", j, i)
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def _read_csv(path: Path):
+    csv.field_size_limit(2**31 - 1)  # long texts are normal in training data
+    rows = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        reader.fieldnames  # reads the header
+        start = reader.line_num + 1
+        for row in reader:
+            rows.append((f"{path}:{start}", {k: v for k, v in row.items() if k is not None and v is not None}))
+            start = reader.line_num + 1
+    return rows
+
+
+def _read_parquet(path: Path):
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file ({first_line(e)}).") from None
+    return [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
+
+
+def _read_hub(spec: DatasetSpec):
+    dataset = _load_hub(spec)
+    label = f"{spec.path}[{spec.split}]"
+    return [(f"{label} row {i}", row) for i, row in enumerate(dataset.to_list(), 1)]
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+@functools.lru_cache(maxsize=None)
+def _hub_revision(path: str, revision: str | None) -> str:
+    """The commit a hub dataset resolves to; fails fast (one request, short timeout) when the hub is unreachable.
+
+    datasets.load_dataset itself retries for about half a minute before giving up on a machine
+    without network, so this probe runs first.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return HfApi().dataset_info(path, revision=revision, timeout=10).sha or ""
+    except GatedRepoError:
+        raise DataError(f"Hub dataset '{path}' is gated: accept its terms on the hub and log in "
+                        "(`hf auth login` or HF_TOKEN).") from None
+    except RevisionNotFoundError:
+        raise DataError(f"Hub dataset '{path}' has no revision '{revision}'.") from None
+    except RepositoryNotFoundError:
+        raise DataError(f"'{path}' is not a local file, directory or glob pattern, nor a dataset on the Hugging Face "
+                        f"hub (relative paths are read from the current directory, {Path.cwd()}).") from None
+    except Exception as e:  # no network: connection, DNS or timeout errors of the HTTP client
+        raise DataError(
+            f"Cannot reach the Hugging Face hub to load dataset '{path}' ({first_line(e)}). On a machine without "
+            "network, point the recipe at local files, or set HF_HUB_OFFLINE=1 to use a copy already in the "
+            "local Hugging Face cache."
+        ) from None
+
+
+def _load_hub(spec: DatasetSpec):
+    import datasets
+
+    if not _hub_offline():
+        _hub_revision(spec.path, spec.revision)
+    try:
+        return datasets.load_dataset(spec.path, spec.name, split=spec.split, revision=spec.revision)
+    except Exception as e:
+        offline = " (HF_HUB_OFFLINE is set: only the local cache is used)" if _hub_offline() else ""
+        raise DataError(f"Cannot load hub dataset '{spec.path}' (name={spec.name}, split={spec.split}){offline}: "
+                        f"{first_line(e)}") from None
+
+
+# --------------------------------------------------------------- normalising
+
+
+class _Row:
+    """A raw record read through the recipe's field mapping; problems raise _BadRecord naming the column."""
+
+    def __init__(self, row: dict, fmt: str, fields: dict[str, str]):
+        self.row, self.fmt, self.fields = row, fmt, fields
+
+    def text(self, key: str, required: bool = True, nonempty: bool = False) -> str:
+        column = self.fields.get(key, key)
+        value = self.row.get(column)
+        if value is None:
+            if not required:
+                return ""
+            mapped = f" (as '{key}')" if column != key else ""
+            raise _BadRecord(f"missing field '{column}'{mapped}; format '{self.fmt}' needs {_needs(self.fmt, self.fields)}")
+        if not isinstance(value, str):
+            raise _BadRecord(f"field '{column}' must be a string, got {type(value).__name__}")
+        if nonempty and not value.strip():
+            raise _BadRecord(f"empty '{column}'")
+        return value
+
+
+def _preference(r: _Row) -> Record:
+    """{prompt, chosen, rejected}: prompt a string or chat messages, answers strings or assistant messages;
+    or full conversations in chosen/rejected that share the prompt turns (the prefix is split off)."""
+    cols = {k: r.fields.get(k, k) for k in ("prompt", "chosen", "rejected")}
+    for k in ("chosen", "rejected"):
+        if r.row.get(cols[k]) is None:
+            raise _BadRecord(f"missing field '{cols[k]}'; format 'preference' needs {_needs('preference', r.fields)}")
+    prompt = r.row.get(cols["prompt"])
+    turns = {k: _turns(r.row[cols[k]], cols[k]) for k in ("chosen", "rejected")}
+    if prompt is None:  # full conversations: split off the shared prompt turns
+        c, j = turns["chosen"], 0
+        while j < min(len(c), len(turns["rejected"])) - 1 and c[j] == turns["rejected"][j]:
+            j += 1
+        prompt, turns = c[:j], {k: v[j:] for k, v in turns.items()}
+    messages = _turns(prompt, cols["prompt"], user=True)
+    answers = {}
+    for k, t in turns.items():
+        if len(t) != 1 or t[0]["role"] != "assistant":
+            raise _BadRecord(f"'{cols[k]}' must be one answer (a string or one assistant message) after the prompt")
+        if not t[0]["content"].strip():
+            raise _BadRecord(f"empty '{cols[k]}'")
+        answers[k] = t[0]["content"]
+    if answers["chosen"] == answers["rejected"]:
+        raise _BadRecord(f"'{cols['chosen']}' and '{cols['rejected']}' are the same answer: nothing to prefer")
+    return Record("preference", {"prompt": messages, **answers}, "")
+
+
+def _turns(value: Any, column: str, user: bool = False) -> list[dict]:
+    """A string (one user or assistant turn) or a list of {role, content} messages."""
+    if isinstance(value, str):
+        return [{"role": "user" if user else "assistant", "content": value}]
+    if not isinstance(value, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
+        raise _BadRecord(f"'{column}' must be a string or a list of {{role, content}} messages")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+# One entry per record format: how a raw row becomes a Record (rendering is in render.py).
+FORMATS = {
+    "alpaca": lambda r: Record("alpaca", {"instruction": r.text("instruction"), "input": r.text("input", False),
+                                          "output": r.text("output", nonempty=True)}, ""),
+    "completion": lambda r: Record("completion", {"prompt": r.text("prompt"),
+                                                  "completion": r.text("completion", nonempty=True)}, ""),
+    "text": lambda r: Record("text", {"text": r.text("text", nonempty=True)}, ""),
+    "chat": lambda r: Record("chat", {"messages": _messages(r.row, r.fields, "messages", "role", "content", None)}, ""),
+    "sharegpt": lambda r: Record("chat", {"messages": _messages(r.row, r.fields, "conversations", "from", "value",
+                                                                SHAREGPT_ROLES)}, ""),
+    "preference": _preference,
+}
+
+
+def normalize(row: Any, fmt: str, fields: dict[str, str]) -> Record:
+    """The row in canonical field names (sharegpt read into chat messages); raises _BadRecord with the reason."""
+    if isinstance(row, _BadRecord):
+        raise row
+    if not isinstance(row, dict):
+        raise _BadRecord(f"expected a record (JSON object), got {type(row).__name__}")
+    return FORMATS[fmt](_Row(row, fmt, fields))
+
+
+def _messages(row: dict, fields: dict, list_key: str, role_key: str, content_key: str, roles: dict | None) -> list:
+    column, role_col, content_col = (fields.get(k, k) for k in (list_key, role_key, content_key))
+    turns = row.get(column)
+    if turns is None:
+        raise _BadRecord(f"missing field '{column}' (a list of {{{role_col}, {content_col}}} objects)")
+    if isinstance(turns, str):  # e.g. a CSV cell holding JSON
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError:
+            pass
+    if not isinstance(turns, list) or not turns:
+        raise _BadRecord(f"'{column}' must be a non-empty list of {{{role_col}, {content_col}}} objects")
+    messages = []
+    for i, m in enumerate(turns):
+        if not (isinstance(m, dict) and isinstance(m.get(role_col), str) and isinstance(m.get(content_col), str)):
+            raise _BadRecord(f"{column}[{i}] must be an object with string '{role_col}' and '{content_col}'")
+        role = m[role_col] if roles is None else roles.get(m[role_col].lower())
+        if role is None:
+            raise _BadRecord(f"{column}[{i}]: unknown {role_col} '{m[role_col]}' (known: {', '.join(roles)})")
+        messages.append({"role": role, "content": m[content_col]})
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise _BadRecord("no non-empty assistant message to learn from")
+    return messages
+
+
+def _needs(fmt: str, fields: dict) -> str:
+    required = [k for k in FORMAT_FIELDS[fmt] if k not in ("input", "role", "content", "from", "value")
+                and not (fmt == "preference" and k == "prompt")]
+    return ", ".join(fields.get(k, k) for k in required)
+
+
+def load_source(spec: DatasetSpec) -> tuple[list[Record], list[str]]:
+    """Usable records of one dataset, and a 'where: problem' line for each bad one."""
+    files = data_files(spec.path)
+    if files is None:
+        rows = _read_hub(spec)
+    elif not files:
+        raise DataError(f"'{spec.path}' names no {'/'.join(DATA_EXTENSIONS)} file.")
+    else:
+        rows = [row for f in files for row in _read_file(f)]
+    records, bad = [], []
+    for where, row in rows:
+        try:
+            rec = normalize(row, spec.format, spec.fields)
+        except _BadRecord as e:
+            bad.append(f"{where}: {e}")
+            continue
+        rec.where = where
+        records.append(rec)
+    return records, bad
+
+
+def _raise_bad(bad: list[str]) -> None:
+    if bad:
+        more = f"\n... and {len(bad) - MAX_LISTED} more" if len(bad) > MAX_LISTED else ""
+        raise DataError(
+            f"{len(bad)} bad record(s):\n" + "\n".join(bad[:MAX_LISTED]) + more
+            + "\nFix them, or set data.on_bad_record=skip to leave them out (they are counted)."
+        )
+
+
+def _resample(records: list, target: int, rng: random.Random) -> list:
+    """`target` records: whole copies of the list, then a random sample of the rest."""
+    copies, rest = divmod(target, len(records))
+    return records * copies + rng.sample(records, rest)
+
+
+def split_records(data: DataSection, seed: int, stats: DataStats | None = None) -> tuple[list[Record], list[Record]]:
+    """(train, eval) records of every source, mixed per the recipe; bad records raise or are counted."""
+    stats = stats if stats is not None else DataStats()
+    loaded = [(spec, *load_source(spec)) for spec in data.train_datasets]
+    held_out = [(spec, *load_source(spec)) for spec in data.eval_datasets]
+    bad = [b for _, _, bs in loaded + held_out for b in bs]
+    if data.on_bad_record == "error":
+        _raise_bad(bad)
+    stats.skipped += len(bad)
+    stats.bad += bad[: MAX_LISTED - len(stats.bad)]
+    train, evaluation = [], []
+    for i, (spec, records, bad_here) in enumerate(loaded):
+        if not records:
+            raise DataError(f"{spec.path}: no usable records ({len(bad_here)} bad).")
+        rng = random.Random(f"{seed}/{i}")
+        held = []
+        if data.eval_fraction and not data.eval:
+            order = list(range(len(records)))
+            rng.shuffle(order)
+            cut = set(order[: max(1, round(data.eval_fraction * len(records)))])
+            held = [r for j, r in enumerate(records) if j in cut]
+            records = [r for j, r in enumerate(records) if j not in cut]
+        target = spec.num_samples or (round(spec.weight * len(records)) if spec.weight else len(records))
+        mixed = _resample(records, target, rng) if records and target != len(records) else records
+        train += mixed
+        evaluation += held
+        stats.sources.append({"source": spec.path, "format": spec.format, "records": len(records) + len(held),
+                              "skipped": len(bad_here), "train": len(mixed), "eval": len(held)})
+    for spec, records, bad_here in held_out:
+        evaluation += records
+        stats.sources.append({"source": spec.path, "format": spec.format, "records": len(records),
+                              "skipped": len(bad_here), "train": 0, "eval": len(records)})
+    return train, evaluation
+
+
