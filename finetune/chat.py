@@ -137,7 +137,7 @@ def prompt_ids(session: Session, user: str) -> list[int]:
 def reply(session: Session, user: str, options: ChatOptions, stream=None) -> str:
     """The model's reply to `user` (added to the conversation with it); `stream(text)` receives pieces as
     they are generated. Ctrl-C stops the reply early (KeyboardInterrupt is re-raised after recording it)."""
-    from finetune.evaluate import GenerationOptions, generate, generation_kwargs
+    from finetune.generation import GenerationOptions, generate, generation_kwargs
 
     ids = prompt_ids(session, user)
     gen = GenerationOptions(max_new_tokens=options.max_new_tokens, temperature=options.temperature,

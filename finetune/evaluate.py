@@ -2,16 +2,8 @@
 
 Loss is the mean cross-entropy over response tokens only (the same masking as
 training, from data.py), so a before/after comparison measures exactly what
-training optimised; perplexity is exp(loss). Generation metrics come from
-batched greedy (or sampled) completions of each example's prompt:
-
-- exact_match: the answer extracted from the completion equals the one extracted
-  from the reference. Extractors: `none` (the whole stripped text), `last_number`
-  (GSM8K style: the number after `####`, else the last number; `1,234.50` -> `1234.5`)
-  or `regex:PATTERN` (its first group, else the whole match).
-- contains: the (extracted) reference occurs in the completion (with `last_number`:
-  as one of its numbers; otherwise as a case-insensitive substring).
-- chrf / bleu: corpus scores from sacrebleu, when it is installed.
+training optimised; perplexity is exp(loss). Generation metrics (exact_match, contains,
+chrF/BLEU) come from batched completions of each example's prompt (generation.py).
 
 Several adapters share one loaded base (PEFT switches between them), and the base
 itself is measured with the adapters disabled, so a comparison costs one model load.
@@ -23,20 +15,21 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Callable
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader
 
-from finetune.data import IGNORE, Collator, prompt_and_reference, split_records, tokenize_all
+from finetune.data import Collator, split_records, tokenize_all
 from finetune.errors import DataError, ModelError, first_line
+from finetune.generation import (  # noqa: F401  (re-exported: eval's public names)
+    GenerationOptions, generate, generation_kwargs, generation_metrics, last_number, make_extractor,
+    normalize_number, score_example,
+)
 from finetune.model import check_adapter_dir, load_tokenizer
 from finetune.progress import track
 from finetune.recipe import DataSection, ModelSection, QuantizationSection, Recipe
@@ -78,154 +71,6 @@ def eval_objective(model, dataloader, objective=None, accelerator=None, on_batch
 def eval_loss(model, dataloader, accelerator=None, on_batch=None) -> float:
     """Mean response-token loss over a dataloader (summed over processes when distributed)."""
     return eval_objective(model, dataloader, accelerator=accelerator, on_batch=on_batch)["loss"]
-
-
-# ------------------------------------------------------------- extraction
-
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
-
-
-def normalize_number(text: str) -> str:
-    """`1,234.50` -> `1234.5`, `-3.0` -> `-3`, `007` -> `7`: one spelling per value."""
-    try:
-        value = Decimal(text.replace(",", ""))
-    except InvalidOperation:
-        return text
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
-def last_number(text: str) -> str | None:
-    """GSM8K-style answer: the first number after the last `####`, else the last number in the text."""
-    if "####" in text:
-        after = _NUMBER.search(text.rsplit("####", 1)[1])
-        if after:
-            return normalize_number(after.group())
-    numbers = _NUMBER.findall(text)
-    return normalize_number(numbers[-1]) if numbers else None
-
-
-def make_extractor(spec: str | None) -> Callable[[str], str | None]:
-    """`none`/None: stripped text; `last_number`; `regex:PATTERN`: first group (else whole match) of the first match."""
-    if spec in (None, "", "none"):
-        return lambda text: text.strip()
-    if spec == "last_number":
-        return last_number
-    if spec.startswith("regex:"):
-        try:
-            pattern = re.compile(spec.removeprefix("regex:"), re.DOTALL)
-        except re.error as e:
-            raise DataError(f"Bad answer extractor '{spec}': {e}.") from None
-
-        def extract(text: str) -> str | None:
-            m = pattern.search(text)
-            if not m:
-                return None
-            return (m.group(1) if pattern.groups else m.group()).strip()
-
-        return extract
-    raise DataError(f"Unknown answer extractor '{spec}': use none, last_number or regex:PATTERN.")
-
-
-def score_example(prediction: str, reference: str, extractor: str | None) -> dict:
-    """Per-example scores: the extracted answers, exact match and contains."""
-    extract = make_extractor(extractor)
-    predicted = extract(prediction)
-    expected = extract(reference)
-    if expected is None:  # a reference the pattern does not fit: compare with all of it
-        expected = reference.strip()
-    if extractor == "last_number":
-        contains = expected in {normalize_number(n) for n in _NUMBER.findall(prediction)}
-    else:
-        contains = expected.lower() in prediction.lower()
-    return {"extracted": predicted, "expected": expected, "correct": predicted == expected, "contains": contains}
-
-
-def corpus_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
-    """chrF and BLEU (0-100) via sacrebleu when it is installed; nothing otherwise."""
-    try:
-        import sacrebleu
-    except ImportError:
-        return {}
-    return {
-        "chrf": sacrebleu.corpus_chrf(predictions, [references]).score,
-        "bleu": sacrebleu.corpus_bleu(predictions, [references]).score,
-    }
-
-
-# ------------------------------------------------------------- generation
-
-
-@dataclass
-class GenerationOptions:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    batch_size: int = 8
-    seed: int = 0
-    extractor: str | None = None  # none, last_number or regex:PATTERN
-
-
-def generation_kwargs(model, tok, options: GenerationOptions) -> dict:
-    """`model.generate` arguments for these options: length, pad/eos ids, greedy or sampling (also `finetune chat`)."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    eos = model.generation_config.eos_token_id
-    eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tok.eos_token_id} - {None})
-    sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p} \
-        if options.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {"max_new_tokens": options.max_new_tokens, "pad_token_id": pad, "eos_token_id": eos, "use_cache": True,
-            **sampling}
-
-
-@torch.no_grad()
-def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = GenerationOptions(),
-             on_chunk=None) -> list[str]:
-    """Completions of token-id prompts, batched with left padding (greedy unless temperature > 0).
-    `on_chunk(examples, tokens=generated)` is called after each batch (progress.py's `Task.advance`)."""
-    device = next(model.parameters()).device
-    kwargs = generation_kwargs(model, tok, options)
-    pad = kwargs["pad_token_id"]
-    torch.manual_seed(options.seed)
-    was_training = model.training
-    model.eval()
-    outputs = []
-    for start in range(0, len(prompts), options.batch_size):
-        chunk = prompts[start : start + options.batch_size]
-        width = max(map(len, chunk))
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        outputs += [tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
-        if on_chunk is not None:
-            on_chunk(len(chunk), tokens=int((out[:, width:] != pad).sum()))
-    model.train(was_training)
-    return outputs
-
-
-def generation_metrics(model, tok, records: list, options: GenerationOptions, on_chunk=None) -> tuple[dict, list[dict]]:
-    """Generate for each record's prompt and score against its reference: (metrics, per-example samples).
-
-    `records` are data.py Records (raw-text ones, with no prompt/response split, are left out). This is
-    what `finetune eval` runs per model; training can call it every `eval_generate_steps` on a small
-    subset (on the main process, with the unwrapped model).
-    """
-    pairs = [prompt_and_reference(r, r.fmt, tok) for r in records if r.fmt != "text"]
-    predictions = generate(model, tok, [p for p, _ in pairs], options, **({"on_chunk": on_chunk} if on_chunk else {}))
-    samples = [
-        {"prompt": tok.decode(p), "reference": ref, "prediction": pred, **score_example(pred, ref, options.extractor)}
-        for (p, ref), pred in zip(pairs, predictions)
-    ]
-    n = max(len(samples), 1)
-    metrics = {
-        "exact_match": sum(s["correct"] for s in samples) / n,
-        "contains": sum(s["contains"] for s in samples) / n,
-        **corpus_scores(predictions, [ref for _, ref in pairs]),
-    }
-    return metrics, samples
 
 
 # ---------------------------------------------------------------- models
@@ -361,54 +206,19 @@ def evaluate(
     source = model or recipe.model.name_or_path
     section = recipe.model.model_copy(update={"name_or_path": source}) if recipe else ModelSection(name_or_path=source)
     quant = _quantization(quantize, recipe, source, adapters)
-    data_section = eval_data(recipe, data, data_format, fields)
-    seed = recipe.training.seed if recipe else 42
-    records = split_records(data_section, seed)[1]
-    if not records:
-        raise DataError("Nothing to evaluate on: the recipe has neither data.eval nor data.eval_fraction. "
-                        "Add one (or override it, e.g. data.eval=path/to/eval.jsonl), or pass --data FILE.")
-    records = records[:limit] if limit else records
-    tok = load_tokenizer(adapters[0] if adapters else source, data_section.chat_template)  # also a .gguf
-    examples, _ = tokenize_all(records, data_section, tok)
-    batch_size = recipe.training.micro_batch_size if recipe else options.batch_size
-    loader = DataLoader(examples, batch_size=batch_size, collate_fn=Collator(tok.pad_token_id))
-    with_prompt = [r for r in records if r.fmt != "text"]  # raw text has no prompt/response split
-    to_generate = with_prompt[: len(with_prompt) if generate_n < 0 else generate_n]
-
+    run = _inputs(recipe, eval_data(recipe, data, data_format, fields), data, adapters[0] if adapters else source,
+                  limit, generate_n, options)
+    run.harness, run.harness_include, run.limit = harness, harness_include, limit
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    report = EvalReport(
-        data=str(data or data_section.eval or f"{data_section.eval_fraction:.0%} held out of the training data"),
-        examples=len(examples), generated=len(to_generate),
-        generation={**asdict(options)} if to_generate else None,
-    )
-
-    def measure(candidate: Candidate, net) -> None:
-        started = time.perf_counter()
-        loss = _loss_with_progress(net, loader, candidate.label)
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-        seconds = {"loss": round(time.perf_counter() - started, 2)}
-        if to_generate:
-            started = time.perf_counter()
-            gen_metrics, samples = _generation_with_progress(net, tok, to_generate, options, candidate.label)
-            metrics.update(gen_metrics)
-            seconds["generate"] = round(time.perf_counter() - started, 2)
-            report.samples += [{"model": candidate.label, "index": i, **s} for i, s in enumerate(samples)]
-        if harness:
-            started = time.perf_counter()
-            metrics.update(run_harness(net, tok, harness, limit=limit, include=harness_include,
-                                       batch_size=options.batch_size))
-            seconds["harness"] = round(time.perf_counter() - started, 2)
-        report.models[candidate.label] = {**asdict(candidate), "metrics": metrics, "seconds": seconds}
-
     if compare and model and not adapters and recipe and source != recipe.model.name_or_path:
         base_quant = _quantization("auto", recipe, recipe.model.name_or_path, [])
         base = load_eval_model(recipe.model, base_quant, device).eval()
-        measure(Candidate("base", recipe.model.name_or_path, None, _describe(base_quant)), base)
+        _measure(run, Candidate("base", recipe.model.name_or_path, None, _describe(base_quant)), base)
         del base
     net = load_eval_model(section, quant, device).eval()
     if not adapters:
-        measure(Candidate("model" if model else "base", source, None, _describe(quant)), net)
-        return report
+        _measure(run, Candidate("model" if model else "base", source, None, _describe(quant)), net)
+        return run.report
     from peft import PeftModel
 
     net = PeftModel.from_pretrained(net, adapters[0], adapter_name="a0")
@@ -417,16 +227,80 @@ def evaluate(
     net.eval()
     if compare:
         with net.disable_adapter():
-            measure(Candidate("base", source, None, _describe(quant)), net)
+            _measure(run, Candidate("base", source, None, _describe(quant)), net)
     for i, (label, path) in enumerate(zip(_adapter_labels(adapters), adapters)):
         net.set_adapter(f"a{i}")
-        measure(Candidate(label, source, path, _describe(quant)), net)
-    return report
+        _measure(run, Candidate(label, source, path, _describe(quant)), net)
+    return run.report
 
 
-def _loss_with_progress(net, loader, label: str) -> float:
+@dataclass
+class _EvalRun:
+    """What every candidate is measured on: the tokenizer, the loss data, the prompts to generate for."""
+
+    tok: object
+    loader: DataLoader
+    objective: object  # objectives.py: SFT, or DPO for preference pairs
+    to_generate: list
+    options: GenerationOptions
+    report: EvalReport
+    harness: list[str] | None = None
+    harness_include: str | None = None
+    limit: int | None = None
+
+
+def _inputs(recipe, data_section: DataSection, data: str | None, tokenizer_source: str, limit, generate_n,
+            options: GenerationOptions) -> _EvalRun:
+    from finetune.data import PairCollator, Pairs
+    from finetune.objectives import DPO, SFT
+
+    records = split_records(data_section, recipe.training.seed if recipe else 42)[1]
+    if not records:
+        raise DataError("Nothing to evaluate on: the recipe has neither data.eval nor data.eval_fraction. "
+                        "Add one (or override it, e.g. data.eval=path/to/eval.jsonl), or pass --data FILE.")
+    records = records[:limit] if limit else records
+    tok = load_tokenizer(tokenizer_source, data_section.chat_template)  # also a .gguf
+    examples, _ = tokenize_all(records, data_section, tok)
+    batch_size = recipe.training.micro_batch_size if recipe else options.batch_size
+    pairs = all(r.fmt == "preference" for r in records)  # rewards and accuracy against the base as reference
+    collate = PairCollator(Collator(tok.pad_token_id)) if pairs else Collator(tok.pad_token_id)
+    loader = DataLoader(Pairs(examples) if pairs else examples, batch_size=batch_size, collate_fn=collate)
+    with_prompt = [r for r in records if r.fmt in ("alpaca", "chat", "completion")]  # text has no prompt/response
+    to_generate = with_prompt[: len(with_prompt) if generate_n < 0 else generate_n]
+    report = EvalReport(
+        data=str(data or data_section.eval or f"{data_section.eval_fraction:.0%} held out of the training data"),
+        examples=len(loader.dataset), generated=len(to_generate),
+        generation={**asdict(options)} if to_generate else None,
+    )
+    return _EvalRun(tok, loader, DPO(recipe) if pairs else SFT(), to_generate, options, report)
+
+
+def _measure(run: _EvalRun, candidate: Candidate, net) -> None:
+    """One row of the report: loss (or preference metrics), generation metrics, harness tasks."""
+    started = time.perf_counter()
+    out = _loss_with_progress(net, run.loader, candidate.label, run.objective)
+    metrics = {"loss": out["loss"]}
+    if run.objective.unit == "token":
+        metrics["perplexity"] = math.exp(min(out["loss"], 50))
+    metrics.update({k: v for k, v in out.items() if k != "loss"})
+    seconds = {"loss": round(time.perf_counter() - started, 2)}
+    if run.to_generate:
+        started = time.perf_counter()
+        gen_metrics, samples = _generation_with_progress(net, run.tok, run.to_generate, run.options, candidate.label)
+        metrics.update(gen_metrics)
+        seconds["generate"] = round(time.perf_counter() - started, 2)
+        run.report.samples += [{"model": candidate.label, "index": i, **s} for i, s in enumerate(samples)]
+    if run.harness:
+        started = time.perf_counter()
+        metrics.update(run_harness(net, run.tok, run.harness, limit=run.limit, include=run.harness_include,
+                                   batch_size=run.options.batch_size))
+        seconds["harness"] = round(time.perf_counter() - started, 2)
+    run.report.models[candidate.label] = {**asdict(candidate), "metrics": metrics, "seconds": seconds}
+
+
+def _loss_with_progress(net, loader, label: str, objective=None) -> dict[str, float]:
     with track(f"loss ({label})", total=len(loader), unit="batches") as task:  # on stderr
-        return eval_loss(net, loader, on_batch=task.advance)
+        return eval_objective(net, loader, objective, on_batch=task.advance)
 
 
 def _generation_with_progress(net, tok, records, options, label: str) -> tuple[dict, list[dict]]:

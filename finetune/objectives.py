@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from finetune.data import IGNORE
 from finetune.loss import num_sequences, sequence_logprobs, token_loss_sum
-from finetune.recipe import OBJECTIVES, Recipe
+from finetune.recipe import OBJECTIVES, DPOSection, Recipe
 
 
 @dataclass
@@ -87,7 +87,7 @@ class DPO(Preference):
 
     def __init__(self, recipe: Recipe | None = None):
         super().__init__(recipe)
-        self.settings = recipe.dpo if recipe is not None else None
+        self.settings = recipe.dpo if recipe is not None else DPOSection()
 
     def __call__(self, model, batch: dict) -> LossSum:
         s = self.settings

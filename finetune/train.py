@@ -9,9 +9,8 @@ A step's loss is the mean over every unit (response token for SFT, pair for DPO)
 batches on all processes: each micro batch's summed loss is divided by the step's unit count before
 backward, so gradient accumulation gives the same gradient as one big batch.
 
-Resuming is exact: a checkpoint holds the adapter, optimizer, scheduler, RNG states and the data
-position (`LoopState`: epoch, micro batches consumed), and data order is a pure function of
-(seed, epoch), so N steps + resume + N steps reproduces a straight 2N-step run.
+Resuming is exact: a checkpoint holds adapter, optimizer, scheduler, RNG states and data position (`LoopState`);
+data order is a function of (seed, epoch): N steps + resume + N steps = 2N steps.
 """
 
 from __future__ import annotations
@@ -31,12 +30,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from finetune import checkpoint as ckpt
-from finetune import lock, records
+from finetune import checkpoint as ckpt, lock, records
 from finetune.data import Collator, PairCollator, Pairs, cache_dir, fingerprint, real_tokens, split_records, train_eval_split
 from finetune.distributed import check_strategy
 from finetune.errors import NonFiniteLossError, TrainingInterrupted
-from finetune.evaluate import GenerationOptions, eval_objective, generation_metrics
+from finetune.evaluate import eval_objective
+from finetune.generation import GenerationOptions, generation_metrics
 from finetune.interrupt import StopOnSignal, agreed_signal
 from finetune.model import attach_lora, load_base_model, load_tokenizer
 from finetune.objectives import Objective, make_objective
@@ -165,7 +164,7 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
     run = Run(recipe, accelerator, placement, tokenizer, model, make_objective(recipe), optimizer, scheduler,
               train_dl, eval_dl, total_steps, env, MetricsLog(recipe.run_dir / "metrics.jsonl", accelerator, console),
-              stats.examples)
+              stats.examples // 2 if isinstance(train_set, Pairs) else stats.examples)  # pairs count once
     rng = _restore(run, resume_from) if resume_from else None
     if t.eval_generate_steps and run.main:
         prompted = [r for r in split_records(recipe.data, t.seed)[1] if r.fmt in ("alpaca", "chat", "completion")]
@@ -228,7 +227,8 @@ def _banner(run: Run, n_eval: int, stats, resume_from: Path | None) -> str:
     t, acc = run.recipe.training, run.accelerator
     trainable, total = acc.unwrap_model(run.model).get_nb_trainable_parameters()
     return (
-        f"[bold]{run.recipe.name}[/]: {stats.examples} train / {n_eval} eval examples "
+        f"[bold]{run.recipe.name}[/]: {run.train_examples} train / {n_eval} eval "
+        f"{'pairs' if run.objective.unit == 'pair' else 'examples'} "
         f"({stats.truncated} truncated, {stats.dropped} dropped), {run.total_steps} steps, effective batch "
         f"{t.micro_batch_size} x {t.gradient_accumulation_steps} x {acc.num_processes} processes"
         + (f", resuming from {resume_from} at step {run.state.step}" if resume_from else "")

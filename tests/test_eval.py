@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 import finetune.evaluate as ev
+import finetune.generation
 from finetune.cli import app
 from finetune.data import Record
 from finetune.errors import DataError
@@ -73,7 +74,7 @@ def test_generation_metrics_aggregate_the_scores(tiny_model_dir, monkeypatch):
                for i in range(4)]
     records.append(Record("text", {"text": "raw text has no reference"}, "x:5"))
     predictions = ["0", "the answer is 1", "9", "3, or maybe 2"]
-    monkeypatch.setattr(ev, "generate", lambda model, tok, prompts, options: predictions)
+    monkeypatch.setattr(finetune.generation, "generate", lambda model, tok, prompts, options: predictions)
     metrics, samples = ev.generation_metrics(None, tok, records, GenerationOptions(extractor="last_number"))
     assert metrics["exact_match"] == 0.5 and metrics["contains"] == 0.75
     assert [s["correct"] for s in samples] == [True, True, False, False]

@@ -267,3 +267,23 @@ def test_bad_preference_records_are_named_with_file_and_line(tmp_path, tiny_mode
     assert result.exit_code == 2
     assert f"train.jsonl:3: 'chosen' and 'rejected' are the same answer" in text.replace(str(pref_data) + "/", "")
     assert "train.jsonl:5: missing field 'rejected'" in text.replace(str(pref_data) + "/", "")
+
+
+def test_eval_reports_reward_accuracy_and_margin_for_base_and_adapter(tmp_path, tiny_model_dir, pref_data):
+    from test_training import runner
+
+    from finetune.cli import app
+
+    recipe = pref_recipe(tmp_path, tiny_model_dir, pref_data, max_steps=3)
+    assert train(recipe).exit_code == 0
+    out = tmp_path / "eval.json"
+    checkpoint = tmp_path / "runs" / "dpo" / "checkpoint-final"
+    result = runner.invoke(app, ["eval", str(recipe), "--adapter", str(checkpoint), "--compare", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    models = json.loads(out.read_text())["models"]
+    base, tuned = models["base"]["metrics"], next(m["metrics"] for k, m in models.items() if k != "base")
+    assert base["rewards/margin"] == 0.0 and base["rewards/accuracy"] == 0.0  # the base is its own reference
+    assert base["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert tuned["loss"] != base["loss"] and "perplexity" not in tuned
+    last_eval = [m for m in metrics(tmp_path / "runs" / "dpo") if "eval_loss" in m][-1]
+    assert tuned["rewards/accuracy"] == pytest.approx(last_eval["eval_rewards/accuracy"], abs=1e-6)
