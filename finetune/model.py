@@ -153,3 +153,16 @@ def _source(model: ModelSection | str) -> tuple[str, str | None, bool]:
     if isinstance(model, str):
         return model, None, False
     return model.name_or_path, model.revision, model.trust_remote_code
+
+
+def make_optimizer(model, t) -> torch.optim.Optimizer:
+    """AdamW over the trainable (LoRA) parameters; paged variants page state to CPU under GPU memory pressure."""
+    import bitsandbytes as bnb
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    cls = {
+        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
+        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+        "adamw_torch": torch.optim.AdamW,
+    }[t.optimizer]
+    return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)

@@ -43,6 +43,10 @@ class Objective:
     def units(self, batch: dict) -> int:
         raise NotImplementedError
 
+    def prepare(self, model, train_set, eval_set, collate, batch_size: int) -> None:
+        """Once, before training, with the model as built (adapters at their initial values): a hook for
+        work over the whole data set. Nothing by default."""
+
     def __call__(self, model, batch: dict) -> LossSum:
         raise NotImplementedError
 
@@ -88,6 +92,25 @@ class DPO(Preference):
     def __init__(self, recipe: Recipe | None = None):
         super().__init__(recipe)
         self.settings = recipe.dpo if recipe is not None else DPOSection()
+
+    def prepare(self, model, train_set, eval_set, collate, batch_size: int) -> None:
+        """With `precompute_reference`: every answer's reference log-probability, once, stored on its example
+        (the collator hands them to the batch), so training needs no reference forward."""
+        if not self.settings.precompute_reference:
+            return
+        from torch.utils.data import DataLoader
+
+        was_training = model.training
+        model.eval()
+        for data in (train_set, eval_set):
+            examples = [ex for pair in data for ex in pair]
+            for batch, start in zip(DataLoader(data, batch_size=batch_size, collate_fn=collate,
+                                               generator=torch.Generator()),  # leaves the global RNG alone
+                                    range(0, len(examples), 2 * batch_size)):
+                batch = {k: v.to(next(model.parameters()).device) for k, v in batch.items()}
+                for ex, logp in zip(examples[start:], reference_logprobs(model, batch).tolist()):
+                    ex["ref_logp"] = logp
+        model.train(was_training)
 
     def __call__(self, model, batch: dict) -> LossSum:
         s = self.settings

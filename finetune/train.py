@@ -37,10 +37,10 @@ from finetune.errors import NonFiniteLossError, TrainingInterrupted
 from finetune.evaluate import eval_objective
 from finetune.generation import GenerationOptions, generation_metrics
 from finetune.interrupt import StopOnSignal, agreed_signal
-from finetune.model import attach_lora, load_base_model, load_tokenizer
+from finetune.model import attach_lora, load_base_model, load_tokenizer, make_optimizer
 from finetune.objectives import Objective, make_objective
 from finetune.placement import Placement, dtype_name, resolve
-from finetune.recipe import Recipe, TrainingSection
+from finetune.recipe import Recipe
 from finetune.records import MetricsLog
 
 
@@ -148,6 +148,8 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     model = attach_lora(load_base_model(recipe.model, recipe.quantization, accelerator.device, placement), recipe)
     collate = Collator(tokenizer.pad_token_id, padding_free=t.padding_free)
     collate = PairCollator(collate) if isinstance(train_set, Pairs) else collate  # a pair's two sides together
+    objective = make_objective(recipe)
+    objective.prepare(model, train_set, eval_set, collate, t.micro_batch_size)  # e.g. DPO's precomputed reference
     # A private generator keeps data loading from consuming the global RNG (dropout's), for exact resume.
     train_dl = DataLoader(train_set, batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate,
                           generator=torch.Generator().manual_seed(t.seed))
@@ -162,7 +164,7 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     total_steps = t.max_steps or t.epochs * math.ceil(len(train_dl) / t.gradient_accumulation_steps)
     warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_ratio * total_steps)
     scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    run = Run(recipe, accelerator, placement, tokenizer, model, make_objective(recipe), optimizer, scheduler,
+    run = Run(recipe, accelerator, placement, tokenizer, model, objective, optimizer, scheduler,
               train_dl, eval_dl, total_steps, env, MetricsLog(recipe.run_dir / "metrics.jsonl", accelerator, console),
               stats.examples // 2 if isinstance(train_set, Pairs) else stats.examples)  # pairs count once
     rng = _restore(run, resume_from) if resume_from else None
@@ -184,19 +186,6 @@ def _accelerator(recipe: Recipe, placement: Placement) -> Accelerator:
         log_with=t.report_to or None,
         project_dir=str(recipe.run_dir),
     )
-
-
-def make_optimizer(model, t: TrainingSection) -> torch.optim.Optimizer:
-    """AdamW over the trainable (LoRA) parameters; paged variants page state to CPU under GPU memory pressure."""
-    import bitsandbytes as bnb
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    cls = {
-        "paged_adamw_32bit": bnb.optim.PagedAdamW32bit,
-        "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
-        "adamw_torch": torch.optim.AdamW,
-    }[t.optimizer]
-    return cls(params, lr=t.learning_rate, weight_decay=t.weight_decay)
 
 
 def _restore(run: Run, path: Path) -> dict:

@@ -9,7 +9,7 @@ from finetune.loss import token_loss_sum
 from finetune.model import attach_lora, load_base_model
 from finetune.plan import activation_bytes, meta_model, optimizer_bytes, parse_size, plan, weight_bytes
 from finetune.recipe import Recipe, TrainingSection
-from finetune.train import make_optimizer
+from finetune.model import make_optimizer
 
 
 def _recipe(model_dir, **lora) -> Recipe:

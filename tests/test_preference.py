@@ -287,3 +287,18 @@ def test_eval_reports_reward_accuracy_and_margin_for_base_and_adapter(tmp_path, 
     assert tuned["loss"] != base["loss"] and "perplexity" not in tuned
     last_eval = [m for m in metrics(tmp_path / "runs" / "dpo") if "eval_loss" in m][-1]
     assert tuned["rewards/accuracy"] == pytest.approx(last_eval["eval_rewards/accuracy"], abs=1e-6)
+
+
+def test_precomputed_reference_gives_the_same_training(tmp_path, tiny_model_dir, pref_data):
+    runs = {}
+    for pre in (False, True):
+        path = pref_recipe(tmp_path / str(pre), tiny_model_dir, pref_data, max_steps=3, eval_steps=3)
+        body = json.loads(path.read_text())
+        body["dpo"] = {"precompute_reference": pre}
+        path.write_text(json.dumps(body))
+        assert train(path).exit_code == 0
+        runs[pre] = metrics(tmp_path / str(pre) / "runs" / "dpo")
+    for a, b in zip(runs[False], runs[True]):
+        for k in ("loss", "eval_loss", "rewards/margin", "eval_rewards/margin"):
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k

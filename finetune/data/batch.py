@@ -149,4 +149,8 @@ class PairCollator:
     collate: Collator
 
     def __call__(self, batch: list[tuple[dict, dict]]) -> dict[str, torch.Tensor]:
-        return self.collate([ex for pair in batch for ex in pair])
+        examples = [ex for pair in batch for ex in pair]
+        out = self.collate(examples)
+        if all("ref_logp" in ex for ex in examples):  # DPO's reference, precomputed (objectives.py)
+            out["ref_logps"] = torch.tensor([ex["ref_logp"] for ex in examples], dtype=torch.float32)
+        return out
