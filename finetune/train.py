@@ -359,8 +359,9 @@ def _groups(dataloader, size: int, skip: int = 0):
 def evaluate(run: Run) -> dict:
     """The objective's loss and metrics on the eval data (all processes), logged as eval_*."""
     out = eval_objective(run.model, run.eval_dl, run.objective, run.accelerator)
-    record = {"step": run.state.step, "eval_loss": out["loss"], "eval_ppl": math.exp(min(out["loss"], 50)),
-              **{f"eval_{k}": v for k, v in out.items() if k != "loss"}}
+    record = {"step": run.state.step, "eval_loss": out["loss"], **{f"eval_{k}": v for k, v in out.items() if k != "loss"}}
+    if run.objective.unit == "token":  # perplexity is a per-token quantity
+        record["eval_ppl"] = math.exp(min(out["loss"], 50))
     run.log.write(record)
     return record
 
