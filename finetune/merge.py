@@ -30,7 +30,6 @@ import json
 import os
 import resource
 import shutil
-import struct
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,10 +37,14 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors import safe_open
 
 from finetune.checkpoint import atomic_dir
 from finetune.errors import CheckpointError, ModelError, first_line
+from finetune.merge_output import _DTYPES
+from finetune.merge_output import SafetensorsWriter as _SafetensorsWriter
+from finetune.merge_output import check_hub_access as _check_hub_access
+from finetune.merge_output import open_safetensors as _open_safetensors
+from finetune.merge_output import push as _push
 from finetune.progress import track
 from finetune.recipe import DTYPE_ALIASES, ModelSection, QuantizationSection
 
@@ -367,57 +370,6 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
     return len(split.filename_to_tensors), int(split.metadata.get("total_size", 0))
 
 
-class _SafetensorsWriter:
-    """Writes one safetensors file tensor by tensor, in the order of `plan` (name -> meta tensor).
-
-    safetensors' own writers take every tensor at once, i.e. a whole shard in memory. The format is
-    an 8-byte header length, a JSON header (dtype, shape, byte offsets per tensor) and the raw bytes;
-    the plan gives the header up front, so each tensor is written as soon as it is computed.
-    A None path writes nothing (and accepts nothing).
-    """
-
-    def __init__(self, path: Path | None, plan: dict[str, torch.Tensor]):
-        self.path, self.plan, self.order = path, plan, iter(plan)
-        self.file = None
-
-    def __enter__(self) -> "_SafetensorsWriter":
-        if self.path is None:
-            return self
-        header, offset = {}, 0
-        for name, t in self.plan.items():
-            size = t.numel() * t.element_size()
-            header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                            "data_offsets": [offset, offset + size]}
-            offset += size
-        header["__metadata__"] = {"format": "pt"}
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-        self.file = open(self.path, "wb")
-        self.file.write(struct.pack("<Q", len(blob)) + blob)
-        return self
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        expected = self.plan[next(self.order)]
-        if name not in self.plan or expected.shape != tensor.shape or expected.dtype != tensor.dtype:
-            raise ModelError(f"Internal error writing {self.path}: {name} {tuple(tensor.shape)} {tensor.dtype} does "
-                             f"not match the planned {tuple(expected.shape)} {expected.dtype}.")
-        self.file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-    def __exit__(self, *exc) -> None:
-        if self.file is not None:
-            self.file.close()
-        if exc[0] is None and next(self.order, None) is not None:
-            raise ModelError(f"Internal error writing {self.path}: not every planned tensor was written.")
-
-
-def _open_safetensors(path: Path):
-    """Read tensors with pread where safetensors offers it: mmap would count the whole file as resident."""
-    try:
-        return safe_open(str(path), framework="pt", backend="pread")
-    except TypeError:  # safetensors before 0.8
-        return safe_open(str(path), framework="pt")
-
-
 def _dequantized(layer) -> torch.Tensor:
     """float32 dequant(quant(W)) of a LoRA layer's 4-bit base weight: the weight the adapter was trained against."""
     import bitsandbytes as bnb
@@ -426,12 +378,6 @@ def _dequantized(layer) -> torch.Tensor:
     if not isinstance(weight, bnb.nn.Params4bit):
         return weight.detach().float()
     return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 def _save_companions(section: ModelSection, tok, out_dir: Path, dtype: torch.dtype) -> None:
@@ -485,34 +431,3 @@ def _peak_rss_mib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if os.uname().sysname == "Darwin" else 1024), 1)
-
-
-# ------------------------------------------------------------------------ hub
-
-
-def _check_hub_access(repo: str) -> None:
-    """Fail fast (before merging) when the Hub cannot be reached or no token is configured."""
-    from huggingface_hub import HfApi, constants
-
-    if constants.HF_HUB_OFFLINE:
-        raise CheckpointError(f"Cannot push to the Hub repo '{repo}': HF_HUB_OFFLINE is set. "
-                              "Merge without --push-to-hub and upload later with `hf upload`.")
-    try:
-        HfApi().whoami()
-    except Exception as e:  # no token, no network, bad token: the message says which
-        raise CheckpointError(
-            f"Cannot push to the Hub repo '{repo}': {first_line(e)}. Nothing was merged. Log in with "
-            "`hf auth login` (or set HF_TOKEN) and check the network, or merge without --push-to-hub."
-        ) from None
-
-
-def _push(out: Path, repo: str) -> None:
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    try:
-        api.create_repo(repo, exist_ok=True, repo_type="model")
-        api.upload_folder(repo_id=repo, folder_path=str(out), commit_message="Upload model merged by finetune")
-    except Exception as e:
-        raise CheckpointError(f"Merged into {out}, but pushing to '{repo}' failed: {first_line(e)}. "
-                              f"Upload it later with `hf upload {repo} {out}`.") from None
