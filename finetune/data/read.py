@@ -183,8 +183,9 @@ def _hub_revision(path: str, revision: str | None) -> str:
     except Exception as e:  # no network: connection, DNS or timeout errors of the HTTP client
         raise DataError(
             f"Cannot reach the Hugging Face hub to load dataset '{path}' ({first_line(e)}). On a machine without "
-            "network, point the recipe at local files, or set HF_HUB_OFFLINE=1 to use a copy already in the "
-            "local Hugging Face cache."
+            "network, point the recipe at local files (e.g. `finetune train recipe.yaml data.datasets=[] "
+            "data.train=path/to/train.jsonl`), or set HF_HUB_OFFLINE=1 to use a copy already in the local "
+            "Hugging Face cache."
         ) from None
 
 
