@@ -165,3 +165,29 @@ def test_sharded_launch_requires_float_quant_storage(tmp_path, tiny_model_dir, m
     with pytest.raises(RecipeError, match="paged_adamw_8bit"):
         eight_bit = load_recipe(recipe(tmp_path, tiny_model_dir, "x"), ["training.optimizer=paged_adamw_8bit"])
         check_strategy(eight_bit, resolve(eight_bit.quantization))
+
+
+def test_dpo_on_two_processes_gives_the_same_losses_as_one(tmp_path, tiny_model_dir):
+    """DPO's loss of a step is the mean over the step's pairs on all processes: 2 processes x 2 micro
+    batches of 2 pairs equal 1 process x 4 micro batches (the reference forward included)."""
+    from test_preference import preference_rows
+
+    write_jsonl(tmp_path / "train.jsonl", preference_rows(32))
+    write_jsonl(tmp_path / "eval.jsonl", preference_rows(6))
+    paths = {}
+    for name, accumulation in (("one", 4), ("two", 2)):
+        path = recipe(tmp_path, tiny_model_dir, name, max_steps=3, micro_batch_size=2, eval_steps=3, save_steps=3,
+                      gradient_accumulation_steps=accumulation, objective="dpo")
+        body = json.loads(path.read_text())
+        body["lora"]["dropout"] = 0.0
+        body["data"]["format"] = "preference"
+        path.write_text(json.dumps(body))
+        paths[name] = path
+    result = CliRunner().invoke(app, ["train", str(paths["one"])])
+    assert result.exit_code == 0, result.output
+    launch([sys.executable, "-m", "finetune", "train", str(paths["two"]), "--nproc", "2"], cwd=tmp_path)
+    a, b = losses(tmp_path / "runs" / "one"), losses(tmp_path / "runs" / "two")
+    assert a.keys() == b.keys() == {1, 2, 3}
+    assert a[1] == pytest.approx(0.6931472, abs=1e-6)  # LoRA B = 0: policy = reference, on every process
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
