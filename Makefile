@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 MODEL_DIR := models/SmolLM2-135M-Instruct
 
-.PHONY: install demo test test-slow bench fetch data clean
+.PHONY: install demo test test-slow test-gpu bench fetch data clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,12 @@ test: install
 
 test-slow: fetch
 	$(PY) -m pytest -q -m slow
+
+# The CUDA path on a GPU machine: every test prints its numbers (GPU ... lines; runs/gpu-report.json).
+test-gpu: fetch
+	rm -f runs/gpu-report.json
+	$(PY) -m pytest -q -m gpu -s -rA tests/test_gpu.py
+	@cat runs/gpu-report.json 2>/dev/null || true
 
 clean:
 	rm -rf runs merged .pytest_cache

@@ -50,7 +50,7 @@ def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         # The model's own head then runs on the first position only: a cheap check that it adds nothing
         # (scaling, soft-capping) to the plain projection computed below.
         captured["hidden"] = args[0]
-        return (args[0][:, :1],)
+        return (args[0][:, :1].contiguous(),)  # (a strided slice would make a low-precision linear copy the weight per row)
 
     handle = head.register_forward_pre_hook(keep_hidden)
     try:

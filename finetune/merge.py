@@ -262,11 +262,15 @@ def _base_weight_files(section: ModelSection) -> list[Path]:
 
 
 def _load_trained(section, quant, adapter_dirs, weights, combination, density):
-    """Base as trained (4-bit if QLoRA) + adapter(s) on CPU, and the name of the adapter to merge."""
+    """Base as trained (4-bit if QLoRA) + adapter(s) on CPU, and the name of the adapter to merge. In float32
+    whatever the recipe's compute dtype: the dequantized weights folded in, and the reference logits the
+    merged model is checked against, are then the exact function of 4-bit codes + float32 adapter (a bf16
+    reference would measure bf16 rounding, ~0.2 in the logits, instead of the merge)."""
     from peft import PeftModel
 
     from finetune.model import load_base_model
 
+    quant = quant.model_copy(update={"compute_dtype": "float32"})
     model = PeftModel.from_pretrained(load_base_model(section, quant, "cpu"), str(adapter_dirs[0]), adapter_name="a0")
     names = ["a0"]
     for i, a in enumerate(adapter_dirs[1:], 1):

@@ -109,10 +109,31 @@ def attach_lora(base, recipe: Recipe):
             use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+        placement = resolve(recipe.quantization)
+        if not placement.shards_parameters:  # (sharded: every weight must keep the storage dtype)
+            _frozen_floats_in_compute_dtype(base, placement.compute_dtype, keep=recipe.lora.modules_to_save or [])
     elif checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     return get_peft_model(base, lora_config(recipe))
+
+
+def _frozen_floats_in_compute_dtype(model, compute_dtype: torch.dtype, keep: list[str]) -> None:
+    """On CPU with bf16 compute, cast back the frozen float weights (embeddings, head, norms) that
+    `prepare_model_for_kbit_training` upcast to float32. Under autocast a frozen float32 weight is cast
+    to bf16 again at every use (autocast caches only trainable leaves): for SmolLM2's tied 49152 x 576
+    head that is 113 MB copied per forward and per backward, which made the bf16 path slower than
+    float32 on CPU. The residual stream then runs in bf16, as in a plain bf16 model; LoRA weights (and
+    `keep`: the modules_to_save, which train), their gradients and the optimizer state stay float32,
+    and the loss is reduced in float32.
+    On GPU the cast is cheap next to the matmuls and the QLoRA recipe (float32 norms) is kept."""
+    first = next(model.parameters(), None)
+    if compute_dtype == torch.float32 or first is None or first.device.type != "cpu":
+        return
+    for name, p in model.named_parameters():
+        trains = any(k in name.split(".") for k in keep)
+        if not trains and p.dtype == torch.float32 and type(p).__name__ != "Params4bit":
+            p.data = p.data.to(compute_dtype)
 
 
 def lora_config(recipe: Recipe):

@@ -109,12 +109,12 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     """Predicted peak memory of training `recipe` on `device` (default: cuda if available, else cpu)."""
     import torch
 
-    from finetune.placement import resolve_compute_dtype
+    from finetune.placement import cpu_has_native_bf16, resolve_compute_dtype
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_compute_dtype(recipe.quantization.compute_dtype)
-    if device == "cpu" and dtype != torch.float32 and recipe.quantization.compute_dtype == "auto":
-        dtype = torch.float32
+    if device == "cpu" and recipe.quantization.compute_dtype == "auto":  # (planned from a GPU machine too)
+        dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     width = torch.empty((), dtype=dtype).element_size()
     model, stored_dtype = meta_model(recipe, dtype)
     t = recipe.training

@@ -39,7 +39,7 @@ class QuantizationSection(Section):
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     double_quant: bool = Field(True, description="Also quantize the quantization constants (saves ~0.4 bit/param).")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Matmul dtype: auto = bf16 on capable CUDA, fp16 on older CUDA, fp32 on CPU."
+        "auto", description="Matmul dtype: auto = bf16 on capable CUDA, fp16 on older CUDA; on CPU bf16 where it has AVX512_BF16/AMX, else fp32."
     )
     quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Dtype the packed 4-bit codes are stored in: auto = the compute dtype under FSDP or "

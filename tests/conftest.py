@@ -76,6 +76,16 @@ def _train_tokenizer(chat_template: str, bos_token: str, eos_token: str, extra_s
     )
 
 
+
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """One training per process in real use; here many share a process, in float32 or bf16 (accelerate
+    refuses a second mixed precision in one process), so each test starts from a clean AcceleratorState."""
+    yield
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """ChatML tokenizer like SmolLM2's: ids 0-2 are <|endoftext|>, <|im_start|>, <|im_end|>; pad is eos."""

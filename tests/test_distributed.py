@@ -157,7 +157,8 @@ def test_sharded_launch_requires_float_quant_storage(tmp_path, tiny_model_dir, m
     assert resolve(r.quantization).quant_storage == torch.uint8  # single process: the compact default
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert resolve(r.quantization).quant_storage == torch.float32  # compute dtype on this CPU
+    sharded = resolve(r.quantization)
+    assert sharded.quant_storage == sharded.compute_dtype and sharded.quant_storage.is_floating_point
     check_strategy(r, resolve(r.quantization))
     bad = load_recipe(recipe(tmp_path, tiny_model_dir, "x"), ["quantization.quant_storage=uint8"])
     with pytest.raises(RecipeError, match="quant_storage is uint8 but fsdp shards parameters"):

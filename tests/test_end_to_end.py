@@ -23,7 +23,7 @@ def make_recipe(tmp_path, model_dir, train, eval_file, **training):
         "name": "tiny",
         "output_dir": str(tmp_path / "runs" / "tiny"),
         "model": {"name_or_path": str(model_dir)},
-        "quantization": {"load_in_4bit": True, "compute_dtype": "auto"},
+        "quantization": {"load_in_4bit": True, "compute_dtype": "float32"},  # exact equalities; bf16: test_bf16.py
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"train": str(train), "eval": str(eval_file), "format": "alpaca", "max_length": 64},
         "training": {**steps, "gradient_checkpointing": False},

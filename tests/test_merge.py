@@ -62,7 +62,8 @@ def logits(model, ids=IDS):
 
 
 def reference(model_dir, adapter_dir, quantized: bool):
-    base = load_base_model(str(model_dir), QuantizationSection(), "cpu") if quantized \
+    # float32, as merge computes its reference (a bf16 CPU would otherwise compare bf16 rounding)
+    base = load_base_model(str(model_dir), QuantizationSection(compute_dtype="float32"), "cpu") if quantized \
         else AutoModelForCausalLM.from_pretrained(model_dir)
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 

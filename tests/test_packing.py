@@ -135,7 +135,7 @@ def make_recipe(tmp_path, model_dir, rows, **data):
     body = {
         "name": "packed", "output_dir": str(tmp_path / "runs" / "packed"),
         "model": {"name_or_path": str(model_dir)},
-        "quantization": {"load_in_4bit": False},
+        "quantization": {"load_in_4bit": False, "compute_dtype": "float32"},  # equal losses to float precision
         "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
         "data": {"train": str(tmp_path / "train.jsonl"), "max_length": 64, "packing": True, **data},
         "training": {"max_steps": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1,
