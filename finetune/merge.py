@@ -11,13 +11,14 @@ How it runs, and why:
    adapter(s), combined by PEFT's `add_weighted_adapter` when there are several.
    Its logits on a fixed probe batch are the reference: "the model that was trained".
 2. Stream the base checkpoint tensor by tensor (safetensors, read with pread):
-   each LoRA-targeted weight becomes base + PEFT's `get_delta_weight`, added in
-   float32, cast to the saved dtype and written straight into its shard, so only
+   each LoRA-targeted weight becomes base + PEFT's `get_delta_weight` (DoRA: rescaled
+   row by row to its magnitude vector, `_fold`), in float32, and every other 4-bit
+   weight becomes the chosen base weights (dequantized NF4 by default), cast to the saved dtype and written straight into its shard, so only
    one tensor is in memory at a time. The weights of the other `base_weights`
    choice go to a scratch directory beside the output, so both can be measured.
 3. Free the reference, load the merged model and compute the "merge fidelity": the
    max and mean absolute logit difference from the reference, for the chosen
-   base weights and (swapping the LoRA-targeted weights in, one at a time) for the
+   base weights and (swapping the 4-bit layers' weights in, one at a time) for the
    other. Peak memory is about the larger of the merged model and the 4-bit reference.
 Everything is written to a hidden sibling of `--out` and renamed into place only
 when complete (with `merge_report.json`), so a failure never leaves a partial model.
@@ -180,8 +181,9 @@ def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> t
     if base is None and len(bases) > 1:
         raise ModelError(f"The adapters were trained on different bases ({', '.join(map(str, bases))}); "
                          "they cannot be merged into one model.")
-    if any(c.get("use_dora") for c in configs):
-        raise ModelError("DoRA adapters are not supported by `finetune merge` (their merge rescales whole rows).")
+    if any(c.get("use_dora") for c in configs) and (len(configs) > 1 or weights is not None):
+        raise ModelError("A DoRA adapter merges alone: its magnitude vector rescales whole rows, so a weighted "
+                         "combination with other adapters has no exact merged weight. Merge it by itself.")
     recipes = [_saved_recipe(a) for a in adapter_dirs]
     quants = {json.dumps(r.get("quantization", {}), sort_keys=True) for r in recipes}
     if len(quants) > 1:
@@ -307,7 +309,7 @@ def _probe_batch(tok) -> dict[str, torch.Tensor]:
 
 
 def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype, max_shard_size) -> tuple[int, int]:
-    """Stream the base checkpoint into `out_dir` as merged shards (and the other choice's LoRA-targeted
+    """Stream the base checkpoint into `out_dir` as merged shards (and the other choice's 4-bit layer
     weights into `scratch`), one tensor in memory at a time. Returns (number of shards, total bytes)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from peft.tuners.lora import LoraLayer
@@ -315,6 +317,9 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
 
     modules = dict(trained.base_model.model.named_modules())
     lora = {n: m for n, m in modules.items() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+    # 4-bit layers the adapter leaves alone also ran on dequant(quant(W)) in training (e.g. lora.layers)
+    frozen = {n: m for n, m in modules.items() if _is_4bit(m) and not n.endswith(".base_layer") and n not in lora}
+    swapped = set(lora) | set(frozen)  # weights whose two base-weights choices differ
     trained_copies = {n: m.modules_to_save[adapter] for n, m in modules.items()
                       if isinstance(m, ModulesToSaveWrapper) and adapter in m.modules_to_save}
     trained_bias = trained.peft_config[adapter].bias != "none"
@@ -337,15 +342,18 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
     split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)
 
     def merged_weights(key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the saved tensor, the other base-weights choice's version when the key is LoRA-targeted)."""
+        """(the saved tensor, the other base-weights choice's version when the key is a 4-bit layer's)."""
         module_name, _, param = key.rpartition(".")
         tensor = where[key].get_tensor(key)
         if module_name in lora and param == "weight":
             layer = lora[module_name]
-            delta = layer.get_delta_weight(adapter).detach().float()
             dequantized, original = _dequantized(layer), tensor.float()
             chosen, other = (dequantized, original) if base_weights == "dequantized" else (original, dequantized)
-            return (chosen + delta).to(dtype), (other + delta).to(dtype)
+            return _fold(layer, adapter, chosen).to(dtype), _fold(layer, adapter, other).to(dtype)
+        if module_name in frozen and param == "weight":
+            dequantized, original = _dequantized(frozen[module_name]), tensor.float()
+            chosen, other = (dequantized, original) if base_weights == "dequantized" else (original, dequantized)
+            return chosen.to(dtype), other.to(dtype)
         if module_name in trained_copies:
             tensor = getattr(trained_copies[module_name], param).detach()
         elif trained_bias and param == "bias" and module_name in modules:
@@ -354,10 +362,10 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
 
     with track("merge", total=len(plan), unit="tensors") as task:
         for filename, keys in split.filename_to_tensors.items():
-            lora_keys = [k for k in keys if k.rpartition(".")[0] in lora and k.endswith(".weight")] if scratch else []
-            alt_path = scratch / filename if lora_keys else None
+            alt_keys = [k for k in keys if k.rpartition(".")[0] in swapped and k.endswith(".weight")] if scratch else []
+            alt_path = scratch / filename if alt_keys else None
             with _SafetensorsWriter(out_dir / filename, {k: plan[k] for k in keys}) as out, \
-                    _SafetensorsWriter(alt_path, {k: plan[k] for k in lora_keys}) as alt:
+                    _SafetensorsWriter(alt_path, {k: plan[k] for k in alt_keys}) as alt:
                 for key in keys:
                     tensor, other = merged_weights(key)
                     out.write(key, tensor)
@@ -370,11 +378,28 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
     return len(split.filename_to_tensors), int(split.metadata.get("total_size", 0))
 
 
-def _dequantized(layer) -> torch.Tensor:
-    """float32 dequant(quant(W)) of a LoRA layer's 4-bit base weight: the weight the adapter was trained against."""
+def _fold(layer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+    """The merged float32 weight: W + s B A (s = alpha / r, or alpha / sqrt(r) with rsLoRA, per module).
+    DoRA: m * (W + s B A) / ||W + s B A||, the L2 norm over each output row (PEFT's weight norm, the paper's
+    column norm of W^T), computed against `weight`, the base weights being merged into."""
+    merged = weight + layer.get_delta_weight(adapter).detach().float()
+    if not layer.use_dora.get(adapter, False):
+        return merged
+    magnitude = layer.lora_magnitude_vector[adapter].weight.detach().float()
+    return merged * (magnitude / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
+
+
+def _is_4bit(module) -> bool:
     import bitsandbytes as bnb
 
-    weight = layer.get_base_layer().weight
+    return isinstance(module, bnb.nn.Linear4bit)
+
+
+def _dequantized(layer) -> torch.Tensor:
+    """float32 dequant(quant(W)) of a (LoRA-wrapped) 4-bit layer's weight: the weight training ran on."""
+    import bitsandbytes as bnb
+
+    weight = layer.get_base_layer().weight if hasattr(layer, "get_base_layer") else layer.weight
     if not isinstance(weight, bnb.nn.Params4bit):
         return weight.detach().float()
     return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
@@ -417,7 +442,7 @@ def _fidelity(out_dir, scratch, probe, reference, base_weights, other, dtype) ->
 
     result = {base_weights: diff()}
     for mode in other:
-        with torch.no_grad():  # swap in the other choice's LoRA-targeted weights, one tensor at a time
+        with torch.no_grad():  # swap in the other choice's 4-bit layer weights, one tensor at a time
             for shard in sorted(scratch.glob("*.safetensors")):
                 f = _open_safetensors(shard)
                 for key in f.keys():

@@ -205,7 +205,7 @@ def meta_model(recipe: Recipe, dtype):
 
     for p in model.parameters():
         p.requires_grad_(False)
-    return get_peft_model(model, lora_config(recipe)), stored
+    return get_peft_model(model, lora_config(recipe, model)), stored
 
 
 def weight_bytes(model, width: int) -> tuple[int, int]:

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from finetune.errors import CheckpointError, RecipeError
+from finetune.recipe import LoraSection
 
 
 class MetricsLog:
@@ -102,9 +103,11 @@ def check_resume(checkpoint: Path, recipe, env: dict, console) -> None:
             ", ".join(changed) if changed else "the contents of the data files or the tokenizer") + ")")
     saved_lora = saved_recipe.get("lora", {})
     now_lora = json.loads(recipe.lora.model_dump_json())
-    for key in ("r", "target_modules", "modules_to_save", "bias"):
-        if saved_lora.get(key) != now_lora[key]:
-            problems.append(f"lora.{key} changed ({saved_lora.get(key)!r} -> {now_lora[key]!r})")
+    defaults = json.loads(LoraSection().model_dump_json())  # keys a checkpoint from an older version lacks
+    for key in ("r", "target_modules", "modules_to_save", "bias", "use_rslora", "use_dora", "init", "layers",
+                "rank_pattern", "alpha_pattern"):
+        if saved_lora.get(key, defaults[key]) != now_lora[key]:
+            problems.append(f"lora.{key} changed ({saved_lora.get(key, defaults[key])!r} -> {now_lora[key]!r})")
     if problems:
         raise CheckpointError(
             f"Refusing to resume from {checkpoint}: " + "; ".join(problems)

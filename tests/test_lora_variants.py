@@ -1,0 +1,225 @@
+"""LoRA variants (rsLoRA, DoRA, per-layer targeting with rank/alpha patterns) on the tiny 4-bit model.
+
+For each variant, through the real CLI: a short run and the same run killed after checkpoint-2 and resumed
+(bit-identical losses and adapter); plain PEFT loads the checkpoint over the 4-bit base; `finetune merge`
+reproduces base + adapter as trained within the plain-LoRA tolerance (max |logit difference| < 1e-4, float32);
+padding-free rows give the padded losses. Variant facts are checked on the modules: rsLoRA's scale is
+alpha / sqrt(r), DoRA's merged rows have the magnitude vector as their norms.
+"""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from finetune.model import load_base_model
+from finetune.recipe import QuantizationSection
+
+from conftest import write_jsonl
+from test_training import adapter, assert_same_adapter, losses, make_recipe, stop_after_save, train
+
+runner = CliRunner()
+STEPS = 3
+LORA = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+VARIANTS = {
+    "rslora": {"use_rslora": True, "init": "gaussian"},
+    "dora": {"use_dora": True},
+    "layers+patterns": {"target_modules": "all-linear", "layers": "1:", "rank_pattern": {"v_proj": 2},
+                        "alpha_pattern": {"down_proj": 2}},
+}
+TOLERANCE = 1e-4  # max |logit difference| of a float32 merge from base + adapter, as for plain LoRA (test_merge.py)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, toy_alpaca_rows):
+    tmp = tmp_path_factory.mktemp("variant_data")
+    write_jsonl(tmp / "train.jsonl", toy_alpaca_rows[:20])
+    write_jsonl(tmp / "eval.jsonl", toy_alpaca_rows[40:44])
+    return tmp
+
+
+def variant_recipe(tmp, model_dir, data_dir, variant, name="run", **training):
+    path = make_recipe(tmp, model_dir, data_dir, name=name, quantization={"load_in_4bit": True},
+                       max_steps=STEPS, **training)
+    body = json.loads(path.read_text())
+    body["lora"] = {**LORA, **VARIANTS[variant]}
+    path.write_text(json.dumps(body))
+    return path
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def runs(request, tmp_path_factory, tiny_model_dir, data):
+    """(variant, straight run dir, resumed run dir): one run of STEPS steps, one killed after step 2 and resumed."""
+    variant = request.param
+    tmp = tmp_path_factory.mktemp(variant.replace("+", "_"))
+    straight = variant_recipe(tmp / "a", tiny_model_dir, data, variant)
+    assert (result := train(straight)).exit_code == 0, result.output
+    resumed = variant_recipe(tmp / "b", tiny_model_dir, data, variant, save_steps=2)
+    with pytest.MonkeyPatch.context() as m:
+        stop_after_save(m, 2)
+        assert train(resumed).exit_code == 130
+    assert (result := train(resumed, "--resume")).exit_code == 0, result.output
+    return variant, tmp / "a" / "runs" / "run", tmp / "b" / "runs" / "run"
+
+
+def trained_model(model_dir, checkpoint):
+    """Plain PEFT: the published base, quantized as in training, plus the checkpoint."""
+    base = load_base_model(str(model_dir), QuantizationSection(), "cpu")
+    return PeftModel.from_pretrained(base, str(checkpoint)).eval()
+
+
+def test_resume_is_bit_identical(runs):
+    _, a, b = runs
+    assert losses(a) == losses(b) and sorted(losses(a)) == list(range(1, STEPS + 1))
+    assert_same_adapter(a / "checkpoint-final", b / "checkpoint-final", atol=0)
+
+
+def test_plain_peft_loads_the_checkpoint_with_the_variant(runs, tiny_model_dir):
+    variant, a, _ = runs
+    model = trained_model(tiny_model_dir, a / "checkpoint-final")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    saved = adapter(a / "checkpoint-final")
+    loaded = get_peft_model_state_dict(model)
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    if variant == "rslora":
+        assert {m.scaling["default"] for m in layers.values()} == {8 / math.sqrt(4)}
+    if variant == "dora":
+        assert all(m.use_dora["default"] for m in layers.values())
+        assert sum("lora_magnitude_vector" in k for k in saved) == len(layers) == 4
+    if variant == "layers+patterns":
+        assert all(".layers.1." in n for n in layers) and len(layers) == 7
+        v, down, q = (layers[f"base_model.model.model.layers.1.{p}"] for p in
+                      ("self_attn.v_proj", "mlp.down_proj", "self_attn.q_proj"))
+        assert (v.r["default"], v.scaling["default"]) == (2, 8 / 2)
+        assert (down.r["default"], down.scaling["default"]) == (4, 2 / 4)
+        assert (q.r["default"], q.scaling["default"]) == (4, 8 / 4)
+
+
+@pytest.fixture(scope="module")
+def merged(runs, tmp_path_factory):
+    variant, a, _ = runs
+    out = tmp_path_factory.mktemp(f"merged_{variant.replace('+', '_')}") / "model"
+    result = runner.invoke(app, ["merge", str(a / "checkpoint-final"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_merge_reproduces_base_plus_adapter(runs, merged, tiny_model_dir):
+    _, a, _ = runs
+    report = json.loads((merged / "merge_report.json").read_text())
+    assert report["base_weights"] == "dequantized"
+    assert report["fidelity"]["dequantized"]["max_abs_logit_diff"] < TOLERANCE
+    assert report["fidelity"]["dequantized"]["top1_agreement"] == 1.0
+    ids = torch.tensor([[1, 5, 9, 23, 42, 7, 3, 11], [4, 8, 15, 16, 23, 42, 99, 2]])
+    with torch.no_grad():
+        mine = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
+        theirs = trained_model(tiny_model_dir, a / "checkpoint-final")(ids).logits
+    torch.testing.assert_close(mine, theirs, atol=TOLERANCE, rtol=0)
+
+
+def test_dora_merged_rows_have_the_magnitude_as_norms(runs, merged):
+    variant, a, _ = runs
+    if variant != "dora":
+        pytest.skip("DoRA only")
+    saved = adapter(a / "checkpoint-final")
+    weights = load_file(merged / "model.safetensors")
+    checked = 0
+    for key, magnitude in saved.items():
+        if "lora_magnitude_vector" in key:
+            module = key.removeprefix("base_model.model.").split(".lora_magnitude_vector")[0]
+            norms = torch.linalg.norm(weights[f"{module}.weight"], dim=1)
+            torch.testing.assert_close(norms, magnitude, atol=1e-5, rtol=1e-5)
+            checked += 1
+    assert checked == 4
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_padding_free_and_packing_train_each_variant(variant, tmp_path, tiny_model_dir, data):
+    """Padding-free rows give the padded losses; packed rows train (other rows, so other losses)."""
+    runs_ = {}
+    for name, training, packing in (("padded", {}, False), ("free", {"padding_free": True}, False),
+                                    ("packed", {}, True)):
+        path = variant_recipe(tmp_path, tiny_model_dir, data, variant, name=name, **training)
+        body = json.loads(path.read_text())
+        body["lora"]["dropout"] = 0.0
+        body["training"]["max_steps"] = 2
+        body["data"]["packing"] = packing
+        path.write_text(json.dumps(body))
+        assert (result := train(path)).exit_code == 0, result.output
+        runs_[name] = losses(tmp_path / "runs" / name)
+    assert runs_["free"].keys() == runs_["padded"].keys() == {1, 2}
+    for step in (1, 2):
+        assert runs_["free"][step] == pytest.approx(runs_["padded"][step], abs=1e-4)
+    assert all(math.isfinite(x) for x in runs_["packed"].values())
+
+
+@pytest.mark.parametrize(("lora", "keys"), [
+    ({"init": "pissa"}, ["lora.init", "quantization.load_in_4bit"]),
+    ({"init": "olora"}, ["lora.init", "quantization.load_in_4bit"]),
+    ({"init": "loftq"}, ["lora.init", "quantization.load_in_4bit"]),
+    ({"init": "pisa"}, ["lora.init", "Did you mean 'pissa'"]),
+    ({"layers": "3-1"}, ["lora.layers", "empty"]),
+    ({"rank_pattern": {"v_proj": 0}}, ["lora.rank_pattern", "positive"]),
+    ({"use_droa": True}, ["use_droa", "use_dora"]),
+])
+def test_refused_combinations_are_recipe_errors_before_any_model_loads(lora, keys, tmp_path, tiny_model_dir,
+                                                                         data, monkeypatch):
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr("finetune.train.load_base_model", no_loading)
+    path = variant_recipe(tmp_path, tiny_model_dir, data, "rslora")
+    body = json.loads(path.read_text())
+    body["lora"] = {**LORA, **lora}
+    path.write_text(json.dumps(body))
+    result = train(path)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    text = " ".join(result.output.split())
+    for key in keys:
+        assert key in text, text
+
+
+def test_layers_beyond_the_model_are_a_recipe_error(tmp_path, tiny_model_dir, data):
+    path = variant_recipe(tmp_path, tiny_model_dir, data, "rslora")
+    body = json.loads(path.read_text())
+    body["lora"] = {**LORA, "layers": [0, 5]}
+    path.write_text(json.dumps(body))
+    result = train(path)
+    assert result.exit_code == 2 and "lora.layers" in result.output and "0-1" in result.output, result.output
+
+
+def test_plan_counts_each_variants_parameters(tiny_model_dir, data, tmp_path):
+    """DoRA adds one magnitude per output feature of every adapted layer; patterns change the ranks."""
+    counts = {}
+    for variant in ["plain", *VARIANTS]:
+        path = variant_recipe(tmp_path, tiny_model_dir, data, "rslora", name=variant)
+        body = json.loads(path.read_text())
+        body["lora"] = {**LORA, **VARIANTS.get(variant, {})}
+        path.write_text(json.dumps(body))
+        result = runner.invoke(app, ["plan", str(path)])
+        assert result.exit_code == 0, result.output
+        counts[variant] = int(next(x for x in result.output.split("\n") if "trainable" in x)
+                              .split(" trainable")[0].split()[-1].replace(",", ""))
+    h, kv = 64, 32  # q_proj 64 -> 64, v_proj 64 -> 32 (2 key/value heads of 16)
+    plain = 2 * (4 * (h + h) + 4 * (h + kv))
+    assert counts["plain"] == counts["rslora"] == plain
+    assert counts["dora"] == plain + 2 * (h + kv)
+    i = 128  # layer 1 only: q k v o gate up down, v at rank 2
+    assert counts["layers+patterns"] == 4 * ((h + h) + (h + kv) + (h + h) + 2 * (h + i) + (i + h)) + 2 * (h + kv)
