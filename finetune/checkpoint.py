@@ -37,6 +37,7 @@ from finetune.errors import CheckpointError, first_line
 from finetune.verify import verify_checkpoint, write_manifest
 
 TRAINING_STATE = "training_state.pt"
+RESIDUAL_ADAPTER = "residual_adapter.safetensors"  # PiSSA/OLoRA: the adapter as trained, over the residual base
 # What a failed write raises: OSError from Python's own writes, RuntimeError from torch.save's zip writer,
 # SafetensorError from the safetensors serializer (e.g. "File too large (os error 27)" or ENOSPC).
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
@@ -96,12 +97,27 @@ def _free_space(path: Path) -> str:
 
 
 def save_checkpoint(path: Path, model, tokenizer, records: dict[str, str | dict], training_state: dict,
-                    state_dict: dict | None = None) -> Path:
+                    state_dict: dict | None = None, initial_adapter: Path | None = None) -> Path:
     """Write a checkpoint: a PEFT adapter that plain `PeftModel.from_pretrained` loads, the tokenizer,
     text/JSON records (recipe, trainer state, environment) and the optimizer/scheduler/RNG state.
-    `state_dict`: the full (gathered) weights when the model is sharded across processes (FSDP/ZeRO-3)."""
+    `state_dict`: the full (gathered) weights when the model is sharded across processes (FSDP/ZeRO-3).
+
+    `initial_adapter` (PiSSA/OLoRA): the adapter as initialised, B0 A0. Training ran on the residual
+    W_res = W - s B0 A0 with the adapter B A, so W_res + s B A = W + s (B A - B0 A0) = W + s' [B | -B0] [A; A0]
+    with s' = s (rank 2r, alpha doubled): PEFT's conversion writes that plain LoRA over the published W. The
+    trained B A themselves go to RESIDUAL_ADAPTER, for resume (which rebuilds W_res by the same decomposition)."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        if initial_adapter is None:
+            model.save_pretrained(tmp, state_dict=state_dict)
+        else:
+            from peft import get_peft_model_state_dict
+            from safetensors.torch import save_file
+
+            with torch.random.fork_rng(devices=[]):  # PEFT loads the initial adapter by initialising one first
+                model.save_pretrained(tmp, state_dict=state_dict,
+                                      path_initial_model_for_weight_conversion=str(initial_adapter))
+            raw = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model, state_dict).items()}
+            save_file(raw, tmp / RESIDUAL_ADAPTER)
         tokenizer.save_pretrained(tmp)
         for name, content in records.items():
             if isinstance(content, dict):
@@ -237,7 +253,8 @@ def load_adapter_weights(model, checkpoint: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+    raw = checkpoint / RESIDUAL_ADAPTER  # PiSSA/OLoRA: the saved adapter is converted; resume the trained one
+    set_peft_model_state_dict(model, load_file(raw if raw.is_file() else checkpoint / "adapter_model.safetensors"))
 
 
 def rng_state() -> dict:

@@ -208,8 +208,9 @@ def meta_model(recipe: Recipe, dtype):
 
     for p in model.parameters():
         p.requires_grad_(False)
-    # DoRA's init computes ||W|| from real weights; on the meta device its magnitudes are counted instead
-    plain = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"use_dora": False})})
+    # DoRA's, PiSSA's and OLoRA's inits read real weights; the shapes are those of the default init, and
+    # DoRA's magnitudes are counted by `dora_magnitudes`
+    plain = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"use_dora": False, "init": "default"})})
     return get_peft_model(model, lora_config(plain, model)), stored
 
 

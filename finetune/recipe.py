@@ -78,8 +78,9 @@ class LoraSection(Section):
     )
     init: str = Field(
         "default", description="Adapter initialisation: default (A Kaiming-uniform, B = 0), gaussian (A ~ "
-        "N(0, 1/r), B = 0); pissa, pissa_niter_N (randomised SVD, N iterations), olora and loftq start from "
-        "the base weight and rewrite it, which this tool refuses (see the README's LoRA variants).",
+        "N(0, 1/r), B = 0); pissa (B A = the top-r SVD of W), pissa_niter_N (randomised SVD, N iterations) "
+        "and olora (QR of W) start from W's principal part and train on the residual W - s B A: full-precision "
+        "bases only, checkpoints converted to a rank-2r LoRA over the published base; loftq: refused.",
     )
     layers: Optional[Union[list[int], str]] = Field(
         None, description="Decoder layers to adapt: a list of indices [0, 5], a range \"0-11\" (both ends "
@@ -435,6 +436,15 @@ def _check_lora_init(lora: LoraSection, q: QuantizationSection) -> None:
         }[init]
         raise ValueError(f"lora.init {lora.init} cannot be combined with quantization.load_in_4bit true: {why}. "
                          f"Use lora.init default or gaussian, or set quantization.load_in_4bit false")
+    clashes = [(lora.use_dora, "lora.use_dora", "its magnitude vector has no equivalent in the converted adapter"),
+               (bool(lora.modules_to_save), "lora.modules_to_save", "the conversion keeps only LoRA matrices"),
+               (lora.bias != "none", "lora.bias", "the conversion keeps only LoRA matrices"),
+               (lora.use_rslora and bool(lora.rank_pattern or lora.alpha_pattern), "lora.use_rslora",
+                "PEFT cannot convert rsLoRA with rank/alpha patterns")]
+    for clash, key, why in clashes:
+        if clash and init != "loftq":
+            raise ValueError(f"lora.init {lora.init} cannot be combined with {key}: checkpoints of a {init} adapter are "
+                             f"converted to a plain LoRA relative to the published base weights, and {why}")
     if init == "loftq":
         raise ValueError("lora.init loftq only makes sense with quantization.load_in_4bit true (it fits the "
                          "adapter to the quantization error), and that combination is refused; use lora.init "

@@ -158,3 +158,17 @@ def plot_losses(metrics: Path, out: Path) -> Path | None:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def adapter_base(recipe) -> dict:
+    """The checkpoint record that says which base weights the saved adapter is relative to."""
+    lora, q = recipe.lora, recipe.quantization
+    record = {"base": recipe.model.name_or_path, "revision": recipe.model.revision, "init": lora.init,
+              "relative_to": "published", "trained_on": f"4-bit {q.quant_type} quantization of the published weights"
+              if q.load_in_4bit else "the published weights"}
+    if lora.init.startswith(("pissa", "olora")):
+        record["trained_on"] = (f"the residual W - s B0 A0 of the published weights ({lora.init} init); "
+                                f"adapter_model.safetensors is converted to a rank-{2 * lora.r} LoRA over the published "
+                                f"weights, residual_adapter.safetensors holds the rank-{lora.r} adapter as trained")
+    return record
+

@@ -20,7 +20,9 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.model import load_base_model
+from finetune.checkpoint import load_adapter_weights
+from finetune.model import attach_lora, load_base_model
+from finetune.recipe_file import load_recipe
 from finetune.recipe import QuantizationSection
 
 from conftest import write_jsonl
@@ -34,7 +36,10 @@ VARIANTS = {
     "dora": {"use_dora": True},
     "layers+patterns": {"target_modules": "all-linear", "layers": "1:", "rank_pattern": {"v_proj": 2},
                         "alpha_pattern": {"down_proj": 2}},
+    "pissa": {"init": "pissa"},
+    "olora": {"init": "olora"},
 }
+FULL_PRECISION = {"pissa", "olora"}  # refused on a 4-bit base (test_refused_combinations_...): trained on fp32 here
 TOLERANCE = 1e-4  # max |logit difference| of a float32 merge from base + adapter, as for plain LoRA (test_merge.py)
 
 
@@ -55,7 +60,7 @@ def data(tmp_path_factory, toy_alpaca_rows):
 
 
 def variant_recipe(tmp, model_dir, data_dir, variant, name="run", **training):
-    path = make_recipe(tmp, model_dir, data_dir, name=name, quantization={"load_in_4bit": True},
+    path = make_recipe(tmp, model_dir, data_dir, name=name, quantization={"load_in_4bit": variant not in FULL_PRECISION},
                        max_steps=STEPS, **training)
     body = json.loads(path.read_text())
     body["lora"] = {**LORA, **VARIANTS[variant]}
@@ -80,8 +85,18 @@ def runs(request, tmp_path_factory, tiny_model_dir, data):
 
 def trained_model(model_dir, checkpoint):
     """Plain PEFT: the published base, quantized as in training, plus the checkpoint."""
-    base = load_base_model(str(model_dir), QuantizationSection(), "cpu")
+    quantized = json.loads((checkpoint / "adapter_base.json").read_text())["trained_on"].startswith("4-bit")
+    base = load_base_model(str(model_dir), QuantizationSection(load_in_4bit=quantized), "cpu")
     return PeftModel.from_pretrained(base, str(checkpoint)).eval()
+
+
+def as_trained(model_dir, checkpoint):
+    """The model as training ran it: for PiSSA/OLoRA the residual base W - s B0 A0 (rebuilt by the same
+    decomposition) plus the trained rank-r adapter, not the converted checkpoint."""
+    recipe = load_recipe(checkpoint / "recipe.yaml")
+    model = attach_lora(load_base_model(str(model_dir), recipe.quantization, "cpu"), recipe)
+    load_adapter_weights(model, checkpoint)
+    return model.eval()
 
 
 def test_resume_is_bit_identical(runs):
@@ -102,6 +117,15 @@ def test_plain_peft_loads_the_checkpoint_with_the_variant(runs, tiny_model_dir):
     if variant == "dora":
         assert all(m.use_dora["default"] for m in layers.values())
         assert sum("lora_magnitude_vector" in k for k in saved) == len(layers) == 4
+    if variant in FULL_PRECISION:  # converted to a plain LoRA of twice the rank over the published weights
+        assert {m.r["default"] for m in layers.values()} == {8} and len(layers) == 4
+        assert (a / "checkpoint-final" / "residual_adapter.safetensors").is_file()
+        record = json.loads((a / "checkpoint-final" / "adapter_base.json").read_text())
+        assert record["relative_to"] == "published" and "residual" in record["trained_on"]
+        ids = torch.tensor([[1, 5, 9, 23, 42, 7, 3, 11]])
+        with torch.no_grad():  # plain PEFT over the published base is the model that was trained
+            torch.testing.assert_close(model(ids).logits, as_trained(tiny_model_dir, a / "checkpoint-final")(ids).logits,
+                                       atol=TOLERANCE, rtol=0)
     if variant == "layers+patterns":
         assert all(".layers.1." in n for n in layers) and len(layers) == 7
         v, down, q = (layers[f"base_model.model.model.layers.1.{p}"] for p in
@@ -121,15 +145,16 @@ def merged(runs, tmp_path_factory):
 
 
 def test_merge_reproduces_base_plus_adapter(runs, merged, tiny_model_dir):
-    _, a, _ = runs
+    variant, a, _ = runs
     report = json.loads((merged / "merge_report.json").read_text())
-    assert report["base_weights"] == "dequantized"
-    assert report["fidelity"]["dequantized"]["max_abs_logit_diff"] < TOLERANCE
-    assert report["fidelity"]["dequantized"]["top1_agreement"] == 1.0
+    chosen = "original" if variant in FULL_PRECISION else "dequantized"
+    assert report["base_weights"] == chosen
+    assert report["fidelity"][chosen]["max_abs_logit_diff"] < TOLERANCE
+    assert report["fidelity"][chosen]["top1_agreement"] == 1.0
     ids = torch.tensor([[1, 5, 9, 23, 42, 7, 3, 11], [4, 8, 15, 16, 23, 42, 99, 2]])
     with torch.no_grad():
         mine = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
-        theirs = trained_model(tiny_model_dir, a / "checkpoint-final")(ids).logits
+        theirs = as_trained(tiny_model_dir, a / "checkpoint-final")(ids).logits
     torch.testing.assert_close(mine, theirs, atol=TOLERANCE, rtol=0)
 
 
@@ -177,6 +202,8 @@ def test_padding_free_and_packing_train_each_variant(variant, tmp_path, tiny_mod
     ({"layers": "3-1"}, ["lora.layers", "empty"]),
     ({"rank_pattern": {"v_proj": 0}}, ["lora.rank_pattern", "positive"]),
     ({"use_droa": True}, ["use_droa", "use_dora"]),
+    ({"init": "pissa", "use_dora": True, "4bit": False}, ["lora.init", "lora.use_dora"]),
+    ({"init": "olora", "modules_to_save": ["lm_head"], "4bit": False}, ["lora.init", "lora.modules_to_save"]),
 ])
 def test_refused_combinations_are_recipe_errors_before_any_model_loads(lora, keys, tmp_path, tiny_model_dir,
                                                                          data, monkeypatch):
@@ -186,6 +213,8 @@ def test_refused_combinations_are_recipe_errors_before_any_model_loads(lora, key
     monkeypatch.setattr("finetune.train.load_base_model", no_loading)
     path = variant_recipe(tmp_path, tiny_model_dir, data, "rslora")
     body = json.loads(path.read_text())
+    lora = dict(lora)
+    body["quantization"]["load_in_4bit"] = lora.pop("4bit", True)
     body["lora"] = {**LORA, **lora}
     path.write_text(json.dumps(body))
     result = train(path)
@@ -209,17 +238,18 @@ def test_plan_counts_each_variants_parameters(tiny_model_dir, data, tmp_path):
     """DoRA adds one magnitude per output feature of every adapted layer; patterns change the ranks."""
     counts = {}
     for variant in ["plain", *VARIANTS]:
-        path = variant_recipe(tmp_path, tiny_model_dir, data, "rslora", name=variant)
-        body = json.loads(path.read_text())
-        body["lora"] = {**LORA, **VARIANTS.get(variant, {})}
-        path.write_text(json.dumps(body))
+        path = variant_recipe(tmp_path, tiny_model_dir, data, "rslora" if variant == "plain" else variant, name=variant)
+        if variant == "plain":
+            body = json.loads(path.read_text())
+            body["lora"] = LORA
+            path.write_text(json.dumps(body))
         result = runner.invoke(app, ["plan", str(path)])
         assert result.exit_code == 0, result.output
         counts[variant] = int(next(x for x in result.output.split("\n") if "trainable" in x)
                               .split(" trainable")[0].split()[-1].replace(",", ""))
     h, kv = 64, 32  # q_proj 64 -> 64, v_proj 64 -> 32 (2 key/value heads of 16)
     plain = 2 * (4 * (h + h) + 4 * (h + kv))
-    assert counts["plain"] == counts["rslora"] == plain
+    assert counts["plain"] == counts["rslora"] == counts["pissa"] == counts["olora"] == plain
     assert counts["dora"] == plain + 2 * (h + kv)
     i = 128  # layer 1 only: q k v o gate up down, v at rank 2
     assert counts["layers+patterns"] == 4 * ((h + h) + (h + kv) + (h + h) + 2 * (h + i) + (i + h)) + 2 * (h + kv)
