@@ -253,3 +253,46 @@ def test_plan_counts_each_variants_parameters(tiny_model_dir, data, tmp_path):
     assert counts["dora"] == plain + 2 * (h + kv)
     i = 128  # layer 1 only: q k v o gate up down, v at rank 2
     assert counts["layers+patterns"] == 4 * ((h + h) + (h + kv) + (h + h) + 2 * (h + i) + (i + h)) + 2 * (h + kv)
+
+
+def test_export_writes_the_merged_variant(runs, merged, tmp_path):
+    """`finetune export` of the checkpoint holds the merge's weights (the same code path) and reloads to its logits."""
+    variant, a, _ = runs
+    out = tmp_path / "model.gguf"
+    result = runner.invoke(app, ["export", str(a / "checkpoint-final"), "--out", str(out), "--type", "f32"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "export_report.json").read_text())
+    assert report["merge_fidelity"]["max_abs_logit_diff"] < TOLERANCE
+    assert report["fidelity"]["max_abs_logit_diff"] <= 1e-4
+    ids = torch.tensor([[1, 5, 9, 23, 42, 7, 3, 11]])
+    with torch.no_grad():
+        back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)(ids).logits
+        mine = AutoModelForCausalLM.from_pretrained(merged)(ids).logits
+    torch.testing.assert_close(back, mine, atol=1e-4, rtol=0)
+    if variant in ("rslora", "dora"):  # llama.cpp's adapter format has no rsLoRA scale and no magnitude vector
+        result = runner.invoke(app, ["export", str(a / "checkpoint-final"), "--adapter-only",
+                                     "--out", str(tmp_path / "lora.gguf")])
+        assert result.exit_code == 2 and f"use_{variant}" in result.output, result.output
+
+
+@pytest.mark.parametrize("variants", [("rslora", "dora", "layers+patterns"), ("pissa",)], ids=["4bit-mix", "pissa"])
+def test_two_processes_give_the_losses_of_one(variants, tmp_path, tiny_model_dir, data):
+    """DDP (2 CPU processes, gloo) with the same effective batch: the same step losses as 1 process."""
+    from test_distributed import launch
+
+    lora = {**LORA, "dropout": 0.0}  # dropout draws differ between one and two processes
+    for v in variants:
+        lora.update(VARIANTS[v])
+    paths = {}
+    for name, accumulation in (("one", 4), ("two", 2)):
+        paths[name] = variant_recipe(tmp_path, tiny_model_dir, data, variants[0], name=name,
+                                     gradient_accumulation_steps=accumulation, micro_batch_size=2)
+        body = json.loads(paths[name].read_text())
+        body["lora"] = lora
+        paths[name].write_text(json.dumps(body))
+    assert (result := train(paths["one"])).exit_code == 0, result.output
+    launch([sys.executable, "-m", "finetune", "train", str(paths["two"]), "--nproc", "2"], cwd=tmp_path)
+    one, two = losses(tmp_path / "runs" / "one"), losses(tmp_path / "runs" / "two")
+    assert one.keys() == two.keys() == set(range(1, STEPS + 1))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], abs=1e-5 * max(1.0, abs(one[step]))), step
