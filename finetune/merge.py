@@ -12,9 +12,10 @@ How it runs, and why:
    Its logits on a fixed probe batch are the reference: "the model that was trained".
 2. Stream the base checkpoint tensor by tensor (safetensors, read with pread):
    each LoRA-targeted weight becomes base + PEFT's `get_delta_weight` (DoRA: rescaled
-   row by row to its magnitude vector, `_fold`), in float32, and every other 4-bit
-   weight becomes the chosen base weights (dequantized NF4 by default), cast to the saved dtype and written straight into its shard, so only
-   one tensor is in memory at a time. The weights of the other `base_weights`
+   row by row to its magnitude vector; merge_weights.py), in float32, and every other
+   4-bit weight becomes the chosen base weights (dequantized NF4 by default), cast to
+   the saved dtype and written straight into its shard, so only one tensor is in
+   memory at a time. The weights of the other `base_weights`
    choice go to a scratch directory beside the output, so both can be measured.
 3. Free the reference, load the merged model and compute the "merge fidelity": the
    max and mean absolute logit difference from the reference, for the chosen
@@ -46,6 +47,9 @@ from finetune.merge_output import SafetensorsWriter as _SafetensorsWriter
 from finetune.merge_output import check_hub_access as _check_hub_access
 from finetune.merge_output import open_safetensors as _open_safetensors
 from finetune.merge_output import push as _push
+from finetune.merge_weights import dequantized as _dequantized
+from finetune.merge_weights import fold as _fold
+from finetune.merge_weights import is_4bit as _is_4bit
 from finetune.progress import track
 from finetune.recipe import DTYPE_ALIASES, ModelSection, QuantizationSection
 
@@ -376,33 +380,6 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return len(split.filename_to_tensors), int(split.metadata.get("total_size", 0))
-
-
-def _fold(layer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
-    """The merged float32 weight: W + s B A (s = alpha / r, or alpha / sqrt(r) with rsLoRA, per module).
-    DoRA: m * (W + s B A) / ||W + s B A||, the L2 norm over each output row (PEFT's weight norm, the paper's
-    column norm of W^T), computed against `weight`, the base weights being merged into."""
-    merged = weight + layer.get_delta_weight(adapter).detach().float()
-    if not layer.use_dora.get(adapter, False):
-        return merged
-    magnitude = layer.lora_magnitude_vector[adapter].weight.detach().float()
-    return merged * (magnitude / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
-
-
-def _is_4bit(module) -> bool:
-    import bitsandbytes as bnb
-
-    return isinstance(module, bnb.nn.Linear4bit)
-
-
-def _dequantized(layer) -> torch.Tensor:
-    """float32 dequant(quant(W)) of a (LoRA-wrapped) 4-bit layer's weight: the weight training ran on."""
-    import bitsandbytes as bnb
-
-    weight = layer.get_base_layer().weight if hasattr(layer, "get_base_layer") else layer.weight
-    if not isinstance(weight, bnb.nn.Params4bit):
-        return weight.detach().float()
-    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
 
 
 def _save_companions(section: ModelSection, tok, out_dir: Path, dtype: torch.dtype) -> None:

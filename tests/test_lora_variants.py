@@ -158,10 +158,9 @@ def test_merge_reproduces_base_plus_adapter(runs, merged, tiny_model_dir):
     torch.testing.assert_close(mine, theirs, atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("runs", ["dora"], indirect=True)
 def test_dora_merged_rows_have_the_magnitude_as_norms(runs, merged):
-    variant, a, _ = runs
-    if variant != "dora":
-        pytest.skip("DoRA only")
+    _, a, _ = runs
     saved = adapter(a / "checkpoint-final")
     weights = load_file(merged / "model.safetensors")
     checked = 0
