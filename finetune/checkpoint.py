@@ -10,8 +10,12 @@ looks like a checkpoint. Layout of a run directory:
                                      tokenizer files, recipe.yaml, trainer_state.json,
                                      environment.json, training_state.pt (optimizer,
                                      scheduler, RNG states: what `--resume` needs),
+                                     adapter_base.json (which base weights the adapter
+                                     is relative to, and trained on), for PiSSA/OLoRA
+                                     residual_adapter.safetensors (the adapter as trained),
                                      manifest.json (written last: size and sha256 of
                                      every file, checked on resume; verify.py)
+    runs/<name>/initial_adapter/     PiSSA/OLoRA only: the adapter as initialised, B0 A0
     runs/<name>/checkpoint-final/    the same, at the end of training
     runs/<name>/summary.json         written last: the run finished
 """
