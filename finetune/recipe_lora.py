@@ -137,8 +137,8 @@ def check_lora_init(lora: LoraSection, q: QuantizationSection) -> None:
                 "PEFT cannot convert rsLoRA with rank/alpha patterns")]
     for clash, key, why in clashes:
         if clash and init != "loftq":
-            raise ValueError(f"lora.init {lora.init} cannot be combined with {key}: checkpoints of a {init} adapter are "
-                             f"converted to a plain LoRA relative to the published base weights, and {why}")
+            raise ValueError(f"lora.init {lora.init} cannot be combined with {key}: checkpoints of a {init} adapter "
+                             f"are converted to a plain LoRA relative to the published base weights, and {why}")
     if init == "loftq":
         raise ValueError("lora.init loftq only makes sense with quantization.load_in_4bit true (it fits the "
                          "adapter to the quantization error), and that combination is refused; use lora.init "

@@ -168,7 +168,7 @@ def adapter_base(recipe) -> dict:
               if q.load_in_4bit else "the published weights"}
     if lora.init.startswith(("pissa", "olora")):
         record["trained_on"] = (f"the residual W - s B0 A0 of the published weights ({lora.init} init); "
-                                f"adapter_model.safetensors is converted to a rank-{2 * lora.r} LoRA over the published "
-                                f"weights, residual_adapter.safetensors holds the rank-{lora.r} adapter as trained")
+                                "adapter_model.safetensors is converted to a LoRA of twice the rank over the "
+                                "published weights, residual_adapter.safetensors holds the adapter as trained")
     return record
 

@@ -60,8 +60,8 @@ def data(tmp_path_factory, toy_alpaca_rows):
 
 
 def variant_recipe(tmp, model_dir, data_dir, variant, name="run", **training):
-    path = make_recipe(tmp, model_dir, data_dir, name=name, quantization={"load_in_4bit": variant not in FULL_PRECISION},
-                       max_steps=STEPS, **training)
+    quantization = {"load_in_4bit": variant not in FULL_PRECISION}
+    path = make_recipe(tmp, model_dir, data_dir, name=name, quantization=quantization, max_steps=STEPS, **training)
     body = json.loads(path.read_text())
     body["lora"] = {**LORA, **VARIANTS[variant]}
     path.write_text(json.dumps(body))
@@ -124,8 +124,8 @@ def test_plain_peft_loads_the_checkpoint_with_the_variant(runs, tiny_model_dir):
         assert record["relative_to"] == "published" and "residual" in record["trained_on"]
         ids = torch.tensor([[1, 5, 9, 23, 42, 7, 3, 11]])
         with torch.no_grad():  # plain PEFT over the published base is the model that was trained
-            torch.testing.assert_close(model(ids).logits, as_trained(tiny_model_dir, a / "checkpoint-final")(ids).logits,
-                                       atol=TOLERANCE, rtol=0)
+            trained = as_trained(tiny_model_dir, a / "checkpoint-final")
+            torch.testing.assert_close(model(ids).logits, trained(ids).logits, atol=TOLERANCE, rtol=0)
     if variant == "layers+patterns":
         assert all(".layers.1." in n for n in layers) and len(layers) == 7
         v, down, q = (layers[f"base_model.model.model.layers.1.{p}"] for p in
