@@ -261,6 +261,29 @@ def load_adapter_weights(model, checkpoint: Path) -> None:
     set_peft_model_state_dict(model, load_file(raw if raw.is_file() else checkpoint / "adapter_model.safetensors"))
 
 
+def keep_initial_adapter(model, initial: Path, resuming: bool, main: bool) -> None:
+    """PiSSA/OLoRA: a fresh run writes the adapter as initialised (B0 A0) to `initial` (main process). On resume
+    the decomposition re-run on the published weights must give those B0 A0 (so the same residual base
+    W - s B0 A0), bit for bit; otherwise resuming would train on other base weights. (Randomised SVD,
+    pissa_niter_N, repeats because the seed and the call order repeat.)"""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not resuming:
+        if main:
+            model.save_pretrained(initial)
+        return
+    saved_file = initial / "adapter_model.safetensors"
+    if not saved_file.is_file():
+        raise CheckpointError(f"Cannot resume: {saved_file} (the adapter as initialised, which the residual base "
+                              f"is rebuilt from) is missing. Start again with --overwrite.")
+    saved, now = load_file(saved_file), get_peft_model_state_dict(model)
+    if saved.keys() != now.keys() or any(not torch.equal(saved[k], now[k]) for k in saved):
+        raise CheckpointError(f"Cannot resume: the initialisation re-run on the base weights differs from the one "
+                              f"the run started from ({initial}); the base model files or the library versions "
+                              f"changed. Start again with --overwrite.")
+
+
 def rng_state() -> dict:
     """This process's RNG streams: python, numpy, torch (and CUDA)."""
     kind, key, pos, has_gauss, gauss = np.random.get_state()  # the key as a tensor: loadable with weights_only

@@ -69,6 +69,14 @@ class LoraSection(Section):
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ValueError(f"unknown init '{v}'; expected one of {', '.join(LORA_INITS)} (N: a positive integer).{hint}")
 
+    @field_validator("layers", mode="before")
+    @classmethod
+    def _layers_as_written(cls, v: Any) -> Any:
+        """YAML reads an unquoted `8:` as the mapping {8: None}, and `3` as a number: both mean what they say."""
+        if isinstance(v, dict) and len(v) == 1 and next(iter(v.values())) is None and isinstance(next(iter(v)), int):
+            return f"{next(iter(v))}:"
+        return [v] if isinstance(v, int) and not isinstance(v, bool) else v
+
     @field_validator("layers")
     @classmethod
     def _layers(cls, v: Any) -> Any:

@@ -167,8 +167,8 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     run = Run(recipe, accelerator, placement, tokenizer, model, objective, optimizer, scheduler,
               train_dl, eval_dl, total_steps, env, MetricsLog(recipe.run_dir / "metrics.jsonl", accelerator, console),
               stats.examples // 2 if isinstance(train_set, Pairs) else stats.examples)  # pairs count once
-    if _initial_adapter(recipe) and run.main:  # B0 A0, before any training (recomputed identically on resume)
-        accelerator.unwrap_model(model).save_pretrained(_initial_adapter(recipe))
+    if _initial_adapter(recipe):  # PiSSA/OLoRA: B0 A0 written before training, checked when resuming
+        ckpt.keep_initial_adapter(accelerator.unwrap_model(model), _initial_adapter(recipe), bool(resume_from), run.main)
     rng = _restore(run, resume_from) if resume_from else None
     if t.eval_generate_steps and run.main:
         prompted = [r for r in split_records(recipe.data, t.seed)[1] if r.fmt in ("alpaca", "chat", "completion")]

@@ -9,6 +9,7 @@ alpha / sqrt(r), DoRA's merged rows have the magnitude vector as their norms.
 
 import json
 import math
+import shutil
 import sys
 
 import pytest
@@ -36,7 +37,7 @@ VARIANTS = {
     "dora": {"use_dora": True},
     "layers+patterns": {"target_modules": "all-linear", "layers": "1:", "rank_pattern": {"v_proj": 2},
                         "alpha_pattern": {"down_proj": 2}},
-    "pissa": {"init": "pissa"},
+    "pissa": {"init": "pissa_niter_2"},  # randomised SVD: the init that must repeat on resume
     "olora": {"init": "olora"},
 }
 FULL_PRECISION = {"pissa", "olora"}  # refused on a 4-bit base (test_refused_combinations_...): trained on fp32 here
@@ -91,10 +92,19 @@ def trained_model(model_dir, checkpoint):
 
 
 def as_trained(model_dir, checkpoint):
-    """The model as training ran it: for PiSSA/OLoRA the residual base W - s B0 A0 (rebuilt by the same
-    decomposition) plus the trained rank-r adapter, not the converted checkpoint."""
+    """The model as training ran it: for PiSSA/OLoRA the residual base W - s B0 A0 (B0 A0 from the run's
+    initial_adapter/, as PEFT computed it) plus the trained rank-r adapter, not the converted checkpoint."""
     recipe = load_recipe(checkpoint / "recipe.yaml")
-    model = attach_lora(load_base_model(str(model_dir), recipe.quantization, "cpu"), recipe)
+    init = recipe.lora.init
+    plain = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"init": "default"})})
+    model = attach_lora(load_base_model(str(model_dir), recipe.quantization, "cpu"), plain)
+    if init != "default" and init != "gaussian":
+        b0a0 = load_file(checkpoint.parent / "initial_adapter" / "adapter_model.safetensors")
+        with torch.no_grad():
+            for name, m in model.named_modules():
+                if isinstance(m, LoraLayer):
+                    a0, b0 = (b0a0[f"{name}.lora_{x}.weight"] for x in "AB")
+                    m.get_base_layer().weight -= m.scaling["default"] * b0 @ a0
     load_adapter_weights(model, checkpoint)
     return model.eval()
 
@@ -295,3 +305,33 @@ def test_two_processes_give_the_losses_of_one(variants, tmp_path, tiny_model_dir
     assert one.keys() == two.keys() == set(range(1, STEPS + 1))
     for step in one:
         assert two[step] == pytest.approx(one[step], abs=1e-5 * max(1.0, abs(one[step]))), step
+
+
+def test_layer_ranges_as_written_on_the_command_line(tmp_path, tiny_model_dir, data):
+    """`lora.layers=1:` (YAML reads {1: None}) and `lora.layers=1` mean layers 1..last and layer 1."""
+    path = variant_recipe(tmp_path, tiny_model_dir, data, "rslora")
+    assert load_recipe(path, ["lora.layers=1:"]).lora.layer_indices(2) == [1]
+    assert load_recipe(path, ["lora.layers=1"]).lora.layer_indices(2) == [1]
+    assert load_recipe(path, ["lora.layers=0-1"]).lora.layer_indices(2) == [0, 1]
+    assert load_recipe(path, ["lora.layers=[0]"]).lora.layer_indices(2) == [0]
+
+
+@pytest.mark.parametrize("runs", ["pissa"], indirect=True)
+def test_resume_refuses_a_residual_base_that_differs_from_the_one_trained_on(runs, tmp_path):
+    """The decomposition re-run on resume is compared with the run's B0 A0: another residual base is an error."""
+    from safetensors.torch import save_file
+
+    _, _, b = runs
+    copy = tmp_path / "runs" / "run"
+    shutil.copytree(b, copy)
+    shutil.rmtree(copy / "checkpoint-final")
+    (copy / "summary.json").unlink()
+    initial = copy / "initial_adapter" / "adapter_model.safetensors"
+    tensors = load_file(initial)
+    tensors[next(iter(tensors))] += 1e-6
+    save_file(tensors, initial)
+    recipe = json.loads((b.parent.parent / "run.yaml").read_text())
+    recipe["output_dir"] = str(copy)
+    (tmp_path / "run.yaml").write_text(json.dumps(recipe))
+    result = train(tmp_path / "run.yaml", "--resume")
+    assert result.exit_code == 2 and "initialisation re-run" in " ".join(result.output.split()), result.output
