@@ -50,6 +50,7 @@ from finetune.merge_output import push as _push
 from finetune.merge_weights import dequantized as _dequantized
 from finetune.merge_weights import fold as _fold
 from finetune.merge_weights import is_4bit as _is_4bit
+from finetune.merge_weights import split_residual as _split_residual
 from finetune.progress import track
 from finetune.recipe import DTYPE_ALIASES, ModelSection, QuantizationSection
 
@@ -129,6 +130,7 @@ def merge(
     tok, tokenizer_note = load_adapter_tokenizer(adapter_dirs[0], model_section)  # as training loads it
     probe = _probe_batch(tok)
     trained, adapter_name = _load_trained(model_section, quant, adapter_dirs, weights, combination, density)
+    residual = _split_residual(trained, adapter_name) if _is_residual(adapter_dirs, weights) else {}
     with torch.no_grad():
         reference = trained(**probe).logits.float()
     modes = ["dequantized", "original"] if quant.load_in_4bit else ["original"]
@@ -141,7 +143,7 @@ def merge(
     try:
         with atomic_dir(out) as tmp:
             shards, size = _write_merged(trained, adapter_name, files, tmp, scratch if other else None,
-                                         base_weights, target_dtype, max_shard_size)
+                                         base_weights, target_dtype, max_shard_size, residual)
             del trained
             gc.collect()  # PEFT models hold reference cycles: free the reference before loading the merged model
             _save_companions(model_section, tok, tmp, target_dtype)
@@ -291,6 +293,12 @@ def _load_trained(section, quant, adapter_dirs, weights, combination, density):
     return model.eval(), active
 
 
+def _is_residual(adapter_dirs, weights) -> bool:
+    """One PiSSA/OLoRA checkpoint (converted to a plain LoRA over the published weights when saved)."""
+    init = str((_saved_recipe(adapter_dirs[0]).get("lora") or {}).get("init", "default"))
+    return len(adapter_dirs) == 1 and weights is None and init.startswith(("pissa", "olora"))
+
+
 def _describe_reference(quant: QuantizationSection) -> str:
     if not quant.load_in_4bit:
         return "base + adapter (no quantization), on CPU"
@@ -312,8 +320,9 @@ def _probe_batch(tok) -> dict[str, torch.Tensor]:
 # -------------------------------------------------------------------- writing
 
 
-def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype, max_shard_size) -> tuple[int, int]:
-    """Stream the base checkpoint into `out_dir` as merged shards (and the other choice's 4-bit layer
+def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype, max_shard_size,
+                  residual: dict) -> tuple[int, int]:
+    """`residual`: s B0 A0 per PiSSA/OLoRA layer, subtracted from the published weight as training did. Stream the base checkpoint into `out_dir` as merged shards (and the other choice's 4-bit layer
     weights into `scratch`), one tensor in memory at a time. Returns (number of shards, total bytes)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from peft.tuners.lora import LoraLayer
@@ -353,6 +362,8 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
             layer = lora[module_name]
             dequantized, original = _dequantized(layer), tensor.float()
             chosen, other = (dequantized, original) if base_weights == "dequantized" else (original, dequantized)
+            if module_name in residual:  # full precision only: no other choice
+                chosen = chosen - residual[module_name]
             return _fold(layer, adapter, chosen).to(dtype), _fold(layer, adapter, other).to(dtype)
         if module_name in frozen and param == "weight":
             dequantized, original = _dequantized(frozen[module_name]), tensor.float()

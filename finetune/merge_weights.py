@@ -36,3 +36,25 @@ def dequantized(layer) -> torch.Tensor:
     if not isinstance(weight, bnb.nn.Params4bit):
         return weight.detach().float()
     return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+
+
+def split_residual(model, adapter: str) -> dict[str, torch.Tensor]:
+    """A PiSSA/OLoRA checkpoint holds the converted adapter B' = [B | -B0], A' = [A; A0] (rank 2r, scale s) over
+    the published W. Rebuild the model as trained, in place: base W_res = W - s B0 A0 (PEFT's own expression, so
+    the same float32 rounding as at initialisation) and the rank-r adapter B A (A0's rows zeroed), so the merge
+    reference is the trained model and no large B0 A0 cancels inside the merged weight. Returns s B0 A0 per
+    module name, for the merge to subtract from the published weights the same way."""
+    from peft.tuners.lora import LoraLayer
+
+    removed = {}
+    with torch.no_grad():
+        for name, layer in model.base_model.model.named_modules():
+            if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
+                a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+                r = a.shape[0] // 2
+                a0, b0 = a[r:].contiguous(), (-b[:, r:]).contiguous()
+                removed[name] = layer.scaling[adapter] * b0 @ a0
+                base = layer.get_base_layer().weight
+                base.data = base.data - removed[name].to(base.dtype)
+                a[r:] = 0
+    return removed
