@@ -10,8 +10,12 @@ looks like a checkpoint. Layout of a run directory:
                                      tokenizer files, recipe.yaml, trainer_state.json,
                                      environment.json, training_state.pt (optimizer,
                                      scheduler, RNG states: what `--resume` needs),
+                                     adapter_base.json (which base weights the adapter
+                                     is relative to, and trained on), for PiSSA/OLoRA
+                                     residual_adapter.safetensors (the adapter as trained),
                                      manifest.json (written last: size and sha256 of
                                      every file, checked on resume; verify.py)
+    runs/<name>/initial_adapter/     PiSSA/OLoRA only: the adapter as initialised, B0 A0
     runs/<name>/checkpoint-final/    the same, at the end of training
     runs/<name>/summary.json         written last: the run finished
 """
@@ -37,6 +41,7 @@ from finetune.errors import CheckpointError, first_line
 from finetune.verify import verify_checkpoint, write_manifest
 
 TRAINING_STATE = "training_state.pt"
+RESIDUAL_ADAPTER = "residual_adapter.safetensors"  # PiSSA/OLoRA: the adapter as trained, over the residual base
 # What a failed write raises: OSError from Python's own writes, RuntimeError from torch.save's zip writer,
 # SafetensorError from the safetensors serializer (e.g. "File too large (os error 27)" or ENOSPC).
 WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)
@@ -96,12 +101,27 @@ def _free_space(path: Path) -> str:
 
 
 def save_checkpoint(path: Path, model, tokenizer, records: dict[str, str | dict], training_state: dict,
-                    state_dict: dict | None = None) -> Path:
+                    state_dict: dict | None = None, initial_adapter: Path | None = None) -> Path:
     """Write a checkpoint: a PEFT adapter that plain `PeftModel.from_pretrained` loads, the tokenizer,
     text/JSON records (recipe, trainer state, environment) and the optimizer/scheduler/RNG state.
-    `state_dict`: the full (gathered) weights when the model is sharded across processes (FSDP/ZeRO-3)."""
+    `state_dict`: the full (gathered) weights when the model is sharded across processes (FSDP/ZeRO-3).
+
+    `initial_adapter` (PiSSA/OLoRA): the adapter as initialised, B0 A0. Training ran on the residual
+    W_res = W - s B0 A0 with the adapter B A, so W_res + s B A = W + s (B A - B0 A0) = W + s' [B | -B0] [A; A0]
+    with s' = s (rank 2r, alpha doubled): PEFT's conversion writes that plain LoRA over the published W. The
+    trained B A themselves go to RESIDUAL_ADAPTER, for resume (which rebuilds W_res by the same decomposition)."""
     with atomic_dir(path) as tmp:
-        model.save_pretrained(tmp, state_dict=state_dict)
+        if initial_adapter is None:
+            model.save_pretrained(tmp, state_dict=state_dict)
+        else:
+            from peft import get_peft_model_state_dict
+            from safetensors.torch import save_file
+
+            with torch.random.fork_rng(devices=[]):  # PEFT loads the initial adapter by initialising one first
+                model.save_pretrained(tmp, state_dict=state_dict,
+                                      path_initial_model_for_weight_conversion=str(initial_adapter))
+            raw = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model, state_dict).items()}
+            save_file(raw, tmp / RESIDUAL_ADAPTER)
         tokenizer.save_pretrained(tmp)
         for name, content in records.items():
             if isinstance(content, dict):
@@ -237,7 +257,31 @@ def load_adapter_weights(model, checkpoint: Path) -> None:
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(checkpoint / "adapter_model.safetensors"))
+    raw = checkpoint / RESIDUAL_ADAPTER  # PiSSA/OLoRA: the saved adapter is converted; resume the trained one
+    set_peft_model_state_dict(model, load_file(raw if raw.is_file() else checkpoint / "adapter_model.safetensors"))
+
+
+def keep_initial_adapter(model, initial: Path, resuming: bool, main: bool) -> None:
+    """PiSSA/OLoRA: a fresh run writes the adapter as initialised (B0 A0) to `initial` (main process). On resume
+    the decomposition re-run on the published weights must give those B0 A0 (so the same residual base
+    W - s B0 A0), bit for bit; otherwise resuming would train on other base weights. (Randomised SVD,
+    pissa_niter_N, repeats because the seed and the call order repeat.)"""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not resuming:
+        if main:
+            model.save_pretrained(initial)
+        return
+    saved_file = initial / "adapter_model.safetensors"
+    if not saved_file.is_file():
+        raise CheckpointError(f"Cannot resume: {saved_file} (the adapter as initialised, which the residual base "
+                              f"is rebuilt from) is missing. Start again with --overwrite.")
+    saved, now = load_file(saved_file), get_peft_model_state_dict(model)
+    if saved.keys() != now.keys() or any(not torch.equal(saved[k], now[k]) for k in saved):
+        raise CheckpointError(f"Cannot resume: the initialisation re-run on the base weights differs from the one "
+                              f"the run started from ({initial}); the base model files or the library versions "
+                              f"changed. Start again with --overwrite.")
 
 
 def rng_state() -> dict:

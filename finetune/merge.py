@@ -11,13 +11,15 @@ How it runs, and why:
    adapter(s), combined by PEFT's `add_weighted_adapter` when there are several.
    Its logits on a fixed probe batch are the reference: "the model that was trained".
 2. Stream the base checkpoint tensor by tensor (safetensors, read with pread):
-   each LoRA-targeted weight becomes base + PEFT's `get_delta_weight`, added in
-   float32, cast to the saved dtype and written straight into its shard, so only
-   one tensor is in memory at a time. The weights of the other `base_weights`
+   each LoRA-targeted weight becomes base + PEFT's `get_delta_weight` (DoRA: rescaled
+   row by row to its magnitude vector; merge_weights.py), in float32, and every other
+   4-bit weight becomes the chosen base weights (dequantized NF4 by default), cast to
+   the saved dtype and written straight into its shard, so only one tensor is in
+   memory at a time. The weights of the other `base_weights`
    choice go to a scratch directory beside the output, so both can be measured.
 3. Free the reference, load the merged model and compute the "merge fidelity": the
    max and mean absolute logit difference from the reference, for the chosen
-   base weights and (swapping the LoRA-targeted weights in, one at a time) for the
+   base weights and (swapping the 4-bit layers' weights in, one at a time) for the
    other. Peak memory is about the larger of the merged model and the 4-bit reference.
 Everything is written to a hidden sibling of `--out` and renamed into place only
 when complete (with `merge_report.json`), so a failure never leaves a partial model.
@@ -45,6 +47,10 @@ from finetune.merge_output import SafetensorsWriter as _SafetensorsWriter
 from finetune.merge_output import check_hub_access as _check_hub_access
 from finetune.merge_output import open_safetensors as _open_safetensors
 from finetune.merge_output import push as _push
+from finetune.merge_weights import dequantized as _dequantized
+from finetune.merge_weights import fold as _fold
+from finetune.merge_weights import is_4bit as _is_4bit
+from finetune.merge_weights import split_residual as _split_residual
 from finetune.progress import track
 from finetune.recipe import DTYPE_ALIASES, ModelSection, QuantizationSection
 
@@ -124,6 +130,7 @@ def merge(
     tok, tokenizer_note = load_adapter_tokenizer(adapter_dirs[0], model_section)  # as training loads it
     probe = _probe_batch(tok)
     trained, adapter_name = _load_trained(model_section, quant, adapter_dirs, weights, combination, density)
+    residual = _split_residual(trained, adapter_name) if _is_residual(adapter_dirs, weights) else {}
     with torch.no_grad():
         reference = trained(**probe).logits.float()
     modes = ["dequantized", "original"] if quant.load_in_4bit else ["original"]
@@ -136,7 +143,7 @@ def merge(
     try:
         with atomic_dir(out) as tmp:
             shards, size = _write_merged(trained, adapter_name, files, tmp, scratch if other else None,
-                                         base_weights, target_dtype, max_shard_size)
+                                         base_weights, target_dtype, max_shard_size, residual)
             del trained
             gc.collect()  # PEFT models hold reference cycles: free the reference before loading the merged model
             _save_companions(model_section, tok, tmp, target_dtype)
@@ -180,8 +187,9 @@ def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> t
     if base is None and len(bases) > 1:
         raise ModelError(f"The adapters were trained on different bases ({', '.join(map(str, bases))}); "
                          "they cannot be merged into one model.")
-    if any(c.get("use_dora") for c in configs):
-        raise ModelError("DoRA adapters are not supported by `finetune merge` (their merge rescales whole rows).")
+    if any(c.get("use_dora") for c in configs) and (len(configs) > 1 or weights is not None):
+        raise ModelError("A DoRA adapter merges alone: its magnitude vector rescales whole rows, so a weighted "
+                         "combination with other adapters has no exact merged weight. Merge it by itself.")
     recipes = [_saved_recipe(a) for a in adapter_dirs]
     quants = {json.dumps(r.get("quantization", {}), sort_keys=True) for r in recipes}
     if len(quants) > 1:
@@ -289,6 +297,12 @@ def _load_trained(section, quant, adapter_dirs, weights, combination, density):
     return model.eval(), active
 
 
+def _is_residual(adapter_dirs, weights) -> bool:
+    """One PiSSA/OLoRA checkpoint (converted to a plain LoRA over the published weights when saved)."""
+    init = str((_saved_recipe(adapter_dirs[0]).get("lora") or {}).get("init", "default"))
+    return len(adapter_dirs) == 1 and weights is None and init.startswith(("pissa", "olora"))
+
+
 def _describe_reference(quant: QuantizationSection) -> str:
     if not quant.load_in_4bit:
         return "base + adapter (no quantization), on CPU"
@@ -310,8 +324,9 @@ def _probe_batch(tok) -> dict[str, torch.Tensor]:
 # -------------------------------------------------------------------- writing
 
 
-def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype, max_shard_size) -> tuple[int, int]:
-    """Stream the base checkpoint into `out_dir` as merged shards (and the other choice's LoRA-targeted
+def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype, max_shard_size,
+                  residual: dict) -> tuple[int, int]:
+    """`residual`: s B0 A0 per PiSSA/OLoRA layer, subtracted from the published weight as training did. Stream the base checkpoint into `out_dir` as merged shards (and the other choice's 4-bit layer
     weights into `scratch`), one tensor in memory at a time. Returns (number of shards, total bytes)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from peft.tuners.lora import LoraLayer
@@ -319,6 +334,9 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
 
     modules = dict(trained.base_model.model.named_modules())
     lora = {n: m for n, m in modules.items() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+    # 4-bit layers the adapter leaves alone also ran on dequant(quant(W)) in training (e.g. lora.layers)
+    frozen = {n: m for n, m in modules.items() if _is_4bit(m) and not n.endswith(".base_layer") and n not in lora}
+    swapped = set(lora) | set(frozen)  # weights whose two base-weights choices differ
     trained_copies = {n: m.modules_to_save[adapter] for n, m in modules.items()
                       if isinstance(m, ModulesToSaveWrapper) and adapter in m.modules_to_save}
     trained_bias = trained.peft_config[adapter].bias != "none"
@@ -341,15 +359,20 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
     split = split_torch_state_dict_into_shards(plan, max_shard_size=max_shard_size)
 
     def merged_weights(key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(the saved tensor, the other base-weights choice's version when the key is LoRA-targeted)."""
+        """(the saved tensor, the other base-weights choice's version when the key is a 4-bit layer's)."""
         module_name, _, param = key.rpartition(".")
         tensor = where[key].get_tensor(key)
         if module_name in lora and param == "weight":
             layer = lora[module_name]
-            delta = layer.get_delta_weight(adapter).detach().float()
             dequantized, original = _dequantized(layer), tensor.float()
             chosen, other = (dequantized, original) if base_weights == "dequantized" else (original, dequantized)
-            return (chosen + delta).to(dtype), (other + delta).to(dtype)
+            if module_name in residual:  # full precision only: no other choice
+                chosen = chosen - residual[module_name]
+            return _fold(layer, adapter, chosen).to(dtype), _fold(layer, adapter, other).to(dtype)
+        if module_name in frozen and param == "weight":
+            dequantized, original = _dequantized(frozen[module_name]), tensor.float()
+            chosen, other = (dequantized, original) if base_weights == "dequantized" else (original, dequantized)
+            return chosen.to(dtype), other.to(dtype)
         if module_name in trained_copies:
             tensor = getattr(trained_copies[module_name], param).detach()
         elif trained_bias and param == "bias" and module_name in modules:
@@ -358,10 +381,10 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
 
     with track("merge", total=len(plan), unit="tensors") as task:
         for filename, keys in split.filename_to_tensors.items():
-            lora_keys = [k for k in keys if k.rpartition(".")[0] in lora and k.endswith(".weight")] if scratch else []
-            alt_path = scratch / filename if lora_keys else None
+            alt_keys = [k for k in keys if k.rpartition(".")[0] in swapped and k.endswith(".weight")] if scratch else []
+            alt_path = scratch / filename if alt_keys else None
             with _SafetensorsWriter(out_dir / filename, {k: plan[k] for k in keys}) as out, \
-                    _SafetensorsWriter(alt_path, {k: plan[k] for k in lora_keys}) as alt:
+                    _SafetensorsWriter(alt_path, {k: plan[k] for k in alt_keys}) as alt:
                 for key in keys:
                     tensor, other = merged_weights(key)
                     out.write(key, tensor)
@@ -372,16 +395,6 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return len(split.filename_to_tensors), int(split.metadata.get("total_size", 0))
-
-
-def _dequantized(layer) -> torch.Tensor:
-    """float32 dequant(quant(W)) of a LoRA layer's 4-bit base weight: the weight the adapter was trained against."""
-    import bitsandbytes as bnb
-
-    weight = layer.get_base_layer().weight
-    if not isinstance(weight, bnb.nn.Params4bit):
-        return weight.detach().float()
-    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
 
 
 def _save_companions(section: ModelSection, tok, out_dir: Path, dtype: torch.dtype) -> None:
@@ -421,7 +434,7 @@ def _fidelity(out_dir, scratch, probe, reference, base_weights, other, dtype) ->
 
     result = {base_weights: diff()}
     for mode in other:
-        with torch.no_grad():  # swap in the other choice's LoRA-targeted weights, one tensor at a time
+        with torch.no_grad():  # swap in the other choice's 4-bit layer weights, one tensor at a time
             for shard in sorted(scratch.glob("*.safetensors")):
                 f = _open_safetensors(shard)
                 for key in f.keys():

@@ -10,14 +10,16 @@ do. The terms:
   per 256 of those, an offset and its 256-entry code table; four bytes without), and
   the 16-entry NF4 table.
 - weights kept in the compute dtype: embeddings, norms, an untied LM head, biases.
-- LoRA parameters and their gradients: float32 (peft upcasts adapters).
+- LoRA parameters and their gradients: float32 (peft upcasts adapters); DoRA adds a
+  magnitude per output feature of every adapted layer.
 - optimizer states: AdamW keeps two float32 moments per parameter; the 8-bit
   bitsandbytes variant keeps two bytes per parameter plus a float32 scale per
   256-value block for tensors of at least 4096 values (smaller ones stay 32-bit).
 - activations saved for backward, per token and layer, counted tensor by tensor
   for a Llama-style decoder (residual stream, RMSNorm statistics, rotated q/k, v,
   attention output and log-sum-exp, the gated MLP's three intermediates, and for
-  every adapter its input after dropout, the dropout mask and its rank-r output);
+  every adapter its input after dropout, the dropout mask and its rank-r output, and
+  for DoRA its base and adapter outputs; each layer with its own adapters and ranks);
   with gradient checkpointing only each layer's input is kept, plus one layer's
   full set while it is recomputed. Counted for micro_batch_size x sequence length,
   where the sequence length is the longest example of the recipe's data when the
@@ -125,7 +127,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     tokens = t.micro_batch_size * seq_length
 
     quantized, kept = weight_bytes(model, width)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad] + dora_magnitudes(model, recipe)
     n_trainable = sum(p.numel() for p in trainable)
     ckpt = t.gradient_checkpointing
     used, other = (activation_bytes(model, recipe, t.micro_batch_size, seq_length, width, checkpointing=c)
@@ -149,7 +151,8 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
         Term(f"activations {'without' if ckpt else 'with'} checkpointing", other, "the alternative, not added",
              counted=False),
         Term("loss (labelled positions, chunked)", loss, f"<= {min(tokens, chunk_rows)} rows of {vocab:,} logits"),
-        Term("working buffers", working_bytes(model, tokens, width), "a dequantized weight, one layer's gradients"),
+        Term("working buffers", working_bytes(model, tokens, width, recipe.lora.use_dora),
+             "a dequantized weight, one layer's gradients" + (", DoRA's W + s B A" if recipe.lora.use_dora else "")),
     ]
     if device == "cpu":
         terms += [
@@ -205,7 +208,20 @@ def meta_model(recipe: Recipe, dtype):
 
     for p in model.parameters():
         p.requires_grad_(False)
-    return get_peft_model(model, lora_config(recipe)), stored
+    # DoRA's, PiSSA's and OLoRA's inits read real weights; the shapes are those of the default init, and
+    # DoRA's magnitudes are counted by `dora_magnitudes`
+    plain = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"use_dora": False, "init": "default"})})
+    return get_peft_model(model, lora_config(plain, model)), stored
+
+
+def dora_magnitudes(model, recipe: Recipe) -> list:
+    """DoRA's trainable magnitude vectors (meta tensors): one value per output feature of each adapted layer."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    if not recipe.lora.use_dora:
+        return []
+    return [torch.empty(m.out_features, device="meta") for m in model.modules() if isinstance(m, LoraLayer)]
 
 
 def weight_bytes(model, width: int) -> tuple[int, int]:
@@ -247,35 +263,40 @@ def optimizer_bytes(params, optimizer: str) -> int:
 
 
 def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, checkpointing: bool) -> int:
-    """Bytes saved for backward by the decoder stack for one micro batch (Llama-style decoder)."""
+    """Bytes saved for backward by the decoder stack for one micro batch (Llama-style decoder).
+    Layers differ when lora.layers or the rank pattern make them: each is counted with its own adapters."""
     c = model.config.get_text_config()
     h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or heads
     head_dim = getattr(c, "head_dim", None) or h // heads
     tokens = batch * seq
-    per_layer = (per_token_layer_elements(model, recipe, h, inter, heads, kv, head_dim) * width + (heads + 2) * 4)
+    adapted = _adapted_by_layer(model)
+    per_layer = [per_token_layer_elements(adapted.get(i, []), recipe, h, inter, heads, kv, head_dim) * width
+                 + (heads + 2) * 4 for i in range(layers)]
     rotary = 2 * seq * head_dim * width  # cos and sin, shared by the layers
     final = tokens * (h * width + 4)  # the final norm's input and statistics
     if checkpointing:
-        return tokens * layers * h * width + tokens * per_layer + rotary + final
-    return tokens * layers * per_layer + rotary + final
+        return tokens * layers * h * width + tokens * max(per_layer) + rotary + final
+    return tokens * sum(per_layer) + rotary + final
 
 
-def per_token_layer_elements(model, recipe: Recipe, h: int, inter: int, heads: int, kv: int, head_dim: int) -> int:
-    """Values saved per token by one decoder layer (excluding the float32 statistics)."""
+def per_token_layer_elements(adapted: list[tuple[str, int, int, int]], recipe: Recipe, h: int, inter: int,
+                             heads: int, kv: int, head_dim: int) -> int:
+    """Values saved per token by one decoder layer (excluding the float32 statistics), given its adapters
+    (short name, in_features, out_features, rank). DoRA keeps, per adapter, the base output and the scaled
+    adapter output (its magnitude's gradient needs both): 2 x out_features more."""
     attention_out = heads * head_dim
     base = 2 * h + (heads + 2 * kv) * head_dim + attention_out + 3 * inter  # residuals, q k v, output, MLP
-    r, dropout = recipe.lora.r, recipe.lora.dropout
+    dropout, dora = recipe.lora.dropout, recipe.lora.use_dora
     # adapter inputs: which tensor each projection reads, its size, and whether the base already saves it
     inputs = {"q_proj": ("x", h, False), "k_proj": ("x", h, False), "v_proj": ("x", h, False),
               "o_proj": ("attn", attention_out, True),
               "gate_proj": ("xm", h, False), "up_proj": ("xm", h, False), "down_proj": ("act", inter, False)}
-    adapted = _adapted_in_first_layer(model)
     extra, counted = 0, set()
-    for name, d_in in adapted:
+    for name, d_in, d_out, r in adapted:
         group, size, saved = inputs.get(name, (name, d_in, False))
-        extra += r
+        extra += r + (2 * d_out if dora else 0)
         if dropout > 0:
             extra += 2 * size  # the dropout mask and the dropped input, one per adapter
         elif not saved and group not in counted:
@@ -284,28 +305,28 @@ def per_token_layer_elements(model, recipe: Recipe, h: int, inter: int, heads: i
     return base + extra
 
 
-def _adapted_in_first_layer(model) -> list[tuple[str, int]]:
-    """(short name, in_features) of the LoRA-wrapped linear layers of the first decoder layer."""
+def _adapted_by_layer(model) -> dict[int, list[tuple[str, int, int, int]]]:
+    """Decoder layer index -> (short name, in_features, out_features, rank) of its LoRA-wrapped linear layers."""
     from peft.tuners.lora import LoraLayer
 
-    found, prefix = [], None
+    found: dict[int, list] = {}
     for name, module in model.named_modules():
         m = re.search(r"\.layers\.(\d+)\.", name + ".")
-        if not (m and isinstance(module, LoraLayer)):
-            continue
-        prefix = prefix or m.group(0)
-        if m.group(0) == prefix:
-            found.append((name.rsplit(".", 1)[-1], module.in_features))
+        if m and isinstance(module, LoraLayer):
+            found.setdefault(int(m.group(1)), []).append(
+                (name.rsplit(".", 1)[-1], module.in_features, module.out_features, next(iter(module.r.values()))))
     return found
 
 
-def working_bytes(model, tokens: int, width: int) -> int:
+def working_bytes(model, tokens: int, width: int, dora: bool = False) -> int:
+    """One dequantized weight and one layer's widest activation gradient; DoRA also forms W + s B A in float32
+    for its weight norm (and B A for it) while a layer runs."""
     import bitsandbytes as bnb
 
     c = model.config.get_text_config()
     largest = max((m.in_features * m.out_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)),
                   default=0)
-    return largest * width + 2 * tokens * max(c.hidden_size, c.intermediate_size) * width
+    return largest * width + 2 * tokens * max(c.hidden_size, c.intermediate_size) * width + dora * 2 * largest * 4
 
 
 # ------------------------------------------------------------------ environment

@@ -20,6 +20,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from finetune.recipe_lora import LoraSection, check_lora_init
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -50,17 +52,6 @@ class QuantizationSection(Section):
     @classmethod
     def _alias(cls, v: Any) -> Any:
         return DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
-
-
-class LoraSection(Section):
-    r: int = Field(16, ge=1, description="Adapter rank.")
-    alpha: float = Field(32, gt=0, description="Scaling numerator: the update is (alpha / r) * B @ A.")
-    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
-    target_modules: Union[str, list[str]] = Field(
-        "all-linear", description="`all-linear`, or a list of module names such as [q_proj, v_proj]."
-    )
-    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train.")
-    modules_to_save: list[str] = Field(default_factory=list, description="Extra modules trained in full and saved.")
 
 
 DATA_FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text", "preference")
@@ -363,6 +354,7 @@ class Recipe(Section):
         if objective in PREFERENCE_OBJECTIVES and data.packing:
             raise ValueError(f"data.packing would split the pairs training.objective {objective} compares; "
                              "use training.padding_free instead")
+        check_lora_init(self.lora, self.quantization)
         return self
 
     @property

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from finetune.errors import CheckpointError, RecipeError
+from finetune.recipe import LoraSection
 
 
 class MetricsLog:
@@ -102,9 +103,11 @@ def check_resume(checkpoint: Path, recipe, env: dict, console) -> None:
             ", ".join(changed) if changed else "the contents of the data files or the tokenizer") + ")")
     saved_lora = saved_recipe.get("lora", {})
     now_lora = json.loads(recipe.lora.model_dump_json())
-    for key in ("r", "target_modules", "modules_to_save", "bias"):
-        if saved_lora.get(key) != now_lora[key]:
-            problems.append(f"lora.{key} changed ({saved_lora.get(key)!r} -> {now_lora[key]!r})")
+    defaults = json.loads(LoraSection().model_dump_json())  # keys a checkpoint from an older version lacks
+    for key in ("r", "target_modules", "modules_to_save", "bias", "use_rslora", "use_dora", "init", "layers",
+                "rank_pattern", "alpha_pattern"):
+        if saved_lora.get(key, defaults[key]) != now_lora[key]:
+            problems.append(f"lora.{key} changed ({saved_lora.get(key, defaults[key])!r} -> {now_lora[key]!r})")
     if problems:
         raise CheckpointError(
             f"Refusing to resume from {checkpoint}: " + "; ".join(problems)
@@ -155,3 +158,17 @@ def plot_losses(metrics: Path, out: Path) -> Path | None:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def adapter_base(recipe) -> dict:
+    """The checkpoint record that says which base weights the saved adapter is relative to."""
+    lora, q = recipe.lora, recipe.quantization
+    record = {"base": recipe.model.name_or_path, "revision": recipe.model.revision, "init": lora.init,
+              "relative_to": "published", "trained_on": f"4-bit {q.quant_type} quantization of the published weights"
+              if q.load_in_4bit else "the published weights"}
+    if lora.init.startswith(("pissa", "olora")):
+        record["trained_on"] = (f"the residual W - s B0 A0 of the published weights ({lora.init} init); "
+                                "adapter_model.safetensors is converted to a LoRA of twice the rank over the "
+                                "published weights, residual_adapter.safetensors holds the adapter as trained")
+    return record
+

@@ -167,6 +167,8 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     run = Run(recipe, accelerator, placement, tokenizer, model, objective, optimizer, scheduler,
               train_dl, eval_dl, total_steps, env, MetricsLog(recipe.run_dir / "metrics.jsonl", accelerator, console),
               stats.examples // 2 if isinstance(train_set, Pairs) else stats.examples)  # pairs count once
+    if _initial_adapter(recipe):  # PiSSA/OLoRA: B0 A0 written before training, checked when resuming
+        ckpt.keep_initial_adapter(accelerator.unwrap_model(model), _initial_adapter(recipe), bool(resume_from), run.main)
     rng = _restore(run, resume_from) if resume_from else None
     if t.eval_generate_steps and run.main:
         prompted = [r for r in split_records(recipe.data, t.seed)[1] if r.fmt in ("alpaca", "chat", "completion")]
@@ -175,6 +177,11 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
         _start_records(run, resume_from)
         console.print(_banner(run, len(eval_set), stats, resume_from))
     return run, rng
+
+
+def _initial_adapter(recipe: Recipe) -> Path | None:
+    """Where a PiSSA/OLoRA run keeps its adapter as initialised (what checkpoints are converted against)."""
+    return recipe.run_dir / "initial_adapter" if recipe.lora.init.startswith(("pissa", "olora")) else None
 
 
 def _accelerator(recipe: Recipe, placement: Placement) -> Accelerator:
@@ -398,8 +405,10 @@ def save(run: Run, name: str, eval_record: dict | None = None) -> Path:
         }
         trainer_state = {**asdict(state), "total_steps": run.total_steps, "recipe": run.recipe.name,
                          "epochs_done": round(state.epoch + state.micro_in_epoch / len(run.train_dl), 4)}
-        files = {"recipe.yaml": run.recipe.to_yaml(), "environment.json": run.env, "trainer_state.json": trainer_state}
-        ckpt.save_checkpoint(path, acc.unwrap_model(run.model), run.tokenizer, files, training_state, state_dict)
+        files = {"recipe.yaml": run.recipe.to_yaml(), "environment.json": run.env, "trainer_state.json": trainer_state,
+                 "adapter_base.json": records.adapter_base(run.recipe)}
+        ckpt.save_checkpoint(path, acc.unwrap_model(run.model), run.tokenizer, files, training_state, state_dict,
+                             initial_adapter=_initial_adapter(run.recipe))
         if t.save_total_limit and name != "checkpoint-final":
             best = Path(state.best_checkpoint) if t.keep_best and state.best_checkpoint else None
             ckpt.prune_checkpoints(run.recipe.run_dir, t.save_total_limit, protect=best)
