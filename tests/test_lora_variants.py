@@ -61,7 +61,7 @@ def data(tmp_path_factory, toy_alpaca_rows):
 
 
 def variant_recipe(tmp, model_dir, data_dir, variant, name="run", **training):
-    quantization = {"load_in_4bit": variant not in FULL_PRECISION}
+    quantization = {"load_in_4bit": variant not in FULL_PRECISION, "compute_dtype": "float32"}  # float equalities
     path = make_recipe(tmp, model_dir, data_dir, name=name, quantization=quantization, max_steps=STEPS, **training)
     body = json.loads(path.read_text())
     body["lora"] = {**LORA, **VARIANTS[variant]}
@@ -87,7 +87,7 @@ def runs(request, tmp_path_factory, tiny_model_dir, data):
 def trained_model(model_dir, checkpoint):
     """Plain PEFT: the published base, quantized as in training, plus the checkpoint."""
     quantized = json.loads((checkpoint / "adapter_base.json").read_text())["trained_on"].startswith("4-bit")
-    base = load_base_model(str(model_dir), QuantizationSection(load_in_4bit=quantized), "cpu")
+    base = load_base_model(str(model_dir), QuantizationSection(load_in_4bit=quantized, compute_dtype="float32"), "cpu")
     return PeftModel.from_pretrained(base, str(checkpoint)).eval()
 
 
