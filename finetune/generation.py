@@ -107,6 +107,7 @@ class GenerationOptions:
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+    top_k: int | None = None  # None: the model's generation config (usually 50); 0: no top-k cut
     batch_size: int = 8
     seed: int = 0
     extractor: str | None = None  # none, last_number or regex:PATTERN
@@ -117,7 +118,8 @@ def generation_kwargs(model, tok, options: GenerationOptions) -> dict:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = model.generation_config.eos_token_id
     eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tok.eos_token_id} - {None})
-    sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p} \
+    sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p,
+                **({"top_k": options.top_k} if options.top_k is not None else {})} \
         if options.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     return {"max_new_tokens": options.max_new_tokens, "pad_token_id": pad, "eos_token_id": eos, "use_cache": True,
             **sampling}
@@ -128,9 +130,19 @@ def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = 
              on_chunk=None) -> list[str]:
     """Completions of token-id prompts, batched with left padding (greedy unless temperature > 0).
     `on_chunk(examples, tokens=generated)` is called after each batch (progress.py's `Task.advance`)."""
+    return [tok.decode(ids, skip_special_tokens=True).strip() for ids in generate_ids(model, tok, prompts, options,
+                                                                                       on_chunk)]
+
+
+@torch.no_grad()
+def generate_ids(model, tok, prompts: list[list[int]], options: GenerationOptions = GenerationOptions(),
+                 on_chunk=None) -> list[list[int]]:
+    """The completion token ids of each prompt, up to and including the first end-of-sequence token (all
+    `max_new_tokens` of them when there is none), with KV cache, batched, in eval mode (no dropout).
+    Seeds the global RNG with `options.seed` first: callers fork it (torch.random.fork_rng) to keep theirs."""
     device = next(model.parameters()).device
     kwargs = generation_kwargs(model, tok, options)
-    pad = kwargs["pad_token_id"]
+    pad, eos = kwargs["pad_token_id"], set(kwargs["eos_token_id"])
     torch.manual_seed(options.seed)
     was_training = model.training
     model.eval()
@@ -144,7 +156,9 @@ def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = 
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        outputs += [tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+        for row in out[:, width:].tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            outputs.append(row[:end])
         if on_chunk is not None:
             on_chunk(len(chunk), tokens=int((out[:, width:] != pad).sum()))
     model.train(was_training)

@@ -77,18 +77,31 @@ def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     A sequence is a row of a padded batch, or an example of a padding-free row (its positions restart
     at 0). Computed like the training loss: the head only at labelled positions.
     """
+    logps, index = token_logprobs(model, batch)
+    n = num_sequences(batch)
+    counts = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, index, torch.ones_like(logps))
+    return torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, index, logps), counts
+
+
+def token_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(token) of every labelled token, the index of its sequence), in row-major order of labels[:, 1:].
+
+    The per-token form of `sequence_logprobs` (GRPO's ratios and KL are per token): the head only at
+    labelled positions, differentiable in the model's trainable parameters.
+    """
     ce, keep = token_losses(model, batch)
+    return -ce, token_sequence_index(batch, keep)
+
+
+def token_sequence_index(batch: dict, keep: torch.Tensor) -> torch.Tensor:
+    """For each labelled position of `keep` (the mask over labels[:, 1:]), the index of its sequence."""
     if "attention_mask" in batch or "position_ids" not in batch:
         segment = torch.arange(keep.shape[0], device=keep.device)[:, None].expand(-1, keep.shape[1] + 1)
     elif keep.shape[0] == 1:
         segment = torch.cumsum(batch["position_ids"].to(keep.device) == 0, dim=1) - 1
     else:
         raise ValueError("per-sequence log-probabilities need padded rows or one padding-free row, not packed rows")
-    n = int(segment.max()) + 1
-    index = segment[:, 1:][keep]  # the label at position t is the token t+1, of t+1's sequence
-    logps = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add(0, index, -ce)
-    counts = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add(0, index, torch.ones_like(ce))
-    return logps, counts
+    return segment[:, 1:][keep]  # the label at position t is the token t+1, of t+1's sequence
 
 
 def num_sequences(batch: dict) -> int:

@@ -63,6 +63,7 @@ class Window:
     loss: float = 0.0  # summed over units
     units: int = 0
     seen: int = 0  # real (non-padding) tokens processed, for tokens/s
+    steps: int = 0  # optimizer steps, for the time per step
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's, summed over units
 
     def add(self, step: "StepResult") -> None:
@@ -247,6 +248,7 @@ def fit(run: Run, progress: Progress, stop: StopOnSignal, rng_to_restore: dict |
             if not result.finite:
                 _non_finite(run, result)
             run.window.seen += result.seen
+            run.window.steps += 1
             if result.finite:
                 run.window.add(result)
             if result.finite and (state.step % t.logging_steps == 0 or state.step == run.total_steps):
@@ -266,6 +268,7 @@ def fit(run: Run, progress: Progress, stop: StopOnSignal, rng_to_restore: dict |
 def train_step(run: Run, group: list[dict]) -> StepResult:
     """Forward and backward every micro batch of one optimizer step, then clip and (if finite) step."""
     acc, objective, t = run.accelerator, run.objective, run.recipe.training
+    group = objective.rollout(run, group)  # GRPO: prompts -> sampled, scored answers; others: unchanged
     units = int(acc.reduce(torch.tensor(sum(objective.units(b) for b in group), device=acc.device), "sum"))
     loss = torch.zeros(1 + len(objective.metrics), device=acc.device)  # the loss, then the objective's metrics
     seen = 0
@@ -308,7 +311,7 @@ def log_window(run: Run, result: StepResult, elapsed: float) -> str:
         "step": run.state.step, "epoch": run.state.epoch, "loss": w.loss / max(w.units, 1),
         **{k: v / max(w.units, 1) for k, v in w.metrics.items()},
         "lr": run.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
-        "tokens_per_s": w.seen * acc.num_processes / elapsed,
+        "tokens_per_s": w.seen * acc.num_processes / elapsed, "step_s": elapsed / max(w.steps, 1),
         "memory_gib": records.peak_memory_gib(acc.device),
     }
     run.log.write(record)
