@@ -13,7 +13,9 @@ Each optimizer step, `rollout` turns the step's prompt micro batches into traini
    (the 4-bit base: no extra memory); with updates_per_generation mu > 1, the sampling policy's log-probs
    log pi_old(o_i,t) (no grad, eval mode). With mu = 1 pi_old is pi itself, detached: the ratio is exactly 1.
 
-The loss (`__call__`) is on answer tokens only, the LM head applied only there (loss.py):
+The loss (`__call__`) is on answer tokens only, the LM head applied only there (loss.py). pi is the
+distribution the answers were sampled from, softmax(logits / temperature), for the policy, pi_old and
+pi_ref alike (as TRL does; top_p is not modelled):
 
     rho_t = exp(log pi(o_t) - log pi_old(o_t)),   D_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1   (k3 KL)
     l_t = -min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A) + beta D_t
@@ -159,11 +161,11 @@ class GRPO(Objective):
         with torch.no_grad():
             if self.s.beta > 0:
                 with getattr(model, "module", model).disable_adapter():  # the forward still goes through DDP
-                    batch["ref_token_logps"] = token_logprobs(model, batch)[0]
+                    batch["ref_token_logps"] = token_logprobs(model, batch, self.s.temperature)[0]
             if self.s.updates_per_generation > 1:
                 was_training = model.training
                 model.eval()
-                batch["old_token_logps"] = token_logprobs(model, batch)[0]
+                batch["old_token_logps"] = token_logprobs(model, batch, self.s.temperature)[0]
                 model.train(was_training)
         return batch
 
@@ -214,7 +216,7 @@ class GRPO(Objective):
 
     def __call__(self, model, batch: dict) -> LossSum:
         s = self.s
-        logp, seq = token_logprobs(model, batch)
+        logp, seq = token_logprobs(model, batch, s.temperature)
         adv = batch["advantages"].to(logp)[seq]
         old = batch["old_token_logps"].to(logp) if "old_token_logps" in batch else logp.detach()
         ratio = torch.exp(logp - old)

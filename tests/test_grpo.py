@@ -112,12 +112,13 @@ def rollout_batch(objective, model, seed=0):
     return batch, prompts, completions, advantages
 
 
-def plain_policy_gradient_loss(model, prompts, completions, advantages, mode, max_new_tokens):
-    """-sum_i,t w_i,t A_i log pi(o_i,t) from one plain full-logits forward per sequence (w: the mode's weights)."""
+def plain_policy_gradient_loss(model, prompts, completions, advantages, mode, max_new_tokens, temperature=1.0):
+    """-sum_i,t w_i,t A_i log pi(o_i,t) from one plain full-logits forward per sequence (w: the mode's weights),
+    pi = softmax(logits / temperature)."""
     terms = []
     for i, c in enumerate(completions):
         ids = torch.tensor([prompts[i // 3] + c])
-        logits = model(input_ids=ids, use_cache=False).logits[0, len(prompts[i // 3]) - 1 : -1].float()
+        logits = model(input_ids=ids, use_cache=False).logits[0, len(prompts[i // 3]) - 1 : -1].float() / temperature
         logp = F.log_softmax(logits, dim=-1).gather(1, torch.tensor(c)[:, None]).squeeze(1)
         weight = {"grpo": 1 / (len(completions) * len(c)), "token": 1 / sum(map(len, completions)),
                   "dr_grpo": 1 / (len(completions) * max_new_tokens)}[mode]
@@ -135,13 +136,15 @@ def grads(model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("start", [True, False], ids=["adapter-at-start", "trained-adapter"])
 def test_the_gradient_is_the_policy_gradient(base, tiny_model_dir, mode, start):
     """One update per generation: ratio 1, and at the start KL 0 on every token; the loss gradient is
-    -sum w A grad log pi from plain forward passes, for each aggregation."""
+    -sum w A grad log pi from plain forward passes, for each aggregation (pi at the sampling temperature)."""
+    temperature = 1.0 if start else 0.7
     torch.manual_seed(3)
     with torch.no_grad():
         for name, p in base.named_parameters():
             if "lora_B" in name:
                 p.zero_() if start else torch.nn.init.normal_(p, std=0.2)
-    objective = GRPO(recipe_for(tiny_model_dir, grpo={"loss": mode, "beta": 0.04 if start else 0.0}))
+    objective = GRPO(recipe_for(tiny_model_dir, grpo={"loss": mode, "beta": 0.04 if start else 0.0,
+                                                      "temperature": temperature}))
     batch, prompts, completions, advantages = rollout_batch(objective, base)
     out = objective(base, batch)
     units = objective.units(batch)
@@ -151,7 +154,7 @@ def test_the_gradient_is_the_policy_gradient(base, tiny_model_dir, mode, start):
     if start:  # policy = reference: the KL is exactly 0 on every token, the ratio exactly 1 (no clipping)
         assert out.metrics["kl"].item() == 0.0
     assert out.metrics["clip_fraction"].item() == 0.0
-    plain_policy_gradient_loss(base, prompts, completions, advantages, mode, 6).backward()
+    plain_policy_gradient_loss(base, prompts, completions, advantages, mode, 6, temperature).backward()
     expected = grads(base)
     assert ours.keys() == expected.keys() and any(g.abs().sum() > 0 for g in ours.values())
     for name in ours:
