@@ -76,7 +76,8 @@ def our_batch(objective, model, tok, inputs) -> dict:
     """finetune's training batch for TRL's step inputs (same prompt and completion tokens, same advantages)."""
     prompts = [p[m.bool()].tolist() for p, m in zip(inputs["prompt_ids"], inputs["prompt_mask"])]
     completions = [c[m.bool()].tolist() for c, m in zip(inputs["completion_ids"], inputs["completion_mask"])]
-    run = SimpleNamespace(tokenizer=tok, model=model, accelerator=SimpleNamespace(device=next(model.parameters()).device))
+    device = next(model.parameters()).device
+    run = SimpleNamespace(tokenizer=tok, model=model, accelerator=SimpleNamespace(device=device))
     G = objective.s.group_size
     batch = objective._batch(run, prompts[::G], completions, inputs["advantages"].float().cpu())
     batch.update(step_values=torch.zeros(len(objective.step_metrics)), token_scale=torch.tensor(1.0))

@@ -74,7 +74,8 @@ def test_a_reward_in_a_module_is_found_and_a_broken_one_is_named(tmp_path, monke
     recipe = recipe_for("x/y", rewards=[{"function": "my_rewards:brevity", "scale": 2.0}])
     (r,) = load_rewards(recipe.rewards)
     assert score([r], ["p", "p"], ["a", "abc"], ["", ""])[0] == [1.0, 0.5]
-    (file_reward,) = load_rewards(recipe_for("x/y", rewards=[{"function": f"{tmp_path}/my_rewards.py:brevity"}]).rewards)
+    by_path = recipe_for("x/y", rewards=[{"function": f"{tmp_path}/my_rewards.py:brevity"}])
+    (file_reward,) = load_rewards(by_path.rewards)
     assert score([file_reward], ["p"], ["a"], [""])[0] == [0.5]
     broken, bad = load_rewards(recipe_for("x/y", rewards=[{"function": "my_rewards:broken"},
                                                           {"function": "my_rewards:not_a_number"}]).rewards)
@@ -166,6 +167,40 @@ def test_the_gradient_is_the_policy_gradient(base, tiny_model_dir, mode, start):
     assert (out.total / units).item() == pytest.approx(-(w * advantages).sum().item(), abs=1e-6)
 
 
+def test_later_updates_on_one_generation_use_the_clipped_ratio(base, tiny_model_dir):
+    """updates_per_generation 2: the sampling policy's log-probs are kept; after the policy moves, each token's
+    loss is -min(rho A, clip(rho, 0.8, 1.2) A) with rho = pi / pi_old, from plain forward passes."""
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    objective = GRPO(recipe_for(tiny_model_dir, grpo={"updates_per_generation": 2, "beta": 0.0}))
+    batch, prompts, completions, advantages = rollout_batch(objective, base, seed=1)
+    out = objective(base, batch)  # the first update: ratio 1, nothing clipped
+    assert out.metrics["clip_fraction"].item() == 0.0
+    old = [plain_logps(base, prompts[i // 3], c) for i, c in enumerate(completions)]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.3)  # the policy after an update
+        out = objective(base, batch)
+        expected, clipped = 0.0, 0
+        for i, c in enumerate(completions):
+            rho = torch.exp(plain_logps(base, prompts[i // 3], c) - old[i])
+            a = advantages[i]
+            expected += -torch.min(rho * a, rho.clamp(0.8, 1.2) * a).mean().item()
+            clipped += int((((rho < 0.8) & (a < 0)) | ((rho > 1.2) & (a > 0))).sum())
+    assert out.total.item() == pytest.approx(expected, rel=1e-4)
+    assert clipped > 0 and out.metrics["clip_fraction"].item() == clipped  # (token_scale 1 here)
+
+
+def plain_logps(model, prompt, completion) -> torch.Tensor:
+    ids = torch.tensor([prompt + completion])
+    logits = model(input_ids=ids, use_cache=False).logits[0, len(prompt) - 1 : -1].float()
+    return F.log_softmax(logits, dim=-1).gather(1, torch.tensor(completion)[:, None]).squeeze(1)
+
+
 # ------------------------------------------------------------------------------------------ through the CLI
 
 
@@ -238,10 +273,30 @@ def test_a_grpo_recipe_without_rewards_or_with_a_broken_reward_is_an_error(tmp_p
     path.write_text(json.dumps(body))
     result = train(path)
     assert result.exit_code == 2 and "learns from rewards, and the recipe has none" in " ".join(result.output.split())
-    (tmp_path / "bad_reward.py").write_text("def f(prompts, completions, references):\n    return ['x'] * len(completions)\n")
+    (tmp_path / "bad_reward.py").write_text("def f(prompts, completions, references):\n"
+                                            "    return ['x'] * len(completions)\n")
     body["rewards"] = [{"function": f"{tmp_path}/bad_reward.py:f"}]
     path.write_text(json.dumps(body))
     result = train(path)
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "returned 'x', not a finite number on example 0" in text, result.output
     assert "Traceback" not in result.output
+
+
+def test_two_processes_each_sample_for_their_own_prompts_and_stay_identical(tmp_path, tiny_model_dir, grpo_data):
+    import sys
+
+    from safetensors.torch import load_file
+
+    from test_distributed import WORKER, launch
+
+    (tmp_path / "worker.py").write_text(WORKER)
+    path = grpo_recipe(tmp_path, tiny_model_dir, grpo_data, name="ddp", max_steps=2)
+    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+            str(tmp_path / "worker.py"), str(path), str(tmp_path)], cwd=tmp_path)
+    rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    rows = [m for m in metrics(tmp_path / "runs" / "ddp") if "loss" in m]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["reward"]) for r in rows)
+    samples = [json.loads(x) for x in (tmp_path / "runs" / "ddp" / "samples.jsonl").read_text().splitlines()]
+    assert len([s for s in samples if s["step"] == 1]) == 2 * 4  # the main process's 2 prompts x G
