@@ -84,10 +84,10 @@ def our_batch(objective, model, tok, inputs) -> dict:
     return batch
 
 
-def grad_norm(model) -> float:
-    norm = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None))
+def take_grads(model) -> torch.Tensor:
+    flat = torch.cat([p.grad.double().flatten() for p in model.parameters() if p.grad is not None])
     model.zero_grad(set_to_none=True)
-    return float(norm)
+    return flat
 
 
 def equality(recipe, out: Path) -> dict:
@@ -105,17 +105,23 @@ def equality(recipe, out: Path) -> dict:
     trainer._prepare_inputs(next(batch_iter))  # samples and scores step 1 (adapter as initialised)
     inputs = captured["inputs"]
     model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by TRL's training loop, which this step skips
     trl_loss = trainer.compute_loss(model, inputs)
     trl_loss.backward()
-    trl_norm = grad_norm(model)
+    trl_grad = take_grads(model)
     objective = GRPO(recipe)
     batch = our_batch(objective, model, tok, inputs)
     ours = objective(model, batch)
     loss = ours.total / objective.units(batch)
     loss.backward()
-    return {"trl_loss": float(trl_loss), "finetune_loss": float(loss), "trl_grad_norm": trl_norm,
-            "finetune_grad_norm": grad_norm(model), "completions": int(inputs["completion_ids"].shape[0]),
-            "completion_tokens": int(inputs["completion_mask"].sum())}
+    grad = take_grads(model)
+    return {"trl_loss": trl_loss.item(), "finetune_loss": loss.item(), "trl_grad_norm": trl_grad.norm().item(),
+            "finetune_grad_norm": grad.norm().item(),
+            "grad_max_abs_diff_over_max_abs": ((grad - trl_grad).abs().max() / trl_grad.abs().max()).item(),
+            "completions": int(inputs["completion_ids"].shape[0]),
+            "completion_tokens": int(inputs["completion_mask"].sum()),
+            "mean_reward": float(inputs.get("rewards", torch.tensor(float("nan"))).float().mean())
+            if "rewards" in inputs else None}
 
 
 def speed(recipe, steps: int, out: Path) -> dict:
@@ -130,9 +136,8 @@ def speed(recipe, steps: int, out: Path) -> dict:
     ours = recipe.model_copy(update={"output_dir": str(out / "finetune_speed"),
                                      "training": recipe.training.model_copy(update={"max_steps": steps,
                                                                                     "save_steps": None})})
-    started = time.perf_counter()
     train(ours, overwrite=True)
-    ours_s = time.perf_counter() - started
+    ours_s = json.loads((out / "finetune_speed" / "summary.json").read_text())["wall_time_s"]  # the loop, no loading
     return {"steps": steps, "examples": examples, "trl_s": round(trl_s, 1), "finetune_s": round(ours_s, 1),
             "trl_examples_per_s": examples / trl_s, "finetune_examples_per_s": examples / ours_s,
             "finetune_over_trl": trl_s / ours_s}
