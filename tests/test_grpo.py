@@ -300,3 +300,43 @@ def test_two_processes_each_sample_for_their_own_prompts_and_stay_identical(tmp_
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["reward"]) for r in rows)
     samples = [json.loads(x) for x in (tmp_path / "runs" / "ddp" / "samples.jsonl").read_text().splitlines()]
     assert len([s for s in samples if s["step"] == 1]) == 2 * 4  # the main process's 2 prompts x G
+
+
+def patch_policy_forward(monkeypatch, at_step: int, action) -> None:
+    """Run `action(logps)` on the policy forward (with grad) of step `at_step` (one micro batch per step)."""
+    import finetune.grpo
+
+    real, calls = finetune.grpo.token_logprobs, {"n": 0}
+
+    def patched(model, batch, temperature=1.0):
+        logps, seq = real(model, batch, temperature)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] == at_step:
+                logps = action(logps)
+        return logps, seq
+
+    monkeypatch.setattr(finetune.grpo, "token_logprobs", patched)
+
+
+def test_sigterm_checkpoints_after_the_step_and_a_nan_step_is_skipped(tmp_path, tiny_model_dir, grpo_data,
+                                                                       monkeypatch):
+    import os
+    import signal
+
+    def sigterm(logps):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return logps
+
+    with monkeypatch.context() as m:
+        patch_policy_forward(m, 2, sigterm)
+        result = train(grpo_recipe(tmp_path, tiny_model_dir, grpo_data, name="sig"))
+    assert result.exit_code == 143 and "Stopped by SIGTERM after step 2" in " ".join(result.output.split())
+    assert (tmp_path / "runs" / "sig" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    with monkeypatch.context() as m:
+        patch_policy_forward(m, 2, lambda logps: logps * float("nan"))
+        result = train(grpo_recipe(tmp_path, tiny_model_dir, grpo_data, name="nan", nan_policy="skip_step"))
+    assert result.exit_code == 0, result.output
+    rows = metrics(tmp_path / "runs" / "nan")
+    assert {"step": 2, "skipped": "non-finite loss or gradient"} in rows
+    assert [r["step"] for r in rows if "loss" in r] == [1, 3, 4]
