@@ -107,7 +107,6 @@ class GenerationOptions:
     max_new_tokens: int = 128
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
-    top_k: int | None = None  # None: the model's generation config (usually 50); 0: no top-k cut
     batch_size: int = 8
     seed: int = 0
     extractor: str | None = None  # none, last_number or regex:PATTERN
@@ -118,8 +117,7 @@ def generation_kwargs(model, tok, options: GenerationOptions) -> dict:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     eos = model.generation_config.eos_token_id
     eos = sorted({*(eos if isinstance(eos, list) else [eos] if eos is not None else []), tok.eos_token_id} - {None})
-    sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p,
-                **({"top_k": options.top_k} if options.top_k is not None else {})} \
+    sampling = {"do_sample": True, "temperature": options.temperature, "top_p": options.top_p} \
         if options.temperature > 0 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     return {"max_new_tokens": options.max_new_tokens, "pad_token_id": pad, "eos_token_id": eos, "use_cache": True,
             **sampling}
@@ -136,12 +134,15 @@ def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = 
 
 @torch.no_grad()
 def generate_ids(model, tok, prompts: list[list[int]], options: GenerationOptions = GenerationOptions(),
-                 on_chunk=None) -> list[list[int]]:
+                 on_chunk=None, top_k: int | None = None) -> list[list[int]]:
     """The completion token ids of each prompt, up to and including the first end-of-sequence token (all
     `max_new_tokens` of them when there is none), with KV cache, batched, in eval mode (no dropout).
+    `top_k` overrides the model's generation config when sampling (0: no top-k cut; None: its default, often 50).
     Seeds the global RNG with `options.seed` first: callers fork it (torch.random.fork_rng) to keep theirs."""
     device = next(model.parameters()).device
     kwargs = generation_kwargs(model, tok, options)
+    if top_k is not None and kwargs["do_sample"]:
+        kwargs["top_k"] = top_k
     pad, eos = kwargs["pad_token_id"], set(kwargs["eos_token_id"])
     torch.manual_seed(options.seed)
     was_training = model.training

@@ -141,12 +141,12 @@ class GRPO(Objective):
         """G completions per prompt (consecutive), token ids up to and including the end-of-sequence token."""
         s, acc = self.s, run.accelerator
         options = GenerationOptions(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                    top_k=0, batch_size=s.generation_batch_size,
+                                    batch_size=s.generation_batch_size,
                                     seed=sampling_seed(self.recipe.training.seed, step, acc.process_index))
         devices = [acc.device.index or 0] if acc.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             return generate_ids(acc.unwrap_model(run.model), run.tokenizer,
-                                [p for p in prompts for _ in range(s.group_size)], options)
+                                [p for p in prompts for _ in range(s.group_size)], options, top_k=0)
 
     def _batch(self, run, prompts, completions, advantages) -> dict:
         """One training micro batch: prompt + answer per row, labels on the answer only, with its advantages

@@ -136,6 +136,7 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     records.check_trackers(t.report_to)
     accelerator = _accelerator(recipe, placement)
     check_strategy(recipe, placement)
+    objective = make_objective(recipe)  # before anything heavy: e.g. a GRPO reward module that does not import
     resume_from = ckpt.find_resume_checkpoint(recipe.run_dir, resume) if resume else None
     if accelerator.is_main_process and not resume_from:
         ckpt.prepare_run_dir(recipe.run_dir, overwrite)
@@ -149,7 +150,6 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     model = attach_lora(load_base_model(recipe.model, recipe.quantization, accelerator.device, placement), recipe)
     collate = Collator(tokenizer.pad_token_id, padding_free=t.padding_free)
     collate = PairCollator(collate) if isinstance(train_set, Pairs) else collate  # a pair's two sides together
-    objective = make_objective(recipe)
     objective.prepare(model, train_set, eval_set, collate, t.micro_batch_size)  # e.g. DPO's precomputed reference
     # A private generator keeps data loading from consuming the global RNG (dropout's), for exact resume.
     train_dl = DataLoader(train_set, batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate,

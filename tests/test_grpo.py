@@ -281,6 +281,13 @@ def test_a_grpo_recipe_without_rewards_or_with_a_broken_reward_is_an_error(tmp_p
     text = " ".join(result.output.split())
     assert result.exit_code == 2 and "returned 'x', not a finite number on example 0" in text, result.output
     assert "Traceback" not in result.output
+    body["rewards"] = [{"function": "no_such_module_xyz:f"}]
+    body["name"], body["output_dir"] = "missing", str(tmp_path / "runs" / "missing")
+    path.write_text(json.dumps(body))
+    result = train(path)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "rewards[0].function 'no_such_module_xyz:f': cannot import" in text
+    assert not (tmp_path / "runs" / "missing").exists()  # refused before the run directory, data or model
 
 
 def test_two_processes_each_sample_for_their_own_prompts_and_stay_identical(tmp_path, tiny_model_dir, grpo_data):
