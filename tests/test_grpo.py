@@ -229,9 +229,13 @@ def grpo_recipe(tmp_path, model_dir, data_dir, name="grpo", rewards=None, **trai
 
 
 def test_grpo_trains_through_the_cli_and_logs_rewards_and_samples(tmp_path, tiny_model_dir, grpo_data):
-    result = train(grpo_recipe(tmp_path, tiny_model_dir, grpo_data, max_steps=3))
+    result = train(grpo_recipe(tmp_path, tiny_model_dir, grpo_data, max_steps=3, eval_generate_steps=2,
+                               eval_generate_examples=2, eval_max_new_tokens=4))
     assert result.exit_code == 0, result.output
     run_dir = tmp_path / "runs" / "grpo"
+    # no eval loss (nothing to score it against), but generation metrics on the eval prompts at step 2 and the end
+    assert [m["step"] for m in metrics(run_dir) if "eval_exact_match" in m] == [2, 3]
+    assert not any("eval_loss" in m for m in metrics(run_dir))
     rows = [m for m in metrics(run_dir) if "loss" in m]
     assert len(rows) == 3 and all(math.isfinite(r["loss"]) for r in rows)
     assert {"reward", "reward_std", "reward/contains", "reward/format", "reward_std/contains", "zero_std_groups",
@@ -347,3 +351,20 @@ def test_sigterm_checkpoints_after_the_step_and_a_nan_step_is_skipped(tmp_path, 
     rows = metrics(tmp_path / "runs" / "nan")
     assert {"step": 2, "skipped": "non-finite loss or gradient"} in rows
     assert [r["step"] for r in rows if "loss" in r] == [1, 3, 4]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"training": {"objective": "grpo", "eval_steps": 5}}, "grpo has no eval loss"),
+    ({"data": {"train": ["u.jsonl"], "format": "text"}}, "data.format text has no prompt/answer split"),
+    ({"data": {"train": ["u.jsonl"], "packing": True}}, "set data.packing false"),
+    ({"training": {"objective": "sft"}}, "rewards are what training.objective grpo learns from"),
+    ({"rewards": [{"function": "format"}]}, "reward format needs pattern"),
+    ({"rewards": [{"function": "exact_match", "extract": "first_number"}]}, "expected none, last_number or regex"),
+])
+def test_grpo_recipe_rules(change, message):
+    from pydantic import ValidationError
+
+    body = {"model": {"name_or_path": "x/y"}, "data": {"train": ["u.jsonl"]}, "training": {"objective": "grpo"},
+            "rewards": EXACT, **change}
+    with pytest.raises(ValidationError, match=message):
+        Recipe.model_validate(body)
