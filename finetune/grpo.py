@@ -108,6 +108,7 @@ class GRPO(Objective):
         """Prompt micro batches -> training micro batches of their prompts' G sampled answers each, scored."""
         step, mu = run.state.step, self.s.updates_per_generation
         if step % mu and self._cache is not None:  # mu > 1: train again on the last generation
+            self._cache = [{k: v.to(run.accelerator.device) for k, v in b.items()} for b in self._cache]  # resumed
             return self._cache
         tok = run.tokenizer
         prompts = [_prompts(b) for b in group]
@@ -136,6 +137,13 @@ class GRPO(Objective):
             self._write_samples(run, step + 1, prompt_texts, refs, texts, totals, each, advantages)
         self._cache = batches if mu > 1 else None
         return batches
+
+    def state_dict(self) -> dict:
+        """With mu > 1, the generation batch being trained on again: a resume mid-cycle continues it exactly."""
+        return {"cache": [{k: v.cpu() for k, v in b.items()} for b in self._cache]} if self._cache else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._cache = state.get("cache")
 
     def _sample(self, run, prompts: list[list[int]], step: int) -> list[list[int]]:
         """G completions per prompt (consecutive), token ids up to and including the end-of-sequence token."""

@@ -50,6 +50,14 @@ class Objective:
         """Once, before training, with the model as built (adapters at their initial values): a hook for
         work over the whole data set. Nothing by default."""
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold for an exact resume beyond model, optimizer and RNG (tensors, numbers and
+        containers only: loaded with weights_only). Nothing by default."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` when resuming."""
+
     def rollout(self, run, group: list[dict]) -> list[dict]:
         """Each step, before its units are counted: the step's micro batches -> the micro batches to train on
         (any number). Unchanged by default; GRPO samples and scores answers to the prompts here (grpo.py).

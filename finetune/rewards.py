@@ -6,8 +6,8 @@ Every reward is called once per step with the step's texts and returns one numbe
 
 where `prompts[i]` is the prompt as the model saw it (chat template and special tokens included), `completions[i]`
 the sampled answer (special tokens removed, stripped) and `references[i]` the answer the data holds for that
-prompt (the completion of a completion record, the output of an alpaca record, the last assistant turn of a chat). The total reward of a
-completion is sum_k weight_k * f_k(...)[i].
+prompt (the completion of a completion record, the output of an alpaca record, the last assistant turn of a chat).
+The total reward of a completion is sum_k weight_k * f_k(...)[i].
 
 Built-ins (options in the recipe next to `function`):
 - exact_match: 1 if the answer extracted from the completion equals the one extracted from the reference,

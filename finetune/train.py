@@ -201,7 +201,10 @@ def _restore(run: Run, path: Path) -> dict:
     run.scheduler.load_state_dict(saved["scheduler"])
     if run.accelerator.scaler is not None and saved.get("scaler"):
         run.accelerator.scaler.load_state_dict(saved["scaler"])
-    return ckpt.this_process_rng(saved["rng"], run.accelerator.num_processes, run.accelerator.process_index)
+    acc = run.accelerator
+    rng = ckpt.this_process_rng(saved["rng"], acc.num_processes, acc.process_index)  # checks the process count
+    run.objective.load_state_dict(saved.get("objective", [{}] * acc.num_processes)[acc.process_index])
+    return rng
 
 
 def _start_records(run: Run, resume_from: Path | None) -> None:
@@ -393,10 +396,12 @@ def save(run: Run, name: str, eval_record: dict | None = None) -> Path:
     # Sharded (FSDP/ZeRO-3) weights are gathered by every process; DDP replicas are whole already.
     state_dict = acc.get_state_dict(run.model) if run.placement.shards_parameters else None
     rng = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]  # one per process
+    objective = [run.objective.state_dict()]  # e.g. GRPO's generation batch being reused, one per process
+    objective = gather_object(objective) if acc.num_processes > 1 else objective
     if run.main:
         training_state = {
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "rng": rng, "window": asdict(run.window),
+            "rng": rng, "window": asdict(run.window), "objective": objective,
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
         }
         trainer_state = {**asdict(state), "total_steps": run.total_steps, "recipe": run.recipe.name,

@@ -217,11 +217,12 @@ def grpo_data(tmp_path_factory):
     return tmp
 
 
-def grpo_recipe(tmp_path, model_dir, data_dir, name="grpo", rewards=None, **training):
+def grpo_recipe(tmp_path, model_dir, data_dir, name="grpo", rewards=None, grpo=None, **training):
     path = make_recipe(tmp_path, model_dir, data_dir, name=name, objective="grpo",
                        **{"micro_batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": 4, **training})
     body = json.loads(path.read_text())
-    body["grpo"] = {"group_size": 4, "max_new_tokens": 8, "generation_batch_size": 3, "samples_steps": 2}
+    body["grpo"] = {"group_size": 4, "max_new_tokens": 8, "generation_batch_size": 3, "samples_steps": 2,
+                    **(grpo or {})}
     body["rewards"] = rewards or [{"function": "contains", "weight": 1.0},
                                   {"function": "format", "pattern": r"regex:\w+ \w+", "weight": 0.5}]
     path.write_text(json.dumps(body))
@@ -251,13 +252,15 @@ def test_grpo_trains_through_the_cli_and_logs_rewards_and_samples(tmp_path, tiny
     assert first[0]["reference"] == f"{TOY_WORDS[0]} {TOY_WORDS[0]}" or first[0]["reference"].count(" ") == 1
 
 
+@pytest.mark.parametrize("mu,stop", [(1, 2), (2, 3)], ids=["one-update", "mid-reuse-cycle"])
 def test_grpo_resume_reproduces_an_uninterrupted_run_generation_included(tmp_path, tiny_model_dir, grpo_data,
-                                                                        monkeypatch):
-    straight = grpo_recipe(tmp_path / "a", tiny_model_dir, grpo_data)
+                                                                        monkeypatch, mu, stop):
+    settings = {"updates_per_generation": mu}
+    straight = grpo_recipe(tmp_path / "a", tiny_model_dir, grpo_data, grpo=settings)
     assert train(straight).exit_code == 0
-    resumed = grpo_recipe(tmp_path / "b", tiny_model_dir, grpo_data, save_steps=2)
+    resumed = grpo_recipe(tmp_path / "b", tiny_model_dir, grpo_data, grpo=settings, save_steps=stop)
     with monkeypatch.context() as m:
-        stop_after_save(m, 2)
+        stop_after_save(m, stop)
         assert train(resumed).exit_code != 0
     result = train(resumed, "--resume")
     assert result.exit_code == 0, result.output
