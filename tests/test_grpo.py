@@ -305,7 +305,8 @@ def test_two_processes_each_sample_for_their_own_prompts_and_stay_identical(tmp_
     from test_distributed import WORKER, launch
 
     (tmp_path / "worker.py").write_text(WORKER)
-    path = grpo_recipe(tmp_path, tiny_model_dir, grpo_data, name="ddp", max_steps=2)
+    path = grpo_recipe(tmp_path, tiny_model_dir, grpo_data, name="ddp", max_steps=2,
+                       grpo={"updates_per_generation": 2})  # the checkpoints gather each process's reused batch
     launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
             str(tmp_path / "worker.py"), str(path), str(tmp_path)], cwd=tmp_path)
     rank0, rank1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
@@ -314,6 +315,11 @@ def test_two_processes_each_sample_for_their_own_prompts_and_stay_identical(tmp_
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["reward"]) for r in rows)
     samples = [json.loads(x) for x in (tmp_path / "runs" / "ddp" / "samples.jsonl").read_text().splitlines()]
     assert len([s for s in samples if s["step"] == 1]) == 2 * 4  # the main process's 2 prompts x G
+    from finetune.checkpoint import load_training_state
+
+    saved = load_training_state(tmp_path / "runs" / "ddp" / "checkpoint-final")[1]["objective"]
+    assert len(saved) == 2 and all(len(state["cache"]) == 1 for state in saved)  # one micro batch per process
+    assert not torch.equal(saved[0]["cache"][0]["input_ids"], saved[1]["cache"][0]["input_ids"])  # own prompts
 
 
 def patch_policy_forward(monkeypatch, at_step: int, action) -> None:
