@@ -128,9 +128,22 @@ def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = 
              on_chunk=None) -> list[str]:
     """Completions of token-id prompts, batched with left padding (greedy unless temperature > 0).
     `on_chunk(examples, tokens=generated)` is called after each batch (progress.py's `Task.advance`)."""
+    return [tok.decode(ids, skip_special_tokens=True).strip() for ids in generate_ids(model, tok, prompts, options,
+                                                                                       on_chunk)]
+
+
+@torch.no_grad()
+def generate_ids(model, tok, prompts: list[list[int]], options: GenerationOptions = GenerationOptions(),
+                 on_chunk=None, top_k: int | None = None) -> list[list[int]]:
+    """The completion token ids of each prompt, up to and including the first end-of-sequence token (all
+    `max_new_tokens` of them when there is none), with KV cache, batched, in eval mode (no dropout).
+    `top_k` overrides the model's generation config when sampling (0: no top-k cut; None: its default, often 50).
+    Seeds the global RNG with `options.seed` first: callers fork it (torch.random.fork_rng) to keep theirs."""
     device = next(model.parameters()).device
     kwargs = generation_kwargs(model, tok, options)
-    pad = kwargs["pad_token_id"]
+    if top_k is not None and kwargs["do_sample"]:
+        kwargs["top_k"] = top_k
+    pad, eos = kwargs["pad_token_id"], set(kwargs["eos_token_id"])
     torch.manual_seed(options.seed)
     was_training = model.training
     model.eval()
@@ -144,7 +157,9 @@ def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = 
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
-        outputs += [tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+        for row in out[:, width:].tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            outputs.append(row[:end])
         if on_chunk is not None:
             on_chunk(len(chunk), tokens=int((out[:, width:] != pad).sum()))
     model.train(was_training)

@@ -35,14 +35,15 @@ def token_loss_sum(model, batch: dict) -> torch.Tensor:
     return token_losses(model, batch)[0].sum()
 
 
-def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def token_losses(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy at each labelled position as a float32 vector, the boolean mask of those positions
-    over labels[:, 1:]): the vector follows the mask's row-major order."""
+    over labels[:, 1:]): the vector follows the mask's row-major order. With a `temperature`, of the
+    distribution softmax(logits / temperature) (what sampling at that temperature draws from)."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     labels = batch["labels"]
     head = _frozen_linear_head(model)
     if head is None:
-        return _full_logits_losses(model(**inputs, use_cache=False).logits, labels)
+        return _full_logits_losses(model(**inputs, use_cache=False).logits / temperature, labels)
 
     captured = {}
 
@@ -62,13 +63,16 @@ def token_losses(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return _full_logits_losses(out.logits, labels)  # the output layer was not used as expected
     if not torch.allclose(out.logits[:, 0].float(), head(hidden[:, 0].detach()).float(), rtol=1e-3, atol=1e-3):
         warnings.warn(f"{type(model).__name__} transforms its logits; computing the loss over all positions.")
-        return _full_logits_losses(model(**inputs, use_cache=False).logits, labels)
+        return _full_logits_losses(model(**inputs, use_cache=False).logits / temperature, labels)
 
     labels = labels.to(hidden.device)
     keep = labels[:, 1:] != IGNORE
     rows = hidden[:, :-1][keep]
+    bias = head.bias
+    if temperature != 1.0:  # (h W^T + b) / T = (h / T) W^T + b / T
+        rows, bias = rows / temperature, (bias / temperature if bias is not None else None)
     chunk = max(1, CHUNK_BYTES // (4 * head.weight.shape[0]))
-    return LabelledCrossEntropy.apply(rows, head.weight, head.bias, labels[:, 1:][keep], chunk), keep
+    return LabelledCrossEntropy.apply(rows, head.weight, bias, labels[:, 1:][keep], chunk), keep
 
 
 def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,18 +81,31 @@ def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     A sequence is a row of a padded batch, or an example of a padding-free row (its positions restart
     at 0). Computed like the training loss: the head only at labelled positions.
     """
-    ce, keep = token_losses(model, batch)
+    logps, index = token_logprobs(model, batch)
+    n = num_sequences(batch)
+    counts = torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, index, torch.ones_like(logps))
+    return torch.zeros(n, dtype=logps.dtype, device=logps.device).index_add(0, index, logps), counts
+
+
+def token_logprobs(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(token) of every labelled token, the index of its sequence), in row-major order of labels[:, 1:].
+
+    The per-token form of `sequence_logprobs` (GRPO's ratios and KL are per token): the head only at
+    labelled positions, differentiable in the model's trainable parameters; pi = softmax(logits / temperature).
+    """
+    ce, keep = token_losses(model, batch, temperature)
+    return -ce, token_sequence_index(batch, keep)
+
+
+def token_sequence_index(batch: dict, keep: torch.Tensor) -> torch.Tensor:
+    """For each labelled position of `keep` (the mask over labels[:, 1:]), the index of its sequence."""
     if "attention_mask" in batch or "position_ids" not in batch:
         segment = torch.arange(keep.shape[0], device=keep.device)[:, None].expand(-1, keep.shape[1] + 1)
     elif keep.shape[0] == 1:
         segment = torch.cumsum(batch["position_ids"].to(keep.device) == 0, dim=1) - 1
     else:
         raise ValueError("per-sequence log-probabilities need padded rows or one padding-free row, not packed rows")
-    n = int(segment.max()) + 1
-    index = segment[:, 1:][keep]  # the label at position t is the token t+1, of t+1's sequence
-    logps = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add(0, index, -ce)
-    counts = torch.zeros(n, dtype=ce.dtype, device=ce.device).index_add(0, index, torch.ones_like(ce))
-    return logps, counts
+    return segment[:, 1:][keep]  # the label at position t is the token t+1, of t+1's sequence
 
 
 def num_sequences(batch: dict) -> int:

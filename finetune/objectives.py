@@ -8,6 +8,9 @@ micro batch's sum by that total before backward. So gradient accumulation and da
 give exactly the mean over the step's units, whatever the batch shapes, and the NaN guard,
 logging and evaluation are written once for every objective.
 
+An objective may also rewrite a step's micro batches before they are counted (`rollout`): GRPO turns
+prompts into sampled, scored answers there (grpo.py).
+
 A new objective is one class here (or anywhere importable) and one entry in
 `recipe.OBJECTIVES`, which maps the recipe's `training.objective` value to "module:Class".
 """
@@ -46,6 +49,20 @@ class Objective:
     def prepare(self, model, train_set, eval_set, collate, batch_size: int) -> None:
         """Once, before training, with the model as built (adapters at their initial values): a hook for
         work over the whole data set. Nothing by default."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold for an exact resume beyond model, optimizer and RNG (tensors, numbers and
+        containers only: loaded with weights_only). Nothing by default."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()` when resuming."""
+
+    def rollout(self, run, group: list[dict]) -> list[dict]:
+        """Each step, before its units are counted: the step's micro batches -> the micro batches to train on
+        (any number). Unchanged by default; GRPO samples and scores answers to the prompts here (grpo.py).
+        `run` is train.py's Run (model, tokenizer, accelerator, state.step = steps done)."""
+        return group
 
     def __call__(self, model, batch: dict) -> LossSum:
         raise NotImplementedError

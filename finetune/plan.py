@@ -122,15 +122,19 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     t = recipe.training
     if seq_length is None:
         seq_length, seq_note = _sequence_length(recipe)
+        if t.objective == "grpo":  # GRPO trains on prompt + sampled answer (an upper bound: the prompt + its reference)
+            seq_length += recipe.grpo.max_new_tokens
+            seq_note += f", + grpo.max_new_tokens {recipe.grpo.max_new_tokens}"
     else:
         seq_note = "given"
-    tokens = t.micro_batch_size * seq_length
+    batch = t.micro_batch_size * (recipe.grpo.group_size if t.objective == "grpo" else 1)  # GRPO: G answers each
+    tokens = batch * seq_length
 
     quantized, kept = weight_bytes(model, width)
     trainable = [p for p in model.parameters() if p.requires_grad] + dora_magnitudes(model, recipe)
     n_trainable = sum(p.numel() for p in trainable)
     ckpt = t.gradient_checkpointing
-    used, other = (activation_bytes(model, recipe, t.micro_batch_size, seq_length, width, checkpointing=c)
+    used, other = (activation_bytes(model, recipe, batch, seq_length, width, checkpointing=c)
                    for c in (ckpt, not ckpt))
     config = model.config.get_text_config()
     vocab, hidden = config.vocab_size, config.hidden_size
@@ -147,7 +151,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
         Term("gradients", 4 * n_trainable, "float32, one per trainable parameter"),
         Term("optimizer states", optimizer_bytes(trainable, t.optimizer), t.optimizer),
         Term("activations", used,
-             f"{t.micro_batch_size} x {seq_length} tokens, {'with' if ckpt else 'without'} gradient checkpointing"),
+             f"{batch} x {seq_length} tokens, {'with' if ckpt else 'without'} gradient checkpointing"),
         Term(f"activations {'without' if ckpt else 'with'} checkpointing", other, "the alternative, not added",
              counted=False),
         Term("loss (labelled positions, chunked)", loss, f"<= {min(tokens, chunk_rows)} rows of {vocab:,} logits"),

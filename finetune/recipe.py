@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import difflib
 import glob
-import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -21,6 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from finetune.recipe_lora import LoraSection, check_lora_init
+from finetune.recipe_grpo import GRPOSection, RewardSpec, check_extractor, check_grpo
 
 
 class Section(BaseModel):
@@ -228,7 +228,8 @@ def data_files(path: str) -> Optional[list[Path]]:
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 # Training objectives: recipe name -> "module:class" of its implementation (finetune/objectives.py), so the
 # schema stays torch-free. A new objective is one class there and one entry here.
-OBJECTIVES = {"sft": "finetune.objectives:SFT", "dpo": "finetune.objectives:DPO", "orpo": "finetune.objectives:ORPO"}
+OBJECTIVES = {"sft": "finetune.objectives:SFT", "dpo": "finetune.objectives:DPO", "orpo": "finetune.objectives:ORPO",
+              "grpo": "finetune.grpo:GRPO"}
 PREFERENCE_OBJECTIVES = ("dpo", "orpo")  # these read data.format preference, and nothing else
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch")
 
@@ -236,7 +237,9 @@ OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch")
 class TrainingSection(Section):
     objective: str = Field(
         "sft", description="What the loss is: sft = next-token cross-entropy on the trained (response) tokens; "
-        "dpo / orpo = preference losses on prompt/chosen/rejected pairs (settings in the dpo / orpo sections).",
+        "dpo / orpo = preference losses on prompt/chosen/rejected pairs (settings in the dpo / orpo sections); "
+        "grpo = reinforcement learning from the `rewards` of sampled answers to the data's prompts (the grpo "
+        "section).",
     )
     epochs: int = Field(1, ge=1, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
@@ -282,15 +285,7 @@ class TrainingSection(Section):
     @field_validator("eval_extract")
     @classmethod
     def _extractor(cls, v: str) -> str:
-        if v in ("none", "last_number"):
-            return v
-        if v.startswith("regex:"):
-            try:
-                re.compile(v.removeprefix("regex:"))
-            except re.error as e:
-                raise ValueError(f"not a valid regular expression ({e})") from None
-            return v
-        raise ValueError("expected none, last_number or regex:PATTERN")
+        return check_extractor(v)
     save_steps: Optional[int] = Field(None, ge=1, description="Steps between checkpoints (always at the end).")
     save_total_limit: Optional[int] = Field(
         None, ge=1, description="Keep only the newest K step checkpoints (older ones deleted after a save)."
@@ -337,6 +332,9 @@ class Recipe(Section):
     training: TrainingSection = Field(default_factory=TrainingSection)
     dpo: DPOSection = Field(default_factory=DPOSection)
     orpo: ORPOSection = Field(default_factory=ORPOSection)
+    grpo: GRPOSection = Field(default_factory=GRPOSection)
+    rewards: list[RewardSpec] = Field(default_factory=list, description="GRPO's rewards, summed with their "
+                                      "weights: a list of {function: NAME, weight: W, ...options}.")
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
@@ -355,6 +353,8 @@ class Recipe(Section):
             raise ValueError(f"data.packing would split the pairs training.objective {objective} compares; "
                              "use training.padding_free instead")
         check_lora_init(self.lora, self.quantization)
+        if objective == "grpo" or self.rewards:
+            check_grpo(self, formats)
         return self
 
     @property

@@ -63,6 +63,7 @@ class Window:
     loss: float = 0.0  # summed over units
     units: int = 0
     seen: int = 0  # real (non-padding) tokens processed, for tokens/s
+    steps: int = 0  # optimizer steps, for the time per step
     metrics: dict[str, float] = field(default_factory=dict)  # the objective's, summed over units
 
     def add(self, step: "StepResult") -> None:
@@ -135,6 +136,7 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     records.check_trackers(t.report_to)
     accelerator = _accelerator(recipe, placement)
     check_strategy(recipe, placement)
+    objective = make_objective(recipe)  # before anything heavy: e.g. a GRPO reward module that does not import
     resume_from = ckpt.find_resume_checkpoint(recipe.run_dir, resume) if resume else None
     if accelerator.is_main_process and not resume_from:
         ckpt.prepare_run_dir(recipe.run_dir, overwrite)
@@ -148,7 +150,6 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     model = attach_lora(load_base_model(recipe.model, recipe.quantization, accelerator.device, placement), recipe)
     collate = Collator(tokenizer.pad_token_id, padding_free=t.padding_free)
     collate = PairCollator(collate) if isinstance(train_set, Pairs) else collate  # a pair's two sides together
-    objective = make_objective(recipe)
     objective.prepare(model, train_set, eval_set, collate, t.micro_batch_size)  # e.g. DPO's precomputed reference
     # A private generator keeps data loading from consuming the global RNG (dropout's), for exact resume.
     train_dl = DataLoader(train_set, batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate,
@@ -207,7 +208,10 @@ def _restore(run: Run, path: Path) -> dict:
     run.scheduler.load_state_dict(saved["scheduler"])
     if run.accelerator.scaler is not None and saved.get("scaler"):
         run.accelerator.scaler.load_state_dict(saved["scaler"])
-    return ckpt.this_process_rng(saved["rng"], run.accelerator.num_processes, run.accelerator.process_index)
+    acc = run.accelerator
+    rng = ckpt.this_process_rng(saved["rng"], acc.num_processes, acc.process_index)  # checks the process count
+    run.objective.load_state_dict(saved.get("objective", [{}] * acc.num_processes)[acc.process_index])
+    return rng
 
 
 def _start_records(run: Run, resume_from: Path | None) -> None:
@@ -254,6 +258,7 @@ def fit(run: Run, progress: Progress, stop: StopOnSignal, rng_to_restore: dict |
             if not result.finite:
                 _non_finite(run, result)
             run.window.seen += result.seen
+            run.window.steps += 1
             if result.finite:
                 run.window.add(result)
             if result.finite and (state.step % t.logging_steps == 0 or state.step == run.total_steps):
@@ -273,6 +278,7 @@ def fit(run: Run, progress: Progress, stop: StopOnSignal, rng_to_restore: dict |
 def train_step(run: Run, group: list[dict]) -> StepResult:
     """Forward and backward every micro batch of one optimizer step, then clip and (if finite) step."""
     acc, objective, t = run.accelerator, run.objective, run.recipe.training
+    group = objective.rollout(run, group)  # GRPO: prompts -> sampled, scored answers; others: unchanged
     units = int(acc.reduce(torch.tensor(sum(objective.units(b) for b in group), device=acc.device), "sum"))
     loss = torch.zeros(1 + len(objective.metrics), device=acc.device)  # the loss, then the objective's metrics
     seen = 0
@@ -315,7 +321,7 @@ def log_window(run: Run, result: StepResult, elapsed: float) -> str:
         "step": run.state.step, "epoch": run.state.epoch, "loss": w.loss / max(w.units, 1),
         **{k: v / max(w.units, 1) for k, v in w.metrics.items()},
         "lr": run.scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
-        "tokens_per_s": w.seen * acc.num_processes / elapsed,
+        "tokens_per_s": w.seen * acc.num_processes / elapsed, "step_s": elapsed / max(w.steps, 1),
         "memory_gib": records.peak_memory_gib(acc.device),
     }
     run.log.write(record)
@@ -397,10 +403,12 @@ def save(run: Run, name: str, eval_record: dict | None = None) -> Path:
     # Sharded (FSDP/ZeRO-3) weights are gathered by every process; DDP replicas are whole already.
     state_dict = acc.get_state_dict(run.model) if run.placement.shards_parameters else None
     rng = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]  # one per process
+    objective = [run.objective.state_dict()]  # e.g. GRPO's generation batch being reused, one per process
+    objective = gather_object(objective) if acc.num_processes > 1 else objective
     if run.main:
         training_state = {
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "rng": rng, "window": asdict(run.window),
+            "rng": rng, "window": asdict(run.window), "objective": objective,
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
         }
         trainer_state = {**asdict(state), "total_steps": run.total_steps, "recipe": run.recipe.name,

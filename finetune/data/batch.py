@@ -80,6 +80,12 @@ class Collator:
     padding_free: bool = False
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        out = self._tensors(batch)
+        if "reference" in batch[0]:  # GRPO's prompts carry their reference answers to the rewards (grpo.py)
+            out["reference"] = [ex["reference"] for ex in batch]
+        return out
+
+    def _tensors(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.padding_free:
             return flatten(batch)
         width = max(len(ex["input_ids"]) for ex in batch)
