@@ -44,12 +44,7 @@ FULL_PRECISION = {"pissa", "olora"}  # refused on a 4-bit base (test_refused_com
 TOLERANCE = 1e-4  # max |logit difference| of a float32 merge from base + adapter, as for plain LoRA (test_merge.py)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_training import one_thread  # noqa: E402,F401  (autouse: one thread for tiny matmuls)
 
 
 @pytest.fixture(scope="module")
