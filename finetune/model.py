@@ -116,7 +116,44 @@ def attach_lora(base, recipe: Recipe):
     elif checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    return get_peft_model(base, lora_config(recipe, base))
+    model = get_peft_model(base, lora_config(recipe, base))
+    _cpu_dropout(model)
+    return model
+
+
+class CpuDropout(torch.nn.Dropout):
+    """LoRA's input dropout on CPU: the same distribution as torch's, about twice as fast, a 1-byte mask.
+
+    torch's CPU dropout draws its mask with a serial Bernoulli kernel (one random double per value, on one
+    core, outside Intel's MKL path): with an adapter on every linear layer that was a fifth of a bf16 LoRA
+    step. It then keeps the mask in the input's dtype for backward. Here the mask comes from 15-bit random
+    integers (torch.randint, from the same global generator, which checkpoints save: resume stays exact):
+    a value is dropped where its integer is below p * 2^15, so p is rounded to a multiple of 2^-15
+    (0.05 -> 0.049988), and kept values are scaled by 1 / (1 - that p), so E[output] = input exactly.
+    Autograd keeps the boolean mask (1 byte a value). On GPU, torch's fused dropout is used unchanged."""
+
+    LEVELS = 2**15
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        drop = round(self.p * self.LEVELS)
+        mask = torch.randint(0, self.LEVELS, x.shape, dtype=torch.int16) < drop
+        return x.masked_fill(mask, 0).mul_(self.LEVELS / (self.LEVELS - drop))
+
+
+def _cpu_dropout(model) -> None:
+    """On CPU, every LoRA adapter's dropout becomes a `CpuDropout` of the same p (no weights: checkpoints unchanged)."""
+    from peft.tuners.lora import LoraLayer
+
+    first = next(model.parameters(), None)
+    if first is None or first.device.type != "cpu":
+        return
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, dropout in module.lora_dropout.items():
+                if type(dropout) is torch.nn.Dropout and dropout.p > 0:
+                    module.lora_dropout[name] = CpuDropout(dropout.p)
 
 
 def _frozen_floats_in_compute_dtype(model, compute_dtype: torch.dtype, keep: list[str]) -> None:

@@ -18,7 +18,7 @@ do. The terms:
 - activations saved for backward, per token and layer, counted tensor by tensor
   for a Llama-style decoder (residual stream, RMSNorm statistics, rotated q/k, v,
   attention output and log-sum-exp, the gated MLP's three intermediates, and for
-  every adapter its input after dropout, the dropout mask and its rank-r output, and
+  every adapter its input after dropout, the dropout mask (booleans) and its rank-r output, and
   for DoRA its base and adapter outputs; each layer with its own adapters and ranks);
   with gradient checkpointing only each layer's input is kept, plus one layer's
   full set while it is recomputed. Counted for micro_batch_size x sequence length,
@@ -268,7 +268,9 @@ def optimizer_bytes(params, optimizer: str) -> int:
 
 def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, checkpointing: bool) -> int:
     """Bytes saved for backward by the decoder stack for one micro batch (Llama-style decoder).
-    Layers differ when lora.layers or the rank pattern make them: each is counted with its own adapters."""
+    Layers differ when lora.layers or the rank pattern make them: each is counted with its own adapters.
+    LoRA dropout masks are booleans, one byte a value: finetune.model.CpuDropout's on CPU, torch's fused
+    dropout's on GPU."""
     c = model.config.get_text_config()
     h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
     heads = c.num_attention_heads
@@ -276,7 +278,7 @@ def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, ch
     head_dim = getattr(c, "head_dim", None) or h // heads
     tokens = batch * seq
     adapted = _adapted_by_layer(model)
-    per_layer = [per_token_layer_elements(adapted.get(i, []), recipe, h, inter, heads, kv, head_dim) * width
+    per_layer = [per_token_layer_bytes(adapted.get(i, []), recipe, h, inter, heads, kv, head_dim, width, 1)
                  + (heads + 2) * 4 for i in range(layers)]
     rotary = 2 * seq * head_dim * width  # cos and sin, shared by the layers
     final = tokens * (h * width + 4)  # the final norm's input and statistics
@@ -285,11 +287,12 @@ def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, ch
     return tokens * sum(per_layer) + rotary + final
 
 
-def per_token_layer_elements(adapted: list[tuple[str, int, int, int]], recipe: Recipe, h: int, inter: int,
-                             heads: int, kv: int, head_dim: int) -> int:
-    """Values saved per token by one decoder layer (excluding the float32 statistics), given its adapters
-    (short name, in_features, out_features, rank). DoRA keeps, per adapter, the base output and the scaled
-    adapter output (its magnitude's gradient needs both): 2 x out_features more."""
+def per_token_layer_bytes(adapted: list[tuple[str, int, int, int]], recipe: Recipe, h: int, inter: int,
+                          heads: int, kv: int, head_dim: int, width: int, mask_bytes: int) -> int:
+    """Bytes saved per token by one decoder layer (excluding the float32 statistics), given its adapters
+    (short name, in_features, out_features, rank): values of `width` bytes, dropout masks of `mask_bytes`.
+    DoRA keeps, per adapter, the base output and the scaled adapter output (its magnitude's gradient needs
+    both): 2 x out_features more."""
     attention_out = heads * head_dim
     base = 2 * h + (heads + 2 * kv) * head_dim + attention_out + 3 * inter  # residuals, q k v, output, MLP
     dropout, dora = recipe.lora.dropout, recipe.lora.use_dora
@@ -297,16 +300,17 @@ def per_token_layer_elements(adapted: list[tuple[str, int, int, int]], recipe: R
     inputs = {"q_proj": ("x", h, False), "k_proj": ("x", h, False), "v_proj": ("x", h, False),
               "o_proj": ("attn", attention_out, True),
               "gate_proj": ("xm", h, False), "up_proj": ("xm", h, False), "down_proj": ("act", inter, False)}
-    extra, counted = 0, set()
+    extra, masks, counted = 0, 0, set()
     for name, d_in, d_out, r in adapted:
         group, size, saved = inputs.get(name, (name, d_in, False))
         extra += r + (2 * d_out if dora else 0)
         if dropout > 0:
-            extra += 2 * size  # the dropout mask and the dropped input, one per adapter
+            extra += size  # the dropped input, one per adapter
+            masks += size  # and its dropout mask
         elif not saved and group not in counted:
             extra += size  # the shared input, once
             counted.add(group)
-    return base + extra
+    return (base + extra) * width + masks * mask_bytes
 
 
 def _adapted_by_layer(model) -> dict[int, list[tuple[str, int, int, int]]]:
