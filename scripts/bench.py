@@ -74,11 +74,13 @@ GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 QUICKSTART = ROOT / "data" / "quickstart" / "train.jsonl"
 PREFERENCE = ROOT / "data" / "quickstart" / "preference_train.jsonl"
 TOOLS = ("finetune", "trl")
-VARIANTS = ("unpacked", "padfree", "packed")
+LAYOUTS = ("unpacked", "padfree", "packed")
+VARIANTS = LAYOUTS + tuple(f"{v}-bf16" for v in LAYOUTS)  # "-bf16": bf16 compute; else float32 (on CPU)
 DPO_VARIANTS = ("online", "precomputed")
 # objective -> the job's defaults (a flag given on the command line wins)
 DEFAULTS = {
-    "sft": {"examples": 128, "max_length": 512, "accumulation": 4, "learning_rate": 2e-4, "variants": VARIANTS},
+    "sft": {"examples": 128, "max_length": 512, "accumulation": 4, "learning_rate": 2e-4,
+            "variants": ("padfree", "packed", "padfree-bf16", "packed-bf16")},
     "dpo": {"examples": 64, "max_length": 256, "accumulation": 2, "learning_rate": 5e-4, "variants": DPO_VARIANTS},
 }
 
@@ -101,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--resume", action="store_true", help="Reuse finished runs of the same job in --work.")
-    p.add_argument("--variants", help=f"Default {','.join(VARIANTS)} (dpo: {','.join(DPO_VARIANTS)}).")
+    p.add_argument("--variants", help=f"Of {','.join(VARIANTS)}; default {','.join(DEFAULTS['sft']['variants'])} "
+                   f"(dpo: {','.join(DPO_VARIANTS)}). A -bf16 variant computes in bf16, the others in float32 (on CUDA "
+                   "every variant is bf16).")
     p.add_argument("--tools", default=",".join(TOOLS))
     p.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "inherit"],
                    help="OMP_WAIT_POLICY for both tools. PASSIVE: idle OpenMP threads sleep instead of spinning, which "
@@ -139,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
           f"max length {spec['max_length']}, micro batch {spec['micro_batch']} x {spec['accumulation']}, "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs, OMP_WAIT_POLICY={args.omp_wait_policy}",
           flush=True)
+    machine = _machine()
+    print(f"machine: {machine['name']}, flags {' '.join(machine['flags']) or '-'}; GEMM at the model's shapes: "
+          + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in machine["gemm_gflops"].items()), flush=True)
     results: dict[tuple[str, str], list[dict]] = {}
     n, total = 0, args.repeats * len(variants) * len(tools)
     for repeat in range(args.repeats):
@@ -155,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                 step2 = f"  step-2 {r['losses'][1]:.5f}" if dpo and len(r["losses"]) > 1 else ""
                 print(f"[{n}/{total}] {tool:8s} {variant:11s} {r['wall_s']:7.1f} s  peak {r['peak_mem_gib']:.2f} GiB  "
                       f"step-1 loss {r['losses'][0]:.5f}{step2}  load {os.getloadavg()[0]:.2f}", flush=True)
-    summary = summarize(results, spec)
+    summary = summarize(results, spec, machine)
     runs = {f"{t}/{v}": rs for (t, v), rs in results.items()}
-    (work / "results.json").write_text(json.dumps({"spec": spec, "runs": runs, "summary": summary}, indent=2))
+    (work / "results.json").write_text(json.dumps({"spec": spec, "machine": machine, "runs": runs,
+                                                   "summary": summary}, indent=2))
     print_table(summary, variants, args.repeats, spec)
     print(f"raw results: {work / 'results.json'}")
     return 0
@@ -172,7 +180,7 @@ def make_spec(args, work: Path) -> dict:
 
     tok = AutoTokenizer.from_pretrained(args.model)
     source = Path(args.data) if args.data else GSM8K if GSM8K.is_file() else QUICKSTART
-    rows, label_tokens, skipped = [], 0, 0
+    rows, label_tokens, skipped, lengths = [], 0, 0, []
     with open(source) as f:
         for line in f:
             if not line.strip() or len(rows) == args.examples:
@@ -185,6 +193,7 @@ def make_spec(args, work: Path) -> dict:
                 continue
             rows.append(row)
             label_tokens += len(completion)
+            lengths.append(len(prompt) + len(completion))
     if len(rows) < args.examples:
         sys.exit(f"{source} has only {len(rows)} records within {args.max_length} tokens; "
                  f"--examples is {args.examples}")
@@ -198,7 +207,18 @@ def make_spec(args, work: Path) -> dict:
         "gradient_checkpointing": args.gradient_checkpointing,
         "lora": {"r": 16, "alpha": 32, "dropout": args.lora_dropout},
         "learning_rate": args.learning_rate, "optimizer": "paged_adamw_32bit", "seed": 42, "objective": "sft",
+        "model_flops": _model_flops(args.model, lengths, label_tokens),
     }
+
+
+def _model_flops(model: str, lengths: list[int], labelled: int) -> float:
+    """The job's model FLOPs (finetune/flops.py): one forward + backward over every example, LoRA r 16."""
+    from transformers import AutoConfig
+
+    from finetune.flops import lora_params, train_flops
+
+    config = AutoConfig.from_pretrained(model)
+    return train_flops(config, lengths, labelled, lora_params(config, 16))
 
 
 def make_preference_spec(args, work: Path) -> dict:
@@ -293,7 +313,8 @@ def run_finetune(spec: dict, variant: str, work: Path) -> dict:
         recipe = {
             "name": f"bench-dpo-{variant}", "output_dir": str(run_dir),
             "model": {"name_or_path": spec["model"]},
-            "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"},
+            "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True,
+                             "compute_dtype": "bfloat16" if _bf16(variant) else "float32"},
             "lora": {**spec["lora"], "target_modules": "all-linear"},
             "data": {"train": [spec["data"]], "format": "preference", "template": "none",
                      "max_length": spec["max_length"]},
@@ -325,20 +346,33 @@ def _logps(log: list[dict]) -> dict:
             for k in ("logps/chosen", "logps/rejected") if any(k in r for r in log)}
 
 
+def _layout(variant: str) -> str:
+    return variant.removesuffix("-bf16")
+
+
+def _bf16(variant: str) -> bool:
+    """bf16 compute: the -bf16 variants, and every variant on a CUDA GPU that has bf16."""
+    import torch
+
+    return variant.endswith("-bf16") or (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
 def _sft_recipe(spec: dict, variant: str, run_dir: Path) -> dict:
+    layout = _layout(variant)
     return {
         "name": f"bench-{variant}", "output_dir": str(run_dir),
         "model": {"name_or_path": spec["model"]},
-        "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True, "compute_dtype": "auto"},
+        "quantization": {"load_in_4bit": True, "quant_type": "nf4", "double_quant": True,
+                         "compute_dtype": "bfloat16" if _bf16(variant) else "float32"},
         "lora": {**spec["lora"], "target_modules": "all-linear"},
         "data": {"train": [spec["data"]], "format": "completion", "template": "none",
-                 "max_length": spec["max_length"], "packing": variant == "packed"},
+                 "max_length": spec["max_length"], "packing": layout == "packed"},
         "training": {
             "epochs": 1, "micro_batch_size": spec["micro_batch"], "gradient_accumulation_steps": spec["accumulation"],
             "learning_rate": spec["learning_rate"], "warmup_steps": 0, "scheduler": "cosine",
             "optimizer": spec["optimizer"], "gradient_checkpointing": spec["gradient_checkpointing"],
             "max_grad_norm": 1.0, "weight_decay": 0.0, "logging_steps": 1, "seed": spec["seed"],
-            "padding_free": variant == "padfree",
+            "padding_free": layout == "padfree",
         },
     }
 
@@ -360,7 +394,8 @@ def run_trl(spec: dict, variant: str, work: Path) -> dict:
     warnings.filterwarnings("ignore")
     start, cpu = time.perf_counter(), time.process_time()
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    dtype = torch.bfloat16 if _bf16(variant) else torch.float32  # bf16 as TRL's docs write it: bf16=True + dtype
+    layout = _layout(variant)
     model = AutoModelForCausalLM.from_pretrained(
         spec["model"], dtype=dtype, device_map={"": 0 if cuda else "cpu"},
         quantization_config=BitsAndBytesConfig(
@@ -378,8 +413,8 @@ def run_trl(spec: dict, variant: str, work: Path) -> dict:
         max_grad_norm=1.0, optim=spec["optimizer"], gradient_checkpointing=spec["gradient_checkpointing"],
         bf16=dtype == torch.bfloat16, fp16=False, use_cpu=not cuda,
         # TRL refuses max_length with padding_free unpacked; every example of the job fits max_length anyway
-        max_length=None if variant == "padfree" else spec["max_length"],
-        packing=variant == "packed", padding_free=variant != "unpacked",
+        max_length=None if layout == "padfree" else spec["max_length"],
+        packing=layout == "packed", padding_free=layout != "unpacked",
         completion_only_loss=True,
         logging_steps=1, save_strategy="no", report_to=[], disable_tqdm=True,
         seed=spec["seed"], data_seed=spec["seed"], dataloader_num_workers=0,
@@ -467,6 +502,32 @@ def run_trl_dpo(spec: dict, variant: str, work: Path) -> dict:
             "losses": [h["loss"] for h in log], **_logps(log)}
 
 
+def _machine() -> dict:
+    """The processor (or GPU), the CPU flags that decide bf16's speed, and the GEMM rate at the model's shapes in
+    fp32 and bf16 (scripts/bench_step.py: the most these matrix products reach here, MFU's denominator)."""
+    import torch
+
+    if torch.cuda.is_available():
+        a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+        for _ in range(3):
+            a @ a
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+        rate = 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e9
+        return {"name": torch.cuda.get_device_name(), "flags": [], "gemm_gflops": {"bf16": rate}}
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_step import gemm_peak
+
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")), caps.get("cpu_name", "?")) if Path("/proc/cpuinfo").exists() else "?"
+    flags = [k for k in ("avx2", "avx512_f", "avx512_vnni", "avx512_bf16", "amx_bf16") if caps.get(k)]
+    return {"name": f"{name}, {os.cpu_count()} CPUs", "flags": flags, "gemm_gflops": gemm_peak()}
+
+
 def _peak_cuda_gib() -> float | None:
     import torch
 
@@ -476,11 +537,16 @@ def _peak_cuda_gib() -> float | None:
 # ------------------------------------------------------------------ report
 
 
-def summarize(results: dict, spec: dict) -> dict:
-    """Medians per (tool, variant) of the measured quantities."""
+def summarize(results: dict, spec: dict, machine: dict | None = None) -> dict:
+    """Medians per (tool, variant) of the measured quantities; MFU: the job's model FLOPs over the train loop's
+    time, against the GEMM rate of the variant's dtype (and of bf16, the machine's best)."""
     out = {}
+    gemm = (machine or {}).get("gemm_gflops", {})
     for (tool, variant), runs in results.items():
         wall = statistics.median(r["wall_s"] for r in runs)
+        train_s = statistics.median(r["train_s"] for r in runs)
+        achieved = spec["model_flops"] / train_s / 1e9 if spec.get("model_flops") else None
+        own = gemm.get("bf16" if _bf16(variant) else "fp32")
         tail = lambda r: r["losses"][-max(1, len(r["losses"]) // 4):]
         out[f"{tool}/{variant}"] = {
             "wall_s": wall,
@@ -492,8 +558,11 @@ def summarize(results: dict, spec: dict) -> dict:
             "step2_loss": statistics.median(r["losses"][1] for r in runs) if len(runs[0]["losses"]) > 1 else None,
             **{f"step1_{k}": statistics.median(r[k][0] for r in runs)
                for k in ("logps_chosen", "logps_rejected") if runs[0].get(k)},
-            "train_s": statistics.median(r["train_s"] for r in runs),
+            "train_s": train_s,
             "cpu_s": statistics.median(r["cpu_s"] for r in runs),
+            "model_gflops_per_s": achieved,
+            "mfu": achieved / own if achieved and own else None,
+            "mfu_bf16": achieved / gemm["bf16"] if achieved and gemm.get("bf16") else None,
             "steps": len(runs[0]["losses"]),
         }
     return out
@@ -508,6 +577,9 @@ ROWS = [  # key, label, format
     ("step1_loss", "step-1 loss", "{:.4f}"),
     ("train_s", "train loop (s)", "{:.1f}"),
     ("cpu_s", "CPU time (s)", "{:.1f}"),
+    ("model_gflops_per_s", "model GFLOP/s (train loop)", "{:.1f}"),
+    ("mfu", "MFU vs own dtype's GEMM", "{:.1%}"),
+    ("mfu_bf16", "MFU vs bf16 GEMM", "{:.1%}"),
 ]
 DPO_ROWS = [  # DPO: pairs, answer tokens, and the step-2 loss
     ("wall_s", "wall time (s)", "{:.1f}"),
@@ -540,7 +612,7 @@ def print_table(summary: dict, variants: list[str], repeats: int, spec: dict | N
             cells += [fmt.format(a) if a is not None else "-", fmt.format(b) if b is not None else "-",
                       f"{a / b:.2f}x" if a is not None and b else "-"]
         table.add_row(label, *cells)
-    console = Console(width=160)
+    console = Console(width=40 + 30 * len(variants))
     console.print(table)
     best = {t: max((k for k in summary if k.startswith(t)), key=lambda k: summary[k]["examples_per_s"], default=None)
             for t in TOOLS}
@@ -549,13 +621,20 @@ def print_table(summary: dict, variants: list[str], repeats: int, spec: dict | N
         ratio = a["examples_per_s"] / b["examples_per_s"]
         console.print(f"best vs best: {best['finetune']} / {best['trl']}: {ratio:.2f}x "
                       f"{'pairs' if dpo else 'examples'}/s at {a['peak_mem_gib'] / b['peak_mem_gib']:.2f}x peak memory")
+        within = [k for k in summary if k.startswith("finetune") and summary[k]["peak_mem_gib"] <= b["peak_mem_gib"]]
+        if within:
+            k = max(within, key=lambda k: summary[k]["examples_per_s"])
+            console.print(f"finetune's fastest within TRL's best's memory: {k}: "
+                          f"{summary[k]['examples_per_s'] / b['examples_per_s']:.2f}x at "
+                          f"{summary[k]['peak_mem_gib'] / b['peak_mem_gib']:.2f}x peak memory")
     for v in variants:
         if f"finetune/{v}" not in summary or f"trl/{v}" not in summary:
             continue
         f, t = summary[f"finetune/{v}"], summary[f"trl/{v}"]
         if not dpo:
             a, b = f["step1_loss"], t["step1_loss"]
-            verdict = "agree" if abs(a - b) <= 2e-3 * abs(b) else "DIFFER: not the same work"
+            tolerance = 1e-2 if _bf16(v) else 2e-3  # bf16: 8 mantissa bits, and the tools round in other places
+            verdict = "agree" if abs(a - b) <= tolerance * abs(b) else "DIFFER: not the same work"
             console.print(f"{v}: same batches, same step-1 loss: finetune {a:.5f}, TRL {b:.5f} ({verdict})")
             continue
         log2 = math.log(2)
