@@ -104,15 +104,17 @@ def attach_lora(base, recipe: Recipe):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     checkpointing = recipe.training.gradient_checkpointing
-    if recipe.quantization.load_in_4bit:
+    placement = resolve(recipe.quantization)
+    # Under FSDP / ZeRO-3 every weight of a wrapped unit must keep the one storage dtype, and
+    # prepare_model_for_kbit_training would upcast the norms and embeddings to float32 beside the 4-bit
+    # codes stored in bf16: sharded QLoRA skips it (as TRL does) and only enables checkpointing.
+    if recipe.quantization.load_in_4bit and not placement.shards_parameters:
         base = prepare_model_for_kbit_training(
             base,
             use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-        placement = resolve(recipe.quantization)
-        if not placement.shards_parameters:  # (sharded: every weight must keep the storage dtype)
-            _frozen_floats_in_compute_dtype(base, placement.compute_dtype, keep=recipe.lora.modules_to_save or [])
+        _frozen_floats_in_compute_dtype(base, placement.compute_dtype, keep=recipe.lora.modules_to_save or [])
     elif checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
@@ -127,8 +129,9 @@ class CpuDropout(torch.nn.Dropout):
     torch's CPU dropout draws its mask with a serial Bernoulli kernel (one random double per value, on one
     core, outside Intel's MKL path): with an adapter on every linear layer that was a fifth of a bf16 LoRA
     step. It then keeps the mask in the input's dtype for backward. Here the mask comes from 15-bit random
-    integers (torch.randint, from the same global generator, which checkpoints save: resume stays exact):
-    a value is dropped where its integer is below p * 2^15, so p is rounded to a multiple of 2^-15
+    integers, four cut from each random 64-bit word (random_ on int64, from the same global generator, which
+    checkpoints save: resume stays exact; a quarter of the generator calls of one draw per value): a value
+    is dropped where its integer is below p * 2^15, so p is rounded to a multiple of 2^-15
     (0.05 -> 0.049988), and kept values are scaled by 1 / (1 - that p), so E[output] = input exactly.
     Autograd keeps the boolean mask (1 byte a value). On GPU, torch's fused dropout is used unchanged."""
 
@@ -138,7 +141,9 @@ class CpuDropout(torch.nn.Dropout):
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return super().forward(x)
         drop = round(self.p * self.LEVELS)
-        mask = torch.randint(0, self.LEVELS, x.shape, dtype=torch.int16) < drop
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # 63 random bits each
+        mask = (words.view(torch.int16)[:n].view(x.shape) & (self.LEVELS - 1)) < drop  # low 15 bits of each quarter
         return x.masked_fill(mask, 0).mul_(self.LEVELS / (self.LEVELS - drop))
 
 

@@ -118,6 +118,13 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     if device == "cpu" and recipe.quantization.compute_dtype == "auto":  # (planned from a GPU machine too)
         dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     width = torch.empty((), dtype=dtype).element_size()
+    # On GPU, prepare_model_for_kbit_training keeps embeddings, norms and head in float32, so the residual
+    # stream runs in float32 too (4-bit layers cast their output back to their input's dtype); on CPU they are
+    # cast back to the compute dtype (finetune.model._frozen_floats_in_compute_dtype); sharded runs skip it.
+    from finetune.placement import resolve
+
+    upcast = recipe.quantization.load_in_4bit and device != "cpu" and not resolve(recipe.quantization).shards_parameters
+    stream = 4 if upcast else width
     model, stored_dtype = meta_model(recipe, dtype)
     t = recipe.training
     if seq_length is None:
@@ -130,11 +137,11 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     batch = t.micro_batch_size * (recipe.grpo.group_size if t.objective == "grpo" else 1)  # GRPO: G answers each
     tokens = batch * seq_length
 
-    quantized, kept = weight_bytes(model, width)
+    quantized, kept = weight_bytes(model, stream)
     trainable = [p for p in model.parameters() if p.requires_grad] + dora_magnitudes(model, recipe)
     n_trainable = sum(p.numel() for p in trainable)
     ckpt = t.gradient_checkpointing
-    used, other = (activation_bytes(model, recipe, batch, seq_length, width, checkpointing=c)
+    used, other = (activation_bytes(model, recipe, batch, seq_length, width, checkpointing=c, stream=stream)
                    for c in (ckpt, not ckpt))
     config = model.config.get_text_config()
     vocab, hidden = config.vocab_size, config.hidden_size
@@ -266,11 +273,14 @@ def optimizer_bytes(params, optimizer: str) -> int:
     return total
 
 
-def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, checkpointing: bool) -> int:
+def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, checkpointing: bool,
+                     stream: int | None = None) -> int:
     """Bytes saved for backward by the decoder stack for one micro batch (Llama-style decoder).
     Layers differ when lora.layers or the rank pattern make them: each is counted with its own adapters.
     LoRA dropout masks are booleans, one byte a value: finetune.model.CpuDropout's on CPU, torch's fused
-    dropout's on GPU."""
+    dropout's on GPU. `stream`: bytes per value of the residual stream and what the layer computes from it
+    (norms, rotated q/k, the MLP's intermediates; float32 on GPU QLoRA), `width` those of the adapters' inputs."""
+    stream = stream or width
     c = model.config.get_text_config()
     h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
     heads = c.num_attention_heads
@@ -278,17 +288,18 @@ def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, ch
     head_dim = getattr(c, "head_dim", None) or h // heads
     tokens = batch * seq
     adapted = _adapted_by_layer(model)
-    per_layer = [per_token_layer_bytes(adapted.get(i, []), recipe, h, inter, heads, kv, head_dim, width, 1)
+    per_layer = [per_token_layer_bytes(adapted.get(i, []), recipe, h, inter, heads, kv, head_dim, width, 1, stream)
                  + (heads + 2) * 4 for i in range(layers)]
     rotary = 2 * seq * head_dim * width  # cos and sin, shared by the layers
-    final = tokens * (h * width + 4)  # the final norm's input and statistics
+    final = tokens * (h * stream + 4)  # the final norm's input and statistics
     if checkpointing:
-        return tokens * layers * h * width + tokens * max(per_layer) + rotary + final
+        return tokens * layers * h * stream + tokens * max(per_layer) + rotary + final
     return tokens * sum(per_layer) + rotary + final
 
 
 def per_token_layer_bytes(adapted: list[tuple[str, int, int, int]], recipe: Recipe, h: int, inter: int,
-                          heads: int, kv: int, head_dim: int, width: int, mask_bytes: int) -> int:
+                          heads: int, kv: int, head_dim: int, width: int, mask_bytes: int,
+                          stream: int | None = None) -> int:
     """Bytes saved per token by one decoder layer (excluding the float32 statistics), given its adapters
     (short name, in_features, out_features, rank): values of `width` bytes, dropout masks of `mask_bytes`.
     DoRA keeps, per adapter, the base output and the scaled adapter output (its magnitude's gradient needs
@@ -310,7 +321,7 @@ def per_token_layer_bytes(adapted: list[tuple[str, int, int, int]], recipe: Reci
         elif not saved and group not in counted:
             extra += size  # the shared input, once
             counted.add(group)
-    return (base + extra) * width + masks * mask_bytes
+    return base * (stream or width) + extra * width + masks * mask_bytes
 
 
 def _adapted_by_layer(model) -> dict[int, list[tuple[str, int, int, int]]]:

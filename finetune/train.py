@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from finetune import checkpoint as ckpt, lock, records
+from finetune.attention import use_segmented_attention
 from finetune.data import Collator, PairCollator, Pairs, cache_dir, fingerprint, real_tokens, split_records, train_eval_split
 from finetune.distributed import check_strategy
 from finetune.errors import NonFiniteLossError, TrainingInterrupted
@@ -148,6 +149,8 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     if resume_from:
         records.check_resume(resume_from, recipe, env, console if accelerator.is_main_process else None)
     model = attach_lora(load_base_model(recipe.model, recipe.quantization, accelerator.device, placement), recipe)
+    if recipe.data.packing or t.padding_free:
+        use_segmented_attention(model)  # each example of a row attends to itself only, at its own cost
     collate = Collator(tokenizer.pad_token_id, padding_free=t.padding_free)
     collate = PairCollator(collate) if isinstance(train_set, Pairs) else collate  # a pair's two sides together
     objective.prepare(model, train_set, eval_set, collate, t.micro_batch_size)  # e.g. DPO's precomputed reference

@@ -107,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                    f"(dpo: {','.join(DPO_VARIANTS)}). A -bf16 variant computes in bf16, the others in float32 (on CUDA "
                    "every variant is bf16).")
     p.add_argument("--tools", default=",".join(TOOLS))
-    p.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE", "inherit"],
-                   help="OMP_WAIT_POLICY for both tools. PASSIVE: idle OpenMP threads sleep instead of spinning, which "
-                   "keeps timings meaningful on a machine shared with other jobs (spinning threads there made a "
-                   "step 3.5x slower).")
+    p.add_argument("--omp-wait-policy", default="inherit", choices=["PASSIVE", "ACTIVE", "inherit"],
+                   help="OMP_WAIT_POLICY for both tools. inherit (libgomp's default, spin a while then sleep) is the "
+                   "fastest on an idle machine (PASSIVE cost 23%% there: docs/performance.md); PASSIVE keeps timings "
+                   "meaningful on a machine shared with other jobs (spinning threads there made a step 3.5x slower).")
     p.add_argument("--work", help="Scratch directory (data, runs, logs); default runs/bench (dpo: runs/bench-dpo).")
     p.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS + DPO_VARIANTS, help=argparse.SUPPRESS)

@@ -39,7 +39,7 @@ KINDS = [  # (kind, substrings of profiler op names), first match wins
     ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_weight_int", "mkldnn", "onednn")),
     ("4-bit dequantize", ("bitsandbytes", "dequantize", "bnb")),
     ("dtype casts / copies", ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous")),
-    ("dropout masks", ("bernoulli", "dropout")),
+    ("dropout masks", ("bernoulli", "dropout", "aten::random_", "aten::randint", "masked_fill")),
     ("cross-entropy / softmax", ("softmax", "nll_loss", "logsumexp", "cross_entropy")),
 ]
 
@@ -68,10 +68,23 @@ def build(path: str, dropout: float = 0.05):
     return model, getattr(torch, dtype)
 
 
-def micro_batch(vocab: int, rows: int = 4, length: int = 256, labelled: int = 128) -> dict:
+def micro_batch(vocab: int, rows: int = 4, length: int = 256, labelled: int = 128, layout: str = "padded") -> dict:
+    """`padded`: rows x length tokens, the loss on the last `labelled` of each. `padfree`: examples of a GSM8K micro
+    batch's lengths (188, 240, 301, 242) end to end in one row, position ids restarting, the loss on each one's
+    second half (what training.padding_free feeds the model)."""
     import torch
 
     g = torch.Generator().manual_seed(0)
+    if layout == "padfree":
+        lengths = [188, 240, 301, 242]
+        ids = torch.randint(10, vocab, (1, sum(lengths)), generator=g)
+        labels = ids.clone()
+        start = 0
+        for n in lengths:
+            labels[0, start : start + n // 2] = -100
+            start += n
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        return {"input_ids": ids, "labels": labels, "position_ids": positions}
     ids = torch.randint(10, vocab, (rows, length), generator=g)
     labels = ids.clone()
     labels[:, : length - labelled] = -100
@@ -111,7 +124,11 @@ def profile(args) -> dict:
     out = {"peak_gflops": peaks}
     for path in args.paths.split(","):
         model, dtype = build(path)
-        batch = micro_batch(model.config.vocab_size)
+        batch = micro_batch(model.config.vocab_size, layout=args.layout)
+        if args.segmented:  # a candidate attention for padding-free rows (finetune/attention.py where present)
+            from finetune.attention import use_segmented_attention
+
+            use_segmented_attention(model)
         seconds = timed(lambda m=model, b=batch, d=dtype: step(m, b, d), args.repeats)
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             step(model, batch, dtype)
@@ -122,7 +139,9 @@ def profile(args) -> dict:
         total = sum(kinds.values())
         lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
         labelled = int((batch["labels"][:, 1:] != -100).sum())
-        flops = train_flops(model.config, [batch["input_ids"].shape[1]] * batch["input_ids"].shape[0], labelled, lora)
+        lengths = ([188, 240, 301, 242] if args.layout == "padfree"
+                   else [batch["input_ids"].shape[1]] * batch["input_ids"].shape[0])
+        flops = train_flops(model.config, lengths, labelled, lora)
         peak = peaks["bf16" if dtype == torch.bfloat16 else "fp32"]
         out[path] = {
             "seconds": round(seconds, 3), "tokens_per_s": round(batch["input_ids"].numel() / seconds, 1),
@@ -250,6 +269,8 @@ def main(argv=None) -> int:
     p.add_argument("what", choices=["profile", "peak", "omp", "shared-a", "attention"])
     p.add_argument("--paths", default="fp32,bf16-autocast,bf16", help=f"profile: of {', '.join(PATHS)}")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layout", choices=["padded", "padfree"], default="padded", help="profile: the micro batch")
+    p.add_argument("--segmented", action="store_true", help="profile: segmented attention (finetune/attention.py)")
     p.add_argument("--compile", action="store_true", help="attention: torch.compile the flex attention call")
     p.add_argument("--json", help="write the result here (- for the last line of stdout)")
     args = p.parse_args(argv)

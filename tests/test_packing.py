@@ -206,3 +206,41 @@ def test_padding_free_training_logs_the_padded_runs_losses(tmp_path, tiny_model_
         assert bool(flattened) == padding_free  # only the padding-free run flattens its batches
     assert len(losses[True]) == 2 and flattened.count(2) >= 2  # micro batches of 2 examples
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_segmented_attention_is_the_masked_attention(tiny_model_dir, packed):
+    """finetune.attention: per-example causal SDPA must give the block-diagonal mask's loss and gradients."""
+    from finetune import attention
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval()
+    exs = examples(tok, 5, train_on="all")
+    rows = pack(exs, 40) if packed else exs
+    batch = Collator(tok.pad_token_id)(rows) if packed else Collator(tok.pad_token_id, padding_free=True)(rows)
+    loss, grads = _loss_and_grads(model, batch)
+    assert attention.use_segmented_attention(model) and model.config._attn_implementation == attention.NAME
+    seg_loss, seg_grads = _loss_and_grads(model, batch)
+    # the segmented path ran, and cut the rows where the examples (and a packed row's padding) begin
+    starts = [[t for t, p in enumerate(row) if p == 0] for row in batch["position_ids"].tolist()]
+    assert [[s for s, _ in row] for row in attention._last[1]] == starts and max(map(len, starts)) > 1
+    assert seg_loss == pytest.approx(loss, rel=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(seg_grads[name], g, rtol=1e-4, atol=1e-5 * g.abs().max().item())
+
+
+def test_segmented_attention_keeps_left_padded_generation_masked(tiny_model_dir):
+    """A model switched for training may generate during it (eval_generate_steps): same tokens as plain SDPA."""
+    from finetune import attention
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    prompts = [tok("cat dog sun tree bird cat dog")["input_ids"], tok("sun")["input_ids"]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    attention.use_segmented_attention(model)
+    assert model.generate(input_ids=ids, attention_mask=mask, **kwargs).tolist() == plain.tolist()
