@@ -1,3 +1,3 @@
-from finetune.cli import app
+from finetune.cli import main
 
-app(prog_name="finetune")
+main()

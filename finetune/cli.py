@@ -31,6 +31,19 @@ RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
 OverridesArg = typer.Argument(None, help="Recipe overrides, e.g. training.max_steps=10 data.max_length=256.")
 
 
+def main() -> None:
+    """The console command (and `python -m finetune`): `train` on CPU first re-executes itself under tcmalloc
+    where it is installed (finetune/allocator.py), then the Typer app runs."""
+    from finetune.allocator import maybe_reexec
+
+    try:
+        maybe_reexec()
+    except FinetuneError as e:
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        raise SystemExit(e.exit_code) from None
+    app(prog_name="finetune")
+
+
 @app.callback()
 def _main(debug: bool = typer.Option(False, "--debug", help="Show full Python tracebacks on errors.")) -> None:
     _debug["on"] = _debug["on"] or debug

@@ -33,9 +33,11 @@ do. The terms:
 On CPU the peak resident memory also holds the Python/torch runtime (measured in
 this process after importing the training stack) and the memory-mapped checkpoint:
 weights that stay in their stored dtype are used in place from the file, so its
-pages stay resident. And glibc's allocator keeps freed blocks for reuse instead of
-returning them: measured at 0.7 to 1.2 times the activations (docs/performance.md), so
-the plan adds one times the activations.
+pages stay resident. And the allocator's slack: glibc keeps freed blocks for reuse
+instead of returning them, about as much as the activations *without* checkpointing
+(measured 0.9 to 1.1 times, with checkpointing too: recomputation frees and reallocates
+every layer's full set); tcmalloc, which `finetune train` preloads where it is
+installed (finetune/allocator.py), keeps none measurable (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -166,10 +168,17 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
              "a dequantized weight, one layer's gradients" + (", DoRA's W + s B A" if recipe.lora.use_dora else "")),
     ]
     if device == "cpu":
+        from finetune.allocator import for_training
+
+        malloc = for_training()
+        full = other if ckpt else used  # the activations without checkpointing
         terms += [
             Term("runtime", runtime_rss(), "Python + torch + libraries, measured here"),
             Term("mapped checkpoint", mapped, "weight files read via mmap stay resident"),
-            Term("allocator slack", used, "freed blocks glibc keeps: ~1x activations (measured 0.7-1.2x)"),
+            Term("allocator slack", 0, f"{malloc}: returns what it does not reuse (measured within 10%)")
+            if malloc != "glibc" else
+            Term("allocator slack", full, "freed blocks glibc keeps: ~1x the activations without checkpointing, "
+                 "also with it (measured 0.9-1.1x); tcmalloc keeps none (finetune/allocator.py)"),
         ]
     result = MemoryPlan(recipe=recipe.name or "recipe", device=device, seq_length=seq_length, seq_note=seq_note,
                         terms=terms)
