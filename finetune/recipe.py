@@ -247,8 +247,8 @@ class TrainingSection(Section):
     gradient_accumulation_steps: int = Field(4, ge=1, description="Micro batches per optimizer step.")
     padding_free: bool = Field(
         False, description="Feed each micro batch as one row without padding (examples kept apart by position "
-        "ids): the same loss, no compute spent on padding. Attention then spans the whole row, so keep micro "
-        "batch x length moderate unless the model uses flash attention.",
+        "ids): the same loss, no compute spent on padding. With SDPA each example attends only over itself "
+        "(finetune/attention.py), as with packing.",
     )
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps spent warming up linearly.")

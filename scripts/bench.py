@@ -107,10 +107,16 @@ def main(argv: list[str] | None = None) -> int:
                    f"(dpo: {','.join(DPO_VARIANTS)}). A -bf16 variant computes in bf16, the others in float32 (on CUDA "
                    "every variant is bf16).")
     p.add_argument("--tools", default=",".join(TOOLS))
+    p.add_argument("--trl-variants", help="TRL runs only these of --variants (default: all of them), e.g. to leave "
+                   "out a setting already measured to be TRL's slower one.")
     p.add_argument("--omp-wait-policy", default="inherit", choices=["PASSIVE", "ACTIVE", "inherit"],
                    help="OMP_WAIT_POLICY for both tools. inherit (libgomp's default, spin a while then sleep) is the "
                    "fastest on an idle machine (PASSIVE cost 23%% there: docs/performance.md); PASSIVE keeps timings "
                    "meaningful on a machine shared with other jobs (spinning threads there made a step 3.5x slower).")
+    p.add_argument("--allocator", default="auto", choices=["auto", "glibc"],
+                   help="auto: both tools under the allocator `finetune train` picks here (tcmalloc on CPU where it "
+                   "is installed, finetune/allocator.py), so that the table compares the tools, not allocators; "
+                   "glibc: both without a preloaded allocator.")
     p.add_argument("--work", help="Scratch directory (data, runs, logs); default runs/bench (dpo: runs/bench-dpo).")
     p.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS + DPO_VARIANTS, help=argparse.SUPPRESS)
@@ -137,27 +143,34 @@ def main(argv: list[str] | None = None) -> int:
     previous.write_text(json.dumps(spec, indent=2))
     tools = [t for t in args.tools.split(",") if t]
     variants = [v for v in args.variants.split(",") if v]
+    trl_variants = set(args.trl_variants.split(",")) if args.trl_variants else set(variants)
     unit = "pairs" if dpo else "examples"
     print(f"job: {spec['objective']}, {spec['examples']} {unit} of {spec['data_source']}, "
           f"{spec['label_tokens']:,} loss-bearing tokens, "
           f"max length {spec['max_length']}, micro batch {spec['micro_batch']} x {spec['accumulation']}, "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs, OMP_WAIT_POLICY={args.omp_wait_policy}",
           flush=True)
-    machine = _machine()
-    print(f"machine: {machine['name']}, flags {' '.join(machine['flags']) or '-'}; GEMM at the model's shapes: "
+    from finetune.allocator import find_tcmalloc, for_training
+
+    preload = find_tcmalloc() if args.allocator == "auto" and for_training() == "tcmalloc" else None
+    machine = {**_machine(), "allocator": "tcmalloc" if preload else "glibc"}
+    print(f"machine: {machine['name']}, flags {' '.join(machine['flags']) or '-'}, allocator {machine['allocator']} "
+          "(both tools); GEMM at the model's shapes: "
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in machine["gemm_gflops"].items()), flush=True)
     results: dict[tuple[str, str], list[dict]] = {}
-    n, total = 0, args.repeats * len(variants) * len(tools)
+    n = 0
+    total = args.repeats * sum(1 for v in variants for t in tools if t != "trl" or v in trl_variants)
     for repeat in range(args.repeats):
         for variant in variants:
             order = tools if repeat % 2 == 0 else tools[::-1]
-            for tool in order:
+            for tool in (t for t in order if t != "trl" or variant in trl_variants):
                 n += 1
                 done = work / f"{tool}-{variant}-{repeat}.json"
                 if reuse and done.is_file():
                     r = json.loads(done.read_text())
                 else:
-                    r = run_worker(tool, variant, work, repeat, args.omp_wait_policy, cold=dpo)
+                    r = run_worker(tool, variant, work, repeat, args.omp_wait_policy, cold=dpo,
+                                   preload=preload)
                 results.setdefault((tool, variant), []).append(r)
                 step2 = f"  step-2 {r['losses'][1]:.5f}" if dpo and len(r["losses"]) > 1 else ""
                 print(f"[{n}/{total}] {tool:8s} {variant:11s} {r['wall_s']:7.1f} s  peak {r['peak_mem_gib']:.2f} GiB  "
@@ -276,13 +289,17 @@ def _prompt_completion(rec: dict) -> dict:
     return {"prompt": prompt.strip() + "\n", "completion": rec["output"]}
 
 
-def run_worker(tool: str, variant: str, work: Path, repeat: int, wait_policy: str, cold: bool = False) -> dict:
-    """One run in a fresh process, so that its peak memory is its own. `cold`: with empty data caches."""
+def run_worker(tool: str, variant: str, work: Path, repeat: int, wait_policy: str, cold: bool = False,
+               preload: str | None = None) -> dict:
+    """One run in a fresh process, so that its peak memory is its own. `cold`: with empty data caches.
+    `preload`: an allocator library to preload (LD_PRELOAD), as `finetune train` does for itself."""
     result = work / f"{tool}-{variant}-{repeat}.json"
     log = work / f"{tool}-{variant}-{repeat}.log"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     if wait_policy != "inherit":
         env["OMP_WAIT_POLICY"] = wait_policy
+    if preload:
+        env["LD_PRELOAD"] = ":".join(p for p in (preload, env.get("LD_PRELOAD", "")) if p)
     if cold:
         import shutil
 
@@ -522,8 +539,9 @@ def _machine() -> dict:
     from bench_step import gemm_peak
 
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")), caps.get("cpu_name", "?")) if Path("/proc/cpuinfo").exists() else "?"
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                caps.get("cpu_name", "?"))
     flags = [k for k in ("avx2", "avx512_f", "avx512_vnni", "avx512_bf16", "amx_bf16") if caps.get(k)]
     return {"name": f"{name}, {os.cpu_count()} CPUs", "flags": flags, "gemm_gflops": gemm_peak()}
 
