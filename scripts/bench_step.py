@@ -56,14 +56,18 @@ def build(path: str, dropout: float = 0.05):
         "quantization": {"compute_dtype": dtype}, "lora": {"dropout": dropout},
         "training": {"gradient_checkpointing": False},
     })
-    keep = fm._frozen_floats_in_compute_dtype
+    keep, dropout = fm._frozen_floats_in_compute_dtype, getattr(fm, "_cpu_dropout", None)
     if not cast:
         fm._frozen_floats_in_compute_dtype = lambda *a, **k: None
+    if os.environ.get("BENCH_TORCH_DROPOUT") and dropout:  # torch's dropout instead of finetune.model.CpuDropout
+        fm._cpu_dropout = lambda *a, **k: None
     try:
         torch.manual_seed(0)
         model = fm.attach_lora(fm.load_base_model(recipe.model, recipe.quantization), recipe)
     finally:
         fm._frozen_floats_in_compute_dtype = keep
+        if dropout:
+            fm._cpu_dropout = dropout
     model.train()
     return model, getattr(torch, dtype)
 
