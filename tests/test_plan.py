@@ -90,10 +90,12 @@ def test_activation_term_is_close_to_what_autograd_saves(tiny_model_dir, dropout
 
 def test_plan_totals_and_verdict(tiny_model_dir):
     recipe = _recipe(tiny_model_dir)
-    p = plan(recipe, device_memory=parse_size("1GiB"), device="cpu", seq_length=24)
+    p = plan(recipe, device="cpu", seq_length=24)
     assert p.total == sum(t.bytes for t in p.terms if t.counted)
     assert p.term("activations").bytes > p.term("activations with checkpointing").bytes
-    assert p.verdict.startswith("fits")
+    # the runtime term is this process's resident memory, which grows over a test session: size by the total
+    roomy = plan(recipe, device_memory=2 * p.total, device="cpu", seq_length=24)
+    assert roomy.verdict.startswith("fits")
     tight = plan(recipe, device_memory=p.total // 2, device="cpu", seq_length=24)
     assert tight.verdict.startswith("does not fit")
 
