@@ -126,9 +126,9 @@ def attach_lora(base, recipe: Recipe):
 class CpuDropout(torch.nn.Dropout):
     """LoRA's input dropout on CPU: the same distribution as torch's, about twice as fast, a 1-byte mask.
 
-    torch's CPU dropout draws its mask with a serial Bernoulli kernel (one random double per value, on one
-    core, outside Intel's MKL path): with an adapter on every linear layer that was a fifth of a bf16 LoRA
-    step. It then keeps the mask in the input's dtype for backward. Here the mask comes from 15-bit random
+    torch's CPU dropout draws its mask with a Bernoulli kernel that takes one random double per value
+    (outside Intel's MKL path): with an adapter on every linear layer that was a fifth of a bf16 LoRA step
+    (docs/performance.md). It then keeps the mask in the input's dtype for backward. Here the mask comes from 15-bit random
     integers, four cut from each random 64-bit word (random_ on int64, from the same global generator, which
     checkpoints save: resume stays exact; a quarter of the generator calls of one draw per value): a value
     is dropped where its integer is below p * 2^15, so p is rounded to a multiple of 2^-15
