@@ -68,28 +68,37 @@ def cpu_only(env=os.environ) -> bool:
     return not Path("/dev/nvidiactl").exists()
 
 
+def to_preload(env=os.environ) -> str | None:
+    """The tcmalloc library `finetune train` preloads in this environment, or None (it runs as it is)."""
+    wanted = choice(env)
+    if wanted == "glibc" or not sys.platform.startswith("linux") or in_use() != "glibc":
+        return None
+    if wanted == "auto" and not cpu_only(env):
+        return None
+    library = find_tcmalloc()
+    if library is None and wanted == "tcmalloc":
+        raise AllocatorError("FINETUNE_ALLOCATOR=tcmalloc, but no tcmalloc library was found in "
+                             f"{', '.join(map(str, search_dirs()))}. Install it (Debian/Ubuntu: apt install "
+                             "libtcmalloc-minimal4; conda: gperftools) or set FINETUNE_ALLOCATOR=auto.")
+    return library
+
+
 def for_training(env=os.environ) -> str:
-    """The allocator `finetune train` runs with here: tcmalloc or glibc (or what is preloaded already)."""
-    current = in_use()
-    if current != "glibc" or choice(env) == "glibc" or not sys.platform.startswith("linux") or not cpu_only(env):
-        return current
-    return "tcmalloc" if find_tcmalloc() else "glibc"
+    """The allocator `finetune train` runs with here: tcmalloc or glibc (or what is preloaded already).
+    A setting `finetune train` would refuse plans as the allocator of this process."""
+    try:
+        return "tcmalloc" if to_preload(env) else in_use()
+    except AllocatorError:
+        return in_use()
 
 
 def reexec_command(argv: list[str], env=os.environ) -> tuple[list[str], dict] | None:
     """The command line and environment to re-execute `finetune train` with tcmalloc, or None to go on as is."""
     args = [a for a in argv[1:] if not a.startswith("-")]
-    if not args or args[0] != "train" or env.get(MARK) or not sys.platform.startswith("linux"):
+    if not args or args[0] != "train" or env.get(MARK):
         return None
-    wanted = choice(env)
-    if wanted == "glibc" or in_use() != "glibc" or (wanted == "auto" and not cpu_only(env)):
-        return None
-    library = find_tcmalloc()
+    library = to_preload(env)
     if library is None:
-        if wanted == "tcmalloc":
-            raise AllocatorError("FINETUNE_ALLOCATOR=tcmalloc, but no tcmalloc library was found in "
-                                 f"{', '.join(map(str, search_dirs()))}. Install it (Debian/Ubuntu: apt install "
-                                 "libtcmalloc-minimal4; conda: gperftools) or set FINETUNE_ALLOCATOR=auto.")
         return None
     preload = ":".join(p for p in (library, env.get("LD_PRELOAD", "")) if p)
     return [sys.executable, "-m", "finetune", *argv[1:]], {**env, "LD_PRELOAD": preload, MARK: library}

@@ -39,7 +39,7 @@ def main() -> None:
     try:
         maybe_reexec()
     except FinetuneError as e:
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        _print_error(e)
         raise SystemExit(e.exit_code) from None
     app(prog_name="finetune")
 
@@ -56,13 +56,17 @@ def _run(fn: Callable):
     except FinetuneError as e:
         if _debug["on"]:
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # "[x]" is text
+        _print_error(e)
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         if _debug["on"]:
             raise
         err_console.print("[bold red]interrupted[/]")
         raise typer.Exit(130) from None
+
+
+def _print_error(e: FinetuneError) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # "[x]" is text
 
 
 @contextlib.contextmanager

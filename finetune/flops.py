@@ -20,12 +20,17 @@ hardware's, so recomputing lowers it.
 from __future__ import annotations
 
 
-def decoder_weights(config) -> int:
-    """N: weights of the decoder layers' linear projections (attention q k v o and the gated MLP)."""
+def _shape(config):
+    """(text config, query heads, key/value heads, head width) of a Llama-style decoder config."""
     c = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = c.num_attention_heads
     kv = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    return c, heads, kv, getattr(c, "head_dim", None) or c.hidden_size // heads
+
+
+def decoder_weights(config) -> int:
+    """N: weights of the decoder layers' linear projections (attention q k v o and the gated MLP)."""
+    c, heads, kv, head_dim = _shape(config)
     attention = c.hidden_size * head_dim * (2 * heads + 2 * kv)
     return c.num_hidden_layers * (attention + 3 * c.hidden_size * c.intermediate_size)
 
@@ -33,9 +38,7 @@ def decoder_weights(config) -> int:
 def train_flops(config, lengths: list[int], labelled: int, lora_params: int = 0) -> float:
     """Model FLOPs of one pass of forward + backward over examples of `lengths` tokens, of which `labelled`
     carry a label (the positions the LM head runs at)."""
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = c.num_attention_heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    c, heads, _, head_dim = _shape(config)
     tokens = sum(lengths)
     attention = 12 * c.num_hidden_layers * heads * head_dim * sum(n * n for n in lengths)
     return (4 * decoder_weights(c) * tokens + attention + 4 * c.vocab_size * c.hidden_size * labelled
@@ -49,10 +52,7 @@ def flops_per_token(config, seq_len: int, lora_params: int = 0) -> float:
 
 def lora_params(config, r: int) -> int:
     """Trainable parameters of rank-r adapters on every decoder linear layer (`all-linear`): r (in + out) each."""
-    c = config.get_text_config() if hasattr(config, "get_text_config") else config
-    heads = c.num_attention_heads
-    kv = getattr(c, "num_key_value_heads", None) or heads
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    c, heads, kv, head_dim = _shape(config)
     h, i = c.hidden_size, c.intermediate_size
     per_layer = (h + heads * head_dim) * 2 + (h + kv * head_dim) * 2 + (h + i) * 3
     return c.num_hidden_layers * r * per_layer

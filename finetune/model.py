@@ -128,11 +128,11 @@ class CpuDropout(torch.nn.Dropout):
 
     torch's CPU dropout draws its mask with a Bernoulli kernel that takes one random double per value
     (outside Intel's MKL path): with an adapter on every linear layer that was a fifth of a bf16 LoRA step
-    (docs/performance.md). It then keeps the mask in the input's dtype for backward. Here the mask comes from 15-bit random
-    integers, four cut from each random 64-bit word (random_ on int64, from the same global generator, which
-    checkpoints save: resume stays exact; a quarter of the generator calls of one draw per value): a value
-    is dropped where its integer is below p * 2^15, so p is rounded to a multiple of 2^-15
-    (0.05 -> 0.049988), and kept values are scaled by 1 / (1 - that p), so E[output] = input exactly.
+    (docs/performance.md). It then keeps the mask in the input's dtype for backward. Here the mask comes
+    from 15-bit random integers, four cut from each random 64-bit word (random_ on int64, from the same
+    global generator, which checkpoints save: resume stays exact; a quarter of the generator calls of one
+    draw per value): a value is dropped where its integer is below p * 2^15, so p is rounded to a multiple
+    of 2^-15 (0.05 -> 0.049988), and kept values are scaled by 1 / (1 - that p), so E[output] = input exactly.
     Autograd keeps the boolean mask (1 byte a value). On GPU, torch's fused dropout is used unchanged."""
 
     LEVELS = 2**15

@@ -172,13 +172,13 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
 
         malloc = for_training()
         full = other if ckpt else used  # the activations without checkpointing
+        slack, note = (0, f"{malloc}: returns what it does not reuse (measured within 10%)") if malloc != "glibc" \
+            else (full, "freed blocks glibc keeps: ~1x the activations without checkpointing, also with it "
+                  "(measured 0.9-1.1x); tcmalloc keeps none (finetune/allocator.py)")
         terms += [
             Term("runtime", runtime_rss(), "Python + torch + libraries, measured here"),
             Term("mapped checkpoint", mapped, "weight files read via mmap stay resident"),
-            Term("allocator slack", 0, f"{malloc}: returns what it does not reuse (measured within 10%)")
-            if malloc != "glibc" else
-            Term("allocator slack", full, "freed blocks glibc keeps: ~1x the activations without checkpointing, "
-                 "also with it (measured 0.9-1.1x); tcmalloc keeps none (finetune/allocator.py)"),
+            Term("allocator slack", slack, note),
         ]
     result = MemoryPlan(recipe=recipe.name or "recipe", device=device, seq_length=seq_length, seq_note=seq_note,
                         terms=terms)
@@ -297,7 +297,7 @@ def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, ch
     head_dim = getattr(c, "head_dim", None) or h // heads
     tokens = batch * seq
     adapted = _adapted_by_layer(model)
-    per_layer = [per_token_layer_bytes(adapted.get(i, []), recipe, h, inter, heads, kv, head_dim, width, 1, stream)
+    per_layer = [per_token_layer_bytes(adapted.get(i, []), recipe, h, inter, heads, kv, head_dim, width, stream)
                  + (heads + 2) * 4 for i in range(layers)]
     rotary = 2 * seq * head_dim * width  # cos and sin, shared by the layers
     final = tokens * (h * stream + 4)  # the final norm's input and statistics
@@ -307,10 +307,10 @@ def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, ch
 
 
 def per_token_layer_bytes(adapted: list[tuple[str, int, int, int]], recipe: Recipe, h: int, inter: int,
-                          heads: int, kv: int, head_dim: int, width: int, mask_bytes: int,
-                          stream: int | None = None) -> int:
+                          heads: int, kv: int, head_dim: int, width: int, stream: int) -> int:
     """Bytes saved per token by one decoder layer (excluding the float32 statistics), given its adapters
-    (short name, in_features, out_features, rank): values of `width` bytes, dropout masks of `mask_bytes`.
+    (short name, in_features, out_features, rank): the layer's own values of `stream` bytes, the adapters'
+    of `width`, dropout masks of one byte (booleans).
     DoRA keeps, per adapter, the base output and the scaled adapter output (its magnitude's gradient needs
     both): 2 x out_features more."""
     attention_out = heads * head_dim
@@ -330,7 +330,7 @@ def per_token_layer_bytes(adapted: list[tuple[str, int, int, int]], recipe: Reci
         elif not saved and group not in counted:
             extra += size  # the shared input, once
             counted.add(group)
-    return base * (stream or width) + extra * width + masks * mask_bytes
+    return base * stream + extra * width + masks
 
 
 def _adapted_by_layer(model) -> dict[int, list[tuple[str, int, int, int]]]:
