@@ -107,19 +107,16 @@ def step(model, batch: dict, dtype) -> float:
     return loss.item()
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up (first-call allocations, oneDNN primitive creation)
+def timed(fn, repeats: int, stat=statistics.median) -> float:
+    """stat (median; min for a peak rate) of `repeats` timed calls after one warm-up call (first-call
+    allocations, oneDNN primitive creation)."""
+    fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def fastest(fn, repeats: int) -> float:
-    fn()
-    return min(timed(fn, 1) for _ in range(repeats))
+    return stat(times)
 
 
 def profile(args) -> dict:
@@ -179,7 +176,7 @@ def gemm_peak(repeats: int = 3, tokens: int = 1024) -> dict:
         for d_in, d_out in shapes:
             x, w = torch.randn(tokens, d_in, dtype=dtype), torch.randn(d_out, d_in, dtype=dtype)
             n = 20
-            t = fastest(lambda: [F.linear(x, w) for _ in range(n)], max(repeats, 5))  # a peak: the best of the tries
+            t = timed(lambda: [F.linear(x, w) for _ in range(n)], max(repeats, 5), stat=min)  # a peak: the best try
             flops += 2 * tokens * d_in * d_out * n
             seconds += t
         result[name] = round(flops / seconds / 1e9, 1)

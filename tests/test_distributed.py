@@ -42,11 +42,11 @@ save_file(weights, os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.safetens
 """
 
 
-def recipe(tmp, model_dir, name, **training):
+def recipe(tmp, model_dir, name, dropout=0.1, **training):
     body = {
         "name": name, "output_dir": str(tmp / "runs" / name),
         "model": {"name_or_path": str(model_dir)},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "lora": {"r": 4, "alpha": 8, "dropout": dropout},
         "data": {"train": str(tmp / "train.jsonl"), "eval": str(tmp / "eval.jsonl"), "max_length": 48},
         "training": {"max_steps": 6, "micro_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 5e-3,
                      "warmup_steps": 1, "logging_steps": 1, "eval_steps": 3, "save_steps": 3,

@@ -482,18 +482,9 @@ def test_1b_throughput_and_mfu_of_qlora_and_lora_at_512_and_4096_tokens(tmp_path
 def two_gpu_recipe(tmp, model_dir, name, **training):
     """test_distributed's job on the GPU defaults (4-bit base, auto bf16, paged AdamW), without dropout (its draws
     differ between one and two processes): 64 rows, 6 steps, eval and a checkpoint at step 3."""
-    body = {
-        "name": name, "output_dir": str(tmp / "runs" / name),
-        "model": {"name_or_path": str(model_dir)},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": str(tmp / "train.jsonl"), "eval": str(tmp / "eval.jsonl"), "max_length": 48},
-        "training": {"max_steps": 6, "micro_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 5e-3,
-                     "warmup_steps": 1, "logging_steps": 1, "eval_steps": 3, "save_steps": 3,
-                     "gradient_checkpointing": False, **training},
-    }
-    path = tmp / f"{name}.yaml"
-    path.write_text(json.dumps(body))
-    return path
+    from test_distributed import recipe
+
+    return recipe(tmp, model_dir, name, dropout=0.0, **training)
 
 
 @pytest.fixture(scope="module")
