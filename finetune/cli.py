@@ -34,7 +34,7 @@ OverridesArg = typer.Argument(None, help="Recipe overrides, e.g. training.max_st
 def main() -> None:
     """The console command (and `python -m finetune`): `train` on CPU first re-executes itself under tcmalloc
     where it is installed (finetune/allocator.py), then the Typer app runs."""
-    from finetune.allocator import maybe_reexec
+    from finetune.model import maybe_reexec
 
     try:
         maybe_reexec()
@@ -72,7 +72,7 @@ def _print_error(e: FinetuneError) -> None:
 @contextlib.contextmanager
 def _holding(paths: list, what: str):
     """Hold the locks of the outputs a command writes (lock.py) for the whole command; refused: exit 2."""
-    from finetune.lock import hold_all
+    from finetune.artifacts import hold_all
 
     with contextlib.ExitStack() as stack:
         _run(lambda: stack.enter_context(hold_all(paths, what)))
@@ -97,7 +97,7 @@ def _quiet_libraries() -> None:
 
 
 def _load(recipe: Path, overrides: Optional[list[str]]):
-    from finetune.recipe_file import load_recipe
+    from finetune.recipe import load_recipe
 
     return load_recipe(recipe, overrides or [])
 
@@ -135,7 +135,7 @@ def prepare(
     """Tokenize the recipe's data (cached for training) and summarise it, without loading the model weights."""
     r = _run(lambda: _load(recipe, overrides))
     _quiet_libraries()
-    from finetune.prepare import prepare as run_prepare, print_examples, print_summary
+    from finetune.plan import prepare as run_prepare, print_examples, print_summary
 
     report = _run(lambda: run_prepare(r))
     print_summary(report, console)
@@ -156,7 +156,7 @@ def train(
     """Fine-tune the recipe's model with LoRA adapters; writes checkpoints under the run directory."""
     r = _run(lambda: _load(recipe, overrides))
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from finetune.distributed import launch
+        from finetune.train import launch
 
         argv = ["train", str(recipe), *(overrides or []), *(["--overwrite"] if overwrite else []),
                 *(["--resume"] if resume else []), *(["--resume-from", str(resume_from)] if resume_from else [])]
@@ -302,7 +302,9 @@ def eval_(
     """Loss, perplexity and generation metrics (exact match, contains, chrF/BLEU) for models and adapters."""
     r = _run(lambda: _load(recipe, overrides)) if recipe else None
     _quiet_libraries()
-    from finetune.evaluate import GenerationOptions, evaluate, print_report, write_report, write_samples
+    from finetune.evaluate import evaluate, print_report, write_report, write_samples
+
+    from finetune.generate import GenerationOptions
 
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 batch_size=batch_size, seed=seed, extractor=extract)
@@ -331,7 +333,7 @@ def eval_(
 def verify(path: Path = typer.Argument(..., help="A checkpoint directory, or a run directory (all its checkpoints).",
                                        show_default=False)) -> None:
     """Check checkpoints against their manifests (size, sha256 of every file): which are intact, which damaged."""
-    from finetune.verify import check_report, verify as run_verify
+    from finetune.artifacts import check_report, verify as run_verify
 
     report = _run(lambda: run_verify(path))
     for v in report.verdicts:
@@ -415,7 +417,7 @@ def chat(
     import sys
 
     _quiet_libraries()
-    from finetune.chat import ChatOptions, chat as run_chat
+    from finetune.generate import ChatOptions, chat as run_chat
 
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read().strip()

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
           f"max length {spec['max_length']}, micro batch {spec['micro_batch']} x {spec['accumulation']}, "
           f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs, OMP_WAIT_POLICY={args.omp_wait_policy}",
           flush=True)
-    from finetune.allocator import find_tcmalloc, for_training
+    from finetune.model.allocator import find_tcmalloc, for_training
 
     preload = find_tcmalloc() if args.allocator == "auto" and for_training() == "tcmalloc" else None
     machine = {**_machine(), "allocator": "tcmalloc" if preload else "glibc"}
@@ -228,7 +228,7 @@ def _model_flops(model: str, lengths: list[int], labelled: int) -> float:
     """The job's model FLOPs (finetune/flops.py): one forward + backward over every example, LoRA r 16."""
     from transformers import AutoConfig
 
-    from finetune.flops import lora_params, train_flops
+    from finetune.plan.flops import lora_params, train_flops
 
     config = AutoConfig.from_pretrained(model)
     return train_flops(config, lengths, labelled, lora_params(config, 16))
@@ -321,8 +321,8 @@ def run_finetune(spec: dict, variant: str, work: Path) -> dict:
     from rich.console import Console
 
     from finetune.cli import _quiet_libraries
-    from finetune.recipe_file import load_recipe
-    from finetune.train import train
+    from finetune.recipe.file import load_recipe
+    from finetune.train.loop import train
 
     _quiet_libraries()
     run_dir = work / f"finetune-{variant}"

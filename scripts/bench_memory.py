@@ -56,9 +56,9 @@ def overrides(args, length: int, checkpointing: bool, out: Path) -> list[str]:
 def worker(args) -> int:
     from rich.console import Console
 
-    import finetune.train as ft
+    import finetune.train.loop as ft
     from finetune.cli import _quiet_libraries
-    from finetune.recipe_file import load_recipe
+    from finetune.recipe.file import load_recipe
 
     _quiet_libraries()
     if os.environ.get("BENCH_TRIM"):
@@ -81,8 +81,8 @@ def worker(args) -> int:
 
 
 def predicted(args, length: int, checkpointing: bool, out: Path) -> float:
-    from finetune.plan import plan
-    from finetune.recipe_file import load_recipe
+    from finetune.plan.memory import plan
+    from finetune.recipe.file import load_recipe
 
     return plan(load_recipe(ROOT / "recipes" / "gsm8k.yaml", overrides(args, length, checkpointing, out)),
                 device="cpu").total / 2**30

@@ -47,8 +47,8 @@ KINDS = [  # (kind, substrings of profiler op names), first match wins
 def build(path: str, dropout: float = 0.05):
     import torch
 
-    import finetune.model as fm
-    from finetune.recipe import Recipe
+    import finetune.model.load as fm
+    from finetune.recipe.schema import Recipe
 
     dtype, cast = PATHS[path]
     recipe = Recipe.model_validate({
@@ -56,18 +56,22 @@ def build(path: str, dropout: float = 0.05):
         "quantization": {"compute_dtype": dtype}, "lora": {"dropout": dropout},
         "training": {"gradient_checkpointing": False},
     })
-    keep, dropout = fm._frozen_floats_in_compute_dtype, getattr(fm, "_cpu_dropout", None)
+    from finetune.model import resolve
+
+    placement = resolve(recipe.quantization)
+    keep, dropout = fm._frozen_floats_in_compute_dtype, getattr(fm, "use_cpu_dropout", None)
     if not cast:
         fm._frozen_floats_in_compute_dtype = lambda *a, **k: None
-    if os.environ.get("BENCH_TORCH_DROPOUT") and dropout:  # torch's dropout instead of finetune.model.CpuDropout
-        fm._cpu_dropout = lambda *a, **k: None
+    if os.environ.get("BENCH_TORCH_DROPOUT") and dropout:  # torch's dropout instead of finetune.model.dropout.CpuDropout
+        fm.use_cpu_dropout = lambda *a, **k: None
     try:
         torch.manual_seed(0)
-        model = fm.attach_lora(fm.load_base_model(recipe.model, recipe.quantization), recipe)
+        base = fm.load_base_model(recipe.model, recipe.quantization, "cpu", placement)
+        model = fm.attach_lora(base, recipe, placement)
     finally:
         fm._frozen_floats_in_compute_dtype = keep
         if dropout:
-            fm._cpu_dropout = dropout
+            fm.use_cpu_dropout = dropout
     model.train()
     return model, getattr(torch, dtype)
 
@@ -98,7 +102,7 @@ def micro_batch(vocab: int, rows: int = 4, length: int = 256, labelled: int = 12
 def step(model, batch: dict, dtype) -> float:
     import torch
 
-    from finetune.loss import token_loss_sum
+    from finetune.objectives.loss import token_loss_sum
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):  # as accelerate does
         loss = token_loss_sum(model, batch)
@@ -124,7 +128,7 @@ def profile(args) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from finetune.flops import train_flops
+    from finetune.plan.flops import train_flops
 
     peaks = gemm_peak(args.repeats)
     out = {"peak_gflops": peaks}
@@ -132,7 +136,7 @@ def profile(args) -> dict:
         model, dtype = build(path)
         batch = micro_batch(model.config.vocab_size, layout=args.layout)
         if args.segmented:  # a candidate attention for padding-free rows (finetune/attention.py where present)
-            from finetune.attention import use_segmented_attention
+            from finetune.model.attention import use_segmented_attention
 
             use_segmented_attention(model)
         seconds = timed(lambda m=model, b=batch, d=dtype: step(m, b, d), args.repeats)

@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune.data import split_records, to_messages  # noqa: E402
-from finetune.grpo import GRPO  # noqa: E402
-from finetune.model import attach_lora, load_base_model, load_tokenizer  # noqa: E402
-from finetune.recipe_file import load_recipe  # noqa: E402
-from finetune.rewards import load_rewards, score  # noqa: E402
+from finetune.objectives.grpo import GRPO  # noqa: E402
+from finetune.model import attach_lora, load_base_model, load_tokenizer, resolve  # noqa: E402
+from finetune.recipe.file import load_recipe  # noqa: E402
+from finetune.objectives.rewards import load_rewards, score  # noqa: E402
 
 RECIPE = "recipes/grpo_quickstart.yaml"
 
@@ -46,7 +46,8 @@ def trl_rewards(rewards):
 def build(recipe):
     tok = load_tokenizer(recipe.model, recipe.data.chat_template)
     torch.manual_seed(recipe.training.seed)
-    model = attach_lora(load_base_model(recipe.model, recipe.quantization), recipe)
+    model = attach_lora(load_base_model(recipe.model, recipe.quantization, "cpu", resolve(recipe.quantization)), recipe,
+                        resolve(recipe.quantization))
     return tok, model
 
 
@@ -125,7 +126,7 @@ def equality(recipe, out: Path) -> dict:
 
 
 def speed(recipe, steps: int, out: Path) -> dict:
-    from finetune.train import train
+    from finetune.train.loop import train
 
     examples = steps * recipe.training.micro_batch_size * recipe.grpo.group_size
     tok, model = build(recipe)

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from finetune.recipe import Recipe  # noqa: E402
+from finetune.recipe.schema import Recipe  # noqa: E402
 
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"

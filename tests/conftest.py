@@ -138,3 +138,18 @@ def toy_alpaca_rows() -> list[dict]:
         for word in TOY_WORDS
         for times, n in TOY_COUNTS.items()
     ]
+
+
+def training_model(recipe):
+    """The model `finetune train` builds from a recipe, on CPU (placement resolved once, as set-up does)."""
+    from finetune.model import attach_lora, load_base_model, resolve
+
+    placement = resolve(recipe.quantization)
+    return attach_lora(load_base_model(recipe.model, recipe.quantization, "cpu", placement), recipe, placement)
+
+
+def load_base(model, quantization, device="cpu"):
+    """`load_base_model` with the placement resolved from `quantization`."""
+    from finetune.model import load_base_model, resolve
+
+    return load_base_model(model, quantization, device, resolve(quantization))

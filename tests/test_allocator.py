@@ -9,14 +9,14 @@ import pytest
 from conftest import write_jsonl
 from test_training import make_recipe
 
-from finetune import allocator
-from finetune.allocator import AllocatorError, reexec_command
+from finetune.model import allocator as allocator
+from finetune.model.allocator import AllocatorError, reexec_command
 
 
 @pytest.fixture
 def tcmalloc_here(monkeypatch):
     monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "/opt/lib/libtcmalloc_minimal.so.4")
-    monkeypatch.setattr(allocator, "in_use", lambda: "glibc")
+    monkeypatch.setattr(allocator, "allocator_in_use", lambda: "glibc")
     monkeypatch.setattr(allocator, "cpu_only", lambda env=None: True)
 
 
@@ -34,13 +34,13 @@ def test_only_train_and_only_when_asked(tcmalloc_here, monkeypatch):
     monkeypatch.setattr(allocator, "cpu_only", lambda env=None: False)  # a GPU machine: auto leaves it alone
     assert reexec_command(["finetune", "train", "r.yaml"], {}) is None
     assert reexec_command(["finetune", "train", "r.yaml"], {"FINETUNE_ALLOCATOR": "tcmalloc"}) is not None
-    monkeypatch.setattr(allocator, "in_use", lambda: "jemalloc")  # the user preloaded another allocator
+    monkeypatch.setattr(allocator, "allocator_in_use", lambda: "jemalloc")  # the user preloaded another allocator
     assert reexec_command(["finetune", "train", "r.yaml"], {"FINETUNE_ALLOCATOR": "tcmalloc"}) is None
 
 
 def test_missing_tcmalloc_is_fine_for_auto_and_an_error_when_required(monkeypatch):
     monkeypatch.setattr(allocator, "find_tcmalloc", lambda: None)
-    monkeypatch.setattr(allocator, "in_use", lambda: "glibc")
+    monkeypatch.setattr(allocator, "allocator_in_use", lambda: "glibc")
     assert reexec_command(["finetune", "train", "r.yaml"], {}) is None
     with pytest.raises(AllocatorError, match="apt install libtcmalloc-minimal4"):
         reexec_command(["finetune", "train", "r.yaml"], {"FINETUNE_ALLOCATOR": "tcmalloc"})

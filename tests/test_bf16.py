@@ -12,10 +12,10 @@ import pytest
 import torch
 from test_training import adapter, make_recipe, metrics, stop_after_save, train
 
-from finetune.loss import token_loss_sum
-from finetune.model import attach_lora, load_base_model
-from finetune.placement import cpu_has_native_bf16, resolve_compute_dtype
-from finetune.recipe import Recipe
+from finetune.objectives.loss import token_loss_sum
+from finetune.model.placement import cpu_has_native_bf16, resolve_compute_dtype
+from finetune.recipe.schema import Recipe
+from conftest import training_model
 
 
 def build(model_dir, dtype: str):
@@ -25,7 +25,7 @@ def build(model_dir, dtype: str):
         "training": {"gradient_checkpointing": False},
     })
     torch.manual_seed(0)
-    model = attach_lora(load_base_model(recipe.model, recipe.quantization), recipe)
+    model = training_model(recipe)
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B = 0 at init would leave A without gradient

@@ -4,15 +4,14 @@ without a reload and answer like each adapter loaded alone, and the checkpoint's
 import json
 
 import pytest
-from conftest import write_jsonl
+from conftest import load_base, write_jsonl
 from test_merge import make_adapter
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
-from finetune.chat import ChatOptions, Session, load_session, prompt_ids, reply
+from finetune.generate.session import ChatOptions, Session, load_session, prompt_ids, reply
 from finetune.cli import app
-from finetune.model import load_base_model
-from finetune.recipe import QuantizationSection
+from finetune.recipe.schema import QuantizationSection
 
 runner = CliRunner()
 OPTIONS = ChatOptions(max_new_tokens=12)
@@ -60,7 +59,7 @@ def test_adapters_switch_and_answer_like_each_alone(adapters):
     assert answers["one"][0] != answers["two"][0]
     # /base: the 4-bit base the adapters sit on, without them
     path = json.loads((adapters[0] / "adapter_config.json").read_text())["base_model_name_or_path"]
-    base = Session(load_base_model(path, QuantizationSection(), "cpu").eval(), both.tok, path)
+    base = Session(load_base(path, QuantizationSection(), "cpu").eval(), both.tok, path)
     assert reply(base, PROMPT, OPTIONS) == answers[None][0]
 
 
@@ -87,7 +86,7 @@ def test_interactive_commands_and_stdin(adapters):
 
 
 def test_interactive_session_streams_switches_and_survives_ctrl_c(adapters, monkeypatch, capsys):
-    from finetune import chat as chat_module
+    from finetune.generate import session as chat_module
 
     session = load_session(str(adapters[0]), adapters=[str(adapters[1])])
     expected = {label: reply(load_session(str(adapters[i])), PROMPT, OPTIONS)

@@ -11,10 +11,10 @@ from finetune.data import (
     IGNORE, Collator, DataStats, normalize, prompt_and_reference, read_rows, split_records, tokenize_all,
 )
 from finetune.errors import DataError, RecipeError
-from finetune.model import load_tokenizer
-from finetune.recipe import DataSection
-from finetune.recipe_file import load_recipe
-from finetune.templates import BUILTIN
+from finetune.model.load import load_tokenizer
+from finetune.recipe.schema import DataSection
+from finetune.recipe.file import load_recipe
+from finetune.recipe.templates import BUILTIN
 
 from conftest import write_jsonl
 

@@ -10,8 +10,8 @@ import pytest
 from finetune.data import read as D
 from finetune.data import DataStats, load_source, prepare_data, split_records
 from finetune.errors import DataError
-from finetune.model import load_tokenizer
-from finetune.recipe import DataSection, DatasetSpec
+from finetune.model.load import load_tokenizer
+from finetune.recipe.schema import DataSection, DatasetSpec
 
 from conftest import write_jsonl
 

@@ -27,16 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = """
 import os, sys
 from safetensors.torch import save_file
-import finetune.train as ft
-from finetune.recipe_file import load_recipe
+import finetune.train.setup as setup
+from finetune.train import train
+from finetune.recipe.file import load_recipe
 
 captured = {}
-attach = ft.attach_lora
+attach = setup.attach_lora
 def capture(*a, **k):
     captured["model"] = attach(*a, **k)
     return captured["model"]
-ft.attach_lora = capture
-ft.train(load_recipe(sys.argv[1]))
+setup.attach_lora = capture
+train(load_recipe(sys.argv[1]))
 weights = {n: p.detach().contiguous() for n, p in captured["model"].named_parameters() if p.requires_grad}
 save_file(weights, os.path.join(sys.argv[2], f"rank{os.environ['RANK']}.safetensors"))
 """
@@ -146,10 +147,10 @@ def test_presets_are_valid_accelerate_configs():
 def test_sharded_launch_requires_float_quant_storage(tmp_path, tiny_model_dir, monkeypatch):
     import torch
 
-    from finetune.distributed import check_strategy
-    from finetune.placement import resolve
+    from finetune.train.distributed import check_strategy
+    from finetune.model.placement import resolve
     from finetune.errors import RecipeError
-    from finetune.recipe_file import load_recipe
+    from finetune.recipe.file import load_recipe
 
     write_jsonl(tmp_path / "train.jsonl", [{"instruction": "a", "output": "b"}])
     write_jsonl(tmp_path / "eval.jsonl", [{"instruction": "a", "output": "b"}])

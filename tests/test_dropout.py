@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from finetune.model import CpuDropout, attach_lora, load_base_model
-from finetune.recipe import Recipe
+from finetune.model.dropout import CpuDropout
+from finetune.recipe.schema import Recipe
+from conftest import training_model
 
 
 def test_drops_p_of_the_values_and_keeps_the_expectation():
@@ -46,7 +47,7 @@ def test_masks_come_from_the_global_generator_in_bf16_too():
 def test_attach_lora_uses_it_for_every_adapter_on_cpu(tiny_model_dir, dropout):
     recipe = Recipe.model_validate({"model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": ["x.jsonl"]},
                                     "lora": {"dropout": dropout}})
-    model = attach_lora(load_base_model(recipe.model, recipe.quantization), recipe)
+    model = training_model(recipe)
     drops = [d for name, m in model.named_modules() if name.endswith("lora_dropout") for d in m.values()]
     assert drops
     if dropout:

@@ -8,10 +8,9 @@ from peft import PeftModel
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.model import load_base_model
-from finetune.recipe import QuantizationSection
+from finetune.recipe.schema import QuantizationSection
 
-from conftest import write_jsonl
+from conftest import load_base, write_jsonl
 
 runner = CliRunner()
 
@@ -60,7 +59,7 @@ def test_training_lowers_the_loss_and_records_the_run(run):
 
 
 def test_adapter_loads_in_plain_peft_on_nf4_layers(run, tiny_model_dir):
-    base = load_base_model(str(tiny_model_dir), QuantizationSection(), "cpu")
+    base = load_base(str(tiny_model_dir), QuantizationSection(), "cpu")
     layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(layers) == 2 * 7  # q,k,v,o,gate,up,down in each of the 2 layers; lm_head stays full precision
     assert layers[0].weight.quant_state.quant_type == "nf4"

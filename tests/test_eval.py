@@ -9,12 +9,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-import finetune.evaluate as ev
-import finetune.generation
+import finetune.evaluate.measure as ev
+import finetune.generate.decode
 from finetune.cli import app
 from finetune.data import Record
 from finetune.errors import DataError
-from finetune.evaluate import GenerationOptions, evaluate, last_number, make_extractor, normalize_number, score_example
+from finetune.evaluate.measure import GenerationOptions, evaluate, last_number, make_extractor, normalize_number, score_example
 
 from conftest import write_jsonl
 from test_merge import make_adapter
@@ -74,7 +74,7 @@ def test_generation_metrics_aggregate_the_scores(tiny_model_dir, monkeypatch):
                for i in range(4)]
     records.append(Record("text", {"text": "raw text has no reference"}, "x:5"))
     predictions = ["0", "the answer is 1", "9", "3, or maybe 2"]
-    monkeypatch.setattr(finetune.generation, "generate", lambda model, tok, prompts, options: predictions)
+    monkeypatch.setattr(finetune.generate.decode, "generate", lambda model, tok, prompts, options: predictions)
     metrics, samples = ev.generation_metrics(None, tok, records, GenerationOptions(extractor="last_number"))
     assert metrics["exact_match"] == 0.5 and metrics["contains"] == 0.75
     assert [s["correct"] for s in samples] == [True, True, False, False]
@@ -156,7 +156,7 @@ def test_cli_json_schema_and_samples(setup):
 
 def test_adapters_on_one_base_score_as_if_loaded_alone(setup, tiny_model_dir):
     """Switching adapters on a shared base (and disabling them for `base`) gives each one's own numbers."""
-    from finetune.recipe_file import load_recipe
+    from finetune.recipe.file import load_recipe
 
     recipe = load_recipe(setup["recipe"])
     together = evaluate(recipe, adapters=[setup["a"], setup["b"]], compare=True)
@@ -262,7 +262,7 @@ def test_harness_runs_a_local_task_on_the_in_memory_adapter(setup, tmp_path):
         "generation_kwargs:\n  max_gen_toks: 4\n  until: ['\\n']\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
     )
-    from finetune.recipe_file import load_recipe
+    from finetune.recipe.file import load_recipe
 
     rep = evaluate(load_recipe(setup["recipe"]), adapters=[setup["a"]], harness=["finetune_toy"],
                    harness_include=str(tasks))

@@ -158,7 +158,7 @@ def test_adapter_only_plus_base_gguf_equals_the_merged_gguf(tiny_model_dir, tmp_
     the merged export tensor by tensor (q/k permuted alike)."""
     import gguf
 
-    from finetune.export import write_gguf
+    from finetune.export.gguf import write_gguf
     from test_merge import make_adapter
 
     adapter = make_adapter(tmp_path / "adapter", tiny_model_dir, load_in_4bit=False)

@@ -7,10 +7,10 @@ import torch
 pytest.importorskip("gguf")
 
 from finetune.errors import RecipeError
-from finetune.export import write_gguf
-from finetune.model import load_base_model
-from finetune.recipe import QuantizationSection
-from finetune.recipe_file import load_recipe
+from finetune.export.gguf import write_gguf
+from finetune.recipe.schema import QuantizationSection
+from finetune.recipe.file import load_recipe
+from conftest import load_base
 
 IDS = torch.tensor([[1, 5, 9, 23, 42, 7, 3, 11]])
 
@@ -29,9 +29,9 @@ def cache(tmp_path, monkeypatch):
 
 def test_a_gguf_base_is_quantized_to_nf4_like_its_source(tiny_gguf, tiny_model_dir):
     q = QuantizationSection()
-    from_gguf = load_base_model(str(tiny_gguf), q, "cpu").eval()
+    from_gguf = load_base(str(tiny_gguf), q, "cpu").eval()
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in from_gguf.modules())
-    original = load_base_model(str(tiny_model_dir), q, "cpu").eval()
+    original = load_base(str(tiny_model_dir), q, "cpu").eval()
     with torch.no_grad():
         assert torch.equal(from_gguf(input_ids=IDS).logits, original(input_ids=IDS).logits)
 
@@ -39,7 +39,7 @@ def test_a_gguf_base_is_quantized_to_nf4_like_its_source(tiny_gguf, tiny_model_d
 def test_recipe_validation_and_plan_accept_a_gguf_file(tiny_gguf, tiny_model_dir, tmp_path):
     from conftest import write_jsonl
 
-    from finetune.plan import plan
+    from finetune.plan.memory import plan
 
     data = tmp_path / "train.jsonl"
     write_jsonl(data, [{"instruction": "Say hi.", "input": "", "output": "hi"}])
@@ -61,7 +61,7 @@ def test_recipe_validation_and_plan_accept_a_gguf_file(tiny_gguf, tiny_model_dir
 def test_merge_into_a_gguf_base_says_where_the_weights_came_from(tiny_gguf, tiny_model_dir, tmp_path):
     from test_merge import make_adapter
 
-    from finetune.merge import merge
+    from finetune.merge.model import merge
 
     adapter = make_adapter(tmp_path / "adapter", tiny_model_dir)
     report = merge(adapter, tmp_path / "merged", base=str(tiny_gguf))

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOY_WORDS, write_jsonl
+from conftest import TOY_WORDS, load_base, write_jsonl
 from safetensors.torch import load_file
 from test_training import make_recipe, metrics, stop_after_save
 from typer.testing import CliRunner
@@ -105,14 +105,13 @@ def data(tmp_path, toy_alpaca_rows):
 def test_4bit_model_lives_on_the_gpu_and_auto_is_bf16(tiny_model_dir):
     import bitsandbytes as bnb
 
-    from finetune.model import load_base_model
-    from finetune.placement import resolve_compute_dtype
-    from finetune.recipe import QuantizationSection
+    from finetune.model.placement import resolve_compute_dtype
+    from finetune.recipe.schema import QuantizationSection
 
     q = QuantizationSection()
     dtype = resolve_compute_dtype("auto")
     assert dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    model = load_base_model(str(tiny_model_dir), q, "cuda")
+    model = load_base(str(tiny_model_dir), q, "cuda")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.weight.device.type == "cuda" and m.weight.quant_state.absmax.device.type == "cuda"
                           for m in layers)
@@ -147,8 +146,8 @@ def test_training_on_the_gpu_pages_adamw_learns_and_resumes_exactly(tmp_path, ti
 
 @pytest.mark.skipif(not (MODEL / "config.json").exists(), reason="run `make fetch` first")
 def test_quickstart_speed_and_memory_against_the_plan(tmp_path, monkeypatch):
-    from finetune.plan import plan
-    from finetune.recipe_file import load_recipe
+    from finetune.plan.memory import plan
+    from finetune.recipe.file import load_recipe
 
     monkeypatch.chdir(ROOT)
     out = tmp_path / "run"
@@ -208,7 +207,7 @@ torch.use_deterministic_algorithms(True)
 print(f"deterministic_algorithms={torch.are_deterministic_algorithms_enabled()}", file=sys.stderr)
 die_after = os.environ.get("FINETUNE_TEST_DIE_AFTER")
 if die_after:
-    import finetune.checkpoint as checkpoint
+    import finetune.train.checkpoint as checkpoint
     real = checkpoint.save_checkpoint
     def save_then_die(path, *args, **kwargs):
         out = real(path, *args, **kwargs)
@@ -349,18 +348,18 @@ def test_1b_qlora_learns_fits_the_plan_and_pages_adamw_on_the_gpu(tmp_path, llam
     """20 steps of 4 x 512 tokens. LoRA r 64, so that most adapter matrices have >= 1e5 values: bitsandbytes pages
     the AdamW state of those (cudaMallocManaged; torch's allocator does not see it), and keeps the rest in plain
     CUDA tensors. The device's peak is torch.cuda.max_memory_allocated (summary.json) + the paged state."""
-    import finetune.train
-    from finetune.plan import plan
-    from finetune.recipe_file import load_recipe
+    import finetune.train.setup
+    from finetune.plan.memory import plan
+    from finetune.recipe.file import load_recipe
 
     captured = {}
-    real_make_optimizer = finetune.train.make_optimizer
+    real_make_optimizer = finetune.train.setup.make_optimizer
 
     def keep_optimizer(model, t):
         captured["optimizer"] = real_make_optimizer(model, t)
         return captured["optimizer"]
 
-    monkeypatch.setattr(finetune.train, "make_optimizer", keep_optimizer)
+    monkeypatch.setattr(finetune.train.setup, "make_optimizer", keep_optimizer)
     path = llama_recipe(tmp_path, llama_1b_dir, long_text, "qlora_1b", lora={"r": 64, "alpha": 128})
     baseline = free_gpu_memory()
     result = runner.invoke(app, ["train", str(path)])
@@ -433,7 +432,7 @@ def test_1b_throughput_and_mfu_of_qlora_and_lora_at_512_and_4096_tokens(tmp_path
     checkpointing on. MFU = flops_per_token(config, row length, LoRA parameters) x tokens/s / peak."""
     from transformers import AutoConfig
 
-    from finetune.flops import flops_per_token
+    from finetune.plan.flops import flops_per_token
 
     config = AutoConfig.from_pretrained(llama_1b_dir)
     free_gpu_memory()

@@ -8,14 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from finetune.data import IGNORE
 from finetune.errors import RecipeError
-from finetune.grpo import GRPO, group_advantages
-from finetune.model import attach_lora, load_base_model
-from finetune.recipe import Recipe
-from finetune.rewards import RewardError, load_rewards, score
+from finetune.objectives.grpo import GRPO, group_advantages
+from finetune.recipe.schema import Recipe
+from finetune.objectives.rewards import RewardError, load_rewards, score
 
-from conftest import TOY_WORDS, write_jsonl
+from conftest import TOY_WORDS, training_model, write_jsonl
 from test_training import adapter, make_recipe, metrics, stop_after_save, train
 
 EXACT = [{"function": "exact_match"}]
@@ -96,7 +94,7 @@ def test_a_reward_in_a_module_is_found_and_a_broken_one_is_named(tmp_path, monke
 @pytest.fixture(scope="module")
 def base(tiny_model_dir):
     recipe = recipe_for(tiny_model_dir)
-    return attach_lora(load_base_model(recipe.model, recipe.quantization), recipe)
+    return training_model(recipe)
 
 
 def rollout_batch(objective, model, seed=0):
@@ -315,7 +313,7 @@ def test_two_processes_each_sample_for_their_own_prompts_and_stay_identical(tmp_
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["reward"]) for r in rows)
     samples = [json.loads(x) for x in (tmp_path / "runs" / "ddp" / "samples.jsonl").read_text().splitlines()]
     assert len([s for s in samples if s["step"] == 1]) == 2 * 4  # the main process's 2 prompts x G
-    from finetune.checkpoint import load_training_state
+    from finetune.train.checkpoint import load_training_state
 
     saved = load_training_state(tmp_path / "runs" / "ddp" / "checkpoint-final")[1]["objective"]
     assert len(saved) == 2 and all(len(state["cache"]) == 1 for state in saved)  # one micro batch per process
@@ -324,7 +322,7 @@ def test_two_processes_each_sample_for_their_own_prompts_and_stay_identical(tmp_
 
 def patch_policy_forward(monkeypatch, at_step: int, action) -> None:
     """Run `action(logps)` on the policy forward (with grad) of step `at_step` (one micro batch per step)."""
-    import finetune.grpo
+    import finetune.objectives.grpo
 
     real, calls = finetune.grpo.token_logprobs, {"n": 0}
 
@@ -336,7 +334,7 @@ def patch_policy_forward(monkeypatch, at_step: int, action) -> None:
                 logps = action(logps)
         return logps, seq
 
-    monkeypatch.setattr(finetune.grpo, "token_logprobs", patched)
+    monkeypatch.setattr(finetune.objectives.grpo, "token_logprobs", patched)
 
 
 def test_sigterm_checkpoints_after_the_step_and_a_nan_step_is_skipped(tmp_path, tiny_model_dir, grpo_data,

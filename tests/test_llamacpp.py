@@ -31,7 +31,7 @@ def merged(tmp_path_factory):
         pytest.skip("needs models/SmolLM2-135M-Instruct (make fetch)")
     if not (DEMO / "adapter_config.json").is_file():
         return BASE
-    from finetune.merge import merge
+    from finetune.merge.model import merge
 
     out = tmp_path_factory.mktemp("demo") / "merged"
     merge(DEMO, out, dtype="fp32")
@@ -40,7 +40,7 @@ def merged(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(merged, tmp_path_factory):
-    from finetune.export import export
+    from finetune.export.gguf import export
 
     root = tmp_path_factory.mktemp("gguf")
     files = {}
@@ -90,8 +90,8 @@ def test_llama_cpp_applies_the_exported_adapter_like_the_merge(tmp_path):
     """Base GGUF + `--adapter-only` GGUF in llama.cpp continues like the merge into the original weights."""
     if not (DEMO / "adapter_config.json").is_file():
         pytest.skip("needs the demo run (make demo)")
-    from finetune.export import export
-    from finetune.merge import merge
+    from finetune.export.gguf import export
+    from finetune.merge.model import merge
 
     merge(DEMO, tmp_path / "merged", base_weights="original", dtype="fp32")
     for name, source, only in (("base", BASE, False), ("lora", DEMO, True)):

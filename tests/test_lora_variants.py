@@ -21,12 +21,12 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.checkpoint import load_adapter_weights
-from finetune.model import attach_lora, load_base_model
-from finetune.recipe_file import load_recipe
-from finetune.recipe import QuantizationSection
+from finetune.train.checkpoint import load_adapter_weights
+from finetune.model import attach_lora, resolve
+from finetune.recipe.file import load_recipe
+from finetune.recipe.schema import QuantizationSection
 
-from conftest import write_jsonl
+from conftest import load_base, write_jsonl
 from test_training import adapter, assert_same_adapter, losses, make_recipe, stop_after_save, train
 
 runner = CliRunner()
@@ -82,7 +82,7 @@ def runs(request, tmp_path_factory, tiny_model_dir, data):
 def trained_model(model_dir, checkpoint):
     """Plain PEFT: the published base, quantized as in training, plus the checkpoint."""
     quantized = json.loads((checkpoint / "adapter_base.json").read_text())["trained_on"].startswith("4-bit")
-    base = load_base_model(str(model_dir), QuantizationSection(load_in_4bit=quantized, compute_dtype="float32"), "cpu")
+    base = load_base(str(model_dir), QuantizationSection(load_in_4bit=quantized, compute_dtype="float32"), "cpu")
     return PeftModel.from_pretrained(base, str(checkpoint)).eval()
 
 
@@ -92,7 +92,7 @@ def as_trained(model_dir, checkpoint):
     recipe = load_recipe(checkpoint / "recipe.yaml")
     init = recipe.lora.init
     plain = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"init": "default"})})
-    model = attach_lora(load_base_model(str(model_dir), recipe.quantization, "cpu"), plain)
+    model = attach_lora(load_base(str(model_dir), recipe.quantization, "cpu"), plain, resolve(recipe.quantization))
     if init != "default" and init != "gaussian":
         b0a0 = load_file(checkpoint.parent / "initial_adapter" / "adapter_model.safetensors")
         with torch.no_grad():
@@ -214,7 +214,7 @@ def test_refused_combinations_are_recipe_errors_before_any_model_loads(lora, key
     def no_loading(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr("finetune.train.load_base_model", no_loading)
+    monkeypatch.setattr("finetune.train.setup.load_base_model", no_loading)
     path = variant_recipe(tmp_path, tiny_model_dir, data, "rslora")
     body = json.loads(path.read_text())
     lora = dict(lora)

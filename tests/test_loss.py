@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
-from finetune import loss as loss_module
-from finetune.loss import IGNORE, _full_logits_loss, token_loss_sum
-from finetune.model import attach_lora, load_base_model
-from finetune.recipe import Recipe
+from finetune.objectives import loss as loss_module
+from finetune.objectives.loss import IGNORE, _full_logits_loss, token_loss_sum
+from finetune.recipe.schema import Recipe
+from conftest import training_model
 
 
 def _batch(vocab: int) -> dict:
@@ -41,7 +41,7 @@ def qlora_model(tiny_model_dir):
         "quantization": {"compute_dtype": "float32"}, "lora": {"dropout": 0.0},
         "training": {"gradient_checkpointing": False},
     })
-    model = attach_lora(load_base_model(recipe.model, recipe.quantization), recipe)
+    model = training_model(recipe)
     torch.manual_seed(1)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B = 0 at init would leave A without gradient

@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
-import finetune.merge as merge_module
+import finetune.merge.model as merge_module
 from finetune.cli import app
 from finetune.errors import CheckpointError
-from finetune.merge import merge
-from finetune.model import load_base_model
-from finetune.recipe import QuantizationSection
+from finetune.merge.model import merge
+from finetune.recipe.schema import QuantizationSection
+from conftest import load_base
 
 runner = CliRunner()
 IDS = torch.tensor([[1, 5, 9, 23, 42, 7, 3, 11], [4, 8, 15, 16, 23, 42, 99, 2]])
@@ -31,7 +31,7 @@ def make_adapter(path, model_dir, *, r=8, seed=0, load_in_4bit=True):
     """A saved adapter with random LoRA weights, laid out like a checkpoint (tokenizer, recipe.yaml)."""
     quant = QuantizationSection(load_in_4bit=load_in_4bit)
     torch.manual_seed(seed)
-    base = load_base_model(str(model_dir), quant, "cpu")
+    base = load_base(str(model_dir), quant, "cpu")
     config = LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False,
                         task_type="CAUSAL_LM")
     model = get_peft_model(base, config)
@@ -63,7 +63,7 @@ def logits(model, ids=IDS):
 
 def reference(model_dir, adapter_dir, quantized: bool):
     # float32, as merge computes its reference (a bf16 CPU would otherwise compare bf16 rounding)
-    base = load_base_model(str(model_dir), QuantizationSection(compute_dtype="float32"), "cpu") if quantized \
+    base = load_base(str(model_dir), QuantizationSection(compute_dtype="float32"), "cpu") if quantized \
         else AutoModelForCausalLM.from_pretrained(model_dir)
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from finetune.objectives import SFT, LossSum
-from finetune.recipe import OBJECTIVES
+from finetune.objectives.base import SFT, LossSum
+from finetune.recipe.schema import OBJECTIVES
 
 from conftest import write_jsonl
 from test_training import adapter, make_recipe, metrics, train

@@ -12,10 +12,10 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.data import batch as data_module
 from finetune.data import IGNORE, Collator, flatten, normalize, pack, padding_efficiency, real_tokens, tokenize_all
-from finetune.loss import token_loss_sum
-from finetune.model import load_tokenizer
-from finetune.prepare import render_example
-from finetune.recipe import DataSection
+from finetune.objectives.loss import token_loss_sum
+from finetune.model.load import load_tokenizer
+from finetune.plan.data_summary import render_example
+from finetune.recipe.schema import DataSection
 
 from conftest import write_jsonl
 
@@ -210,8 +210,8 @@ def test_padding_free_training_logs_the_padded_runs_losses(tmp_path, tiny_model_
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_segmented_attention_is_the_masked_attention(tiny_model_dir, packed):
-    """finetune.attention: per-example causal SDPA must give the block-diagonal mask's loss and gradients."""
-    from finetune import attention
+    """finetune.model.attention: per-example causal SDPA must give the block-diagonal mask's loss and gradients."""
+    from finetune.model import attention as attention
 
     tok = load_tokenizer(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
@@ -232,7 +232,7 @@ def test_segmented_attention_is_the_masked_attention(tiny_model_dir, packed):
 
 def test_segmented_attention_keeps_left_padded_generation_masked(tiny_model_dir):
     """A model switched for training may generate during it (eval_generate_steps): same tokens as plain SDPA."""
-    from finetune import attention
+    from finetune.model import attention as attention
 
     tok = load_tokenizer(str(tiny_model_dir))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa").eval()

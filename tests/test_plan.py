@@ -5,11 +5,20 @@ import pytest
 import torch
 
 from finetune.errors import RecipeError
-from finetune.loss import token_loss_sum
-from finetune.model import attach_lora, load_base_model
-from finetune.plan import activation_bytes, meta_model, optimizer_bytes, parse_size, plan, weight_bytes
-from finetune.recipe import Recipe, TrainingSection
-from finetune.model import make_optimizer
+from finetune.objectives.loss import token_loss_sum
+from finetune.plan.memory import activation_bytes, meta_model, optimizer_bytes, parse_size, plan, weight_bytes
+from finetune.recipe.schema import Recipe, TrainingSection
+from finetune.model.load import make_optimizer
+from conftest import training_model, load_base
+
+
+def fp32_placement(recipe):
+    """The run's placement with float32 compute, whatever this CPU would pick."""
+    import dataclasses
+
+    from finetune.model import resolve
+
+    return dataclasses.replace(resolve(recipe.quantization), compute_dtype=torch.float32)
 
 
 def _recipe(model_dir, **lora) -> Recipe:
@@ -41,8 +50,8 @@ def _quant_tensors(model):
 def test_weight_terms_match_the_loaded_model(tiny_model_dir, double_quant):
     recipe = _recipe(tiny_model_dir).model_copy(deep=True)
     recipe.quantization.double_quant = double_quant
-    real = load_base_model(recipe.model, recipe.quantization)
-    quantized, kept = weight_bytes(meta_model(recipe, torch.float32)[0], width=4)
+    real = load_base(recipe.model, recipe.quantization)
+    quantized, kept = weight_bytes(meta_model(recipe, fp32_placement(recipe))[0], width=4)
     assert quantized == _storage_bytes(_quant_tensors(real))
     plain = [p for p in real.parameters() if not isinstance(p, bnb.nn.Params4bit)]
     assert kept == _storage_bytes(plain)
@@ -53,8 +62,8 @@ def test_weight_terms_match_the_loaded_model(tiny_model_dir, double_quant):
 def test_lora_and_optimizer_terms_match_training(tiny_model_dir, lora, optimizer):
     """r=64 makes some adapters >= 4096 values, so the 8-bit optimizer mixes 8-bit and 32-bit states."""
     recipe = _recipe(tiny_model_dir, **lora)
-    model = attach_lora(load_base_model(recipe.model, recipe.quantization), recipe)
-    planned = [p for p in meta_model(recipe, torch.float32)[0].parameters() if p.requires_grad]
+    model = training_model(recipe)
+    planned = [p for p in meta_model(recipe, fp32_placement(recipe))[0].parameters() if p.requires_grad]
     trained = [p for p in model.parameters() if p.requires_grad]
     assert sorted(p.shape for p in planned) == sorted(p.shape for p in trained)
 
@@ -69,7 +78,7 @@ def test_lora_and_optimizer_terms_match_training(tiny_model_dir, lora, optimizer
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
 def test_activation_term_is_close_to_what_autograd_saves(tiny_model_dir, dropout):
     recipe = _recipe(tiny_model_dir, dropout=dropout)
-    model = attach_lora(load_base_model(recipe.model, recipe.quantization), recipe)
+    model = training_model(recipe)
     model.train()
     ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
@@ -84,7 +93,7 @@ def test_activation_term_is_close_to_what_autograd_saves(tiny_model_dir, dropout
         token_loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     measured = sum(n for ptr, n in saved.items() if ptr not in params)
-    planned = activation_bytes(meta_model(recipe, torch.float32)[0], recipe, 2, 24, 4, checkpointing=False)
+    planned = activation_bytes(meta_model(recipe, fp32_placement(recipe))[0], recipe, 2, 24, 4, checkpointing=False)
     assert planned == pytest.approx(measured, rel=0.1)
 
 
@@ -133,8 +142,8 @@ def test_padding_free_plans_the_fullest_unpadded_row(tmp_path, tiny_model_dir, t
     """Padded, the widest batch is micro_batch x longest; padding-free, it is the k longest examples end to end."""
     from conftest import write_jsonl
     from finetune.data import prepare_data
-    from finetune.model import load_tokenizer
-    from finetune.plan import _sequence_length
+    from finetune.model.load import load_tokenizer
+    from finetune.plan.memory import _sequence_length
 
     write_jsonl(tmp_path / "train.jsonl", toy_alpaca_rows[:12])
     body = {"model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": str(tmp_path / "train.jsonl")},

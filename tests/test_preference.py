@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from finetune.data import IGNORE, Collator, flatten
-from finetune.model import attach_lora, load_base_model
-from finetune.objectives import DPO, ORPO
-from finetune.recipe import Recipe
+from finetune.objectives.base import DPO, ORPO
+from finetune.recipe.schema import Recipe
 
 
 def recipe_for(model_dir, **sections) -> Recipe:
@@ -25,7 +24,7 @@ def recipe_for(model_dir, **sections) -> Recipe:
 def model(tiny_model_dir):
     """The tiny 4-bit model with LoRA B randomised, so that the policy differs from the reference."""
     recipe = recipe_for(tiny_model_dir)
-    m = attach_lora(load_base_model(recipe.model, recipe.quantization), recipe)
+    m = training_model(recipe)
     torch.manual_seed(1)
     for name, p in m.named_parameters():
         if "lora_B" in name:
@@ -119,7 +118,7 @@ def test_a_pairs_loss_does_not_depend_on_padding_or_batch_company(model, tiny_mo
 
 def test_at_the_start_the_policy_is_the_reference_and_dpo_loss_is_log_2(tiny_model_dir):
     recipe = recipe_for(tiny_model_dir)
-    fresh = attach_lora(load_base_model(recipe.model, recipe.quantization), recipe)  # LoRA B = 0
+    fresh = training_model(recipe)  # LoRA B = 0
     ps = pairs(fresh.config.vocab_size, 3, seed=3)
     out = DPO(recipe)(fresh, collate(ps))
     assert out.total.item() / 3 == pytest.approx(math.log(2), abs=1e-6)
@@ -152,7 +151,7 @@ def test_flatten_keeps_pairs_in_order():
 
 # ------------------------------------------------------------------------ data and the CLI
 
-from conftest import TOY_WORDS, write_jsonl  # noqa: E402
+from conftest import TOY_WORDS, training_model, write_jsonl  # noqa: E402
 from test_training import adapter, flat, make_recipe, metrics, stop_after_save, train  # noqa: E402
 
 
@@ -195,7 +194,7 @@ def test_the_three_record_shapes_render_the_same_tokens(tiny_tokenizer_dir):
     from transformers import AutoTokenizer
 
     from finetune.data import normalize, tokenize_all
-    from finetune.recipe import DataSection
+    from finetune.recipe.schema import DataSection
 
     tok = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
     rows = preference_rows(3)

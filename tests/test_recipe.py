@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.errors import RecipeError
-from finetune.recipe_file import load_recipe
+from finetune.recipe.file import load_recipe
 
 runner = CliRunner()
 

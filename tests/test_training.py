@@ -24,12 +24,12 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import finetune.checkpoint
-import finetune.objectives
-import finetune.train
-from finetune.checkpoint import find_resume_checkpoint
+import finetune.train.checkpoint
+import finetune.objectives.base
+import finetune.train.events
+from finetune.train.checkpoint import find_resume_checkpoint
 from finetune.cli import app
-from finetune.verify import write_manifest
+from finetune.artifacts.manifest import write_manifest
 
 from conftest import write_jsonl
 
@@ -113,7 +113,7 @@ def stop_after_save(monkeypatch, at_step: int) -> None:
             raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(finetune.checkpoint, "save_checkpoint", save_then_die)
+    monkeypatch.setattr(finetune.train.checkpoint, "save_checkpoint", save_then_die)
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def poison_micro_batch(monkeypatch, n: int, what: str) -> None:
             return loss + (lora_a.sum() * 0).abs().sqrt()  # value 0, gradient 0 * inf = NaN
         return loss
 
-    monkeypatch.setattr(finetune.objectives, "token_loss_sum", loss_sum)
+    monkeypatch.setattr(finetune.objectives.base, "token_loss_sum", loss_sum)
 
 
 @pytest.mark.parametrize("what", ["loss", "gradient"])
@@ -224,7 +224,7 @@ def test_skip_step_policy_skips_the_bad_step_and_finishes(tmp_path, tiny_model_d
 # The real CLI in a child process, slowed to ~0.3 s per micro batch so that a signal lands mid-run.
 PACED_CLI = """
 import sys, time
-import finetune.objectives as t
+import finetune.objectives.base as t
 real = t.token_loss_sum
 def paced(model, batch):
     time.sleep(0.3)
@@ -276,7 +276,7 @@ def send_signals_during_step(monkeypatch, *plan: tuple[int, int]) -> None:
                     os.kill(os.getpid(), signum)
         return real(model, batch)
 
-    monkeypatch.setattr(finetune.objectives, "token_loss_sum", loss_sum)
+    monkeypatch.setattr(finetune.objectives.base, "token_loss_sum", loss_sum)
 
 
 def test_sigterm_finishes_the_step_then_exits_143(tmp_path, tiny_model_dir, data, monkeypatch):
@@ -348,7 +348,7 @@ def test_a_kill_while_saving_never_leaves_a_checkpoint_that_resume_would_pick(
 
 def test_save_total_limit_keeps_the_newest_and_the_best(tmp_path, tiny_model_dir, data, monkeypatch):
     scripted = iter([3.0, 1.0, 2.0, 2.5, 2.6, 2.7])  # eval loss after steps 1..6: the best is step 2
-    monkeypatch.setattr(finetune.train, "eval_objective", lambda *a, **kw: {"loss": next(scripted)})
+    monkeypatch.setattr(finetune.train.events, "eval_objective", lambda *a, **kw: {"loss": next(scripted)})
     recipe = make_recipe(tmp_path, tiny_model_dir, data, eval_steps=1, save_steps=1, save_total_limit=2, keep_best=True)
     run_dir = tmp_path / "runs" / "run"
     assert train(recipe).exit_code == 0
@@ -381,7 +381,7 @@ def test_a_full_disk_at_save_time_is_a_clear_error_and_keeps_the_previous_checkp
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, before)
 
-    monkeypatch.setattr(finetune.checkpoint, "save_checkpoint", save_on_a_full_disk)
+    monkeypatch.setattr(finetune.train.checkpoint, "save_checkpoint", save_on_a_full_disk)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write instead of killing the process
     try:
         result = train(recipe)
@@ -407,7 +407,7 @@ def interrupted(tmp_path_factory, tiny_model_dir, data):
 
 
 def test_run_dir_and_checkpoints_record_the_recipe_and_environment(interrupted):
-    from finetune.recipe_file import load_recipe
+    from finetune.recipe.file import load_recipe
 
     recipe, run_dir = interrupted
     checkpoint = run_dir / "checkpoint-2"
@@ -468,13 +468,13 @@ def test_resume_warns_about_other_library_versions(interrupted, tmp_path):
 
 
 def test_a_first_sigint_during_the_final_save_lets_the_run_finish(tmp_path, tiny_model_dir, data, monkeypatch):
-    real = finetune.train.eval_objective
+    real = finetune.train.events.eval_objective
 
     def final_eval_interrupted(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(finetune.train, "eval_objective", final_eval_interrupted)
+    monkeypatch.setattr(finetune.train.events, "eval_objective", final_eval_interrupted)
     result = train(make_recipe(tmp_path, tiny_model_dir, data))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "runs" / "run" / "summary.json").exists()

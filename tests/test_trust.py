@@ -28,11 +28,11 @@ from test_training import (  # noqa: F401  (data, one_thread, straight: fixtures
     train,
 )
 
-from finetune import lock
+from finetune.artifacts import lock as lock
 from finetune.cli import app
-from finetune.model import load_tokenizer
-from finetune.recipe import ModelSection
-from finetune.verify import write_manifest
+from finetune.model.load import load_tokenizer
+from finetune.recipe.schema import ModelSection
+from finetune.artifacts.manifest import write_manifest
 
 
 def start_paced_train(recipe: Path, cwd: Path, *args: str) -> subprocess.Popen:
@@ -202,7 +202,7 @@ def test_trust_remote_code_is_off_unless_the_recipe_sets_it(tiny_model_dir, monk
         return real(*args, **kwargs)
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", spy)
-    monkeypatch.setattr("finetune.model.AutoTokenizer.from_pretrained", spy)
+    monkeypatch.setattr("finetune.model.load.AutoTokenizer.from_pretrained", spy)
     section = ModelSection(name_or_path=str(tiny_model_dir), **({"trust_remote_code": True} if trust else {}))
     load_tokenizer(section)
     assert seen["trust_remote_code"] is trust

@@ -13,7 +13,7 @@ from __future__ import annotations
 from finetune.data.read import DataStats, Record
 from finetune.errors import DataError
 from finetune.recipe import DataSection
-from finetune.templates import ALPACA, MARKERS
+from finetune.recipe import ALPACA, MARKERS
 
 IGNORE = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"

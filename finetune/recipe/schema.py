@@ -19,8 +19,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from finetune.recipe_lora import LoraSection, check_lora_init
-from finetune.recipe_grpo import GRPOSection, RewardSpec, check_extractor, check_grpo
+from finetune.recipe.lora import LoraSection, check_lora_init
+from finetune.recipe.grpo import GRPOSection, RewardSpec, check_extractor, check_grpo
 
 
 class Section(BaseModel):
@@ -195,7 +195,7 @@ class DataSection(Section):
     @property
     def chat_template(self) -> Optional[str]:
         """The Jinja chat template to install on the tokenizer, or None to keep the tokenizer's own."""
-        from finetune.templates import BUILTIN
+        from finetune.recipe.templates import BUILTIN
 
         if self.template in (None, "none"):
             return None
@@ -228,8 +228,8 @@ def data_files(path: str) -> Optional[list[Path]]:
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 # Training objectives: recipe name -> "module:class" of its implementation (finetune/objectives.py), so the
 # schema stays torch-free. A new objective is one class there and one entry here.
-OBJECTIVES = {"sft": "finetune.objectives:SFT", "dpo": "finetune.objectives:DPO", "orpo": "finetune.objectives:ORPO",
-              "grpo": "finetune.grpo:GRPO"}
+OBJECTIVES = {"sft": "finetune.objectives.base:SFT", "dpo": "finetune.objectives.base:DPO", "orpo": "finetune.objectives.base:ORPO",
+              "grpo": "finetune.objectives.grpo:GRPO"}
 PREFERENCE_OBJECTIVES = ("dpo", "orpo")  # these read data.format preference, and nothing else
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch")
 

@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader
 
 from finetune.data import Collator, split_records, tokenize_all
 from finetune.errors import DataError, ModelError, first_line
-from finetune.generation import (  # noqa: F401  (re-exported: eval's public names)
+from finetune.generate import (  # noqa: F401  (re-exported: eval's public names)
     GenerationOptions, generate, generation_kwargs, generation_metrics, last_number, make_extractor,
     normalize_number, score_example,
 )
-from finetune.model import check_adapter_dir, load_tokenizer
+from finetune.model import adapter_labels, check_adapter_dir, eval_quantization, load_eval_model, load_tokenizer
 from finetune.progress import track
 from finetune.recipe import DataSection, ModelSection, QuantizationSection, Recipe
 
@@ -84,40 +84,6 @@ class Candidate:
     model: str
     adapter: str | None
     quantization: str
-
-
-def load_eval_model(section: ModelSection, quant: QuantizationSection, device):
-    """A model from a hub id, a directory or a GGUF file (dequantized by transformers on load)."""
-    from finetune.model import load_base_model
-    from finetune.placement import resolve_compute_dtype
-
-    if not section.name_or_path.endswith(".gguf") or quant.load_in_4bit:  # 4-bit: via its safetensors conversion
-        return load_base_model(section, quant, device)
-    from transformers import AutoModelForCausalLM
-
-    path = Path(section.name_or_path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                     dtype=resolve_compute_dtype(quant.compute_dtype))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"Cannot load the GGUF model {path}: {first_line(e)}") from None
-    return model.to(device)
-
-
-def _quantization(quantize: str, recipe: Recipe | None, source: str, adapters: list[str]) -> QuantizationSection:
-    """auto: as the adapters were trained; else the recipe's for the recipe's own model; else none."""
-    from finetune.merge import adapter_recipe_quantization
-
-    recipe_quant = recipe.quantization if recipe else QuantizationSection()
-    if quantize == "none" or (source.endswith(".gguf") and quantize == "auto" and not adapters):
-        return recipe_quant.model_copy(update={"load_in_4bit": False})
-    if quantize == "4bit":
-        return recipe_quant.model_copy(update={"load_in_4bit": True})
-    if adapters:
-        return adapter_recipe_quantization(adapters[0])
-    if recipe and source == recipe.model.name_or_path:
-        return recipe_quant
-    return recipe_quant.model_copy(update={"load_in_4bit": False})
 
 
 def _describe(q: QuantizationSection) -> str:
@@ -205,13 +171,13 @@ def evaluate(
         raise ModelError("Which model? Give a recipe or --model (a hub id, a directory or a .gguf file).")
     source = model or recipe.model.name_or_path
     section = recipe.model.model_copy(update={"name_or_path": source}) if recipe else ModelSection(name_or_path=source)
-    quant = _quantization(quantize, recipe, source, adapters)
+    quant = eval_quantization(quantize, recipe, source, adapters)
     run = _inputs(recipe, eval_data(recipe, data, data_format, fields), data, adapters[0] if adapters else source,
                   limit, generate_n, options)
     run.harness, run.harness_include, run.limit = harness, harness_include, limit
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if compare and model and not adapters and recipe and source != recipe.model.name_or_path:
-        base_quant = _quantization("auto", recipe, recipe.model.name_or_path, [])
+        base_quant = eval_quantization("auto", recipe, recipe.model.name_or_path, [])
         base = load_eval_model(recipe.model, base_quant, device).eval()
         _measure(run, Candidate("base", recipe.model.name_or_path, None, _describe(base_quant)), base)
         del base
@@ -228,7 +194,7 @@ def evaluate(
     if compare:
         with net.disable_adapter():
             _measure(run, Candidate("base", source, None, _describe(quant)), net)
-    for i, (label, path) in enumerate(zip(_adapter_labels(adapters), adapters)):
+    for i, (label, path) in enumerate(zip(adapter_labels(adapters), adapters)):
         net.set_adapter(f"a{i}")
         _measure(run, Candidate(label, source, path, _describe(quant)), net)
     return run.report
@@ -306,18 +272,6 @@ def _loss_with_progress(net, loader, label: str, objective=None) -> dict[str, fl
 def _generation_with_progress(net, tok, records, options, label: str) -> tuple[dict, list[dict]]:
     with track(f"generate ({label})", total=len(records), unit="examples") as task:  # examples, tokens/s, ETA
         return generation_metrics(net, tok, records, options, on_chunk=task.advance)
-
-
-def _adapter_labels(adapters: list[str]) -> list[str]:
-    """`adapter` for one; otherwise the shortest distinct path suffixes (run/checkpoint-final, ...)."""
-    if len(adapters) == 1:
-        return ["adapter"]
-    parts = [Path(a).resolve().parts for a in adapters]
-    for n in range(1, max(map(len, parts)) + 1):
-        labels = ["/".join(p[-n:]) for p in parts]
-        if len(set(labels)) == len(labels):
-            return labels
-    return [f"adapter{i}" for i in range(len(adapters))]
 
 
 # --------------------------------------------------------------- harness

@@ -111,23 +111,25 @@ def gib(n: int | float) -> str:
 def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = None,
          seq_length: int | None = None) -> MemoryPlan:
     """Predicted peak memory of training `recipe` on `device` (default: cuda if available, else cpu)."""
+    import dataclasses
+
     import torch
 
-    from finetune.placement import cpu_has_native_bf16, resolve_compute_dtype
+    from finetune.model import cpu_has_native_bf16, resolve
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_compute_dtype(recipe.quantization.compute_dtype)
+    placement = resolve(recipe.quantization)  # once, as training resolves it
     if device == "cpu" and recipe.quantization.compute_dtype == "auto":  # (planned from a GPU machine too)
-        dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        placement = dataclasses.replace(placement, compute_dtype=torch.bfloat16 if cpu_has_native_bf16() else
+                                        torch.float32)
+    dtype = placement.compute_dtype
     width = torch.empty((), dtype=dtype).element_size()
     # On GPU, prepare_model_for_kbit_training keeps embeddings, norms and head in float32, so the residual
     # stream runs in float32 too (4-bit layers cast their output back to their input's dtype); on CPU they are
-    # cast back to the compute dtype (finetune.model._frozen_floats_in_compute_dtype); sharded runs skip it.
-    from finetune.placement import resolve
-
-    upcast = recipe.quantization.load_in_4bit and device != "cpu" and not resolve(recipe.quantization).shards_parameters
+    # cast back to the compute dtype (finetune.model.load._frozen_floats_in_compute_dtype); sharded runs skip it.
+    upcast = recipe.quantization.load_in_4bit and device != "cpu" and not placement.shards_parameters
     stream = 4 if upcast else width
-    model, stored_dtype = meta_model(recipe, dtype)
+    model, stored_dtype = meta_model(recipe, placement)
     t = recipe.training
     if seq_length is None:
         seq_length, seq_note = _sequence_length(recipe)
@@ -168,7 +170,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
              "a dequantized weight, one layer's gradients" + (", DoRA's W + s B A" if recipe.lora.use_dora else "")),
     ]
     if device == "cpu":
-        from finetune.allocator import for_training
+        from finetune.model import for_training
 
         malloc = for_training()
         full = other if ckpt else used  # the activations without checkpointing
@@ -186,7 +188,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     return result
 
 
-def meta_model(recipe: Recipe, dtype):
+def meta_model(recipe: Recipe, placement):
     """The recipe's model as training builds it (4-bit layers, LoRA adapters) on the meta device,
     and the dtype its checkpoint stores."""
     import torch
@@ -213,9 +215,10 @@ def meta_model(recipe: Recipe, dtype):
         config.__dict__.pop("quantization_config", None)
         stored = torch.float32
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=m.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=placement.compute_dtype,
+                                                 trust_remote_code=m.trust_remote_code)
     model.tie_weights()  # from_config leaves tied embeddings as two tensors on the meta device
-    q = quantization_config(recipe.quantization)
+    q = quantization_config(recipe.quantization, placement)
     if q is not None:
         from transformers.integrations.bitsandbytes import replace_with_bnb_linear
         from transformers.quantizers.base import get_keys_to_not_convert

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.data import IGNORE
-from finetune.loss import num_sequences, sequence_logprobs, token_loss_sum
+from finetune.objectives.loss import num_sequences, sequence_logprobs, token_loss_sum
 from finetune.recipe import OBJECTIVES, DPOSection, Recipe
 
 

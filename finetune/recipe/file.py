@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from finetune.errors import RecipeError
-from finetune.recipe import DATA_EXTENSIONS, Recipe, data_files
+from finetune.recipe.schema import DATA_EXTENSIONS, Recipe, data_files
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:

@@ -22,8 +22,8 @@ def write_adapter_gguf(adapter_dir: Path, path: Path, type: str, console=None) -
     import gguf
     from safetensors import safe_open
 
-    from finetune.export import _progress, _rope_permute
-    from finetune.gguf_meta import architecture, tensor_name
+    from finetune.export.gguf import _progress, _rope_permute
+    from finetune.export.metadata import architecture, tensor_name
 
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     _check_plain_lora(adapter_dir, cfg)
@@ -88,13 +88,13 @@ def _base_config(adapter_dir: Path, cfg: dict):
     from transformers import AutoConfig
 
     from finetune.errors import first_line
-    from finetune.merge import _saved_recipe
+    from finetune.model import saved_recipe
 
-    base = (_saved_recipe(adapter_dir).get("model") or {}).get("name_or_path") or cfg.get("base_model_name_or_path")
+    base = (saved_recipe(adapter_dir).get("model") or {}).get("name_or_path") or cfg.get("base_model_name_or_path")
     if not base:
         raise ModelError(f"{adapter_dir}: neither recipe.yaml nor adapter_config.json names the base model.")
     if str(base).endswith(".gguf"):
-        from finetune.gguf_in import as_transformers_dir
+        from finetune.model import as_transformers_dir
 
         base = str(as_transformers_dir(base))
     try:

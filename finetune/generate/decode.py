@@ -27,7 +27,7 @@ from finetune.errors import DataError
 
 # ------------------------------------------------------------- extraction
 
-_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
+NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
 def normalize_number(text: str) -> str:
@@ -44,10 +44,10 @@ def normalize_number(text: str) -> str:
 def last_number(text: str) -> str | None:
     """GSM8K-style answer: the first number after the last `####`, else the last number in the text."""
     if "####" in text:
-        after = _NUMBER.search(text.rsplit("####", 1)[1])
+        after = NUMBER.search(text.rsplit("####", 1)[1])
         if after:
             return normalize_number(after.group())
-    numbers = _NUMBER.findall(text)
+    numbers = NUMBER.findall(text)
     return normalize_number(numbers[-1]) if numbers else None
 
 
@@ -81,7 +81,7 @@ def score_example(prediction: str, reference: str, extractor: str | None) -> dic
     if expected is None:  # a reference the pattern does not fit: compare with all of it
         expected = reference.strip()
     if extractor == "last_number":
-        contains = expected in {normalize_number(n) for n in _NUMBER.findall(prediction)}
+        contains = expected in {normalize_number(n) for n in NUMBER.findall(prediction)}
     else:
         contains = expected.lower() in prediction.lower()
     return {"extracted": predicted, "expected": expected, "correct": predicted == expected, "contains": contains}

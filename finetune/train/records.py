@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from finetune import allocator
+from finetune.model import allocator_in_use
 from finetune.errors import CheckpointError, RecipeError
 from finetune.recipe import LoraSection
 
@@ -52,7 +52,7 @@ def environment(device: torch.device, data_fingerprint: str) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.machine()})",
         "git_commit": _git_commit(),
         "data_fingerprint": data_fingerprint,
-        "allocator": allocator.in_use(),  # finetune/allocator.py: tcmalloc for CPU training where installed
+        "allocator": allocator_in_use(),  # finetune/model/allocator.py: tcmalloc for CPU training where installed
     }
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 if TYPE_CHECKING:
-    from finetune.recipe import QuantizationSection
+    from finetune.recipe.schema import QuantizationSection
 
 
 class Section(BaseModel):

@@ -17,7 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from finetune.errors import ModelError, RecipeError, first_line
-from finetune.placement import Placement, resolve
+from finetune.model.dropout import use_cpu_dropout
+from finetune.model.placement import Placement
 from finetune.recipe import ModelSection, QuantizationSection, Recipe
 
 # ChatML, for tokenizers that ship no chat template.
@@ -43,10 +44,9 @@ def load_tokenizer(model: ModelSection | str, chat_template: str | None = None) 
     return tok
 
 
-def quantization_config(q: QuantizationSection, placement: Placement | None = None) -> BitsAndBytesConfig | None:
+def quantization_config(q: QuantizationSection, placement: Placement) -> BitsAndBytesConfig | None:
     if not q.load_in_4bit:
         return None
-    placement = placement or resolve(q)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
@@ -56,16 +56,15 @@ def quantization_config(q: QuantizationSection, placement: Placement | None = No
     )
 
 
-def load_base_model(model: ModelSection | str, q: QuantizationSection, device: torch.device | str = "cpu",
-                    placement: Placement | None = None):
-    """The base model on `device`, quantized to 4 bit when the recipe says so (placement: resolved from `q`
-    and the launcher's environment unless the caller resolved it already)."""
+def load_base_model(model: ModelSection | str, q: QuantizationSection, device: torch.device | str,
+                    placement: Placement):
+    """The base model on `device`, quantized to 4 bit when the recipe says so, as `placement` (resolved once by
+    the caller) puts it."""
     name, revision, trust = _source(model)
     if name.endswith(".gguf"):  # dequantized once into a cached transformers directory, then loaded as any other
-        from finetune.gguf_in import as_transformers_dir
+        from finetune.model.gguf_in import as_transformers_dir
 
         name = str(as_transformers_dir(name))
-    placement = placement or resolve(q)
     device = torch.device(device)
     device_map = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
     # Under FSDP / ZeRO-3 the launcher places (and shards) the weights; every parameter, the 4-bit codes
@@ -99,12 +98,11 @@ def _keep_one_cpu_4bit_path(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def attach_lora(base, recipe: Recipe):
+def attach_lora(base, recipe: Recipe, placement: Placement):
     """Freeze the base, prepare it for k-bit training, wrap it with trainable LoRA adapters."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     checkpointing = recipe.training.gradient_checkpointing
-    placement = resolve(recipe.quantization)
     # Under FSDP / ZeRO-3 every weight of a wrapped unit must keep the one storage dtype, and
     # prepare_model_for_kbit_training would upcast the norms and embeddings to float32 beside the 4-bit
     # codes stored in bf16: sharded QLoRA skips it (as TRL does) and only enables checkpointing.
@@ -119,46 +117,8 @@ def attach_lora(base, recipe: Recipe):
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     model = get_peft_model(base, lora_config(recipe, base))
-    _cpu_dropout(model)
+    use_cpu_dropout(model)
     return model
-
-
-class CpuDropout(torch.nn.Dropout):
-    """LoRA's input dropout on CPU: the same distribution as torch's, about twice as fast, a 1-byte mask.
-
-    torch's CPU dropout draws its mask with a Bernoulli kernel that takes one random double per value
-    (outside Intel's MKL path): with an adapter on every linear layer that was a fifth of a bf16 LoRA step
-    (docs/performance.md). It then keeps the mask in the input's dtype for backward. Here the mask comes
-    from 15-bit random integers, four cut from each random 64-bit word (random_ on int64, from the same
-    global generator, which checkpoints save: resume stays exact; a quarter of the generator calls of one
-    draw per value): a value is dropped where its integer is below p * 2^15, so p is rounded to a multiple
-    of 2^-15 (0.05 -> 0.049988), and kept values are scaled by 1 / (1 - that p), so E[output] = input exactly.
-    Autograd keeps the boolean mask (1 byte a value). On GPU, torch's fused dropout is used unchanged."""
-
-    LEVELS = 2**15
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return super().forward(x)
-        drop = round(self.p * self.LEVELS)
-        n = x.numel()
-        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # 63 random bits each
-        mask = (words.view(torch.int16)[:n].view(x.shape) & (self.LEVELS - 1)) < drop  # low 15 bits of each quarter
-        return x.masked_fill(mask, 0).mul_(self.LEVELS / (self.LEVELS - drop))
-
-
-def _cpu_dropout(model) -> None:
-    """On CPU, every LoRA adapter's dropout becomes a `CpuDropout` of the same p (no weights: checkpoints unchanged)."""
-    from peft.tuners.lora import LoraLayer
-
-    first = next(model.parameters(), None)
-    if first is None or first.device.type != "cpu":
-        return
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            for name, dropout in module.lora_dropout.items():
-                if type(dropout) is torch.nn.Dropout and dropout.p > 0:
-                    module.lora_dropout[name] = CpuDropout(dropout.p)
 
 
 def _frozen_floats_in_compute_dtype(model, compute_dtype: torch.dtype, keep: list[str]) -> None:
@@ -218,24 +178,6 @@ def _linear_layer_names(model) -> list[str]:
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
              if isinstance(m, torch.nn.Linear) and re.search(r"\.layers\.\d+\.", name)}
     return sorted(names)
-
-
-def check_adapter_dir(adapter_dir: str | Path) -> None:
-    """Refuse, with a readable error, a path that is not a PEFT adapter directory (before any model loads)."""
-    if not (Path(adapter_dir) / "adapter_config.json").is_file():
-        raise ModelError(f"'{adapter_dir}' is not an adapter directory: it has no adapter_config.json.")
-    from finetune.verify import verify_adapter
-
-    verify_adapter(adapter_dir)  # a damaged file is named here, not a safetensors traceback later
-
-
-def load_adapter_tokenizer(adapter_dir: str | Path, base: ModelSection | str) -> tuple[PreTrainedTokenizerBase, str]:
-    """The tokenizer saved with an adapter (chat template included), through `load_tokenizer` as in training.
-    A third-party adapter saved without one gets the base model's, with a note saying so ("" otherwise)."""
-    if any((Path(adapter_dir) / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json")):
-        return load_tokenizer(str(adapter_dir)), ""
-    name = base if isinstance(base, str) else base.name_or_path
-    return load_tokenizer(base), f"{adapter_dir} has no tokenizer files: used the base model's ({name})"
 
 
 def _source(model: ModelSection | str) -> tuple[str, str | None, bool]:

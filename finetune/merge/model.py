@@ -38,19 +38,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from finetune.checkpoint import atomic_dir
+from finetune.artifacts import atomic_dir
 from finetune.errors import CheckpointError, ModelError, first_line
-from finetune.merge_output import _DTYPES
-from finetune.merge_output import SafetensorsWriter as _SafetensorsWriter
-from finetune.merge_output import check_hub_access as _check_hub_access
-from finetune.merge_output import open_safetensors as _open_safetensors
-from finetune.merge_output import push as _push
-from finetune.merge_weights import dequantized as _dequantized
-from finetune.merge_weights import fold as _fold
-from finetune.merge_weights import is_4bit as _is_4bit
-from finetune.merge_weights import split_residual as _split_residual
+from finetune.merge.output import _DTYPES
+from finetune.merge.output import SafetensorsWriter as _SafetensorsWriter
+from finetune.merge.output import check_hub_access as _check_hub_access
+from finetune.merge.output import open_safetensors
+from finetune.merge.output import push as _push
+from finetune.merge.weights import dequantized as _dequantized
+from finetune.merge.weights import fold as _fold
+from finetune.merge.weights import is_4bit as _is_4bit
+from finetune.merge.weights import split_residual as _split_residual
+from finetune.model import saved_recipe
 from finetune.progress import track
 from finetune.recipe import DTYPE_ALIASES, ModelSection, QuantizationSection
 
@@ -109,7 +109,7 @@ def merge(
     push_to_hub: str | None = None,
 ) -> MergeReport:
     """Merge one adapter (or a weighted combination of several) into the base; see the module docstring."""
-    started, rss_before = time.perf_counter(), _peak_rss_mib()
+    started, rss_before = time.perf_counter(), peak_rss_mib()
     adapter_dirs = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
     out = Path(out)
     model_section, quant = _check_inputs(adapter_dirs, out, base, weights, combination, overwrite)
@@ -123,12 +123,12 @@ def merge(
     if push_to_hub:
         _check_hub_access(push_to_hub)  # fail before minutes of merging, not after
     target_dtype = _target_dtype(dtype, model_section)
-    files = _base_weight_files(model_section)
+    files = base_weight_files(model_section)
 
     from finetune.model import load_adapter_tokenizer
 
     tok, tokenizer_note = load_adapter_tokenizer(adapter_dirs[0], model_section)  # as training loads it
-    probe = _probe_batch(tok)
+    probe = probe_batch(tok)
     trained, adapter_name = _load_trained(model_section, quant, adapter_dirs, weights, combination, density)
     residual = _split_residual(trained, adapter_name) if _is_residual(adapter_dirs, weights) else {}
     with torch.no_grad():
@@ -153,7 +153,7 @@ def merge(
                 weights=weights, combination=combination if len(adapter_dirs) > 1 or weights else None,
                 base_weights=base_weights, dtype=str(target_dtype).removeprefix("torch."), fidelity=fidelity,
                 reference=_describe_reference(quant), probe_tokens=int(probe["attention_mask"].sum()),
-                shards=shards, size_bytes=size, rss_before_mib=rss_before, peak_rss_mib=_peak_rss_mib(),
+                shards=shards, size_bytes=size, rss_before_mib=rss_before, peak_rss_mib=peak_rss_mib(),
                 wall_time_s=0.0, notes=notes,
             )
             report.wall_time_s = round(time.perf_counter() - started, 2)
@@ -190,7 +190,7 @@ def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> t
     if any(c.get("use_dora") for c in configs) and (len(configs) > 1 or weights is not None):
         raise ModelError("A DoRA adapter merges alone: its magnitude vector rescales whole rows, so a weighted "
                          "combination with other adapters has no exact merged weight. Merge it by itself.")
-    recipes = [_saved_recipe(a) for a in adapter_dirs]
+    recipes = [saved_recipe(a) for a in adapter_dirs]
     quants = {json.dumps(r.get("quantization", {}), sort_keys=True) for r in recipes}
     if len(quants) > 1:
         raise ModelError("The adapters were trained with different quantization settings; merge them separately.")
@@ -201,30 +201,16 @@ def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> t
     if base is not None:
         section = ModelSection(name_or_path=base)
     if section.name_or_path.endswith(".gguf"):  # streamed from its cached safetensors conversion (gguf_in.py)
-        from finetune.gguf_in import as_transformers_dir
+        from finetune.model import as_transformers_dir
 
         section = ModelSection(name_or_path=str(as_transformers_dir(section.name_or_path)))
     return section, quant
 
 
 def _gguf_note(name_or_path: str) -> str | None:
-    from finetune.gguf_in import source_note
+    from finetune.model import source_note
 
     return source_note(name_or_path)
-
-
-def _saved_recipe(adapter_dir: Path) -> dict:
-    """The recipe saved beside a checkpoint (quantization and base model it was trained with), or {}."""
-    recipe_file = adapter_dir / "recipe.yaml"
-    return (yaml.safe_load(recipe_file.read_text()) or {}) if recipe_file.is_file() else {}
-
-
-def adapter_recipe_quantization(adapter_dir: str | Path) -> QuantizationSection:
-    """The quantization an adapter was trained with (no recipe beside it: none)."""
-    recipe = _saved_recipe(Path(adapter_dir))
-    if "quantization" not in recipe:
-        return QuantizationSection(load_in_4bit=False)
-    return QuantizationSection.model_validate(recipe["quantization"])
 
 
 def _target_dtype(dtype: str, section: ModelSection) -> torch.dtype:
@@ -244,7 +230,7 @@ def _target_dtype(dtype: str, section: ModelSection) -> torch.dtype:
     return declared if isinstance(declared, torch.dtype) else getattr(torch, str(declared).removeprefix("torch."))
 
 
-def _base_weight_files(section: ModelSection) -> list[Path]:
+def base_weight_files(section: ModelSection) -> list[Path]:
     """The base checkpoint's safetensors files (local directory, or the hub cache)."""
     root = Path(section.name_or_path)
     if not root.is_dir():
@@ -276,10 +262,10 @@ def _load_trained(section, quant, adapter_dirs, weights, combination, density):
     reference would measure bf16 rounding, ~0.2 in the logits, instead of the merge)."""
     from peft import PeftModel
 
-    from finetune.model import load_base_model
+    from finetune.model import load_base_model, resolve
 
     quant = quant.model_copy(update={"compute_dtype": "float32"})
-    model = PeftModel.from_pretrained(load_base_model(section, quant, "cpu"), str(adapter_dirs[0]), adapter_name="a0")
+    model = PeftModel.from_pretrained(load_base_model(section, quant, "cpu", resolve(quant)), str(adapter_dirs[0]), adapter_name="a0")
     names = ["a0"]
     for i, a in enumerate(adapter_dirs[1:], 1):
         model.load_adapter(str(a), adapter_name=f"a{i}")
@@ -299,7 +285,7 @@ def _load_trained(section, quant, adapter_dirs, weights, combination, density):
 
 def _is_residual(adapter_dirs, weights) -> bool:
     """One PiSSA/OLoRA checkpoint (converted to a plain LoRA over the published weights when saved)."""
-    init = str((_saved_recipe(adapter_dirs[0]).get("lora") or {}).get("init", "default"))
+    init = str((saved_recipe(adapter_dirs[0]).get("lora") or {}).get("init", "default"))
     return len(adapter_dirs) == 1 and weights is None and init.startswith(("pissa", "olora"))
 
 
@@ -310,7 +296,7 @@ def _describe_reference(quant: QuantizationSection) -> str:
     return f"base in 4-bit {quant.quant_type}{dq} + adapter, as trained, on CPU"
 
 
-def _probe_batch(tok) -> dict[str, torch.Tensor]:
+def probe_batch(tok) -> dict[str, torch.Tensor]:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     rows = [tok(t, add_special_tokens=True)["input_ids"][:64] for t in PROBE_TEXTS]
     width = max(map(len, rows))
@@ -340,7 +326,7 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
     trained_copies = {n: m.modules_to_save[adapter] for n, m in modules.items()
                       if isinstance(m, ModulesToSaveWrapper) and adapter in m.modules_to_save}
     trained_bias = trained.peft_config[adapter].bias != "none"
-    handles = [_open_safetensors(f) for f in files]
+    handles = [open_safetensors(f) for f in files]
     where = {k: h for h in handles for k in h.keys()}
     missing = {f"{n}.weight" for n in lora} - set(where)
     if missing:
@@ -436,7 +422,7 @@ def _fidelity(out_dir, scratch, probe, reference, base_weights, other, dtype) ->
     for mode in other:
         with torch.no_grad():  # swap in the other choice's 4-bit layer weights, one tensor at a time
             for shard in sorted(scratch.glob("*.safetensors")):
-                f = _open_safetensors(shard)
+                f = open_safetensors(shard)
                 for key in f.keys():
                     merged.get_parameter(key).copy_(f.get_tensor(key))
         result[mode] = diff()
@@ -444,7 +430,7 @@ def _fidelity(out_dir, scratch, probe, reference, base_weights, other, dtype) ->
     return result
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
     """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return round(peak / (1024 * 1024 if os.uname().sysname == "Darwin" else 1024), 1)

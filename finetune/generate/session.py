@@ -64,20 +64,19 @@ def chat(target: str | None = None, *, model: str | None = None, adapters: list[
 def load_session(target: str | None, *, model: str | None = None, adapters: list[str] | tuple = (),
                  overrides: list[str] | None = None) -> Session:
     """Resolve what to load (recipe, checkpoint, model directory or .gguf; --model and --adapter on top) and load it."""
-    from finetune.evaluate import _adapter_labels, _quantization, load_eval_model
-    from finetune.merge import _saved_recipe
-    from finetune.model import check_adapter_dir, load_tokenizer
+    from finetune.model import adapter_labels, check_adapter_dir, eval_quantization, load_eval_model, load_tokenizer
+    from finetune.model import saved_recipe
     from finetune.recipe import ModelSection
 
     adapters, recipe, section = [str(a) for a in adapters], None, None
     if target and Path(target).suffix in (".yaml", ".yml"):
-        from finetune.recipe_file import load_recipe
+        from finetune.recipe import load_recipe
 
         recipe = load_recipe(Path(target), overrides or [])
         section = recipe.model
     elif target and (Path(target) / "adapter_config.json").is_file():
         adapters.insert(0, target)
-        saved = _saved_recipe(Path(target)).get("model")
+        saved = saved_recipe(Path(target)).get("model")
         section = ModelSection.model_validate(saved) if saved else None
     elif target and not Path(target).exists() and (target.startswith((".", "/", "~")) or target.endswith(".gguf")):
         raise ModelError(f"'{target}' does not exist; give a recipe (.yaml), an adapter checkpoint directory, a "
@@ -96,7 +95,7 @@ def load_session(target: str | None, *, model: str | None = None, adapters: list
     if section is None:
         raise ModelError("Which model? Give a recipe, a checkpoint directory, a model directory or .gguf file, "
                          "or --model.")
-    quant = _quantization("auto", recipe, section.name_or_path, adapters)
+    quant = eval_quantization("auto", recipe, section.name_or_path, adapters)
     template = recipe.data.chat_template if recipe else None
     tok = load_tokenizer(adapters[0] if adapters else section.name_or_path, template)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -105,7 +104,7 @@ def load_session(target: str | None, *, model: str | None = None, adapters: list
     if adapters:
         from peft import PeftModel
 
-        labels = _adapter_labels(adapters) if len(adapters) > 1 else [Path(adapters[0]).name]
+        labels = adapter_labels(adapters) if len(adapters) > 1 else [Path(adapters[0]).name]
         net = PeftModel.from_pretrained(net, adapters[0], adapter_name="a0")
         for i, path in enumerate(adapters[1:], 1):
             net.load_adapter(path, adapter_name=f"a{i}")
@@ -137,7 +136,7 @@ def prompt_ids(session: Session, user: str) -> list[int]:
 def reply(session: Session, user: str, options: ChatOptions, stream=None) -> str:
     """The model's reply to `user` (added to the conversation with it); `stream(text)` receives pieces as
     they are generated. Ctrl-C stops the reply early (KeyboardInterrupt is re-raised after recording it)."""
-    from finetune.generation import GenerationOptions, generate, generation_kwargs
+    from finetune.generate.decode import GenerationOptions, generate, generation_kwargs
 
     ids = prompt_ids(session, user)
     gen = GenerationOptions(max_new_tokens=options.max_new_tokens, temperature=options.temperature,

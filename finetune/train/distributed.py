@@ -17,7 +17,7 @@ from finetune.errors import RecipeError
 from finetune.recipe import Recipe
 
 if TYPE_CHECKING:  # torch-free at import: `--nproc` only re-launches
-    from finetune.placement import Placement
+    from finetune.model import Placement
 
 
 def check_strategy(recipe: Recipe, placement: "Placement") -> None:

@@ -1,7 +1,7 @@
 """`finetune export`: write a merged model (or an adapter checkpoint, merged first) as one GGUF file.
 
 How it runs, and why:
-1. An adapter checkpoint is merged first by `finetune.merge.merge` into a scratch directory (float32, same
+1. An adapter checkpoint is merged first by `finetune.merge.model` into a scratch directory (float32, same
    choice of base weights: by default the dequantized NF4 weights the adapter was trained against), so the
    export and `finetune merge` produce the same weights. A merged directory is used as it is.
 2. The GGUF is written with the `gguf` package's writer: metadata (architecture, RoPE, tokenizer, special
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from finetune.errors import CheckpointError, ModelError, first_line
+from finetune.merge import peak_rss_mib
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 REPORT_FILE = "export_report.json"
@@ -77,7 +78,7 @@ def export(source: str | Path, out: str | Path, *, type: str = "f16", base: str 
     import gguf  # noqa: F401  (part of the runtime measured below)
     import transformers  # noqa: F401
 
-    rss_before = _peak_rss_mib()
+    rss_before = peak_rss_mib()
     if adapter_only:
         return _export_adapter(source, out, type, started, rss_before, console)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as scratch:
@@ -93,7 +94,7 @@ def export(source: str | Path, out: str | Path, *, type: str = "f16", base: str 
         partial = out.with_name(f".{out.stem}.partial-{os.getpid()}.gguf")
         try:
             info = write_gguf(model_dir, partial, type, console)
-            write_peak = _peak_rss_mib()
+            write_peak = peak_rss_mib()
             gc.collect()
             report = ExportReport(
                 out=str(out), source=str(source), type=type, architecture=info["architecture"],
@@ -107,14 +108,14 @@ def export(source: str | Path, out: str | Path, *, type: str = "f16", base: str 
             os.replace(partial, out)
         finally:
             partial.unlink(missing_ok=True)
-    report.peak_rss_mib = _peak_rss_mib()
+    report.peak_rss_mib = peak_rss_mib()
     report.wall_time_s = round(time.perf_counter() - started, 2)
     (out.parent / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
     return report
 
 
 def _export_adapter(source: Path, out: Path, type: str, started: float, rss_before: float, console) -> ExportReport:
-    from finetune.export_adapter import write_adapter_gguf
+    from finetune.export.adapter import write_adapter_gguf
 
     if not (source / "adapter_config.json").is_file():
         raise ModelError(f"--adapter-only needs an adapter checkpoint; '{source}' has no adapter_config.json.")
@@ -128,8 +129,8 @@ def _export_adapter(source: Path, out: Path, type: str, started: float, rss_befo
             out=str(out), source=str(source), type=type if type in ("f32", "f16") else "f16",
             architecture=info["architecture"], merged_from=None, base_weights="original", tokenizer={},
             tensors=info["tensors"], size_bytes=partial.stat().st_size, rss_before_mib=rss_before,
-            write_peak_rss_mib=_peak_rss_mib(),
-            peak_rss_mib=_peak_rss_mib(), wall_time_s=round(time.perf_counter() - started, 2),
+            write_peak_rss_mib=peak_rss_mib(),
+            peak_rss_mib=peak_rss_mib(), wall_time_s=round(time.perf_counter() - started, 2),
             notes=[f"LoRA adapter, rank {info['rank']}, alpha {info['alpha']}: use it with llama.cpp "
                    "`--lora FILE` over a base GGUF exported by `finetune export`; transformers cannot read "
                    "GGUF adapters, so no logits were compared here", *info["notes"]],
@@ -174,8 +175,8 @@ def write_gguf(model_dir: Path, path: Path, type: str, console=None) -> dict:
     import gguf
     from transformers import AutoConfig
 
-    from finetune.gguf_meta import add_model_metadata, add_tokenizer, architecture, llama3_rope_factors
-    from finetune.merge import _base_weight_files, _open_safetensors
+    from finetune.export.metadata import add_model_metadata, add_tokenizer, architecture, llama3_rope_factors
+    from finetune.merge import base_weight_files, open_safetensors
     from finetune.recipe import ModelSection
 
     try:
@@ -185,7 +186,7 @@ def write_gguf(model_dir: Path, path: Path, type: str, console=None) -> dict:
     arch_name, permute = architecture(config)
     arch = gguf.MODEL_ARCH[arch_name]
     qtype = getattr(gguf.GGMLQuantizationType, type.upper())
-    handles = [_open_safetensors(f) for f in _base_weight_files(ModelSection(name_or_path=str(model_dir)))]
+    handles = [open_safetensors(f) for f in base_weight_files(ModelSection(name_or_path=str(model_dir)))]
     plan, notes = _plan(config, handles, gguf.get_tensor_name_map(arch, config.num_hidden_layers), qtype)
     rope_factors = llama3_rope_factors(config)
 
@@ -225,7 +226,7 @@ def _plan(config, handles, name_map, qtype):
     """[(gguf name, (file handle, key), shape, ggml type)] in file order, and notes on type fallbacks."""
     import gguf
 
-    from finetune.gguf_meta import tensor_name
+    from finetune.export.metadata import tensor_name
 
     plan, fallback = [], []
     blocked = {gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0}
@@ -254,7 +255,7 @@ def _plan(config, handles, name_map, qtype):
 
 
 def _rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    from finetune.gguf_meta import rope_permute
+    from finetune.export.metadata import rope_permute
 
     return rope_permute(w, n_head)
 
@@ -296,7 +297,7 @@ def _prove(report: ExportReport, model_dir: Path, gguf_path: Path) -> None:
     """Read the file back with transformers: tokenizer ids and logits against the source model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.merge import _probe_batch
+    from finetune.merge import probe_batch
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     try:
@@ -307,7 +308,7 @@ def _prove(report: ExportReport, model_dir: Path, gguf_path: Path) -> None:
         }
     except Exception as e:  # transformers' GGUF reader: a limitation to report, not a failed export
         report.notes.append(f"tokenizer not compared: transformers cannot read it back ({first_line(e)})")
-    probe = _probe_batch(tok)
+    probe = probe_batch(tok)
     report.probe_tokens = int(probe["attention_mask"].sum())
     source = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -326,12 +327,6 @@ def _prove(report: ExportReport, model_dir: Path, gguf_path: Path) -> None:
     d = (logits - reference).abs()[keep]
     report.fidelity = {"max_abs_logit_diff": d.max().item(), "mean_abs_logit_diff": d.mean().item(),
                        "top1_agreement": (logits.argmax(-1) == reference.argmax(-1))[keep].float().mean().item()}
-
-
-def _peak_rss_mib() -> float:
-    from finetune.merge import _peak_rss_mib as peak
-
-    return peak()
 
 
 _UINT8 = np.uint8

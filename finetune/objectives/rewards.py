@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from finetune.errors import FinetuneError, RecipeError
-from finetune.generation import _NUMBER, normalize_number, score_example
+from finetune.generate import NUMBER, normalize_number, score_example
 from finetune.recipe import RewardSpec
 
 
@@ -58,7 +58,7 @@ def contains(prompts, completions, references, extract="none", text=None):
         return [float(score_example(c, r, extract)["contains"]) for c, r in zip(completions, references)]
     if extract == "last_number":
         wanted = normalize_number(str(text))
-        return [float(wanted in {normalize_number(n) for n in _NUMBER.findall(c)}) for c in completions]
+        return [float(wanted in {normalize_number(n) for n in NUMBER.findall(c)}) for c in completions]
     return [float(str(text).lower() in c.lower()) for c in completions]
 
 

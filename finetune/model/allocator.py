@@ -44,7 +44,7 @@ def find_tcmalloc() -> str | None:
     return next((str(d / n) for d in search_dirs() for n in NAMES if (d / n).is_file()), None)
 
 
-def in_use() -> str:
+def allocator_in_use() -> str:
     """The allocator of this process: tcmalloc, jemalloc (both only when preloaded) or glibc."""
     try:
         maps = Path("/proc/self/maps").read_text()
@@ -71,7 +71,7 @@ def cpu_only(env=os.environ) -> bool:
 def to_preload(env=os.environ) -> str | None:
     """The tcmalloc library `finetune train` preloads in this environment, or None (it runs as it is)."""
     wanted = choice(env)
-    if wanted == "glibc" or not sys.platform.startswith("linux") or in_use() != "glibc":
+    if wanted == "glibc" or not sys.platform.startswith("linux") or allocator_in_use() != "glibc":
         return None
     if wanted == "auto" and not cpu_only(env):
         return None
@@ -87,9 +87,9 @@ def for_training(env=os.environ) -> str:
     """The allocator `finetune train` runs with here: tcmalloc or glibc (or what is preloaded already).
     A setting `finetune train` would refuse plans as the allocator of this process."""
     try:
-        return "tcmalloc" if to_preload(env) else in_use()
+        return "tcmalloc" if to_preload(env) else allocator_in_use()
     except AllocatorError:
-        return in_use()
+        return allocator_in_use()
 
 
 def reexec_command(argv: list[str], env=os.environ) -> tuple[list[str], dict] | None:

@@ -38,11 +38,11 @@ import time
 import torch
 
 from finetune.data import IGNORE, Collator
-from finetune.generation import GenerationOptions, generate_ids
-from finetune.loss import token_logprobs
-from finetune.objectives import LossSum, Objective
+from finetune.generate import GenerationOptions, generate_ids
+from finetune.objectives.loss import token_logprobs
+from finetune.objectives.base import LossSum, Objective
 from finetune.recipe import Recipe
-from finetune.rewards import load_rewards, score
+from finetune.objectives.rewards import load_rewards, score
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool) -> torch.Tensor:

@@ -1,0 +1,13 @@
+"""What finetune writes and reads back whole: directories published atomically (written, fsynced, renamed), sha256
+manifests and their verification (`finetune verify`), and the lock that gives an output one writer.
+
+Imports: errors only.
+"""
+
+from finetune import lazy_exports
+
+__all__, __getattr__ = lazy_exports(__name__, {
+    "atomic": ["atomic_dir"],
+    "manifest": ["check_report", "verify", "verify_adapter", "verify_checkpoint", "write_manifest"],
+    "lock": ["hold", "hold_all", "is_main_process"],
+})

@@ -1,0 +1,11 @@
+"""`finetune eval`: loss, perplexity and generation metrics for base models, adapters and merged models, side by
+side; `eval_objective` is the pass training's periodic eval runs too.
+
+Imports: errors, progress, recipe, data, model, generate, objectives.
+"""
+
+from finetune import lazy_exports
+
+__all__, __getattr__ = lazy_exports(__name__, {
+    "measure": ["eval_objective", "evaluate", "print_report", "write_report", "write_samples"],
+})

@@ -1,0 +1,142 @@
+"""`setup`: recipe -> data -> model -> optimizer, restored from a checkpoint when resuming; placement resolved once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from rich.console import Console
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from finetune.data import Collator, PairCollator, Pairs, cache_dir, fingerprint, split_records, train_eval_split
+from finetune.model import (
+    Placement, attach_lora, dtype_name, load_base_model, load_tokenizer, make_optimizer, resolve,
+    use_segmented_attention,
+)
+from finetune.objectives import make_objective
+from finetune.recipe import Recipe
+from finetune.train import checkpoint as ckpt, records
+from finetune.train.distributed import check_strategy
+from finetune.train.records import MetricsLog
+from finetune.train.run import LoopState, Run, Window
+
+
+def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | None) -> tuple[Run, dict | None]:
+    """Recipe -> data -> model -> optimizer, restored from a checkpoint when resuming.
+    Returns the run and the RNG state to restore once the data iterator exists (None for a fresh run)."""
+    t = recipe.training
+    placement = resolve(recipe.quantization)
+    records.check_trackers(t.report_to)
+    accelerator = _accelerator(recipe, placement)
+    check_strategy(recipe, placement)
+    objective = make_objective(recipe)  # before anything heavy: e.g. a GRPO reward module that does not import
+    resume_from = ckpt.find_resume_checkpoint(recipe.run_dir, resume) if resume else None
+    if accelerator.is_main_process and not resume_from:
+        ckpt.prepare_run_dir(recipe.run_dir, overwrite)
+    set_seed(t.seed)
+
+    tokenizer = load_tokenizer(recipe.model, recipe.data.chat_template)
+    train_set, eval_set, stats = train_eval_split(recipe.data, tokenizer, t.seed, cache_dir(recipe.run_dir))
+    env = records.environment(accelerator.device, fingerprint(recipe.data, tokenizer))
+    if resume_from:
+        records.check_resume(resume_from, recipe, env, console if accelerator.is_main_process else None)
+    model = attach_lora(load_base_model(recipe.model, recipe.quantization, accelerator.device, placement), recipe, placement)
+    if recipe.data.packing or t.padding_free:
+        use_segmented_attention(model)  # each example of a row attends to itself only, at its own cost
+    collate = Collator(tokenizer.pad_token_id, padding_free=t.padding_free)
+    collate = PairCollator(collate) if isinstance(train_set, Pairs) else collate  # a pair's two sides together
+    objective.prepare(model, train_set, eval_set, collate, t.micro_batch_size)  # e.g. DPO's precomputed reference
+    # A private generator keeps data loading from consuming the global RNG (dropout's), for exact resume.
+    train_dl = DataLoader(train_set, batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate,
+                          generator=torch.Generator().manual_seed(t.seed))
+    eval_dl = DataLoader(eval_set, batch_size=t.micro_batch_size, collate_fn=collate) if eval_set else None
+    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        from peft.utils.other import fsdp_auto_wrap_policy  # frozen and trainable weights in separate units
+
+        accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+    optimizer = make_optimizer(model, t)
+    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
+    total_steps = t.max_steps or t.epochs * math.ceil(len(train_dl) / t.gradient_accumulation_steps)
+    warmup = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_ratio * total_steps)
+    scheduler = get_scheduler(t.scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    run = Run(recipe, accelerator, placement, tokenizer, model, objective, optimizer, scheduler,
+              train_dl, eval_dl, total_steps, env, MetricsLog(recipe.run_dir / "metrics.jsonl", accelerator, console),
+              stats.examples // 2 if isinstance(train_set, Pairs) else stats.examples)  # pairs count once
+    if initial_adapter(recipe):  # PiSSA/OLoRA: B0 A0 written before training, checked when resuming
+        ckpt.keep_initial_adapter(accelerator.unwrap_model(model), initial_adapter(recipe), bool(resume_from), run.main)
+    rng = _restore(run, resume_from) if resume_from else None
+    if t.eval_generate_steps and run.main:
+        prompted = [r for r in split_records(recipe.data, t.seed)[1] if r.fmt in ("alpaca", "chat", "completion")]
+        run.generation_records = prompted[: t.eval_generate_examples]
+    if run.main:
+        _start_records(run, resume_from)
+        console.print(_banner(run, len(eval_set), stats, resume_from))
+    return run, rng
+
+
+
+def initial_adapter(recipe: Recipe) -> Path | None:
+    """Where a PiSSA/OLoRA run keeps its adapter as initialised (what checkpoints are converted against)."""
+    return recipe.run_dir / "initial_adapter" if recipe.lora.init.startswith(("pissa", "olora")) else None
+
+
+
+def _accelerator(recipe: Recipe, placement: Placement) -> Accelerator:
+    t = recipe.training
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),  # without it, torchrun on CPU would start N independent runs, not gloo DDP
+        mixed_precision=placement.mixed_precision,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
+        log_with=t.report_to or None,
+        project_dir=str(recipe.run_dir),
+    )
+
+
+
+def _restore(run: Run, path: Path) -> dict:
+    """Load a checkpoint's adapter, optimizer, scheduler, loop state and window; return this process's RNG state."""
+    trainer_state, saved = ckpt.load_training_state(path)
+    run.state = LoopState(**{k: trainer_state[k] for k in asdict(LoopState()) if k in trainer_state})
+    window = dict(saved["window"])
+    window.setdefault("units", window.pop("tokens", 0))  # checkpoints written before objectives
+    run.window = Window(**window)
+    ckpt.load_adapter_weights(run.accelerator.unwrap_model(run.model), path)
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    if run.accelerator.scaler is not None and saved.get("scaler"):
+        run.accelerator.scaler.load_state_dict(saved["scaler"])
+    acc = run.accelerator
+    rng = ckpt.this_process_rng(saved["rng"], acc.num_processes, acc.process_index)  # checks the process count
+    run.objective.load_state_dict(saved.get("objective", [{}] * acc.num_processes)[acc.process_index])
+    return rng
+
+
+
+def _start_records(run: Run, resume_from: Path | None) -> None:
+    run_dir = run.recipe.run_dir
+    if resume_from:  # a crash may have logged steps after the checkpoint: they are about to be redone
+        records.truncate_metrics(run_dir / "metrics.jsonl", run.state.step)
+    (run_dir / "recipe.yaml").write_text(run.recipe.to_yaml())
+    ckpt.write_json(run_dir / "environment.json", run.env)
+    run.accelerator.init_trackers(run.recipe.name or "finetune", config=records.tracker_config(run.recipe))
+
+
+
+def _banner(run: Run, n_eval: int, stats, resume_from: Path | None) -> str:
+    t, acc = run.recipe.training, run.accelerator
+    trainable, total = acc.unwrap_model(run.model).get_nb_trainable_parameters()
+    return (
+        f"[bold]{run.recipe.name}[/]: {run.train_examples} train / {n_eval} eval "
+        f"{'pairs' if run.objective.unit == 'pair' else 'examples'} "
+        f"({stats.truncated} truncated, {stats.dropped} dropped), {run.total_steps} steps, effective batch "
+        f"{t.micro_batch_size} x {t.gradient_accumulation_steps} x {acc.num_processes} processes"
+        + (f", resuming from {resume_from} at step {run.state.step}" if resume_from else "")
+        + f"\ntrainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), "
+        f"objective {t.objective}, compute dtype {dtype_name(run.placement.compute_dtype)}, device {acc.device}"
+    )
