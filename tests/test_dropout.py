@@ -1,4 +1,4 @@
-"""LoRA's dropout on CPU (finetune.model.CpuDropout): torch's distribution, a boolean mask, the global RNG."""
+"""LoRA's dropout on CPU (finetune.model.dropout.CpuDropout): torch's distribution, a boolean mask, the global RNG."""
 
 import pytest
 import torch

@@ -324,7 +324,7 @@ def patch_policy_forward(monkeypatch, at_step: int, action) -> None:
     """Run `action(logps)` on the policy forward (with grad) of step `at_step` (one micro batch per step)."""
     import finetune.objectives.grpo
 
-    real, calls = finetune.grpo.token_logprobs, {"n": 0}
+    real, calls = finetune.objectives.grpo.token_logprobs, {"n": 0}
 
     def patched(model, batch, temperature=1.0):
         logps, seq = real(model, batch, temperature)

@@ -105,7 +105,7 @@ def assert_same_adapter(a: Path, b: Path, atol=1e-6) -> None:
 
 def stop_after_save(monkeypatch, at_step: int) -> None:
     """Make the run die (like a kill) right after checkpoint-<at_step> is complete."""
-    real = finetune.checkpoint.save_checkpoint
+    real = finetune.train.checkpoint.save_checkpoint
 
     def save_then_die(path, *args, **kwargs):
         out = real(path, *args, **kwargs)
@@ -174,7 +174,7 @@ def test_resume_is_exact_on_a_4bit_base_with_the_default_optimizer(tmp_path, tin
 def poison_micro_batch(monkeypatch, n: int, what: str) -> None:
     """Make training micro batch n give a NaN loss, or a finite loss with NaN gradients.
     Micro batches 1-2 are step 1, 3-4 step 2, 5 step 3 (the epoch's short last step), 6-7 step 4."""
-    real = finetune.objectives.token_loss_sum
+    real = finetune.objectives.base.token_loss_sum
     calls = {"n": 0}
 
     def loss_sum(model, batch):
@@ -265,7 +265,7 @@ def test_sigint_checkpoints_after_the_step_and_resume_finishes_the_run(straight,
 
 def send_signals_during_step(monkeypatch, *plan: tuple[int, int]) -> None:
     """Deliver real signals to this process while micro batch n runs: plan = (micro batch number, signal)."""
-    real = finetune.objectives.token_loss_sum
+    real = finetune.objectives.base.token_loss_sum
     calls = {"n": 0}
 
     def loss_sum(model, batch):
@@ -369,7 +369,7 @@ def test_a_full_disk_at_save_time_is_a_clear_error_and_keeps_the_previous_checkp
     The adapter file is 8 KiB (its README 5 KiB), training_state.pt 35 KiB."""
     recipe = make_recipe(tmp_path, tiny_model_dir, data, save_steps=2, save_total_limit=1)
     run_dir = tmp_path / "runs" / "run"
-    real_save = finetune.checkpoint.save_checkpoint
+    real_save = finetune.train.checkpoint.save_checkpoint
 
     def save_on_a_full_disk(path, *args, **kwargs):
         if path.name != "checkpoint-4":

@@ -289,7 +289,7 @@ def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, ch
                      stream: int | None = None) -> int:
     """Bytes saved for backward by the decoder stack for one micro batch (Llama-style decoder).
     Layers differ when lora.layers or the rank pattern make them: each is counted with its own adapters.
-    LoRA dropout masks are booleans, one byte a value: finetune.model.CpuDropout's on CPU, torch's fused
+    LoRA dropout masks are booleans, one byte a value: finetune.model.dropout.CpuDropout's on CPU, torch's fused
     dropout's on GPU. `stream`: bytes per value of the residual stream and what the layer computes from it
     (norms, rotated q/k, the MLP's intermediates; float32 on GPU QLoRA), `width` those of the adapters' inputs."""
     stream = stream or width
