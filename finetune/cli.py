@@ -234,7 +234,7 @@ def merge(
     """Fold adapters into their base model and save a standalone model (safetensors) with a fidelity report."""
     adapter_dirs, weight_values = _run(lambda: _split_weights(adapters, weights))
     _quiet_libraries()
-    from finetune.merge import merge as run_merge
+    from finetune.merge import merge as run_merge, print_merge_report
 
     with _holding([out], "finetune merge --out"):
         rep = _run(lambda: run_merge(
@@ -242,22 +242,7 @@ def merge(
             combination=combination.value, density=density, max_shard_size=max_shard_size, overwrite=overwrite,
             push_to_hub=push_to_hub,
         ))
-    console.print(
-        f"merged {', '.join(rep.adapters)} into {rep.base} ({rep.base_weights} base weights), saved {rep.dtype} "
-        f"to [bold]{rep.out}[/] ({rep.shards} shard(s), {rep.size_bytes / 2**20:,.0f} MiB, peak RSS "
-        f"{rep.peak_rss_mib:,.0f} MiB, {rep.wall_time_s:.1f}s)",
-        highlight=False,
-    )
-    console.print(f"merge fidelity vs {rep.reference}, on {rep.probe_tokens} probe tokens: max / mean |logit diff|, "
-                  "same top-1 token", highlight=False)
-    for mode, d in rep.fidelity.items():
-        mark = " (saved)" if mode == rep.base_weights else ""
-        console.print(f"  {mode:<12} {d['max_abs_logit_diff']:.3g} / {d['mean_abs_logit_diff']:.3g}, "
-                      f"{d['top1_agreement']:.1%}{mark}", highlight=False)
-    for note in rep.notes:
-        console.print(f"  {note}", highlight=False)
-    if rep.pushed_to:
-        console.print(f"pushed to the Hub repo {rep.pushed_to}")
+    print_merge_report(rep, console)
 
 
 class Quantize(str, Enum):
@@ -364,35 +349,12 @@ def export(
 ) -> None:
     """Write a model as one GGUF file for llama.cpp / Ollama, with a logit check against the source."""
     _quiet_libraries()
-    from finetune.export import export as run_export
+    from finetune.export import export as run_export, print_export_report
 
     with _holding([out], "finetune export"):
         rep = _run(lambda: run_export(source, out, type=type_.value, base=base, base_weights=base_weights.value,
                                       overwrite=overwrite, adapter_only=adapter_only, console=err_console))
-    if adapter_only:
-        console.print(f"exported the adapter {rep.source} ({rep.architecture}, {rep.tensors} tensors, "
-                      f"{rep.size_bytes / 2**20:,.1f} MiB) to [bold]{rep.out}[/]", highlight=False)
-        for note in rep.notes:
-            console.print(f"  {note}", highlight=False)
-        return
-    console.print(f"exported {rep.source} ({rep.architecture}) to [bold]{rep.out}[/] as {rep.type}: {rep.tensors} "
-                  f"tensors, {rep.size_bytes / 2**20:,.1f} MiB, peak RSS {rep.write_peak_rss_mib:,.0f} MiB while "
-                  f"writing (runtime {rep.rss_before_mib:,.0f} MiB; {rep.peak_rss_mib:,.0f} MiB with the check), "
-                  f"{rep.wall_time_s:.1f}s", highlight=False)
-    tk = rep.tokenizer
-    same = rep.tokenizer_agreement or {}
-    console.print(f"tokenizer {tk['model']} (pre-tokenizer {tk['pre']}), {tk['tokens']} tokens, chat template "
-                  f"{'yes' if tk['chat_template'] else 'no'}; read back with the same ids on "
-                  f"{sum(same.values())}/{len(same)} probe strings", highlight=False)
-    if rep.fidelity:
-        f = rep.fidelity
-        console.print(f"GGUF vs source on {rep.probe_tokens} probe tokens: max / mean |logit diff| "
-                      f"{f['max_abs_logit_diff']:.3g} / {f['mean_abs_logit_diff']:.3g}, same top-1 token "
-                      f"{f['top1_agreement']:.1%}", highlight=False)
-    for note in rep.notes:
-        console.print(f"  {note}", highlight=False)
-    console.print(f"run it: llama-cli -m {rep.out} -cnv   |   ollama: echo 'FROM ./{Path(rep.out).name}' > "
-                  f"Modelfile && ollama create mymodel -f Modelfile", highlight=False)
+    print_export_report(rep, console, adapter_only=adapter_only)
 
 
 @app.command()

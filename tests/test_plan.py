@@ -6,7 +6,8 @@ import torch
 
 from finetune.errors import RecipeError
 from finetune.objectives.loss import token_loss_sum
-from finetune.plan.memory import activation_bytes, meta_model, optimizer_bytes, parse_size, plan, weight_bytes
+from finetune.plan.memory import parse_size, plan
+from finetune.plan.terms import activation_bytes, meta_model, optimizer_bytes, weight_bytes
 from finetune.recipe.schema import Recipe, TrainingSection
 from finetune.model.load import make_optimizer
 from conftest import training_model, load_base

@@ -7,5 +7,5 @@ Imports: errors, recipe, artifacts, model, merge.
 from finetune import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
-    "gguf": ["export"],
+    "gguf": ["export", "print_export_report"],
 })

@@ -331,3 +331,31 @@ def _prove(report: ExportReport, model_dir: Path, gguf_path: Path) -> None:
 
 _UINT8 = np.uint8
 _FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}  # gguf.LlamaFileType values
+
+
+def print_export_report(rep, console, adapter_only: bool = False) -> None:
+    """What `finetune export` prints: the file, its size and memory, the tokenizer and logit proof, how to run it."""
+    if adapter_only:
+        console.print(f"exported the adapter {rep.source} ({rep.architecture}, {rep.tensors} tensors, "
+                      f"{rep.size_bytes / 2**20:,.1f} MiB) to [bold]{rep.out}[/]", highlight=False)
+        for note in rep.notes:
+            console.print(f"  {note}", highlight=False)
+        return
+    console.print(f"exported {rep.source} ({rep.architecture}) to [bold]{rep.out}[/] as {rep.type}: {rep.tensors} "
+                  f"tensors, {rep.size_bytes / 2**20:,.1f} MiB, peak RSS {rep.write_peak_rss_mib:,.0f} MiB while "
+                  f"writing (runtime {rep.rss_before_mib:,.0f} MiB; {rep.peak_rss_mib:,.0f} MiB with the check), "
+                  f"{rep.wall_time_s:.1f}s", highlight=False)
+    tk = rep.tokenizer
+    same = rep.tokenizer_agreement or {}
+    console.print(f"tokenizer {tk['model']} (pre-tokenizer {tk['pre']}), {tk['tokens']} tokens, chat template "
+                  f"{'yes' if tk['chat_template'] else 'no'}; read back with the same ids on "
+                  f"{sum(same.values())}/{len(same)} probe strings", highlight=False)
+    if rep.fidelity:
+        f = rep.fidelity
+        console.print(f"GGUF vs source on {rep.probe_tokens} probe tokens: max / mean |logit diff| "
+                      f"{f['max_abs_logit_diff']:.3g} / {f['mean_abs_logit_diff']:.3g}, same top-1 token "
+                      f"{f['top1_agreement']:.1%}", highlight=False)
+    for note in rep.notes:
+        console.print(f"  {note}", highlight=False)
+    console.print(f"run it: llama-cli -m {rep.out} -cnv   |   ollama: echo 'FROM ./{Path(rep.out).name}' > "
+                  f"Modelfile && ollama create mymodel -f Modelfile", highlight=False)

@@ -7,6 +7,7 @@ Imports: errors, progress, recipe, artifacts, model.
 from finetune import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
-    "model": ["base_weight_files", "merge", "peak_rss_mib", "probe_batch"],
+    "model": ["base_weight_files", "merge"],
+    "fidelity": ["peak_rss_mib", "print_merge_report", "probe_batch"],
     "output": ["open_safetensors"],
 })

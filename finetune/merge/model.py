@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
-import resource
 import shutil
 import tempfile
 import time
@@ -41,6 +39,7 @@ import torch
 
 from finetune.artifacts import atomic_dir
 from finetune.errors import CheckpointError, ModelError, first_line
+from finetune.merge.fidelity import fidelity, peak_rss_mib, probe_batch
 from finetune.merge.output import _DTYPES
 from finetune.merge.output import SafetensorsWriter as _SafetensorsWriter
 from finetune.merge.output import check_hub_access as _check_hub_access
@@ -54,13 +53,6 @@ from finetune.model import saved_recipe
 from finetune.progress import track
 from finetune.recipe import DTYPE_ALIASES, ModelSection, QuantizationSection
 
-# The fixed probe batch of the fidelity report: prose, arithmetic, JSON, code and a chat turn.
-PROBE_TEXTS = [
-    "The quick brown fox jumps over the lazy dog. 12 + 30 = 42.",
-    'Extract the name and age as JSON: "Ada, 36" -> {"name": "Ada", "age": 36}',
-    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
-    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis.<|im_end|>",
-]
 COMBINATIONS = ("linear", "cat", "ties")
 REPORT_FILE = "merge_report.json"
 
@@ -147,7 +139,7 @@ def merge(
             del trained
             gc.collect()  # PEFT models hold reference cycles: free the reference before loading the merged model
             _save_companions(model_section, tok, tmp, target_dtype)
-            fidelity = _fidelity(tmp, scratch, probe, reference, base_weights, other, target_dtype)
+            fidelity = fidelity(tmp, scratch, probe, reference, base_weights, other, target_dtype)
             report = MergeReport(
                 out=str(out), base=model_section.name_or_path, adapters=[str(a) for a in adapter_dirs],
                 weights=weights, combination=combination if len(adapter_dirs) > 1 or weights else None,
@@ -296,17 +288,6 @@ def _describe_reference(quant: QuantizationSection) -> str:
     return f"base in 4-bit {quant.quant_type}{dq} + adapter, as trained, on CPU"
 
 
-def probe_batch(tok) -> dict[str, torch.Tensor]:
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    rows = [tok(t, add_special_tokens=True)["input_ids"][:64] for t in PROBE_TEXTS]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    return {"input_ids": ids, "attention_mask": mask}
-
-
 # -------------------------------------------------------------------- writing
 
 
@@ -403,34 +384,3 @@ def _save_companions(section: ModelSection, tok, out_dir: Path, dtype: torch.dty
 # ------------------------------------------------------------------- fidelity
 
 
-def _fidelity(out_dir, scratch, probe, reference, base_weights, other, dtype) -> dict[str, dict[str, float]]:
-    """Logit differences of the saved model (and of the other base-weights choice) from the reference."""
-    from transformers import AutoModelForCausalLM
-
-    merged = AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype).eval()
-    keep = probe["attention_mask"].bool()
-
-    def diff() -> dict[str, float]:
-        with torch.no_grad():
-            logits = merged(**probe).logits.float()
-        d = (logits - reference).abs()[keep]
-        same_top1 = (logits.argmax(-1) == reference.argmax(-1))[keep].float().mean()
-        return {"max_abs_logit_diff": d.max().item(), "mean_abs_logit_diff": d.mean().item(),
-                "top1_agreement": same_top1.item()}
-
-    result = {base_weights: diff()}
-    for mode in other:
-        with torch.no_grad():  # swap in the other choice's 4-bit layer weights, one tensor at a time
-            for shard in sorted(scratch.glob("*.safetensors")):
-                f = open_safetensors(shard)
-                for key in f.keys():
-                    merged.get_parameter(key).copy_(f.get_tensor(key))
-        result[mode] = diff()
-    del merged
-    return result
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024 * 1024 if os.uname().sysname == "Darwin" else 1024), 1)
