@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 import finetune.merge.model as merge_module
+from finetune.merge import probe_batch
 from finetune.cli import app
 from finetune.errors import CheckpointError
 from finetune.merge.model import merge
@@ -94,7 +95,7 @@ def test_report_says_how_far_the_original_weights_merge_is(merged, adapter, tiny
     """The 'original' figure in the report is the real distance of W + delta from the trained model."""
     out, _ = merged
     report = json.loads((out / "merge_report.json").read_text())["fidelity"]["original"]
-    probe = merge_module._probe_batch(AutoTokenizer.from_pretrained(adapter))
+    probe = probe_batch(AutoTokenizer.from_pretrained(adapter))
     keep = probe["attention_mask"].bool()
     full, trained = reference(tiny_model_dir, adapter, False), reference(tiny_model_dir, adapter, True)
     with torch.no_grad():

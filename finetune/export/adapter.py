@@ -22,8 +22,8 @@ def write_adapter_gguf(adapter_dir: Path, path: Path, type: str, console=None) -
     import gguf
     from safetensors import safe_open
 
-    from finetune.export.gguf import _progress, _rope_permute
-    from finetune.export.metadata import architecture, tensor_name
+    from finetune.export.metadata import architecture, rope_permute, tensor_name
+    from finetune.progress import track
 
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     _check_plain_lora(adapter_dir, cfg)
@@ -57,15 +57,16 @@ def write_adapter_gguf(adapter_dir: Path, path: Path, type: str, console=None) -
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     heads = (config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    with _progress(console, len(plan), f"writing {path.name.split('.partial-')[0].lstrip('.')}") as advance:
+    with track(f"writing {path.name.split('.partial-')[0].lstrip('.')}", total=len(plan), unit="tensors",
+               console=console) as task:
         for name, key in plan:
             w = handle.get_tensor(key).float()
             if permute and name.endswith("attn_q.weight.lora_b"):
-                w = _rope_permute(w, heads[0])
+                w = rope_permute(w, heads[0])
             elif permute and name.endswith("attn_k.weight.lora_b"):
-                w = _rope_permute(w, heads[1])
+                w = rope_permute(w, heads[1])
             writer.write_tensor_data(gguf.quants.quantize(w.numpy(), ttype))
-            advance()
+            task.advance()
     writer.close()
     notes = [] if type in ("f32", "f16") else [f"adapter tensors written as f16 (--type {type} is for models)"]
     notes.append("llama.cpp applies the adapter to the base's original weights: compare with "

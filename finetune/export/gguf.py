@@ -31,7 +31,9 @@ import numpy as np
 import torch
 
 from finetune.errors import CheckpointError, ModelError, first_line
+from finetune.export.metadata import rope_permute
 from finetune.merge import peak_rss_mib
+from finetune.progress import track
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 REPORT_FILE = "export_report.json"
@@ -208,16 +210,17 @@ def write_gguf(model_dir: Path, path: Path, type: str, console=None) -> dict:
     if rope_factors is not None:
         writer.write_tensor_data(rope_factors.numpy())
     heads = (config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    with _progress(console, len(plan), f"writing {path.name.split('.partial-')[0].lstrip('.')}") as advance:
+    with track(f"writing {path.name.split('.partial-')[0].lstrip('.')}", total=len(plan), unit="tensors",
+               console=console) as task:
         for name, (handle, key), shape, t in plan:
             w = handle.get_tensor(key).float()
             if permute and name.endswith(("attn_q.weight", "attn_q.bias")):
-                w = _rope_permute(w, heads[0])
+                w = rope_permute(w, heads[0])
             elif permute and name.endswith(("attn_k.weight", "attn_k.bias")):
-                w = _rope_permute(w, heads[1])
+                w = rope_permute(w, heads[1])
             writer.write_tensor_data(gguf.quants.quantize(w.numpy(), t).view(_UINT8))
             del w
-            advance()
+            task.advance()
     writer.close()
     return {"architecture": gguf.MODEL_ARCH_NAMES[arch], "tokenizer": tokenizer, "tensors": len(plan), "notes": notes}
 
@@ -254,40 +257,12 @@ def _plan(config, handles, name_map, qtype):
     return plan, notes
 
 
-def _rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    from finetune.export.metadata import rope_permute
-
-    return rope_permute(w, n_head)
-
-
 def _model_names(config, model_dir: Path) -> list[str]:
     """Names for the model, most telling first: the metadata's name is the first; all of them tell SmolLM's
     tokenizer apart (see gguf_meta.pre_tokenizer_id)."""
     names = [getattr(config, "_model_name_or_path", None), getattr(config, "_base_model", None),
              getattr(config, "_name_or_path", None), model_dir.resolve().name]
     return [str(n).rstrip("/").split("/")[-1] for n in names if n]
-
-
-class _progress:
-    """A rich progress bar on `console` (stderr); nothing without one."""
-
-    def __init__(self, console, total: int, label: str):
-        self.console, self.total, self.label = console, total, label
-
-    def __enter__(self):
-        if self.console is None:
-            return lambda: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-        self.bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=self.console, transient=True)
-        self.bar.start()
-        task = self.bar.add_task(self.label, total=self.total)
-        return lambda: self.bar.advance(task)
-
-    def __exit__(self, *exc):
-        if self.console is not None:
-            self.bar.stop()
 
 
 # ------------------------------------------------------------------------ proof

@@ -139,11 +139,11 @@ def merge(
             del trained
             gc.collect()  # PEFT models hold reference cycles: free the reference before loading the merged model
             _save_companions(model_section, tok, tmp, target_dtype)
-            fidelity = fidelity(tmp, scratch, probe, reference, base_weights, other, target_dtype)
+            measured = fidelity(tmp, scratch, probe, reference, base_weights, other, target_dtype)
             report = MergeReport(
                 out=str(out), base=model_section.name_or_path, adapters=[str(a) for a in adapter_dirs],
                 weights=weights, combination=combination if len(adapter_dirs) > 1 or weights else None,
-                base_weights=base_weights, dtype=str(target_dtype).removeprefix("torch."), fidelity=fidelity,
+                base_weights=base_weights, dtype=str(target_dtype).removeprefix("torch."), fidelity=measured,
                 reference=_describe_reference(quant), probe_tokens=int(probe["attention_mask"].sum()),
                 shards=shards, size_bytes=size, rss_before_mib=rss_before, peak_rss_mib=peak_rss_mib(),
                 wall_time_s=0.0, notes=notes,

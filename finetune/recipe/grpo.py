@@ -10,13 +10,11 @@ import difflib
 import re
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from finetune.recipe.section import Section
 
 PROMPT_FORMATS = ("alpaca", "chat", "sharegpt", "completion")  # what GRPO can take prompts (and references) from
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def check_extractor(v: str) -> str:

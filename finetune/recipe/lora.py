@@ -1,22 +1,16 @@
 """The recipe's `lora` section: rank, alpha and the LoRA variants (rsLoRA, DoRA, PiSSA/OLoRA initialisation,
 per-layer targeting, per-module rank and alpha), with the checks that refuse what cannot be trained, merged and
-resumed exactly. Like recipe.py, it imports neither torch nor transformers."""
+resumed exactly. Like schema.py, it imports neither torch nor transformers."""
 
 from __future__ import annotations
 
 import difflib
 import re
-from typing import TYPE_CHECKING, Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-if TYPE_CHECKING:
-    from finetune.recipe.schema import QuantizationSection
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+from finetune.recipe.section import Section
 
 LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_N", "olora", "loftq")
 # Inits that start from the base weight's principal components (or a LoftQ fit) and rewrite the base
@@ -121,13 +115,13 @@ class LoraSection(Section):
 
 
 
-def check_lora_init(lora: LoraSection, q: QuantizationSection) -> None:
+def check_lora_init(lora: LoraSection, load_in_4bit: bool) -> None:
     """Refuse, before any model loads, the initialisations whose adapter would not be relative to the
     published base weights (so merge could not rebuild the trained model, nor plain PEFT load it)."""
     init = lora.init.split("_niter_")[0]
     if init not in RESIDUAL_INITS:
         return
-    if q.load_in_4bit:
+    if load_in_4bit:
         why = {
             "pissa": "PEFT computes PiSSA's SVD only on float weights and refuses 4-bit ones",
             "olora": "PEFT's OLoRA re-quantizes the residual W - s B A into new NF4 codes, so the adapter is "

@@ -17,14 +17,11 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from finetune.recipe.lora import LoraSection, check_lora_init
 from finetune.recipe.grpo import GRPOSection, RewardSpec, check_extractor, check_grpo
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from finetune.recipe.lora import LoraSection, check_lora_init
+from finetune.recipe.section import Section
 
 
 class ModelSection(Section):
@@ -352,7 +349,7 @@ class Recipe(Section):
         if objective in PREFERENCE_OBJECTIVES and data.packing:
             raise ValueError(f"data.packing would split the pairs training.objective {objective} compares; "
                              "use training.padding_free instead")
-        check_lora_init(self.lora, self.quantization)
+        check_lora_init(self.lora, self.quantization.load_in_4bit)
         if objective == "grpo" or self.rewards:
             check_grpo(self, formats)
         return self
