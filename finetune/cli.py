@@ -33,7 +33,7 @@ OverridesArg = typer.Argument(None, help="Recipe overrides, e.g. training.max_st
 
 def main() -> None:
     """The console command (and `python -m finetune`): `train` on CPU first re-executes itself under tcmalloc
-    where it is installed (finetune/allocator.py), then the Typer app runs."""
+    where it is installed (finetune/model/allocator.py), then the Typer app runs."""
     from finetune.model import maybe_reexec
 
     try:

@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                    "meaningful on a machine shared with other jobs (spinning threads there made a step 3.5x slower).")
     p.add_argument("--allocator", default="auto", choices=["auto", "glibc"],
                    help="auto: both tools under the allocator `finetune train` picks here (tcmalloc on CPU where it "
-                   "is installed, finetune/allocator.py), so that the table compares the tools, not allocators; "
+                   "is installed, finetune/model/allocator.py), so that the table compares the tools, not allocators; "
                    "glibc: both without a preloaded allocator.")
     p.add_argument("--work", help="Scratch directory (data, runs, logs); default runs/bench (dpo: runs/bench-dpo).")
     p.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
@@ -225,7 +225,7 @@ def make_spec(args, work: Path) -> dict:
 
 
 def _model_flops(model: str, lengths: list[int], labelled: int) -> float:
-    """The job's model FLOPs (finetune/flops.py): one forward + backward over every example, LoRA r 16."""
+    """The job's model FLOPs (finetune/plan/flops.py): one forward + backward over every example, LoRA r 16."""
     from transformers import AutoConfig
 
     from finetune.plan.flops import lora_params, train_flops

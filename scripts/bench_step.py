@@ -10,8 +10,8 @@ and the levers of docs/performance.md, each measured on the same fixed micro bat
 
 The micro batch: SmolLM2-135M-Instruct (models/, `make fetch`) in NF4 with double quantization, LoRA r 16 / alpha 32
 / dropout 0.05 on all linear layers, no gradient checkpointing, 4 x 256 random tokens with the loss on the last 128
-of each row: forward, loss (finetune/loss.py), backward. Times are medians of --repeats after one warm-up step.
-Model FLOPs as finetune/flops.py counts them; MFU is against the GEMM rate measured here (`peak`), the most this
+of each row: forward, loss (finetune/objectives/loss.py), backward. Times are medians of --repeats after one warm-up step.
+Model FLOPs as finetune/plan/flops.py counts them; MFU is against the GEMM rate measured here (`peak`), the most this
 machine's matrix units deliver at these shapes.
 """
 
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 PATHS = {  # name -> (compute dtype, frozen float weights cast to it)
     "fp32": ("float32", False),
     "bf16-autocast": ("bfloat16", False),  # before: the QLoRA recipe's float32 norms / embeddings / head under autocast
-    "bf16": ("bfloat16", True),  # now (finetune/model.py: _frozen_floats_in_compute_dtype)
+    "bf16": ("bfloat16", True),  # now (finetune/model/load.py: _frozen_floats_in_compute_dtype)
 }
 KINDS = [  # (kind, substrings of profiler op names), first match wins
     ("attention", ("scaled_dot_product", "flash_attention", "flex_attention")),
@@ -135,7 +135,7 @@ def profile(args) -> dict:
     for path in args.paths.split(","):
         model, dtype = build(path)
         batch = micro_batch(model.config.vocab_size, layout=args.layout)
-        if args.segmented:  # a candidate attention for padding-free rows (finetune/attention.py where present)
+        if args.segmented:  # a candidate attention for padding-free rows (finetune/model/attention.py where present)
             from finetune.model.attention import use_segmented_attention
 
             use_segmented_attention(model)
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     p.add_argument("--paths", default="fp32,bf16-autocast,bf16", help=f"profile: of {', '.join(PATHS)}")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layout", choices=["padded", "padfree"], default="padded", help="profile: the micro batch")
-    p.add_argument("--segmented", action="store_true", help="profile: segmented attention (finetune/attention.py)")
+    p.add_argument("--segmented", action="store_true", help="profile: segmented attention (finetune/model/attention.py)")
     p.add_argument("--compile", action="store_true", help="attention: torch.compile the flex attention call")
     p.add_argument("--json", help="write the result here (- for the last line of stdout)")
     args = p.parse_args(argv)

@@ -1,4 +1,4 @@
-"""finetune/allocator.py: `finetune train` on CPU re-executes itself once under tcmalloc where it is installed."""
+"""finetune/model/allocator.py: `finetune train` on CPU re-executes itself once under tcmalloc where it is installed."""
 
 import json
 import os

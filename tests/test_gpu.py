@@ -14,7 +14,7 @@ Written before this project had a GPU to run it on, so every test prints what it
   through the CLI learns, its peak device memory (torch's allocator + bitsandbytes' paged optimizer state)
   is within 20% of `finetune plan`, and the paged AdamW state lives on the GPU; tokens/s and MFU of QLoRA
   and of plain LoRA on a bf16 base at 512 and 4096 tokens per packed row, against a bf16 matmul peak
-  measured here and the spec sheet's (finetune/flops.py counts the model FLOPs);
+  measured here and the spec sheet's (finetune/plan/flops.py counts the model FLOPs);
 - on two GPUs: DDP (`--nproc 2`) and FSDP-QLoRA (recipes/accelerate/fsdp_qlora.yaml) against one process
   with the same effective batch, their checkpoints loaded by plain PEFT; losses and wall time.
 """

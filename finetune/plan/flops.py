@@ -9,7 +9,7 @@ the weight-gradient term dropped because the base does not train):
   with L layers, H heads of width Q and T the example's length (the length attention runs over);
   PaLM's convention, without halving for the causal mask;
 - the LM head, V x hidden: 4 V hidden per *labelled* token only (finetune applies it there alone,
-  finetune/loss.py); a tool that scores every position does more work than the model needs, which MFU
+  finetune/objectives/loss.py); a tool that scores every position does more work than the model needs, which MFU
   does not credit;
 - the LoRA matrices: 6 per trainable parameter (forward, input and weight gradients), small.
 

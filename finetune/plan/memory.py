@@ -26,7 +26,7 @@ do. The terms:
   data can be read (batches are padded to their longest example), else max_length;
   with `training.padding_free`, the micro batch's longest examples end to end.
 - loss: finetune computes the LM head only at labelled positions, in chunks of at
-  most 64 MiB of float32 logits (finetune/loss.py).
+  most 64 MiB of float32 logits (finetune/objectives/loss.py).
 - working buffers: one dequantized weight matrix and the gradient of one layer's
   widest activation, alive during backward.
 
@@ -37,7 +37,7 @@ pages stay resident. And the allocator's slack: glibc keeps freed blocks for reu
 instead of returning them, about as much as the activations *without* checkpointing
 (measured 0.9 to 1.1 times, with checkpointing too: recomputation frees and reallocates
 every layer's full set); tcmalloc, which `finetune train` preloads where it is
-installed (finetune/allocator.py), keeps none measurable (docs/performance.md).
+installed (finetune/model/allocator.py), keeps none measurable (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
         full = other if ckpt else used  # the activations without checkpointing
         slack, note = (0, f"{malloc}: returns what it does not reuse (measured within 10%)") if malloc != "glibc" \
             else (full, "freed blocks glibc keeps: ~1x the activations without checkpointing, also with it "
-                  "(measured 0.9-1.1x); tcmalloc keeps none (finetune/allocator.py)")
+                  "(measured 0.9-1.1x); tcmalloc keeps none (finetune/model/allocator.py)")
         terms += [
             Term("runtime", runtime_rss(), "Python + torch + libraries, measured here"),
             Term("mapped checkpoint", mapped, "weight files read via mmap stay resident"),

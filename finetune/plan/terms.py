@@ -38,7 +38,7 @@ def meta_model(recipe: Recipe, placement):
         raise FinetuneError(f"Cannot read the config of '{m.name_or_path}': {first_line(e)}") from None
     stored = getattr(config, "dtype", None)
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
-    if gguf:  # trained from its float32 conversion (finetune/gguf_in.py), not from the GGUF's own quantization
+    if gguf:  # trained from its float32 conversion (finetune/model/gguf_in.py), not from the GGUF's own quantization
         config.__dict__.pop("quantization_config", None)
         stored = torch.float32
     with init_empty_weights():

@@ -223,7 +223,7 @@ def data_files(path: str) -> Optional[list[Path]]:
 
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
-# Training objectives: recipe name -> "module:class" of its implementation (finetune/objectives.py), so the
+# Training objectives: recipe name -> "module:class" of its implementation (finetune/objectives/base.py), so the
 # schema stays torch-free. A new objective is one class there and one entry here.
 OBJECTIVES = {"sft": "finetune.objectives.base:SFT", "dpo": "finetune.objectives.base:DPO", "orpo": "finetune.objectives.base:ORPO",
               "grpo": "finetune.objectives.grpo:GRPO"}
@@ -245,7 +245,7 @@ class TrainingSection(Section):
     padding_free: bool = Field(
         False, description="Feed each micro batch as one row without padding (examples kept apart by position "
         "ids): the same loss, no compute spent on padding. With SDPA each example attends only over itself "
-        "(finetune/attention.py), as with packing.",
+        "(finetune/model/attention.py), as with packing.",
     )
     learning_rate: float = Field(2e-4, gt=0, le=1, description="Peak learning rate.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps spent warming up linearly.")
