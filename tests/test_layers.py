@@ -125,16 +125,21 @@ def test_the_code_keeps_the_layers(order):
     assert violations(PACKAGE, order) == []
 
 
-def test_an_upward_import_is_caught(order, tmp_path):
-    """The check itself: a copy of the package with one deliberate upward import (model -> train) fails."""
+def with_import(tmp_path: Path, module: str, line: str) -> tuple[Path, int]:
+    """A copy of the package with `line` appended to `module`; returns the copy and that line's number."""
     import shutil
 
     copy = tmp_path / "finetune"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    load = copy / "model" / "load.py"
-    load.write_text(load.read_text() + "\nfrom finetune.train import train  # deliberate\n")
+    path = copy / module
+    path.write_text(path.read_text() + f"\n{line}  # deliberate\n")
+    return copy, len(path.read_text().splitlines())
+
+
+def test_an_upward_import_is_caught(order, tmp_path):
+    """The check itself: a copy of the package with one deliberate upward import (model -> train) fails."""
+    copy, line = with_import(tmp_path, "model/load.py", "from finetune.train import train")
     found = violations(copy, order)
-    line = len(load.read_text().splitlines())
     assert found[0].startswith(f"finetune/model/load.py:{line}: model (layer ") and "imports finetune.train" in found[0]
     assert found[0].endswith("a layer above it")
     rest = found[1:]  # and the cycle it closes: train's set-up imports model.load
@@ -143,14 +148,9 @@ def test_an_upward_import_is_caught(order, tmp_path):
 
 def test_an_import_around_a_package_front_is_caught(order, tmp_path):
     """Reaching into another package's module instead of its exported names fails too."""
-    import shutil
-
-    copy = tmp_path / "finetune"
-    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
-    step = copy / "train" / "step.py"
-    step.write_text(step.read_text() + "\nfrom finetune.model.load import make_optimizer  # deliberate\n")
+    copy, line = with_import(tmp_path, "train/step.py", "from finetune.model.load import make_optimizer")
     found = violations(copy, order)
-    assert found == [f"finetune/train/step.py:{len(step.read_text().splitlines())}: imports finetune.model.load "
+    assert found == [f"finetune/train/step.py:{line}: imports finetune.model.load "
                      "directly; import from finetune.model (its __init__ names what others may use)"]
 
 
