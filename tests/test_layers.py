@@ -66,7 +66,8 @@ def violations(package_dir: Path, order: list[list[str]]) -> list[str]:
                 continue
             theirs = unit(target)
             # an edge to where each imported name really lives (a package's names are lazy, not imports)
-            graph.setdefault(me, set()).update({public.get(theirs, {}).get(n, target) for n in names} or {target})
+            lives = {public.get(theirs, {}).get(n, target) for n in names} if target == f"finetune.{theirs}" else set()
+            graph.setdefault(me, set()).update((lives or {target}) - {me})
             if theirs == mine:
                 continue
             if theirs not in rank:
