@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from enum import Enum
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -28,6 +27,12 @@ err_console = Console(stderr=True)
 _debug = {"on": bool(os.environ.get("FINETUNE_DEBUG"))}
 
 RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
+# The choices of options (shown in --help; anything else is refused with exit 2).
+BaseWeights = Literal["auto", "dequantized", "original"]
+SaveDtype = Literal["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]
+Combination = Literal["linear", "cat", "ties"]
+Quantize = Literal["auto", "4bit", "none"]
+GgufType = Literal["f32", "f16", "bf16", "q8_0", "q4_0"]
 OverridesArg = typer.Argument(None, help="Recipe overrides, e.g. training.max_steps=10 data.max_length=256.")
 
 
@@ -168,28 +173,6 @@ def train(
     _run(lambda: run_training(r, overwrite=overwrite, resume=start, console=err_console))
 
 
-class BaseWeights(str, Enum):
-    auto = "auto"
-    dequantized = "dequantized"
-    original = "original"
-
-
-class SaveDtype(str, Enum):
-    auto = "auto"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp32 = "fp32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
-
-
-class Combination(str, Enum):
-    linear = "linear"
-    cat = "cat"
-    ties = "ties"
-
-
 def _split_weights(adapters: list[str], weights: Optional[list[str]]) -> tuple[list[str], Optional[list[float]]]:
     """Accept `--weights 0.7 0.3` (the values after the first land among the positional arguments),
     `--weights 0.7,0.3` and `--weights 0.7 --weights 0.3`. A number that names an existing path stays an adapter."""
@@ -217,13 +200,13 @@ def merge(
     out: Path = typer.Option(..., "--out", help="Directory for the merged model."),
     base: Optional[str] = typer.Option(None, help="Base model (default: the one the adapter was trained on)."),
     base_weights: BaseWeights = typer.Option(
-        BaseWeights.auto, help="dequantized: merge into the NF4-dequantized weights the adapter was trained on; "
+        "auto", help="dequantized: merge into the NF4-dequantized weights the adapter was trained on; "
         "original: into the full-precision weights. auto: dequantized for 4-bit adapters."
     ),
-    dtype: SaveDtype = typer.Option(SaveDtype.auto, help="Saved dtype: auto (the base's), bf16, fp16, fp32."),
+    dtype: SaveDtype = typer.Option("auto", help="Saved dtype: auto (the base's), bf16, fp16, fp32."),
     weights: Optional[list[str]] = typer.Option(None, "--weights", help="One weight per adapter: --weights 0.7 0.3."),
     combination: Combination = typer.Option(
-        Combination.linear, help="How PEFT combines several adapters: linear (equal ranks), cat (exact, rank = sum), "
+        "linear", help="How PEFT combines several adapters: linear (equal ranks), cat (exact, rank = sum), "
         "ties (equal ranks, uses --density)."
     ),
     density: float = typer.Option(0.5, min=0.0, max=1.0, help="ties: share of each adapter's delta kept."),
@@ -238,17 +221,11 @@ def merge(
 
     with _holding([out], "finetune merge --out"):
         rep = _run(lambda: run_merge(
-            adapter_dirs, out, base=base, base_weights=base_weights.value, dtype=dtype.value, weights=weight_values,
-            combination=combination.value, density=density, max_shard_size=max_shard_size, overwrite=overwrite,
+            adapter_dirs, out, base=base, base_weights=base_weights, dtype=dtype, weights=weight_values,
+            combination=combination, density=density, max_shard_size=max_shard_size, overwrite=overwrite,
             push_to_hub=push_to_hub,
         ))
     print_merge_report(rep, console)
-
-
-class Quantize(str, Enum):
-    auto = "auto"
-    four_bit = "4bit"
-    none = "none"
 
 
 @app.command("eval")
@@ -266,7 +243,7 @@ def eval_(
                                               "guessed from the first record)."),
     field: Optional[list[str]] = typer.Option(None, "--field", help="Map a format field to a column of --data, "
                                               "e.g. --field prompt=question --field completion=answer."),
-    quantize: Quantize = typer.Option(Quantize.auto, help="auto: 4-bit as the adapter/recipe was trained (never "
+    quantize: Quantize = typer.Option("auto", help="auto: 4-bit as the adapter/recipe was trained (never "
                                       "for --model or GGUF); 4bit; none."),
     limit: Optional[int] = typer.Option(None, min=1, help="Use only the first N eval examples."),
     generate: int = typer.Option(0, "--generate", min=-1, help="Generate for the first N examples and score "
@@ -302,7 +279,7 @@ def eval_(
         rep = _run(lambda: evaluate(
             r, model=model, adapters=[str(a) for a in adapter or []], compare=compare, data=data,
             data_format=data_format, fields=fields,
-            quantize=quantize.value, limit=limit, generate_n=generate, options=options, harness=tasks or None,
+            quantize=quantize, limit=limit, generate_n=generate, options=options, harness=tasks or None,
             harness_include=harness_include and str(harness_include),
         ))
         print_report(rep, console)
@@ -327,22 +304,14 @@ def verify(path: Path = typer.Argument(..., help="A checkpoint directory, or a r
     _run(lambda: check_report(report))
 
 
-class GgufType(str, Enum):
-    f32 = "f32"
-    f16 = "f16"
-    bf16 = "bf16"
-    q8_0 = "q8_0"
-    q4_0 = "q4_0"
-
-
 @app.command()
 def export(
     source: Path = typer.Argument(..., help="A merged model directory or an adapter checkpoint (merged first).",
                                   show_default=False),
     out: Path = typer.Option(..., "--out", help="The GGUF file to write, e.g. merged/quickstart-q8_0.gguf."),
-    type_: GgufType = typer.Option(GgufType.f16, "--type", help="Tensor type of the weights (norms stay f32)."),
+    type_: GgufType = typer.Option("f16", "--type", help="Tensor type of the weights (norms stay f32)."),
     base: Optional[str] = typer.Option(None, help="Adapter source: base model (default: the one it was trained on)."),
-    base_weights: BaseWeights = typer.Option(BaseWeights.auto, help="Adapter source: as for `finetune merge`."),
+    base_weights: BaseWeights = typer.Option("auto", help="Adapter source: as for `finetune merge`."),
     adapter_only: bool = typer.Option(False, "--adapter-only", help="Write only the checkpoint's LoRA matrices, "
                                       "as a GGUF adapter for llama.cpp's --lora over an exported base."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
@@ -352,7 +321,7 @@ def export(
     from finetune.export import export as run_export, print_export_report
 
     with _holding([out], "finetune export"):
-        rep = _run(lambda: run_export(source, out, type=type_.value, base=base, base_weights=base_weights.value,
+        rep = _run(lambda: run_export(source, out, type=type_, base=base, base_weights=base_weights,
                                       overwrite=overwrite, adapter_only=adapter_only, console=err_console))
     print_export_report(rep, console, adapter_only=adapter_only)
 
@@ -389,3 +358,12 @@ def chat(
                                    overrides=overrides, prompt=prompt, options=options, console=err_console))
     if answer is not None:
         sys.stdout.write(answer + "\n")
+
+
+# --- sweep: `finetune sweep` goes here ---
+
+
+# --- serve: `finetune serve` goes here ---
+
+
+# --- board: `finetune board` goes here ---
