@@ -63,22 +63,27 @@ def test_previous_checkpoints_verify():
 
 
 def test_resuming_a_previous_checkpoint_gives_its_final_adapter(resumed, tmp_path, tiny_model_dir, toy_alpaca_rows):
+    # The stored checkpoint-2 came from another machine's float kernels, so the comparisons are within float
+    # tolerance (bit-exact resume on one machine is test_resume's job): this version's uninterrupted run ...
     final = adapter(resumed / "checkpoint-final")
-    # exactly this version's uninterrupted run (same machine, same kernels) ...
     straight = recipe(tmp_path, tiny_model_dir, toy_alpaca_rows, "straight")
     result = runner.invoke(app, ["train", str(straight)])
     assert result.exit_code == 0, result.output
     fresh = adapter(tmp_path / "runs" / "straight" / "checkpoint-final")
     assert final.keys() == fresh.keys()
     for k in final:
-        assert torch.equal(final[k], fresh[k]), k
-    # ... and the previous version's own final adapter, up to the float kernels of the machine that wrote it
+        torch.testing.assert_close(final[k], fresh[k], atol=1e-5, rtol=0, msg=k)
+    # ... and the previous version's own final adapter
     old = adapter(PREVIOUS / "checkpoint-final")
     assert old.keys() == final.keys()
     for k in old:
         torch.testing.assert_close(final[k], old[k], atol=1e-5, rtol=0, msg=k)
-    losses = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    lines = (resumed / "metrics.jsonl").read_text().splitlines()
+    previous = (PREVIOUS / "metrics.jsonl").read_text().splitlines()
+    losses = [json.loads(line) for line in lines]
     assert [r["step"] for r in losses if "loss" in r] == [1, 2, 3, 4]  # the previous lines kept, then 3 and 4
+    kept = [line for line in previous if json.loads(line).get("step", 0) <= 2]
+    assert lines[:len(kept)] == kept  # byte for byte
 
 
 def test_previous_adapter_evaluates_and_merges(tmp_path, tiny_model_dir, toy_alpaca_rows):
