@@ -189,3 +189,197 @@ def test_launch_refuses_a_bad_override_before_starting(server, world):
     assert set(errors) == {"training.max_steps", "lora.rr"}
     assert "valid integer" in errors["training.max_steps"][0] and "Did you mean 'r'" in errors["lora.rr"][0]
     assert len(app.state.board.jobs.jobs) == before and not (world["runs"] / "tiny").exists()
+
+
+# ----------------------------------------------------------------------------- the page in a browser
+
+
+@pytest.fixture(scope="module")
+def browser(server):
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("needs Debian's chromium and chromium-driver (.ci/run installs them)")
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,1100",
+                "--disable-gpu"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+    driver.set_script_timeout(30)
+    driver.get(server["url"] + f"/?token={TOKEN}")
+    yield driver
+    driver.quit()
+
+
+def wait_for(condition, what: str, timeout: float = 60):
+    """Poll `condition()` until it is truthy (its value is returned); fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except Exception:  # an element re-drawn between finding and reading it: try again
+            value = None
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def by_css(driver, css):
+    from selenium.webdriver.common.by import By
+
+    return driver.find_elements(By.CSS_SELECTOR, css)
+
+
+def table_rows(driver) -> dict[str, str]:
+    return {tr.get_attribute("data-run"): tr.find_elements("css selector", ".status")[0].text
+            for tr in by_css(driver, "#runs-table tbody tr[data-run]")}
+
+
+def chart_y(driver, key: str, trace: str) -> list:
+    return driver.execute_script(
+        "const d = document.getElementById(arguments[0]); if (!d || !d.data) return null;"
+        "const t = d.data.find((t) => t.name === arguments[1]); return t ? [t.x, t.y] : null;",
+        "chart-" + key.replace("/", "_"), trace)
+
+
+def tab(driver, name):
+    by_css(driver, f'button.tab[data-tab="{name}"]')[0].click()
+
+
+def test_page_lists_runs_sorts_filters_and_draws_their_curves(browser, world):
+    rows = wait_for(lambda: len(table_rows(browser)) == 4 and table_rows(browser), "the runs table")
+    assert rows == {"alpha": "finished", "beta": "finished", "grid-sweep/lr-0.01": "finished", "broken": "damaged"}
+    assert any("sweep grid-sweep" in td.text for td in by_css(browser, "#runs-table tr.group td"))
+    for run in ("alpha", "beta"):
+        lines = metrics_lines(world["runs"] / run)
+        want = [[m["step"] for m in lines if "loss" in m], [m["loss"] for m in lines if "loss" in m]]
+        assert wait_for(lambda: chart_y(browser, "loss", run), f"{run}'s loss curve") == want
+        evals = [[m["step"] for m in lines if "eval_loss" in m], [m["eval_loss"] for m in lines if "eval_loss" in m]]
+        assert chart_y(browser, "eval_loss", run) == evals
+    by_css(browser, '#runs-table th[data-key="name"]')[0].click()  # ascending by name
+    names = [tr.get_attribute("data-run") for tr in by_css(browser, "#runs-table tbody tr[data-run]")]
+    assert names.index("alpha") < names.index("beta") < names.index("broken")
+    by_css(browser, "#filter")[0].send_keys("bet")
+    assert wait_for(lambda: list(table_rows(browser)) == ["beta"], "the filter")
+    by_css(browser, "#filter")[0].clear()
+    by_css(browser, "#filter")[0].send_keys(" \b")  # clear() sends no input event
+    wait_for(lambda: len(table_rows(browser)) == 4, "the filter cleared")
+
+
+def test_a_running_runs_new_point_appears_without_reload(browser, world):
+    run = world["runs"] / "live"
+    shutil.copytree(world["runs"] / "beta", run)
+    (run / "summary.json").unlink()
+    lines = metrics_lines(run)
+    with hold(run, "finetune train"):  # what a live `finetune train` holds
+        wait_for(lambda: table_rows(browser).get("live") == "running", "the live run in the table")
+        browser.execute_script("document.querySelector('tr[data-run=\"live\"] .pick').click()")
+        wait_for(lambda: chart_y(browser, "loss", "live"), "the live run's curve")
+        handle = browser.execute_script("window.marker = 42; return window.marker")  # gone on a reload
+        new = {**lines[-2], "step": 5, "loss": 0.125, "time": time.time()}
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(new) + "\n")
+        x, y = wait_for(lambda: (c := chart_y(browser, "loss", "live")) and 5 in c[0] and c, "the new point")
+        assert (x[-1], y[-1]) == (5, 0.125)
+        assert browser.execute_script("return window.marker") == handle == 42
+    wait_for(lambda: table_rows(browser).get("live") == "failed", "the lock released without a checkpoint at 5")
+    shutil.rmtree(run)
+
+
+def test_recipe_diff_shows_only_the_differing_keys(browser):
+    from selenium.webdriver.support.ui import Select
+
+    tab(browser, "compare")
+    Select(by_css(browser, "#diff-a")[0]).select_by_visible_text("alpha")
+    Select(by_css(browser, "#diff-b")[0]).select_by_visible_text("beta")
+    by_css(browser, "#diff-go")[0].click()
+    keys = wait_for(lambda: [td.text for td in by_css(browser, "#diff-table td.diff-key")], "the diff")
+    assert keys == ["name", "output_dir", "training.learning_rate"]
+    assert [td.text for td in by_css(browser, "#diff-table tbody tr")[2].find_elements("css selector", "td")] == [
+        "training.learning_rate", "0.01", "0.003"]
+
+
+def set_overrides(driver, pairs):
+    while len(by_css(driver, "#overrides tbody tr")) < len(pairs):
+        by_css(driver, "#add-override")[0].click()
+    for tr, (key, value) in zip(by_css(driver, "#overrides tbody tr"), pairs):
+        for css, text in ((".ov-key", key), (".ov-value", value)):
+            box = tr.find_elements("css selector", css)[0]
+            box.clear()
+            box.send_keys(text)
+
+
+def ended(driver) -> str | None:
+    """The last job's "exit N" once it has ended."""
+    states = by_css(driver, ".job-state")
+    return states[-1].text if states and states[-1].text.startswith("exit") else None
+
+
+def test_launch_form_refuses_a_bad_override_then_runs_a_3_step_run(browser, server, world):
+    from selenium.webdriver.support.ui import Select
+
+    tab(browser, "launch")
+    wait_for(lambda: "recipes/tiny.yaml" in [o.text for o in Select(by_css(browser, "#launch-recipe")[0]).options],
+             "the recipes")
+    Select(by_css(browser, "#launch-recipe")[0]).select_by_visible_text("recipes/tiny.yaml")
+    assert "not available" in by_css(browser, "#sweep-note")[0].text or by_css(browser, "#sweep-option")[0].is_enabled()
+    set_overrides(browser, [("training.max_steps", "three"), ("name", "tiny3")])
+    by_css(browser, "#launch-go")[0].click()
+    error = wait_for(lambda: by_css(browser, "#overrides tbody tr")[0].find_elements("css selector", ".ov-error")[0].text,
+                     "the error next to the key")
+    assert "training.max_steps" in error and "valid integer" in error
+    assert by_css(browser, "#overrides tbody tr")[1].find_elements("css selector", ".ov-error")[0].text == ""
+    assert server["app"].state.board.jobs.jobs == {} and not (world["runs"] / "tiny3").exists()
+    set_overrides(browser, [("training.max_steps", "3"), ("name", "tiny3")])
+    by_css(browser, "#launch-go")[0].click()
+    assert wait_for(lambda: ended(browser), "the run to end", 180) == "exit 0", \
+        by_css(browser, "#job-log")[0].text
+    assert "done in" in by_css(browser, "#job-log")[0].text
+    assert json.loads((world["runs"] / "tiny3" / "summary.json").read_text())["steps"] == 3
+    wait_for(lambda: table_rows(browser).get("tiny3") == "finished", "the new run in the table")
+
+
+def test_stop_writes_a_checkpoint_and_resume_continues(browser, world):
+    tab(browser, "launch")
+    set_overrides(browser, [("training.max_steps", "100000"), ("name", "long"), ("training.eval_steps", "null")])
+    by_css(browser, "#launch-go")[0].click()
+    run = world["runs"] / "long"
+    wait_for(lambda: table_rows(browser).get("long") == "running" and (run / "metrics.jsonl").stat().st_size,
+             "the long run to train", 180)
+    browser.execute_script("document.querySelector('tr[data-run=\"long\"] button.stop').click()")
+    assert wait_for(lambda: ended(browser), "the run to stop", 120) == "exit 143"
+    stopped = max(m["step"] for m in metrics_lines(run) if "loss" in m)
+    assert (run / f"checkpoint-{stopped}" / "training_state.pt").is_file()
+    wait_for(lambda: table_rows(browser).get("long") == "interrupted", "interrupted in the table")
+    browser.execute_script("document.querySelector('tr[data-run=\"long\"] button.resume').click()")
+    wait_for(lambda: max(m["step"] for m in metrics_lines(run)) > stopped + 1, "the resumed run to train", 180)
+    assert "Resuming" in by_css(browser, "#job-log")[0].text or "resum" in by_css(browser, "#job-log")[0].text.lower()
+    browser.execute_script("document.querySelector('tr[data-run=\"long\"] button.stop').click()")
+    assert wait_for(lambda: ended(browser), "the resumed run to stop", 120) == "exit 143"
+    steps = [m["step"] for m in metrics_lines(run) if "loss" in m]
+    assert steps == list(range(1, max(steps) + 1))  # resumed where it stopped: each step once
+    assert (run / f"checkpoint-{max(steps)}" / "training_state.pt").is_file()
+
+
+def test_chat_panel_streams_the_reply_finetune_chat_gives(browser, world):
+    from selenium.webdriver.support.ui import Select
+
+    ckpt = "alpha/checkpoint-final"
+    result = runner.invoke(cli_app, ["chat", str(world["runs"] / ckpt), "--prompt", PROMPT, "--max-new-tokens", "12"])
+    assert result.exit_code == 0, result.output
+    tab(browser, "chat")
+    left, right = by_css(browser, ".chat-target")
+    Select(left).select_by_value(ckpt)
+    Select(right).select_by_value("base:" + ckpt)
+    box = by_css(browser, "#chat-max")[0]
+    box.clear()
+    box.send_keys("12")
+    by_css(browser, "#chat-input")[0].send_keys(PROMPT)
+    by_css(browser, "#chat-send")[0].click()
+    replies = wait_for(lambda: len(d := by_css(browser, ".chat-log .assistant.done")) == 2 and [x.text for x in d],
+                       "both replies", 120)
+    assert replies[0] == result.stdout.strip()
+    browser.save_screenshot(str(world["root"] / "board.png"))
+    assert replies[1]  # the base answered too (the adapter switched off)
