@@ -153,6 +153,16 @@ def test_inside_a_run(server, world):
         shutil.rmtree(world["runs"] / "gamma")
 
 
+def test_the_planners_prediction_is_beside_the_peak(server, world):
+    from finetune.plan import plan
+    from finetune.recipe import load_recipe
+
+    want = round(plan(load_recipe(world["runs"] / "alpha" / "recipe.yaml"), device="cpu").total / 2**30, 3)
+    rows = wait_for(lambda: {r["id"]: r for r in get(server, "/api/runs").json()["runs"]
+                             if r.get("plan_gib") is not None}, "the plan (a background thread)", 120)
+    assert abs(rows["alpha"]["plan_gib"] - want) < 0.05 * want  # on CPU the plan counts this process's runtime
+
+
 def test_token_and_paths_are_refused(server, world):
     assert get(server, "/api/runs", token=None).status_code == 403
     assert get(server, "/api/runs", token="wrong").status_code == 403
@@ -355,7 +365,8 @@ def test_stop_writes_a_checkpoint_and_resume_continues(browser, world):
     wait_for(lambda: table_rows(browser).get("long") == "interrupted", "interrupted in the table")
     browser.execute_script("document.querySelector('tr[data-run=\"long\"] button.resume').click()")
     wait_for(lambda: max(m["step"] for m in metrics_lines(run)) > stopped + 1, "the resumed run to train", 180)
-    assert "Resuming" in by_css(browser, "#job-log")[0].text or "resum" in by_css(browser, "#job-log")[0].text.lower()
+    said = f"resuming from {run / f'checkpoint-{stopped}'} at step {stopped}".replace(" ", "")
+    wait_for(lambda: said in "".join(by_css(browser, "#job-log")[0].text.split()), "the resume in the log")
     browser.execute_script("document.querySelector('tr[data-run=\"long\"] button.stop').click()")
     assert wait_for(lambda: ended(browser), "the resumed run to stop", 120) == "exit 143"
     steps = [m["step"] for m in metrics_lines(run) if "loss" in m]
