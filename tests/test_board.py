@@ -9,6 +9,7 @@ uvicorn on a free loopback port, in a thread of this process.
 """
 
 import json
+import os
 import shutil
 import socket
 import threading
@@ -67,9 +68,13 @@ def world(tmp_path_factory, tiny_model_dir, toy_alpaca_rows):
     recipes.mkdir()
     for name, lr in (("alpha", 1e-2), ("beta", 3e-3)):
         path = root / f"{name}.yaml"
-        path.write_text(json.dumps(recipe_body(tiny_model_dir, data, name, runs / name, learning_rate=lr)))
+        path.write_text(json.dumps(recipe_body(tiny_model_dir, data, name, runs / name, learning_rate=lr,
+                                               eval_generate_steps=2, eval_max_new_tokens=4)))
         result = runner.invoke(cli_app, ["train", str(path)])
         assert result.exit_code == 0, result.output
+    result = runner.invoke(cli_app, ["eval", str(root / "alpha.yaml"), "--adapter", str(runs / "alpha" / "checkpoint-final"),
+                                     "--compare", "--json", str(runs / "alpha" / "eval.json")])
+    assert result.exit_code == 0, result.output
     shutil.copytree(runs / "alpha", runs / "grid-sweep" / "lr-0.01")
     (runs / "grid-sweep" / "sweep.json").write_text("{}")
     (runs / "broken").mkdir()
@@ -142,6 +147,12 @@ def test_inside_a_run(server, world):
     d = get(server, "/api/run/alpha").json()
     assert [(c["name"], c["intact"]) for c in d["checkpoints"]] == [("checkpoint-2", True), ("checkpoint-final", True)]
     assert d["environment"]["data_fingerprint"] and d["recipe"].startswith("name: alpha")
+    report = json.loads((world["runs"] / "alpha" / "eval.json").read_text())
+    assert d["evals"] == [{"file": "eval.json", "models": report["models"], "examples": 4, "data": report["data"]}]
+    assert list(report["models"]) == ["base", "adapter"]
+    samples = [json.loads(x) for x in (world["runs"] / "alpha" / "eval_samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in d["eval_samples"]] == [4, 2]  # newest first, every eval example at each
+    assert d["eval_samples"][1]["samples"] == [x for x in samples if x["step"] == 2] and len(samples) == 8
     # a checkpoint changed after it was written: verify's verdict names the file
     shutil.copytree(world["runs"] / "beta", world["runs"] / "gamma")
     (world["runs"] / "gamma" / "checkpoint-2" / "adapter_config.json").write_text("{}")
@@ -276,6 +287,10 @@ def test_page_lists_runs_sorts_filters_and_draws_their_curves(browser, world):
     by_css(browser, "#filter")[0].clear()
     by_css(browser, "#filter")[0].send_keys(" \b")  # clear() sends no input event
     wait_for(lambda: len(table_rows(browser)) == 4, "the filter cleared")
+    shot = world["root"] / "board.png"
+    browser.save_screenshot(str(shot))
+    if os.environ.get("FINETUNE_BOARD_SCREENSHOT"):  # README's picture: FINETUNE_BOARD_SCREENSHOT=docs/board.png
+        shutil.copy(shot, os.environ["FINETUNE_BOARD_SCREENSHOT"])
 
 
 def test_a_running_runs_new_point_appears_without_reload(browser, world):
@@ -296,6 +311,16 @@ def test_a_running_runs_new_point_appears_without_reload(browser, world):
         assert browser.execute_script("return window.marker") == handle == 42
     wait_for(lambda: table_rows(browser).get("live") == "failed", "the lock released without a checkpoint at 5")
     shutil.rmtree(run)
+
+
+def test_run_page_shows_checkpoints_evals_samples_and_recipe(browser, world):
+    tab(browser, "curves")
+    by_css(browser, 'tr[data-run="alpha"] a.run-link')[0].click()
+    body = wait_for(lambda: by_css(browser, "#run-recipe") and by_css(browser, "#run-body")[0].text, "the run page")
+    assert by_css(browser, "#run-recipe")[0].text == (world["runs"] / "alpha" / "recipe.yaml").read_text().strip()
+    assert body.count("intact (") == 2 and "eval eval.json (4 examples" in body
+    assert "generations at eval steps" in body and "step 4 (4)" in body
+    browser.save_screenshot(str(world["root"] / "run.png"))
 
 
 def test_recipe_diff_shows_only_the_differing_keys(browser):

@@ -15,7 +15,8 @@ const NOT_CURVES = new Set(["step", "epoch", "time"]);
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
 const esc = (v) => String(v ?? "").replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
-const num = (v, d = 4) => (typeof v === "number" ? (Math.abs(v) >= 1000 ? v.toFixed(0) : v.toPrecision(d)) : "");
+const num = (v, d = 4) => (typeof v !== "number" ? "" : Number.isInteger(v) ? String(v) :
+  Math.abs(v) >= 1000 ? v.toFixed(0) : String(+v.toPrecision(d)));
 const runPath = (id) => id.split("/").map(encodeURIComponent).join("/");
 
 async function api(path, body) {
@@ -144,9 +145,10 @@ function drawCharts(ids) {
       return {x, y: rows.map((r) => r[key]), name: id, mode: rows.length < 40 ? "lines+markers" : "lines"};
     }).filter((t) => t.y.length);
     Plotly.react(div, traces, {
-      title: {text: key}, margin: {l: 50, r: 10, t: 35, b: 35}, showlegend: ids.length > 1,
+      title: {text: key, x: 0.02}, margin: {l: 50, r: 10, t: 35, b: 35}, showlegend: ids.length > 1,
+      legend: {orientation: "h", y: -0.25}, uirevision: key,  // a zoom survives the live updates
       xaxis: {title: {text: S.xaxis === "time" ? "seconds since first record" : "step"}},
-    }, {displaylogo: false, responsive: true});
+    }, {displayModeBar: false, responsive: true});
   }
   for (const div of $$(".chart", box)) if (!keys.includes(div.dataset.key)) { Plotly.purge(div); div.remove(); }
   $("#curves-note").textContent = ids.length ? "" : "tick a run to see its curves";
