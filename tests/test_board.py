@@ -103,6 +103,7 @@ def server(world):
         assert time.monotonic() < deadline and thread.is_alive(), "the board did not start"
         time.sleep(0.05)
     yield {"url": f"http://127.0.0.1:{port}", "app": app}
+    app.state.board.jobs.stop_all()  # a run a failed test left going
     srv.should_exit = True
     thread.join(timeout=90)
 

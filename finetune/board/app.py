@@ -245,8 +245,7 @@ def make_app(runs_dir: Path, recipes_dir: Path = Path("recipes"), token: str | N
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        board.jobs.close()  # runs it started are stopped (each checkpoints), not orphaned
-        board.plans.close()
+        board.plans.close()  # runs it started go on (they hold their locks; the next board shows and stops them)
 
     app = Starlette(routes=routes, middleware=[Middleware(TokenCheck)], exception_handlers=handlers,
                     lifespan=lifespan)

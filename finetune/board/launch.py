@@ -158,13 +158,13 @@ class Jobs:
         else:
             os.kill(pid, signal.SIGTERM)
 
-    def close(self) -> None:
-        """On shutdown: stop what is still running (each writes its checkpoint) and reap it."""
+    def stop_all(self, timeout: float = 60) -> None:
+        """Stop what is still running (each writes its checkpoint) and reap it; kill what outlives `timeout`."""
         for job in self.jobs.values():
             if job.proc.poll() is None:
                 job.proc.send_signal(signal.SIGTERM)
         for job in self.jobs.values():
             try:
-                job.proc.wait(timeout=60)
+                job.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 job.proc.kill()

@@ -214,20 +214,21 @@ async function openRun(id) {
 
 function fillRunSelects() {
   const ids = S.runs.filter((r) => r.status !== "damaged").map((r) => r.id);
-  for (const sel of [$("#diff-a"), $("#diff-b")]) {
-    const keep = sel.value;
-    sel.innerHTML = ids.map((id) => `<option>${esc(id)}</option>`).join("");
-    if (ids.includes(keep)) sel.value = keep;
-  }
+  for (const sel of [$("#diff-a"), $("#diff-b")]) setOptions(sel, ids.map((id) => `<option>${esc(id)}</option>`));
   if (!$("#diff-b").dataset.touched && ids.length > 1 && $("#diff-a").value === $("#diff-b").value) $("#diff-b").value = ids[1];
   const targets = [`<option value="">(none)</option>`].concat(S.runs.flatMap((r) => (r.checkpoints || []).flatMap((c) => [
     `<option value="${esc(r.id + "/" + c)}">${esc(r.id + "/" + c)}</option>`,
     `<option value="${esc("base:" + r.id + "/" + c)}">base of ${esc(r.id + "/" + c)}</option>`])));
-  for (const sel of $$(".chat-target")) {
-    const keep = sel.value;
-    sel.innerHTML = targets.join("");
-    if (keep) sel.value = keep;
-  }
+  for (const sel of $$(".chat-target")) setOptions(sel, targets);
+}
+
+function setOptions(sel, options) {  // rebuilt only when they change: a choice being made is left alone
+  const html = options.join("");
+  if (sel.dataset.options === html) return;
+  const keep = sel.value;
+  sel.innerHTML = html;
+  sel.dataset.options = html;
+  if ([...sel.options].some((o) => o.value === keep)) sel.value = keep;
 }
 
 async function showDiff() {
