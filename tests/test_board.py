@@ -191,6 +191,42 @@ def test_token_and_paths_are_refused(server, world):
     assert r.status_code == 404
 
 
+def test_half_written_and_broken_records_never_break_the_page(server, world):
+    run = world["runs"] / "partial"
+    shutil.copytree(world["runs"] / "beta", run)
+    try:
+        whole = get(server, "/api/metrics/partial").json()
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write('{"step": 5, "loss": 0.5')  # a line being written
+        assert get(server, f"/api/metrics/partial?offset={whole['offset']}").json() == {
+            "rows": [], "offset": whole["offset"], "running": False}
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(', "time": 1.0}\n')
+        assert get(server, f"/api/metrics/partial?offset={whole['offset']}").json()["rows"] == [
+            {"step": 5, "loss": 0.5, "time": 1.0}]
+        (run / "summary.json").write_text("{not json")
+        (run / "environment.json").write_text("")
+        d = get(server, "/api/run/partial").json()
+        assert d["summary"] == {"damaged": "summary.json is not valid JSON"}
+        assert d["environment"] == {"damaged": "environment.json is not valid JSON"}
+        broken = get(server, "/api/run/broken").json()
+        assert broken["row"]["status"] == "damaged" and broken["checkpoints"] == []
+    finally:
+        shutil.rmtree(run)
+
+
+def test_chat_route_streams_pieces(server, world):
+    from finetune.generate import ChatOptions, load_session, reply
+
+    ckpt = world["runs"] / "beta" / "checkpoint-final"
+    want = reply(load_session(str(ckpt)), PROMPT, ChatOptions(max_new_tokens=12))
+    with httpx.stream("POST", server["url"] + "/api/chat", headers={"X-Board-Token": TOKEN}, timeout=120,
+                      json={"checkpoint": "beta/checkpoint-final", "prompt": PROMPT, "max_new_tokens": 12}) as r:
+        items = [json.loads(line) for line in r.iter_lines() if line]
+    assert items[-1] == {"done": True} and len(items) > 2  # several pieces, then the end
+    assert "".join(i["text"] for i in items[:-1]).strip() == want
+
+
 def test_no_token_only_on_loopback(world):
     from finetune.board import serve_board
     from finetune.errors import FinetuneError
@@ -280,6 +316,12 @@ def test_page_lists_runs_sorts_filters_and_draws_their_curves(browser, world):
         assert wait_for(lambda: chart_y(browser, "loss", run), f"{run}'s loss curve") == want
         evals = [[m["step"] for m in lines if "eval_loss" in m], [m["eval_loss"] for m in lines if "eval_loss" in m]]
         assert chart_y(browser, "eval_loss", run) == evals
+    by_css(browser, 'input[name=xaxis][value=time]')[0].click()
+    lines = metrics_lines(world["runs"] / "alpha")
+    want = [m["time"] - lines[0]["time"] for m in lines if "loss" in m]
+    got = wait_for(lambda: (c := chart_y(browser, "loss", "alpha")) and c[0][0] != 1 and c[0], "x by time")
+    assert got == pytest.approx(want, abs=1e-6)
+    by_css(browser, 'input[name=xaxis][value=step]')[0].click()
     by_css(browser, '#runs-table th[data-key="name"]')[0].click()  # ascending by name
     names = [tr.get_attribute("data-run") for tr in by_css(browser, "#runs-table tbody tr[data-run]")]
     assert names.index("alpha") < names.index("beta") < names.index("broken")
