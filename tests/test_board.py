@@ -237,6 +237,15 @@ def test_no_token_only_on_loopback(world):
     assert result.exit_code == 2 and "loopback" in result.output
 
 
+def test_without_a_token_only_loopback_hosts_are_answered(world):
+    from starlette.testclient import TestClient
+
+    client = TestClient(make_app(world["runs"], world["recipes"], token=None), base_url="http://127.0.0.1:7860")
+    assert client.get("/api/runs").status_code == 200
+    assert client.get("/api/runs", headers={"host": "localhost:7860"}).status_code == 200
+    assert client.get("/api/runs", headers={"host": "evil.example:7860"}).status_code == 403  # DNS rebinding
+
+
 def test_launch_refuses_a_bad_override_before_starting(server, world):
     app = server["app"]
     before = len(app.state.board.jobs.jobs)
@@ -247,6 +256,13 @@ def test_launch_refuses_a_bad_override_before_starting(server, world):
     assert set(errors) == {"training.max_steps", "lora.rr"}
     assert "valid integer" in errors["training.max_steps"][0] and "Did you mean 'r'" in errors["lora.rr"][0]
     assert len(app.state.board.jobs.jobs) == before and not (world["runs"] / "tiny").exists()
+    r = httpx.post(server["url"] + "/api/launch", headers={"X-Board-Token": TOKEN}, timeout=30,
+                   json={"recipe": "runs/alpha", "overrides": []})  # the run's own recipe: its name is taken
+    assert r.status_code == 400 and "already holds a run" in r.json()["errors"]["name"][0]
+    r = httpx.post(server["url"] + "/api/launch", headers={"X-Board-Token": TOKEN}, timeout=30,
+                   json={"recipe": "recipes/tiny.yaml", "overrides": [f"output_dir={world['root']}/elsewhere"]})
+    assert r.status_code == 400 and "inside the board's runs directory" in r.json()["errors"]["output_dir"][0]
+    assert len(app.state.board.jobs.jobs) == before
 
 
 # ----------------------------------------------------------------------------- the page in a browser

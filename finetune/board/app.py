@@ -81,7 +81,11 @@ class TokenCheck:
 
     async def __call__(self, scope, receive, send):
         board = scope["app"].state.board if "app" in scope else None
-        if scope["type"] == "http" and board is not None and board.token:
+        if scope["type"] == "http" and board is not None and not board.token:
+            host = Request(scope).url.hostname or ""  # no token: only pages served as a loopback host may ask
+            if not is_loopback(host.strip("[]")):  # (a DNS-rebinding site's Host header names itself)
+                return await PlainTextResponse("forbidden: not a loopback host", 403)(scope, receive, send)
+        elif scope["type"] == "http" and board is not None:
             request = Request(scope)
             given = (request.query_params.get("token") or request.cookies.get(COOKIE)
                      or request.headers.get("x-board-token") or "")

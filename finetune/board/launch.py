@@ -45,22 +45,25 @@ def _attach(message: str, overrides: list[str]) -> tuple[dict[str, list[str]], l
     return by_key, general
 
 
-def validate(recipe: Path, overrides: list[str], runs_dir: Path) -> list[str]:
-    """The overrides to run with (output_dir added), or OverrideErrors. Loads no model library."""
+def validate(recipe: Path, overrides: list[str], runs_dir: Path, resume: bool = False) -> list[str]:
+    """The overrides to run with (output_dir added), or OverrideErrors. Loads no model library. A fresh run
+    into a directory that holds an earlier one is refused here (train would refuse it too, after starting)."""
     from finetune.recipe import load_recipe
 
     try:
         r = load_recipe(recipe, overrides)
     except RecipeError as e:
         raise OverrideErrors(*_attach(str(e), overrides)) from None
-    given = next((o for o in overrides if o.split("=", 1)[0].strip() == "output_dir"), None)
-    if given is None:
-        return [*overrides, f"output_dir={runs_dir.resolve() / (r.name or 'run')}"]
-    out = Path(r.output_dir).resolve()
-    if runs_dir.resolve() not in out.parents:
+    given = any(o.split("=", 1)[0].strip() == "output_dir" for o in overrides)
+    out = Path(r.output_dir).resolve() if given else runs_dir.resolve() / (r.name or "run")
+    if given and runs_dir.resolve() not in out.parents:
         raise OverrideErrors({"output_dir": [f"output_dir must be inside the board's runs directory "
                                              f"{runs_dir.resolve()} (got {out})."]}, [])
-    return list(overrides)
+    if not resume and ((out / "metrics.jsonl").exists() or any(out.glob("checkpoint-*"))):
+        key = "output_dir" if given else "name"
+        raise OverrideErrors({key: [f"{out} already holds a run ({key} {r.output_dir if given else r.name!r}); "
+                                    f"give another {key} (or resume that run from its row)."]}, [])
+    return list(overrides) if given else [*overrides, f"output_dir={out}"]
 
 
 def grid_points(overrides: list[str]) -> list[list[str]]:
@@ -118,7 +121,7 @@ class Jobs:
         return job
 
     def train(self, recipe: Path, overrides: list[str], resume: bool = False) -> Job:
-        final = validate(recipe, overrides, self.runs_dir)
+        final = validate(recipe, overrides, self.runs_dir, resume)
         out = Path(next(o for o in final if o.startswith("output_dir=")).split("=", 1)[1])
         run_id = out.resolve().relative_to(self.runs_dir.resolve()).as_posix()
         return self.start("train", [str(recipe), *final, *(["--resume"] if resume else [])], run_id)
