@@ -108,7 +108,7 @@ def status(run_dir: Path, last_step: int, ckpts: list[Path]) -> str:
     if holder(run_dir):  # a record left behind: the process died without releasing its lock (killed)
         return "failed"
     steps = [int(p.name[11:]) for p in ckpts if p.name[11:].isdigit()]
-    return "interrupted" if steps and last_step and max(steps) == last_step else "failed"
+    return "interrupted" if steps and max(steps) >= last_step else "failed"  # stopped with a checkpoint
 
 
 def row(root: Path, run_dir: Path, group: str | None) -> dict:
@@ -136,8 +136,8 @@ def _summarise(run_dir: Path) -> dict:
     speeds = [m["tokens_per_s"] for m in metrics if isinstance(m.get("tokens_per_s"), (int, float))]
     memory = [m["memory_gib"] for m in metrics if isinstance(m.get("memory_gib"), (int, float))]
     times = [m["time"] for m in metrics if isinstance(m.get("time"), (int, float))]
-    env = run_dir / "environment.json"
-    started = env.stat().st_mtime if env.is_file() else (run_dir / "recipe.yaml").stat().st_mtime
+    env = run_dir / "environment.json"  # rewritten by a resume: the first metrics line is earlier then
+    started = min([env.stat().st_mtime if env.is_file() else (run_dir / "recipe.yaml").stat().st_mtime, *times[:1]])
     state_now = status(run_dir, last, ckpts)
     end = max(times, default=started) if state_now != "running" else time.time()
     return {
@@ -149,7 +149,7 @@ def _summarise(run_dir: Path) -> dict:
         "tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
         "peak_memory_gib": summary.get("peak_memory_gib") or max(memory, default=None),
         "started": started,
-        "duration_s": summary.get("wall_time_s") or max(end - started, 0.0),
+        "duration_s": max(end - started, 0.0) if times else summary.get("wall_time_s"),
         "checkpoints": [p.name for p in ckpts],
     }
 
