@@ -237,6 +237,20 @@ def test_no_token_only_on_loopback(world):
     assert result.exit_code == 2 and "loopback" in result.output
 
 
+def test_a_sweeps_grid_is_validated_point_by_point_before_anything_starts(world):
+    from finetune.board.launch import Jobs, OverrideErrors, grid_points
+
+    assert grid_points(["lora.r=2,4", "training.learning_rate=1e-3,2e-3", "lora.target_modules=[q_proj,v_proj]"]) == [
+        ["lora.r=2", "training.learning_rate=1e-3", "lora.target_modules=[q_proj,v_proj]"],
+        ["lora.r=4", "training.learning_rate=1e-3", "lora.target_modules=[q_proj,v_proj]"],
+        ["lora.r=2", "training.learning_rate=2e-3", "lora.target_modules=[q_proj,v_proj]"]]
+    jobs = Jobs(world["runs"])
+    with pytest.raises(OverrideErrors) as e:
+        jobs.sweep(world["recipes"] / "tiny.yaml", ["lora.r=2,4", "training.max_steps=3,many"])
+    assert list(e.value.by_key) == ["training.max_steps"] and "valid integer" in e.value.by_key["training.max_steps"][0]
+    assert jobs.jobs == {}
+
+
 def test_without_a_token_only_loopback_hosts_are_answered(world):
     from starlette.testclient import TestClient
 
