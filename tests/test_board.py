@@ -445,6 +445,7 @@ def test_launch_form_refuses_a_bad_override_then_runs_a_3_step_run(browser, serv
     assert wait_for(lambda: ended(browser), "the run to end", 180) == "exit 0", \
         by_css(browser, "#job-log")[0].text
     assert "done in" in by_css(browser, "#job-log")[0].text
+    browser.save_screenshot(str(world["root"] / "launch.png"))
     assert json.loads((world["runs"] / "tiny3" / "summary.json").read_text())["steps"] == 3
     wait_for(lambda: table_rows(browser).get("tiny3") == "finished", "the new run in the table")
 
