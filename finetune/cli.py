@@ -367,3 +367,17 @@ def chat(
 
 
 # --- board: `finetune board` goes here ---
+@app.command()
+def board(
+    runs_dir: Path = typer.Argument(Path("runs"), help="The runs directory to show."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (the page can start processes: keep it local)."),
+    port: int = typer.Option(7860, min=0, max=65535, help="Port to listen on."),
+    recipes: Path = typer.Option(Path("recipes"), help="Directory of recipes the launch form offers."),
+    no_token: bool = typer.Option(False, "--no-token", help="Ask no token (loopback hosts only)."),
+) -> None:
+    """A local web page: runs table, live curves, recipe diff, launch/stop/resume, chat with checkpoints."""
+    from finetune.board import serve_board
+
+    _run(lambda: serve_board(runs_dir, host=host, port=port, no_token=no_token, recipes_dir=recipes,
+                             announce=lambda url: console.print(f"finetune board on [bold]{url}[/]", highlight=False,
+                                                                soft_wrap=True)))

@@ -9,5 +9,5 @@ from finetune import lazy_exports
 __all__, __getattr__ = lazy_exports(__name__, {
     "atomic": ["atomic_dir"],
     "manifest": ["check_report", "verify", "verify_adapter", "verify_checkpoint", "write_manifest"],
-    "lock": ["hold", "hold_all", "is_main_process"],
+    "lock": ["held_by", "hold", "hold_all", "holder", "is_main_process", "lock_path"],
 })

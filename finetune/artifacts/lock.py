@@ -102,6 +102,37 @@ def holder(path: str | Path) -> dict | None:
         os.close(fd)
 
 
+def held_by(path: str | Path) -> dict | None:
+    """Who holds the lock of `path` now, without touching it (trying the lock could refuse a starting writer):
+    the kernel's table of flocks (/proc/locks: "1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> 0 EOF")
+    names the lock file's inode. Returns the holder's record (with the kernel's PID when it has one) or None.
+    Without /proc/locks (not Linux), a record whose PID is alive on this host counts as held."""
+    lock = lock_path(path)
+    try:
+        st = lock.stat()
+    except OSError:
+        return None
+    record = holder(path) or {}
+    try:
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        alive = record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int)
+        return record if alive and _alive(record["pid"]) else None
+    want = (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    for line in table.splitlines():
+        parts = line.split()
+        if len(parts) < 6 or parts[1] != "FLOCK":  # "->" lines are waiters, POSIX locks are not ours
+            continue
+        try:
+            major, minor, inode = parts[5].split(":")
+            if (int(major, 16), int(minor, 16), int(inode)) == want:
+                pid = int(parts[4])
+                return {**record, "pid": pid} if pid > 0 else record
+        except ValueError:
+            continue
+    return None
+
+
 def _read(fd: int) -> dict | None:
     try:
         text = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 from dataclasses import asdict
@@ -59,8 +60,10 @@ def generation_eval(run: Run) -> None:
                                     batch_size=t.micro_batch_size)
         with torch.random.fork_rng(devices=[]):
             model = run.accelerator.unwrap_model(run.model)
-            metrics, _ = generation_metrics(model, run.tokenizer, run.generation_records, options)
+            metrics, samples = generation_metrics(model, run.tokenizer, run.generation_records, options)
         run.log.write({"step": run.state.step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        with open(run.recipe.run_dir / "eval_samples.jsonl", "a") as f:  # what the board shows per eval step
+            f.writelines(json.dumps({"step": run.state.step, "index": i, **s}) + "\n" for i, s in enumerate(samples))
     run.accelerator.wait_for_everyone()
 
 

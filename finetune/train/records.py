@@ -6,6 +6,7 @@ import json
 import platform
 import resource
 import subprocess
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -26,8 +27,8 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.accelerator.is_main_process:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(self.path, "a") as f:  # "time" (Unix seconds) lets the board plot against wall time
+            f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
         self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
         self.console.print(" ".join(f"{k}={_fmt(v)}" for k, v in record.items()), highlight=False, soft_wrap=True)
 
