@@ -25,7 +25,7 @@ from conftest import write_jsonl
 runner = CliRunner()
 GRID = ["lora.r=2,4", "training.learning_rate=1e-3,2e-3"]
 NAMES = ["r2-lr1e-3", "r2-lr2e-3", "r4-lr1e-3", "r4-lr2e-3"]  # product order: the last axis varies fastest
-STEPS = 30  # long enough (with a checkpoint every 2 steps) that point 3 is killed between two checkpoints
+STEPS = 40  # long enough (with a checkpoint every 2 steps) that point 3 is killed between two checkpoints
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +68,20 @@ def state(sweep_dir: Path) -> dict:
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def _env() -> dict:
+    """The environment of a driver started as its own process: this checkout's finetune first."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]),
+                                                         os.environ.get("PYTHONPATH", "")])}
+
+
+def _wait_for(condition, driver: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert driver.poll() is None, driver.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
 
 
 def test_values_split_outside_brackets_and_ranges_are_parsed():
@@ -119,15 +133,10 @@ def test_bad_values_exit_2_naming_the_key_before_anything_runs(tmp_path, tiny_mo
 def test_grid_killed_during_point_3_resumes_without_redoing_points_1_and_2(tmp_path, tiny_model_dir, data):
     recipe = make_recipe(tmp_path, tiny_model_dir, data, max_steps=STEPS, save_steps=2, eval_steps=10)
     sweep_dir = tmp_path / "runs" / "grid-sweep"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get(
-        "PYTHONPATH", "")])}
-    driver = subprocess.Popen([sys.executable, "-m", "finetune", "sweep", str(recipe), *GRID], env=env,
+    driver = subprocess.Popen([sys.executable, "-m", "finetune", "sweep", str(recipe), *GRID], env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     third = sweep_dir / NAMES[2]
-    deadline = time.monotonic() + 300
-    while not (third / "checkpoint-2").is_dir():  # published whole (renamed into place)
-        assert driver.poll() is None and time.monotonic() < deadline, driver.stderr.read() if driver.poll() else ""
-        time.sleep(0.01)
+    _wait_for(lambda: (third / "checkpoint-2").is_dir(), driver)  # published whole (renamed into place)
     child = state(sweep_dir)["points"][2]["pid"]
     os.kill(child, signal.SIGKILL)  # the driver and its child, as a machine crash would
     driver.kill()
@@ -167,16 +176,29 @@ def test_grid_killed_during_point_3_resumes_without_redoing_points_1_and_2(tmp_p
     assert (sweep_dir / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_failing_point_is_reported_and_the_others_finish_exit_5(tmp_path, tiny_model_dir, data, monkeypatch):
+def test_sigterm_checkpoints_the_point_and_a_failing_point_gives_exit_5(tmp_path, tiny_model_dir, data, monkeypatch):
+    """SIGTERM to the driver reaches the training point, which checkpoints; the restart resumes it, then the bad
+    point fails (its reason in the table), the sweep still ends and exits 5."""
     monkeypatch.chdir(data)
-    recipe = make_recipe(tmp_path, tiny_model_dir, data)
-    result = sweep(str(recipe), "data.train=bad.jsonl,train.jsonl")
+    recipe = make_recipe(tmp_path, tiny_model_dir, data, max_steps=STEPS, eval_steps=10)
+    sweep_dir, items = tmp_path / "runs" / "grid-sweep", ["data.train=train.jsonl,bad.jsonl"]
+    driver = subprocess.Popen([sys.executable, "-m", "finetune", "sweep", str(recipe), *items], env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    good = sweep_dir / "traintrain.jsonl"
+    _wait_for(lambda: (good / "metrics.jsonl").exists() and "loss" in (good / "metrics.jsonl").read_text(), driver)
+    driver.send_signal(signal.SIGTERM)
+    assert driver.wait(timeout=300) == 143, driver.stderr.read()
+    assert any(good.glob("checkpoint-[0-9]*")) and not (good / "summary.json").exists()
+    assert [p["status"] for p in state(sweep_dir)["points"]] == ["interrupted", "pending"]
+
+    result = sweep(str(recipe), *items)
     assert result.exit_code == 5, result.output
-    report = json.loads((tmp_path / "runs" / "grid-sweep" / "sweep.json").read_text())
-    rows = {r["name"]: r for r in report["points"]}
+    rows = {r["name"]: r for r in json.loads((sweep_dir / "sweep.json").read_text())["points"]}
+    assert rows["traintrain.jsonl"]["status"] == "finished" and rows["traintrain.jsonl"]["steps"] == STEPS
+    assert "--resume" in (sweep_dir / "logs" / "traintrain.jsonl.log").read_text()
     assert rows["trainbad.jsonl"]["status"] == "failed" and "bad.jsonl:1" in rows["trainbad.jsonl"]["reason"]
-    assert rows["traintrain.jsonl"]["status"] == "finished" and report["best"] == "traintrain.jsonl"
-    assert "1 of 2 sweep points failed" in " ".join(result.output.split())
+    output = " ".join(result.output.split())
+    assert "1 of 2 sweep points failed" in output and "bad.jsonl:1" in output
 
 
 @pytest.mark.slow

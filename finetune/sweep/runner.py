@@ -31,6 +31,7 @@ STATE = "sweep-state.json"
 SCHEMA = "finetune.sweep-state/1"
 DONE = ("finished", "pruned")  # never run again; failed and interrupted points are retried on a restart
 LOCK_WAIT_S = 120.0
+_AGAIN = "run the same `finetune sweep` command again to go on (finished points are kept)."
 
 
 @dataclass
@@ -97,8 +98,8 @@ class Signals:
         self.received = self.received or signum
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signum)
-        elif self.child is None:
-            raise KeyboardInterrupt  # between points: nothing to wait for
+        elif self.child is None:  # between points: nothing to wait for
+            raise TrainingInterrupted(f"Sweep interrupted between points; {_AGAIN}", 128 + signum)
 
     def __enter__(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -130,6 +131,8 @@ class PointRunner:
     say: Callable[[str], None]
 
     def run(self, p: PointState, monitor: Callable[[Path], str | None] | None = None) -> str:
+        if self.signals.received:  # stopped as the previous point finished
+            raise TrainingInterrupted(f"Sweep interrupted before {p.name}; {_AGAIN}", 128 + self.signals.received)
         run_dir = self.sweep_dir / p.name
         if (run_dir / "summary.json").exists():  # finished, maybe just before a crash recorded it
             p.status, p.reason, p.pid = "finished", None, None
@@ -165,8 +168,8 @@ class PointRunner:
         self.state.save()
         if p.status == "interrupted":
             raise TrainingInterrupted(
-                f"Sweep interrupted during {p.name} (its checkpoint is written); run the same `finetune sweep` "
-                f"command again to resume it and go on with the rest.", 128 + self.signals.received)
+                f"Sweep interrupted during {p.name} (it resumes from its newest checkpoint); {_AGAIN}",
+                128 + self.signals.received)
         return p.status
 
     def _wait(self, child: subprocess.Popen, run_dir: Path, monitor) -> str | None:
