@@ -99,9 +99,10 @@ def test_point_names_are_readable_or_hashed_when_long():
     points = name_points([{"lora.r": "2", "training.learning_rate": "0.001", "adapter.method": "ia3"}])
     assert points == [Point("r2-lr0.001-ia3", {"lora.r": "2", "training.learning_rate": "0.001",
                                                "adapter.method": "ia3"})]
-    long = name_points([{"data.train": "/" + "x" * 60 + str(i)} for i in range(2)])
-    assert [p.name[:3] for p in long] == ["p1-", "p2-"] and long[0].name != long[1].name
-    assert name_points([{"data.train": "/" + "x" * 60 + "0"}])[0].name == "p1-" + long[0].name[3:]  # stable
+    long = name_points([{"data.train": "/" + "x" * 60 + str(i)} for i in range(2)] + [{"data.train": "a.jsonl"}])
+    assert [p.name[:2] for p in long[:2]] == ["p-", "p-"] and long[0].name != long[1].name
+    assert long[2].name == "traina.jsonl"
+    assert name_points([{"data.train": "/" + "x" * 60 + "0"}])[0].name == long[0].name  # stable alone too
 
 
 def test_grid_file_with_cli_items(tmp_path, tiny_model_dir, data):
@@ -180,7 +181,8 @@ def test_sigterm_checkpoints_the_point_and_a_failing_point_gives_exit_5(tmp_path
     """SIGTERM to the driver reaches the training point, which checkpoints; the restart resumes it, then the bad
     point fails (its reason in the table), the sweep still ends and exits 5."""
     monkeypatch.chdir(data)
-    recipe = make_recipe(tmp_path, tiny_model_dir, data, max_steps=STEPS, eval_steps=10)
+    recipe = make_recipe(tmp_path, tiny_model_dir, data, max_steps=STEPS, eval_steps=10, eval_generate_steps=STEPS,
+                         eval_generate_examples=2, eval_max_new_tokens=4)
     sweep_dir, items = tmp_path / "runs" / "grid-sweep", ["data.train=train.jsonl,bad.jsonl"]
     driver = subprocess.Popen([sys.executable, "-m", "finetune", "sweep", str(recipe), *items], env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -195,6 +197,10 @@ def test_sigterm_checkpoints_the_point_and_a_failing_point_gives_exit_5(tmp_path
     assert result.exit_code == 5, result.output
     rows = {r["name"]: r for r in json.loads((sweep_dir / "sweep.json").read_text())["points"]}
     assert rows["traintrain.jsonl"]["status"] == "finished" and rows["traintrain.jsonl"]["steps"] == STEPS
+    last = json.loads((good / "metrics.jsonl").read_text().splitlines()[-1])  # the generation record at the end
+    assert "eval_exact_match" in last and rows["traintrain.jsonl"]["generation"] == {k: v for k, v in last.items()
+                                                                                     if k.startswith("eval_")}
+    assert "eval_exact_match" in (sweep_dir / "sweep.csv").read_text().splitlines()[0].split(",")
     assert "--resume" in (sweep_dir / "logs" / "traintrain.jsonl.log").read_text()
     assert rows["trainbad.jsonl"]["status"] == "failed" and "bad.jsonl:1" in rows["trainbad.jsonl"]["reason"]
     output = " ".join(result.output.split())

@@ -5,7 +5,8 @@ then the table, sweep.json, sweep.csv and sweep.png of all of them.
 Everything given is validated first (space.py: each swept value and each grid point against the recipe schema;
 exit 2 naming the key, before anything runs). The driver holds the sweep directory's lock for its whole life.
 Started again after an interruption (Ctrl-C, SIGTERM, kill -9, a crash), the same command skips the finished
-points, resumes the interrupted one from its newest checkpoint and goes on; failed points are retried.
+points, resumes the interrupted one from its newest checkpoint and goes on; failed points are retried. With more
+values on an axis, only the new points run.
 A point that fails does not stop the sweep: it is a row saying why, and the sweep exits 5 at the end.
 """
 
@@ -18,7 +19,7 @@ from typing import Callable
 from finetune.artifacts import hold
 from finetune.errors import FinetuneError, RecipeError, SweepPointsFailed
 from finetune.recipe import load_recipe
-from finetune.sweep.results import Row, SweepResult, mark_best, planned_gib, read_row, write_results
+from finetune.sweep.results import Row, SweepResult, mark_best, planned, read_row, write_results
 from finetune.sweep.runner import DONE, PointRunner, PointState, Signals, open_state
 from finetune.sweep.space import Point, Space, parse_space, validate
 
@@ -48,7 +49,7 @@ def sweep(recipe: Path, items: list[str], *, grid_file: Path | None = None, sear
         sweep_dir.mkdir(parents=True, exist_ok=True)
         state = open_state(sweep_dir, str(recipe), space.fixed, mode)
         if not search:
-            _grid_state(state, points, sweep_dir)
+            _grid_state(state, points)
         with Signals() as signals:
             runner = PointRunner(sweep_dir, recipe, space.fixed, state, signals, say)
             if search:
@@ -71,13 +72,12 @@ def check_sweep(result: SweepResult) -> None:
                                 f"logs are in {result.sweep_dir / 'logs'}; run the sweep again to retry them.")
 
 
-def _grid_state(state, points: list[Point], sweep_dir: Path) -> None:
-    """The grid's points in the state (new, or the same as the earlier run's)."""
-    if state.points and [(p.name, p.overrides) for p in state.points] != [(p.name, p.overrides) for p in points]:
-        raise RecipeError(f"{sweep_dir} holds a sweep over other points ({', '.join(p.name for p in state.points)}); "
-                          f"pass --overwrite to replace it, or set name=... to sweep into another directory.")
-    if not state.points:
-        state.points = [PointState(p.name, p.overrides) for p in points]
+def _grid_state(state, points: list[Point]) -> None:
+    """The grid's points in the state; a point the earlier run of this sweep had (same name and values) keeps its
+    status, so adding values to an axis runs only the new points."""
+    earlier = {(p.name, tuple(p.overrides.items())): p for p in state.points}
+    state.points = [earlier.get((p.name, tuple(p.overrides.items()))) or PointState(p.name, p.overrides)
+                    for p in points]
     state.save()
 
 
@@ -106,7 +106,7 @@ def _search(runner: PointRunner, space: Space, n: int, recipe: Path, seed: int) 
 
 
 def _tell(study, runner: PointRunner, p: PointState, status: str, tell) -> None:
-    row = read_row(p.name, p.overrides, status, p.reason, runner.sweep_dir / p.name, None)
+    row = read_row(p.name, p.overrides, status, p.reason, runner.sweep_dir / p.name)
     tell(study, p.trial, status, row.eval_loss)
 
 
@@ -114,9 +114,9 @@ def _results(state, recipe: Path, space: Space, sweep_dir: Path) -> SweepResult:
     rows: list[Row] = []
     for p in state.points:
         try:
-            planned = planned_gib(load_recipe(recipe, space.fixed + p.args()))
+            plan = planned(load_recipe(recipe, space.fixed + p.args()))
         except FinetuneError:
-            planned = None
-        rows.append(read_row(p.name, p.overrides, p.status, p.reason, sweep_dir / p.name, planned))
+            plan = (None, None)
+        rows.append(read_row(p.name, p.overrides, p.status, p.reason, sweep_dir / p.name, plan))
     mark_best(rows)
     return SweepResult(sweep_dir, str(recipe), space.keys, rows)

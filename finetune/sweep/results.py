@@ -59,8 +59,10 @@ class SweepResult:
 
 
 def read_row(name: str, overrides: dict[str, str], status: str, reason: str | None, run_dir: Path,
-             planned: float | None) -> Row:
-    row = Row(name, overrides, status, reason, str(run_dir), planned_memory_gib=planned)
+             plan: tuple[float | None, int | None] = (None, None)) -> Row:
+    """A point's row; the planner's trainable count stands in when the run did not finish (pruned, failed)."""
+    row = Row(name, overrides, status, reason, str(run_dir), planned_memory_gib=plan[0],
+              trainable_parameters=plan[1])
     metrics = read_metrics(run_dir / "metrics.jsonl")
     train = [m for m in metrics if "loss" in m]
     row.train_loss = train[-1]["loss"] if train else None
@@ -75,7 +77,7 @@ def read_row(name: str, overrides: dict[str, str], status: str, reason: str | No
         row.eval_loss = evals[-1] if evals else None  # pruned or failed: as far as it got
         row.steps = max((m["step"] for m in metrics), default=None)
         return row
-    row.trainable_parameters = summary.get("trainable_parameters")
+    row.trainable_parameters = summary.get("trainable_parameters", row.trainable_parameters)
     row.steps, row.eval_loss = summary.get("steps"), summary.get("eval_loss")
     row.seconds, row.peak_memory_gib = summary.get("wall_time_s"), summary.get("peak_memory_gib")
     return row
@@ -103,8 +105,9 @@ def mark_best(rows: list[Row]) -> None:
         min(scored, key=lambda r: getattr(r, key)).best = True
 
 
-def planned_gib(recipe) -> float | None:
-    """`finetune plan`'s predicted peak for this point's recipe; None when the planner cannot say."""
+def planned(recipe) -> tuple[float | None, int | None]:
+    """`finetune plan`'s predicted peak (GiB) and trainable parameters for this point's recipe; None, None when
+    the planner cannot say."""
     import warnings
 
     from finetune.plan import plan
@@ -112,9 +115,10 @@ def planned_gib(recipe) -> float | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. transformers' deprecations, said once per point
-            return round(plan(recipe).total / 2**30, 3)
+            p = plan(recipe)
     except FinetuneError:
-        return None
+        return None, None
+    return round(p.total / 2**30, 3), p.term("LoRA parameters").bytes // 4  # float32 adapters
 
 
 def write_results(result: SweepResult) -> None:
@@ -171,29 +175,38 @@ def plot(result: SweepResult, out: Path) -> None:
 
 
 def print_sweep(result: SweepResult, console) -> None:
-    """One table: a row per point, the best marked with *."""
+    """One table: a row per point, the best marked with *; why each point failed or was pruned below it."""
     from rich.table import Table
+
+    from finetune.sweep.space import short_key
 
     generation = sorted({k for r in result.rows for k in r.generation})
     table = Table(title=f"sweep {result.sweep_dir}", title_justify="left")
-    for c in ["", "point", *(k.split(".")[-1] for k in result.keys), "trainable", "train loss", "eval loss",
+    for c in ["", "point", *(short_key(k) for k in result.keys), "trainable", "train loss", "eval loss",
               *(k.removeprefix("eval_") for k in generation), "tok/s", "s", "peak GiB", "plan GiB", "status"]:
         table.add_column(c, justify="left" if c in ("point", "status") else "right")
     for r in result.rows:
-        status = r.status + (f": {r.reason}" if r.reason and r.status != "finished" else "")
         table.add_row("*" if r.best else "", r.name, *(r.overrides.get(k, "") for k in result.keys),
                       _num(r.trainable_parameters, ","), _num(r.train_loss, ".4f"), _num(r.eval_loss, ".4f"),
                       *(_num(r.generation.get(k), ".3f") for k in generation), _num(r.tokens_per_s, ",.0f"),
                       _num(r.seconds, ".1f"), _num(r.peak_memory_gib, ".2f"), _num(r.planned_memory_gib, ".2f"),
-                      status)
-    if not console.is_terminal:  # a pipe or a file: the whole table, however wide, rather than cut columns
+                      r.status)
+    if console.is_terminal:
+        console.print(table)
+    else:  # a pipe or a file: the whole table, however wide, rather than cut columns
         from rich.measure import Measurement
 
-        console.print(table, width=Measurement.get(console, console.options.update(width=10_000), table).maximum)
-    else:
-        console.print(table)
+        width = console.width
+        console.width = max(width, Measurement.get(console, console.options.update(width=10_000), table).maximum)
+        try:
+            console.print(table)
+        finally:
+            console.width = width
+    for r in result.rows:
+        if r.reason and r.status != "finished":
+            console.print(f"{r.status} {r.name}: {r.reason}", highlight=False, soft_wrap=True, markup=False)
     console.print(f"wrote {result.sweep_dir / 'sweep.json'}, sweep.csv and sweep.png"
-                  + (f"; best: {result.best.name}" if result.best else ""))
+                  + (f"; best: {result.best.name}" if result.best else ""), highlight=False, soft_wrap=True)
 
 
 def _num(v, fmt: str) -> str:

@@ -40,13 +40,14 @@ def open_study(sweep_dir: Path, seed: int):
 
 
 def suggest(trial, space: Space) -> dict[str, str]:
-    """The trial's overrides: a value from each range (log-uniform with :log, integers with :int) and axis."""
+    """The trial's overrides: a value from each range (log-uniform with :log, integers with :int; floats rounded to
+    4 significant digits, which is what the point trains with) and axis."""
     out = {}
     for r in space.ranges:
         if r.integer:
             out[r.key] = str(trial.suggest_int(r.key, int(r.low), int(r.high), log=r.log))
         else:
-            out[r.key] = repr(trial.suggest_float(r.key, r.low, r.high, log=r.log))
+            out[r.key] = f"{trial.suggest_float(r.key, r.low, r.high, log=r.log):.4g}"  # 4 digits: readable
     for a in space.axes:
         out[a.key] = trial.suggest_categorical(a.key, list(a.values))
     return out
@@ -62,7 +63,7 @@ def pruning_monitor(trial) -> Callable[[Path], str | None]:
                 reported.add(m["step"])
                 trial.report(m["eval_loss"], m["step"])
                 if trial.should_prune():
-                    return f"pruned at step {m['step']} (eval loss {m['eval_loss']:.4f} worse than the median)"
+                    return f"eval loss {m['eval_loss']:.4f} at step {m['step']} above the earlier trials' median"
         return None
 
     return monitor

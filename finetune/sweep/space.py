@@ -190,16 +190,21 @@ def _number(r: Range, v: float) -> str:
 
 def name_points(combos: list[dict[str, str]]) -> list[Point]:
     """Readable, stable names: a short form of each key (`lr` for learning_rate, the last part otherwise; none for
-    `method`) joined to its value, e.g. `r2-lr0.001`; `p<i>-<hash>` for all when one would be long or two clash."""
+    `method`) joined to its value, e.g. `r2-lr0.001`; `p-<hash of the values>` for one that would be long or clash."""
     names = ["-".join(_short(k) + _clean(v) for k, v in c.items()) or "default" for c in combos]
-    if len(set(names)) < len(names) or any(len(n) > MAX_NAME or n.startswith(".") for n in names):
-        width = len(str(len(combos)))
-        names = [f"p{i + 1:0{width}d}-{digest(c)}" for i, c in enumerate(combos)]
+    counts = {n: names.count(n) for n in names}
+    names = [f"p-{digest(c)}" if counts[n] > 1 or len(n) > MAX_NAME or n.startswith(".") else n
+             for n, c in zip(names, combos)]
     return [Point(n, c) for n, c in zip(names, combos)]
 
 
 def digest(overrides: dict[str, str]) -> str:
     return hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def short_key(key: str) -> str:
+    """A key's column title: its short form, or its last part where that is empty (`method`)."""
+    return _short(key) or key.split(".")[-1]
 
 
 def _short(key: str) -> str:
