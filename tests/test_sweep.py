@@ -131,6 +131,13 @@ def test_bad_values_exit_2_naming_the_key_before_anything_runs(tmp_path, tiny_mo
     assert not (tmp_path / "runs" / "grid-sweep" / "sweep-state.json").exists()
 
 
+def test_search_without_optuna_says_how_to_install_it(tmp_path, tiny_model_dir, data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
+    result = sweep(str(make_recipe(tmp_path, tiny_model_dir, data)), "--search", "2", "lora.r=2,4")
+    assert result.exit_code == 2 and "pip install 'finetune[sweep]'" in " ".join(result.output.split())
+    assert not (tmp_path / "runs" / "grid-sweep").exists()
+
+
 def test_grid_killed_during_point_3_resumes_without_redoing_points_1_and_2(tmp_path, tiny_model_dir, data):
     recipe = make_recipe(tmp_path, tiny_model_dir, data, max_steps=STEPS, save_steps=2, eval_steps=10)
     sweep_dir = tmp_path / "runs" / "grid-sweep"

@@ -35,6 +35,10 @@ def sweep(recipe: Path, items: list[str], *, grid_file: Path | None = None, sear
     if space.ranges and not search:
         raise RecipeError(f"{space.ranges[0].text()} is a range: ranges are sampled by --search N; a grid takes "
                           f"comma-separated values (e.g. {space.ranges[0].key}=1,2,4).")
+    if search:
+        from finetune.sweep.search import require_optuna
+
+        require_optuna()
     points = [] if search else space.grid()
     base = validate(recipe, space, points)
     if search and not (base.data.eval or base.data.eval_fraction):

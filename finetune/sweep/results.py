@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from finetune.artifacts import write_atomic
-from finetune.errors import FinetuneError
 
 SCHEMA = "finetune.sweep/1"
 
@@ -106,8 +105,8 @@ def mark_best(rows: list[Row]) -> None:
 
 
 def planned(recipe) -> tuple[float | None, int | None]:
-    """`finetune plan`'s predicted peak (GiB) and trainable parameters for this point's recipe; None, None when
-    the planner cannot say."""
+    """`finetune plan`'s predicted peak (GiB) and trainable parameters for this point's recipe; None where the
+    planner cannot say (an extra column: its failure must not cost the sweep its results)."""
     import warnings
 
     from finetune.plan import plan
@@ -116,9 +115,10 @@ def planned(recipe) -> tuple[float | None, int | None]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. transformers' deprecations, said once per point
             p = plan(recipe)
-    except FinetuneError:
+    except Exception:  # noqa: BLE001 (FinetuneError, or a library's refusal of a setting the planner lacks)
         return None, None
-    return round(p.total / 2**30, 3), p.term("LoRA parameters").bytes // 4  # float32 adapters
+    trainable = next((t.bytes // 4 for t in p.terms if t.name == "LoRA parameters"), None)  # float32 each
+    return round(p.total / 2**30, 3), trainable
 
 
 def write_results(result: SweepResult) -> None:

@@ -21,17 +21,23 @@ from finetune.sweep.space import Space
 N_STARTUP = 2  # complete trials before the pruner judges any
 
 
-def open_study(sweep_dir: Path, seed: int):
-    """The sweep's study (created, or loaded from its journal)."""
+def require_optuna():
+    """Optuna, or a RecipeError saying how to install it (checked before the sweep writes anything)."""
     try:
         import optuna
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
+        import optuna.storages.journal  # noqa: F401  (the file journal, Optuna >= 4)
     except ImportError:
         raise RecipeError("finetune sweep --search needs Optuna: pip install 'finetune[sweep]' (or pip install "
                           "optuna); a grid (key=v1,v2) needs nothing more.") from None
+    return optuna
+
+
+def open_study(sweep_dir: Path, seed: int):
+    """The sweep's study (created, or loaded from its journal)."""
+    optuna = require_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = JournalStorage(JournalFileBackend(str(sweep_dir / "optuna.journal")))
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
+        str(sweep_dir / "optuna.journal")))
     return optuna.create_study(
         study_name="sweep", storage=storage, load_if_exists=True, direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=seed),
