@@ -361,6 +361,25 @@ def chat(
 
 
 # --- sweep: `finetune sweep` goes here ---
+@app.command()
+def sweep(
+    recipe: Path = RecipeArg,
+    items: Optional[list[str]] = typer.Argument(None, help="key=v1,v2 (an axis), key=value (every point), "
+                                                "key=low:high[:int][:log] (a --search range)."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="YAML file: keys to value lists, ranges or values."),
+    search: Optional[int] = typer.Option(None, "--search", min=1, help="Sample N points with Optuna's TPE over "
+                                         "the ranges and values, pruning hopeless ones (needs finetune[sweep])."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier sweep in the same directory."),
+) -> None:
+    """Train every point of a grid of overrides (or --search N), one run each, resumable; one table of results."""
+    from finetune.sweep import check_sweep, print_sweep, sweep as run_sweep
+
+    def say(message: str) -> None:
+        err_console.print(f"[bold]sweep[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+    result = _run(lambda: run_sweep(recipe, items or [], grid_file=grid, search=search, overwrite=overwrite, say=say))
+    print_sweep(result, console)
+    _run(lambda: check_sweep(result))
 
 
 # --- serve: `finetune serve` goes here ---

@@ -41,6 +41,12 @@ class NonFiniteLossError(FinetuneError):
     exit_code = 3
 
 
+class SweepPointsFailed(FinetuneError):
+    """Some points of `finetune sweep` failed (the others finished); the table says why each failed."""
+
+    exit_code = 5
+
+
 class TrainingInterrupted(FinetuneError):
     """SIGINT/SIGTERM stopped training after a checkpoint was written."""
 

@@ -48,6 +48,18 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Replace file `path` by `text` whole: written to a hidden sibling, fsynced, renamed over it (a reader, or a
+    process killed mid-write, sees the old content or the new, never part of either)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
 
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)

@@ -95,6 +95,7 @@ def finish(run: Run, started: float) -> Path:
         summary = {
             "steps": run.state.step,
             "train_examples": run.train_examples,
+            "trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
             "wall_time_s": round(time.perf_counter() - started, 2),
             "eval_loss": last_eval and last_eval["eval_loss"],
             "best_eval_loss": run.state.best_eval_loss,
