@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 MODEL_DIR := models/SmolLM2-135M-Instruct
 
-.PHONY: install demo test test-slow test-gpu bench fetch data clean
+.PHONY: install demo test test-slow test-fuzz test-gpu bench fetch data clean
 
 install: $(VENV)/.installed
 
@@ -44,6 +44,11 @@ bench: fetch
 
 test: install
 	$(PY) -m pytest -q
+
+# The long fuzzing profile and the fault-injection tests (kill, disk full, memory limit): FUZZ_EXAMPLES per property.
+FUZZ_EXAMPLES ?= 3000
+test-fuzz: install
+	FINETUNE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -s -m slow tests/test_fuzz.py tests/test_hostile.py tests/test_faults.py
 
 test-slow: fetch
 	$(PY) -m pytest -q -m slow

@@ -71,7 +71,9 @@ def _run(fn: Callable):
 
 
 def _print_error(e: FinetuneError) -> None:
-    err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # "[x]" is text
+    """One paragraph; "[x]" in it is text, not markup, and a lone surrogate (undecodable argv bytes) is escaped."""
+    text = str(e).encode("utf-8", "backslashreplace").decode("utf-8")
+    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 @contextlib.contextmanager
@@ -111,7 +113,8 @@ def _load(recipe: Path, overrides: Optional[list[str]]):
 def validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Check a recipe (schema, values, files) without loading any model."""
     r = _run(lambda: _load(recipe, overrides))
-    console.print(f"[green]ok[/]: {recipe} is a valid recipe (run directory {r.run_dir}).")
+    console.print(f"[green]ok[/]: {escape(ascii(str(recipe))[1:-1])} is a valid recipe (run directory "
+                  f"{escape(str(r.run_dir))}).")
 
 
 @app.command()

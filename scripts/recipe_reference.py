@@ -24,6 +24,8 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def _type_name(ann) -> str:
     origin = typing.get_origin(ann)
     args = [a for a in typing.get_args(ann) if a is not type(None)]
+    if origin is typing.Annotated:  # a constrained type, e.g. PathText: the table shows the base type
+        return _type_name(typing.get_args(ann)[0])
     if origin is typing.Literal:
         return " \\| ".join(f"`{a}`" for a in typing.get_args(ann))
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):

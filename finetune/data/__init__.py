@@ -1,5 +1,6 @@
 """Datasets in, tokenized examples out, in the order the data travels:
 
+- files.py: one local file -> (file:line, row) pairs; unparsable rows are BadRecords, never exceptions
 - read.py: files, directories, globs and hub datasets -> Records (bad records with file:line; mixing)
 - render.py: Records -> chat template -> token ids and labels (response-only, train_on)
 - batch.py: packing, padding-free rows, pairs, collation into tensors

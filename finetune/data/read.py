@@ -8,15 +8,13 @@ preference; a format is one entry of `FORMATS`. Mixing weights and the held-out 
 
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import random
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.data.files import BadRecord, json_value, read_file, read_rows  # noqa: F401 (read_rows: exported)
 from finetune.errors import DataError, first_line
 from finetune.recipe import DATA_EXTENSIONS, FORMAT_FIELDS, DataSection, DatasetSpec, data_files
 
@@ -50,102 +48,7 @@ class DataStats:
     sources: list[dict] = field(default_factory=list, repr=False)  # per dataset: records, skipped, train, eval
 
 
-class _BadRecord(Exception):
-    pass
-
-
-
 # --------------------------------------------------------------------- reading
-
-
-def read_rows(path: str | Path) -> tuple[list[tuple[str, Any]], list[str]]:
-    """(where, row) for every parsed row of a local data file, and a 'where: problem' line for each unparsable one."""
-    rows = _read_file(Path(path))
-    return ([(w, r) for w, r in rows if not isinstance(r, _BadRecord)],
-            [f"{w}: {r}" for w, r in rows if isinstance(r, _BadRecord)])
-
-
-def _read_file(path: Path) -> list[tuple[str, Any]]:
-    """(where, row) for every row of a local data file, in file order; an unparsable row is a _BadRecord."""
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}
-    reader = readers.get(path.suffix.lower())
-    if reader is None:
-        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use {', '.join(readers)}.")
-    try:
-        return reader(path)
-    except OSError as e:
-        raise DataError(f"Cannot read data file {path}: {e.strerror or e}.") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}).") from None
-
-
-def _read_jsonl(path: Path, text: str | None = None):
-    text = path.read_text(encoding="utf-8-sig") if text is None else text
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((f"{path}:{n}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            rows.append((f"{path}:{n}", _BadRecord(f"broken JSON ({e.msg} at column {e.colno})")))
-    return rows
-
-
-def _read_json(path: Path):
-    """A JSON array of records (each reported at the line where it starts), or JSON Lines named .json."""
-    text = path.read_text(encoding="utf-8-sig")
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        lines = [x for x in text.splitlines() if x.strip()]
-        if len(lines) > 1 and _parses(lines[0]):
-            return _read_jsonl(path, text)
-        return [(f"{path}:{e.lineno}", _BadRecord(f"broken JSON ({e.msg} at column {e.colno})"))]
-    if not isinstance(doc, list):
-        raise DataError(f"{path}: expected a JSON array of records (or one JSON object per line), "
-                        f"got a JSON {type(doc).__name__}.")
-    rows, decoder, i, line = [], json.JSONDecoder(), text.index("[") + 1, 1 + text.count("\n", 0, text.index("["))
-    skip = re.compile(r"[\s,]*")
-    while True:
-        j = skip.match(text, i).end()
-        line += text.count("\n", i, j)
-        if text[j] == "]":
-            return rows
-        obj, i = decoder.raw_decode(text, j)
-        rows.append((f"{path}:{line}", obj))
-        line += text.count("\n", j, i)
-
-
-def _parses(line: str) -> bool:
-    try:
-        json.loads(line)
-        return True
-    except json.JSONDecodeError:
-        return False
-
-
-def _read_csv(path: Path):
-    csv.field_size_limit(2**31 - 1)  # long texts are normal in training data
-    rows = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        reader.fieldnames  # reads the header
-        start = reader.line_num + 1
-        for row in reader:
-            rows.append((f"{path}:{start}", {k: v for k, v in row.items() if k is not None and v is not None}))
-            start = reader.line_num + 1
-    return rows
-
-
-def _read_parquet(path: Path):
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # pyarrow raises several types for a damaged file
-        raise DataError(f"{path}: not a readable Parquet file ({first_line(e)}).") from None
-    return [(f"{path} row {i}", row) for i, row in enumerate(table.to_pylist(), 1)]
 
 
 def _read_hub(spec: DatasetSpec):
@@ -206,7 +109,7 @@ def _load_hub(spec: DatasetSpec):
 
 
 class _Row:
-    """A raw record read through the recipe's field mapping; problems raise _BadRecord naming the column."""
+    """A raw record read through the recipe's field mapping; problems raise BadRecord naming the column."""
 
     def __init__(self, row: dict, fmt: str, fields: dict[str, str]):
         self.row, self.fmt, self.fields = row, fmt, fields
@@ -218,11 +121,11 @@ class _Row:
             if not required:
                 return ""
             mapped = f" (as '{key}')" if column != key else ""
-            raise _BadRecord(f"missing field '{column}'{mapped}; format '{self.fmt}' needs {_needs(self.fmt, self.fields)}")
+            raise BadRecord(f"missing field '{column}'{mapped}; format '{self.fmt}' needs {_needs(self.fmt, self.fields)}")
         if not isinstance(value, str):
-            raise _BadRecord(f"field '{column}' must be a string, got {type(value).__name__}")
+            raise BadRecord(f"field '{column}' must be a string, got {type(value).__name__}")
         if nonempty and not value.strip():
-            raise _BadRecord(f"empty '{column}'")
+            raise BadRecord(f"empty '{column}'")
         return value
 
 
@@ -232,7 +135,7 @@ def _preference(r: _Row) -> Record:
     cols = {k: r.fields.get(k, k) for k in ("prompt", "chosen", "rejected")}
     for k in ("chosen", "rejected"):
         if r.row.get(cols[k]) is None:
-            raise _BadRecord(f"missing field '{cols[k]}'; format 'preference' needs {_needs('preference', r.fields)}")
+            raise BadRecord(f"missing field '{cols[k]}'; format 'preference' needs {_needs('preference', r.fields)}")
     prompt = r.row.get(cols["prompt"])
     turns = {k: _turns(r.row[cols[k]], cols[k]) for k in ("chosen", "rejected")}
     if prompt is None:  # full conversations: split off the shared prompt turns
@@ -244,12 +147,12 @@ def _preference(r: _Row) -> Record:
     answers = {}
     for k, t in turns.items():
         if len(t) != 1 or t[0]["role"] != "assistant":
-            raise _BadRecord(f"'{cols[k]}' must be one answer (a string or one assistant message) after the prompt")
+            raise BadRecord(f"'{cols[k]}' must be one answer (a string or one assistant message) after the prompt")
         if not t[0]["content"].strip():
-            raise _BadRecord(f"empty '{cols[k]}'")
+            raise BadRecord(f"empty '{cols[k]}'")
         answers[k] = t[0]["content"]
     if answers["chosen"] == answers["rejected"]:
-        raise _BadRecord(f"'{cols['chosen']}' and '{cols['rejected']}' are the same answer: nothing to prefer")
+        raise BadRecord(f"'{cols['chosen']}' and '{cols['rejected']}' are the same answer: nothing to prefer")
     return Record("preference", {"prompt": messages, **answers}, "")
 
 
@@ -259,7 +162,7 @@ def _turns(value: Any, column: str, user: bool = False) -> list[dict]:
         return [{"role": "user" if user else "assistant", "content": value}]
     if not isinstance(value, list) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value):
-        raise _BadRecord(f"'{column}' must be a string or a list of {{role, content}} messages")
+        raise BadRecord(f"'{column}' must be a string or a list of {{role, content}} messages")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -278,11 +181,11 @@ FORMATS = {
 
 
 def normalize(row: Any, fmt: str, fields: dict[str, str]) -> Record:
-    """The row in canonical field names (sharegpt read into chat messages); raises _BadRecord with the reason."""
-    if isinstance(row, _BadRecord):
+    """The row in canonical field names (sharegpt read into chat messages); raises BadRecord with the reason."""
+    if isinstance(row, BadRecord):
         raise row
     if not isinstance(row, dict):
-        raise _BadRecord(f"expected a record (JSON object), got {type(row).__name__}")
+        raise BadRecord(f"expected a record (JSON object), got {type(row).__name__}")
     return FORMATS[fmt](_Row(row, fmt, fields))
 
 
@@ -290,24 +193,24 @@ def _messages(row: dict, fields: dict, list_key: str, role_key: str, content_key
     column, role_col, content_col = (fields.get(k, k) for k in (list_key, role_key, content_key))
     turns = row.get(column)
     if turns is None:
-        raise _BadRecord(f"missing field '{column}' (a list of {{{role_col}, {content_col}}} objects)")
+        raise BadRecord(f"missing field '{column}' (a list of {{{role_col}, {content_col}}} objects)")
     if isinstance(turns, str):  # e.g. a CSV cell holding JSON
-        try:
-            turns = json.loads(turns)
-        except json.JSONDecodeError:
-            pass
+        parsed = json_value(turns)
+        if isinstance(parsed, BadRecord) and turns.lstrip().startswith("["):
+            raise BadRecord(f"'{column}' holds text that is not a JSON list of messages: {parsed}")
+        turns = parsed if not isinstance(parsed, BadRecord) else turns
     if not isinstance(turns, list) or not turns:
-        raise _BadRecord(f"'{column}' must be a non-empty list of {{{role_col}, {content_col}}} objects")
+        raise BadRecord(f"'{column}' must be a non-empty list of {{{role_col}, {content_col}}} objects")
     messages = []
     for i, m in enumerate(turns):
         if not (isinstance(m, dict) and isinstance(m.get(role_col), str) and isinstance(m.get(content_col), str)):
-            raise _BadRecord(f"{column}[{i}] must be an object with string '{role_col}' and '{content_col}'")
+            raise BadRecord(f"{column}[{i}] must be an object with string '{role_col}' and '{content_col}'")
         role = m[role_col] if roles is None else roles.get(m[role_col].lower())
         if role is None:
-            raise _BadRecord(f"{column}[{i}]: unknown {role_col} '{m[role_col]}' (known: {', '.join(roles)})")
+            raise BadRecord(f"{column}[{i}]: unknown {role_col} '{m[role_col]}' (known: {', '.join(roles)})")
         messages.append({"role": role, "content": m[content_col]})
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
-        raise _BadRecord("no non-empty assistant message to learn from")
+        raise BadRecord("no non-empty assistant message to learn from")
     return messages
 
 
@@ -325,12 +228,12 @@ def load_source(spec: DatasetSpec) -> tuple[list[Record], list[str]]:
     elif not files:
         raise DataError(f"'{spec.path}' names no {'/'.join(DATA_EXTENSIONS)} file.")
     else:
-        rows = [row for f in files for row in _read_file(f)]
+        rows = [row for f in files for row in read_file(f)]
     records, bad = [], []
     for where, row in rows:
         try:
             rec = normalize(row, spec.format, spec.fields)
-        except _BadRecord as e:
+        except BadRecord as e:
             bad.append(f"{where}: {e}")
             continue
         rec.where = where

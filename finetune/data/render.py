@@ -11,7 +11,7 @@ A preference record renders into two examples, chosen then rejected, labelled on
 from __future__ import annotations
 
 from finetune.data.read import DataStats, Record
-from finetune.errors import DataError
+from finetune.errors import DataError, first_line
 from finetune.recipe import DataSection
 from finetune.recipe import ALPACA, MARKERS
 
@@ -80,7 +80,15 @@ def segments(rec: Record, tok) -> list[tuple[str, bool]]:
 
 def _chat_segments(messages: list[dict], tok) -> list[tuple[str, bool]]:
     def render(msgs: list[dict], gen: bool) -> str:
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        try:
+            return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except Exception as e:  # the template is code from the recipe or the model: a syntax error, a
+            # raise_exception(...) of its own, an undefined name, 1/0: all of them the template's, not ours
+            raise DataError(
+                f"The chat template (data.template, else the tokenizer's) fails on a conversation of {len(msgs)} "
+                f"message(s), roles {', '.join(m['role'][:20] for m in msgs) or '(none)'}: {type(e).__name__}: "
+                f"{first_line(e)[:200]}. Fix the template or set data.template to chatml, llama-3 or alpaca."
+            ) from None
 
     specials = [s for s in tok.all_special_tokens if s]
     out, done = [], ""
@@ -141,7 +149,7 @@ def tokenize_all(records: list[Record], data: DataSection, tok, stats: DataStats
     configure_tokenizer(tok, data)
     stats = stats if stats is not None else DataStats()
     expanded = [_sides(r) for r in records]
-    pieces = [segments(side, tok) for sides in expanded for side in sides]
+    pieces = [_segments_at(side, tok) for sides in expanded for side in sides]
     flat = [text for p in pieces for text, _ in p]
     all_ids = iter(tok(flat, add_special_tokens=False)["input_ids"] if flat else [])
     bos = _bos_to_add(tok)
@@ -166,6 +174,14 @@ def tokenize_all(records: list[Record], data: DataSection, tok, stats: DataStats
         raise DataError(f"No usable example: all {stats.dropped} were over data.max_length={data.max_length} or "
                         "lost their response tokens to truncation.")
     return examples, stats
+
+
+def _segments_at(rec: Record, tok) -> list[tuple[str, bool]]:
+    """`segments`, with a rendering error prefixed by the record it happened on (file:line)."""
+    try:
+        return segments(rec, tok)
+    except DataError as e:
+        raise DataError(f"{rec.where}: {e}" if rec.where else str(e)) from None
 
 
 def _sides(rec: Record) -> list[Record]:

@@ -18,22 +18,22 @@ from pydantic import BaseModel, ValidationError
 
 from finetune.errors import RecipeError
 from finetune.recipe.schema import DATA_EXTENSIONS, Recipe, data_files
+from finetune.recipe.yamltext import is_text as _is_text, parse_yaml
 
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe; raise RecipeError naming file, line and key."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as e:
         raise RecipeError(f"Cannot read recipe {path}: {e.strerror or e}.") from None
     try:
-        root = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError(f"{where}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the recipe as UTF-8.") from None
+    root, data = parse_yaml(text, str(path))
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -41,6 +41,8 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] = ()) -> Recipe:
     where = {key: f"{path}:{line}" for key, line in _key_lines(root)}
     for item in overrides:
         key = _apply_override(data, item)
+        for n in range(1, len(key)):  # a misspelt section in an override is named by the override too
+            where.setdefault(key[:n], f"command-line override '{item}'")
         where[key] = f"command-line override '{item}'"
     data.setdefault("name", path.stem)
     try:
@@ -67,6 +69,8 @@ def _key_lines(node: Any, prefix: tuple = ()) -> list[tuple[tuple, int]]:
 
 
 def _apply_override(data: dict, item: str) -> tuple:
+    if not _is_text(item):
+        raise RecipeError(f"Override {ascii(item)} is not valid text (undecodable bytes or a lone surrogate).")
     if "=" not in item:
         raise RecipeError(f"Override '{item}' is not of the form key.sub=value (e.g. training.max_steps=10).")
     dotted, raw = item.split("=", 1)
@@ -77,9 +81,12 @@ def _apply_override(data: dict, item: str) -> tuple:
         if not isinstance(node, dict):
             raise RecipeError(f"Override '{item}': '{'.'.join(keys[: i + 1])}' is a value, not a section.")
     try:
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        node[keys[-1]] = raw
+        label = f"command-line override '{item if len(item) <= 60 else item[:60] + '...'}'"
+        node[keys[-1]] = parse_yaml(raw, label, lines=False)[1] if raw.strip() else None
+    except RecipeError as e:
+        if "not valid YAML" not in str(e):
+            raise
+        node[keys[-1]] = raw  # e.g. a: b, taken as the text it is
     return keys
 
 
@@ -112,8 +119,14 @@ def _explain(err: ValidationError, path: Path, where: dict) -> str:
             if not loc:  # a rule across sections: it names its keys; point at the objective's line
                 lines.append(f"{_locate(where, ('training', 'objective'), str(path))}: {msg}.")
             else:
-                lines.append(f"{place}: {key}: {msg} (got {e.get('input')!r}).")
+                lines.append(f"{place}: {key}: {msg} (got {_short(e.get('input'))}).")
     return f"Invalid recipe {path}:\n" + "\n".join(lines)
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters: a 10 MB string in the recipe must not become a 10 MB message."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def _section_model(loc: tuple) -> type[BaseModel] | None:

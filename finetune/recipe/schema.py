@@ -21,11 +21,11 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from finetune.recipe.grpo import GRPOSection, RewardSpec, check_extractor, check_grpo
 from finetune.recipe.lora import LoraSection, check_lora_init
-from finetune.recipe.section import Section
+from finetune.recipe.section import PathText, Section
 
 
 class ModelSection(Section):
-    name_or_path: str = Field(description="Hub id or local directory of the base model.")
+    name_or_path: PathText = Field(description="Hub id or local directory of the base model.")
     revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model.")
 
@@ -67,7 +67,7 @@ DataFormat = Literal[DATA_FORMATS]  # type: ignore[valid-type]
 
 
 class DatasetSpec(Section):
-    path: str = Field(
+    path: PathText = Field(
         description="A .jsonl/.json/.csv/.parquet file, a directory of them, a glob pattern, or a hub dataset id."
     )
     format: Optional[DataFormat] = Field(None, description="Record shape; defaults to data.format.")
@@ -94,10 +94,10 @@ class DataSection(Section):
     datasets: list[DatasetSpec] = Field(
         default_factory=list, description="Training datasets, concatenated; each may set its own format and fields."
     )
-    train: list[str] = Field(
+    train: list[PathText] = Field(
         default_factory=list, description="Shorthand for datasets: file(s), directories or globs read with data.format."
     )
-    eval: Optional[Union[str, list[DatasetSpec]]] = Field(
+    eval: Optional[Union[PathText, list[DatasetSpec]]] = Field(
         None, description="Held-out data: a path (read like the training data) or a list of datasets."
     )
     eval_fraction: float = Field(
@@ -257,7 +257,7 @@ class TrainingSection(Section):
         "paged_adamw_32bit", description="paged_* come from bitsandbytes (paging needs CUDA)."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward to save memory.")
-    seed: int = Field(42, description="Seed for initialisation, dropout and shuffling.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for initialisation, dropout and shuffling.")
     logging_steps: int = Field(10, ge=1, description="Optimizer steps between metric lines.")
     eval_steps: Optional[int] = Field(None, ge=1, description="Steps between eval-loss passes (always at the end).")
     eval_generate_steps: Optional[int] = Field(
@@ -320,8 +320,8 @@ class ORPOSection(Section):
 
 
 class Recipe(Section):
-    name: Optional[str] = Field(None, description="Run name; defaults to the recipe file's name.")
-    output_dir: Optional[str] = Field(None, description="Run directory; defaults to runs/<name>.")
+    name: Optional[PathText] = Field(None, description="Run name; defaults to the recipe file's name.")
+    output_dir: Optional[PathText] = Field(None, description="Run directory; defaults to runs/<name>.")
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
     lora: LoraSection = Field(default_factory=LoraSection)
