@@ -1,6 +1,6 @@
 """Models: placement (compute dtype, 4-bit storage, strategy; resolved once), tokenizer and NF4 base loading, LoRA
-attachment and the optimizer, the CPU dropout and per-example attention, tcmalloc for CPU training, GGUF models in,
-and adapter checkpoints / models to evaluate or chat with.
+attachment (or another PEFT method's, with its training-loop hooks: methods.py) and the optimizer, the CPU
+dropout and per-example attention, tcmalloc for CPU training, GGUF models in, and adapter checkpoints / models to evaluate or chat with.
 
 Imports: errors, recipe, artifacts.
 """
@@ -16,7 +16,8 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "allocator": ["allocator_in_use", "for_training", "maybe_reexec"],
     "gguf_in": ["as_transformers_dir", "source_note"],
     "load": [
-        "attach_lora", "load_base_model", "load_tokenizer", "lora_config", "make_optimizer", "quantization_config"
+        "attach_lora", "load_base_model", "load_tokenizer", "make_optimizer", "quantization_config"
     ],
+    "methods": ["MethodRuntime", "lora_config", "peft_config"],
     "attention": ["use_segmented_attention"],
 })
