@@ -10,7 +10,7 @@ from finetune import lazy_exports
 __all__, __getattr__ = lazy_exports(__name__, {
     "placement": ["Placement", "cpu_has_native_bf16", "dtype_name", "resolve", "resolve_compute_dtype"],
     "adapters": [
-        "adapter_labels", "adapter_recipe_quantization", "check_adapter_dir", "eval_quantization",
+        "adapter_labels", "adapter_method", "adapter_recipe_quantization", "check_adapter_dir", "check_mergeable", "eval_quantization",
         "load_adapter_tokenizer", "load_eval_model", "saved_recipe"
     ],
     "allocator": ["allocator_in_use", "for_training", "maybe_reexec"],

@@ -20,7 +20,7 @@ import re
 import torch
 
 from finetune.errors import RecipeError
-from finetune.recipe import Recipe, check_adalora_schedule
+from finetune.recipe import VIRTUAL_TOKEN_METHODS, Recipe, check_adalora_schedule
 
 ADAPTER = "default"  # the adapter name get_peft_model gives
 
@@ -81,7 +81,11 @@ class MethodRuntime:
 
     def __init__(self, model=None, recipe: Recipe | None = None, total_steps: int = 0):
         """`model`: the PeftModel (unwrapped). AdaLoRA's schedule is re-tied to the run's `total_steps` here."""
-        self.model = model if recipe is not None and recipe.adapter.method == "adalora" else None
+        method = recipe.adapter.method if recipe is not None else "lora"
+        self.model = model if method == "adalora" else None
+        # P-tuning and prefix tuning with projection save only their encoder's output (the virtual tokens), which
+        # is all inference needs; resuming needs the encoder itself.
+        self.prompt_model = model if method in VIRTUAL_TOKEN_METHODS else None
         if self.model is not None:
             config = self.model.peft_config[ADAPTER]
             fitted = adalora_config(recipe, total_steps)
@@ -106,6 +110,9 @@ class MethodRuntime:
 
     def state_dict(self) -> dict:
         """AdaLoRA: the allocator's importance EMAs and the current rank pattern (tensors, lists, numbers)."""
+        if self.prompt_model is not None:
+            return {"trainable": {n: p.detach().clone() for n, p in self.prompt_model.named_parameters()
+                                  if p.requires_grad}}
         if self.model is None:
             return {}
         allocator = self.model.base_model.rankallocator
@@ -113,7 +120,18 @@ class MethodRuntime:
                 "exp_avg_unc": dict(allocator.exp_avg_unc),
                 "rank_pattern": self.model.peft_config[ADAPTER].rank_pattern}
 
+    @property
+    def restores_weights(self) -> bool:
+        """Whether `load_state_dict` restores the trainable weights (instead of the checkpoint's adapter file)."""
+        return self.prompt_model is not None
+
     def load_state_dict(self, state: dict) -> None:
+        """Resume: the virtual-token methods' trainable weights; AdaLoRA's allocator (after the adapter weights)."""
+        if self.prompt_model is not None and state:
+            with torch.no_grad():
+                for n, p in self.prompt_model.named_parameters():
+                    if n in state["trainable"]:
+                        p.copy_(state["trainable"][n])
         if self.model is None or not state:
             return
         allocator = self.model.base_model.rankallocator

@@ -107,7 +107,8 @@ def _restore(run: Run, path: Path) -> dict:
     window = dict(saved["window"])
     window.setdefault("units", window.pop("tokens", 0))  # checkpoints written before objectives
     run.window = Window(**window)
-    ckpt.load_adapter_weights(run.accelerator.unwrap_model(run.model), path)
+    if not run.method.restores_weights:  # P-tuning / prefix projection: the saved adapter is the encoder's output
+        ckpt.load_adapter_weights(run.accelerator.unwrap_model(run.model), path)
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
     if run.accelerator.scaler is not None and saved.get("scaler"):
