@@ -272,3 +272,52 @@ def test_plan_counts_each_methods_parameters_and_activations(method, tiny_model_
     seq = 24 + virtual_tokens(recipe)
     assert virtual_tokens(recipe) == (4 if method in ("prompt_tuning", "p_tuning") else 0)
     assert activation_bytes(planned_model, recipe, 2, seq, 4, checkpointing=False) == pytest.approx(measured, rel=0.1)
+
+
+def objective_recipe(tmp, model_dir, method, objective):
+    """A 2-step run of `objective` (dpo, orpo, grpo) with `method` on the NF4 base, from test_preference's pairs or
+    test_grpo's prompts."""
+    from test_grpo import grpo_recipe, prompt_rows
+    from test_preference import pref_recipe, preference_rows
+
+    if objective == "grpo":
+        write_jsonl(tmp / "train.jsonl", prompt_rows(8))
+        write_jsonl(tmp / "eval.jsonl", prompt_rows(2))
+        path = grpo_recipe(tmp, model_dir, tmp, name="run", max_steps=2, grpo={"max_new_tokens": 4})
+    else:
+        write_jsonl(tmp / "train.jsonl", preference_rows(8))
+        write_jsonl(tmp / "eval.jsonl", preference_rows(2))
+        path = pref_recipe(tmp, model_dir, tmp, name="run", objective=objective, max_steps=2, eval_steps=2)
+    body = json.loads(path.read_text())
+    section, lr = METHODS[method]
+    section = {**section, "tinit": 0, "tfinal": 0} if method == "adalora" else section  # a budget phase in 2 steps
+    body.pop("lora")
+    body.update({"adapter": {"method": method}, method: section,
+                 "quantization": {"load_in_4bit": True, "compute_dtype": "float32"}})
+    body["training"]["learning_rate"] = lr
+    path.write_text(json.dumps(body))
+    return path
+
+
+FAST_OBJECTIVES = {("ia3", "dpo"), ("prompt_tuning", "dpo"), ("adalora", "grpo"), ("p_tuning", "grpo"),
+                   ("prefix_tuning", "orpo")}
+
+
+COMBINATIONS = [pytest.param(m, o, marks=() if (m, o) in FAST_OBJECTIVES else pytest.mark.slow, id=f"{m}-{o}")
+                for m in METHODS for o in ("dpo", "orpo", "grpo")]
+
+
+@pytest.mark.parametrize("method,objective", COMBINATIONS)
+def test_each_method_trains_with_each_objective(method, objective, tmp_path, tiny_model_dir):
+    """Preference and RL objectives: the reference is the base (adapter off; for the virtual-token methods, no
+    virtual tokens). A few combinations in the default suite, all of them with -m slow."""
+    assert (result := train(objective_recipe(tmp_path, tiny_model_dir, method, objective))).exit_code == 0, \
+        result.output
+    rows = [r for r in metrics(tmp_path / "runs" / "run") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    identity = method in ("ia3", "adalora")  # these start as the identity: policy = reference at step 1
+    if objective == "dpo" and identity:
+        assert rows[0]["rewards/margin"] == 0.0 and rows[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
+    if objective == "grpo" and identity:
+        assert rows[0]["kl"] == 0.0
