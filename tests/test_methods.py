@@ -321,3 +321,20 @@ def test_each_method_trains_with_each_objective(method, objective, tmp_path, tin
         assert rows[0]["rewards/margin"] == 0.0 and rows[0]["loss"] == pytest.approx(0.6931, abs=1e-4)
     if objective == "grpo" and identity:
         assert rows[0]["kl"] == 0.0
+
+
+@pytest.mark.parametrize("runs", ["ia3"], indirect=True)
+def test_resume_refuses_another_method_or_method_setting(runs, tmp_path):
+    import shutil
+
+    _, _, b = runs
+    shutil.copytree(b, tmp_path / "runs" / "run")
+    body = json.loads((b.parent.parent / "run.yaml").read_text())
+    body["output_dir"] = str(tmp_path / "runs" / "run")
+    for change, expected in (({"ia3": {"target_modules": ["v_proj"], "feedforward_modules": []}},
+                              "the ia3 section changed"),
+                             ({"adapter": {"method": "lora"}, "ia3": {}}, "adapter.method changed (ia3 -> lora)")):
+        path = tmp_path / "changed.yaml"
+        path.write_text(json.dumps({**body, **change}))
+        result = train(path, "--resume")
+        assert result.exit_code == 2 and expected in " ".join(result.output.split()), result.output
