@@ -76,6 +76,12 @@ def write_adapter_gguf(adapter_dir: Path, path: Path, type: str, console=None) -
 
 
 def _check_plain_lora(adapter_dir: Path, cfg: dict) -> None:
+    from finetune.model import check_mergeable
+
+    check_mergeable(adapter_dir)  # prompt, prefix, P-tuning: no weights to export at all
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ModelError(f"{adapter_dir} is a {cfg['peft_type']} adapter, and a llama.cpp adapter holds LoRA "
+                         "matrices only; export the merged model instead (without --adapter-only).")
     unsupported = [k for k in ("use_dora", "use_rslora") if cfg.get(k)]
     unsupported += [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save") if cfg.get(k)]
     if unsupported:

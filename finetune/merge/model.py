@@ -47,6 +47,7 @@ from finetune.merge.output import open_safetensors
 from finetune.merge.output import push as _push
 from finetune.merge.weights import dequantized as _dequantized
 from finetune.merge.weights import fold as _fold
+from finetune.merge.weights import fold_bias as _fold_bias
 from finetune.merge.weights import is_4bit as _is_4bit
 from finetune.merge.weights import split_residual as _split_residual
 from finetune.model import saved_recipe
@@ -163,10 +164,11 @@ def merge(
 
 def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> tuple[ModelSection, QuantizationSection]:
     """The base model section and quantization the adapters were trained with; refuse bad combinations early."""
-    from finetune.model import check_adapter_dir
+    from finetune.model import adapter_method, check_adapter_dir, check_mergeable
 
     for a in adapter_dirs:
         check_adapter_dir(a)
+        check_mergeable(a)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise CheckpointError(f"Output directory {out} is not empty; pass --overwrite to replace it.")
     if weights is not None and len(weights) != len(adapter_dirs):
@@ -179,6 +181,9 @@ def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> t
     if base is None and len(bases) > 1:
         raise ModelError(f"The adapters were trained on different bases ({', '.join(map(str, bases))}); "
                          "they cannot be merged into one model.")
+    if any(adapter_method(a) != "LORA" for a in adapter_dirs) and (len(configs) > 1 or weights is not None):
+        raise ModelError("Only LoRA adapters combine (PEFT's add_weighted_adapter); merge an IA3 or AdaLoRA adapter "
+                         "by itself.")
     if any(c.get("use_dora") for c in configs) and (len(configs) > 1 or weights is not None):
         raise ModelError("A DoRA adapter merges alone: its magnitude vector rescales whole rows, so a weighted "
                          "combination with other adapters has no exact merged weight. Merge it by itself.")
@@ -296,17 +301,19 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
     """`residual`: s B0 A0 per PiSSA/OLoRA layer, subtracted from the published weight as training did. Stream the base checkpoint into `out_dir` as merged shards (and the other choice's 4-bit layer
     weights into `scratch`), one tensor in memory at a time. Returns (number of shards, total bytes)."""
     from huggingface_hub import split_torch_state_dict_into_shards
+    from peft.tuners.ia3 import IA3Layer
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
     modules = dict(trained.base_model.model.named_modules())
-    lora = {n: m for n, m in modules.items() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+    lora = {n: m for n, m in modules.items()  # LoRA (AdaLoRA's SVD layers are LoRA layers too) and IA3 layers
+            if (isinstance(m, LoraLayer) and adapter in m.lora_A) or (isinstance(m, IA3Layer) and adapter in m.ia3_l)}
     # 4-bit layers the adapter leaves alone also ran on dequant(quant(W)) in training (e.g. lora.layers)
     frozen = {n: m for n, m in modules.items() if _is_4bit(m) and not n.endswith(".base_layer") and n not in lora}
     swapped = set(lora) | set(frozen)  # weights whose two base-weights choices differ
     trained_copies = {n: m.modules_to_save[adapter] for n, m in modules.items()
                       if isinstance(m, ModulesToSaveWrapper) and adapter in m.modules_to_save}
-    trained_bias = trained.peft_config[adapter].bias != "none"
+    trained_bias = getattr(trained.peft_config[adapter], "bias", "none") != "none"
     handles = [open_safetensors(f) for f in files]
     where = {k: h for h in handles for k in h.keys()}
     missing = {f"{n}.weight" for n in lora} - set(where)
@@ -340,7 +347,9 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
             dequantized, original = _dequantized(frozen[module_name]), tensor.float()
             chosen, other = (dequantized, original) if base_weights == "dequantized" else (original, dequantized)
             return chosen.to(dtype), other.to(dtype)
-        if module_name in trained_copies:
+        if module_name in lora and param == "bias" and hasattr(lora[module_name], "ia3_l"):
+            tensor = _fold_bias(lora[module_name], adapter, tensor)
+        elif module_name in trained_copies:
             tensor = getattr(trained_copies[module_name], param).detach()
         elif trained_bias and param == "bias" and module_name in modules:
             tensor = modules[module_name].get_parameter("bias").detach()

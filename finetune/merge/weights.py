@@ -14,12 +14,31 @@ import torch
 def fold(layer, adapter: str, weight: torch.Tensor) -> torch.Tensor:
     """The merged float32 weight: W + s B A (s = alpha / r, or alpha / sqrt(r) with rsLoRA, per module).
     DoRA: m * (W + s B A) / ||W + s B A||, the L2 norm over each output row (PEFT's weight norm, the paper's
-    column norm of W^T), computed against `weight`, the base weights being merged into."""
-    merged = weight + layer.get_delta_weight(adapter).detach().float()
+    column norm of W^T), computed against `weight`, the base weights being merged into.
+    AdaLoRA: W + (alpha / ranknum) P diag(E) Q. IA3: y = l * (W x) gives W' = diag(l) W (l scales rows), and for a
+    feed-forward layer y = W (l * x) gives W' = W diag(l) (columns): PEFT stores l as a column or a row, so W * l."""
+    if hasattr(layer, "ia3_l"):
+        return weight * layer.ia3_l[adapter].detach().float()
+    merged = weight + _delta(layer, adapter)
     if not layer.use_dora.get(adapter, False):
         return merged
     magnitude = layer.lora_magnitude_vector[adapter].weight.detach().float()
     return merged * (magnitude / torch.linalg.norm(merged, dim=1)).unsqueeze(1)
+
+
+def fold_bias(layer, adapter: str, bias: torch.Tensor) -> torch.Tensor:
+    """IA3 scales an output, bias included (y = l * (W x + b)); a feed-forward layer's scaled input leaves b alone."""
+    if layer.is_feedforward:
+        return bias
+    return (bias.float() * layer.ia3_l[adapter].detach().float().reshape(bias.shape)).to(bias.dtype)
+
+
+def _delta(layer, adapter: str) -> torch.Tensor:
+    """s B A in float32; AdaLoRA's 4-bit layer has no get_delta_weight: (alpha / ranknum) P diag(E) Q as its forward."""
+    if adapter in getattr(layer, "lora_E", {}) and not hasattr(layer, "get_delta_weight"):
+        a, b, e = (getattr(layer, f"lora_{x}")[adapter].detach().float() for x in "ABE")
+        return b @ (a * e) * layer.scaling[adapter] / (layer.ranknum[adapter].float() + 1e-5)
+    return layer.get_delta_weight(adapter).detach().float()
 
 
 def is_4bit(module) -> bool:

@@ -24,6 +24,28 @@ def check_adapter_dir(adapter_dir: str | Path) -> None:
     verify_adapter(adapter_dir)  # a damaged file is named here, not a safetensors traceback later
 
 
+VIRTUAL_TOKEN_TYPES = {"PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefix tuning", "P_TUNING": "P-tuning"}
+
+
+def adapter_method(adapter_dir: str | Path) -> str:
+    """The PEFT type adapter_config.json names (LORA, IA3, ADALORA, PROMPT_TUNING, ...)."""
+    import json
+
+    return str(json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("peft_type", "LORA"))
+
+
+def check_mergeable(adapter_dir: str | Path) -> None:
+    """Refuse a prompt, prefix or P-tuning adapter where a merged model is needed: it is extra input (virtual
+    tokens prepended to every sequence, or key/value prefixes in every layer), not a change to any weight."""
+    kind = VIRTUAL_TOKEN_TYPES.get(adapter_method(adapter_dir))
+    if kind:
+        raise ModelError(
+            f"{adapter_dir} is a {kind} adapter: its virtual tokens are extra input the model reads before every "
+            f"sequence, not a change to any weight, so no merged model (nor a GGUF file of one) can reproduce it. "
+            f"Run it unmerged: finetune chat {adapter_dir}, or finetune eval <recipe> --adapter {adapter_dir}."
+        )
+
+
 def load_adapter_tokenizer(adapter_dir: str | Path, base: ModelSection | str) -> tuple[PreTrainedTokenizerBase, str]:
     """The tokenizer saved with an adapter (chat template included), through `load_tokenizer` as in training.
     A third-party adapter saved without one gets the base model's, with a note saying so ("" otherwise)."""

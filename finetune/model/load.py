@@ -10,14 +10,14 @@ with B initialised to zero, so training starts from exactly the base model.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 
-from finetune.errors import ModelError, RecipeError, first_line
+from finetune.errors import ModelError, first_line
 from finetune.model.dropout import use_cpu_dropout
+from finetune.model.methods import peft_config
 from finetune.model.placement import Placement
 from finetune.recipe import ModelSection, QuantizationSection, Recipe
 
@@ -99,7 +99,8 @@ def _keep_one_cpu_4bit_path(model) -> None:
 
 
 def attach_lora(base, recipe: Recipe, placement: Placement):
-    """Freeze the base, prepare it for k-bit training, wrap it with trainable LoRA adapters."""
+    """Freeze the base, prepare it for k-bit training, wrap it with the recipe's trainable adapter: LoRA, or the
+    PEFT method `adapter.method` names (methods.py builds its config)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     checkpointing = recipe.training.gradient_checkpointing
@@ -116,7 +117,7 @@ def attach_lora(base, recipe: Recipe, placement: Placement):
     elif checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
-    model = get_peft_model(base, lora_config(recipe, base))
+    model = get_peft_model(base, peft_config(recipe, base))
     use_cpu_dropout(model)
     return model
 
@@ -137,47 +138,6 @@ def _frozen_floats_in_compute_dtype(model, compute_dtype: torch.dtype, keep: lis
         trains = any(k in name.split(".") for k in keep)
         if not trains and p.dtype == torch.float32 and type(p).__name__ != "Params4bit":
             p.data = p.data.to(compute_dtype)
-
-
-def lora_config(recipe: Recipe, model):
-    """The recipe's adapters as a peft LoraConfig (also used by `finetune plan` on a meta-device model).
-
-    Variants: rsLoRA scales B A by alpha / sqrt(r) (not alpha / r); DoRA adds a trained magnitude m per
-    output row, W' = m * (W + s B A) / ||W + s B A||_row; `layers` maps to PEFT's layers_to_transform, and
-    rank_pattern / alpha_pattern give matching modules their own r and alpha (so their own scale)."""
-    from peft import LoraConfig
-
-    lora = recipe.lora
-    try:
-        layers = lora.layer_indices(model.config.get_text_config().num_hidden_layers)
-    except ValueError as e:
-        raise RecipeError(f"{e}.") from None
-    targets = lora.target_modules
-    if layers is not None and targets == "all-linear":  # PEFT takes layers_to_transform only with a list
-        targets = _linear_layer_names(model)
-    init = {"default": True, "gaussian": "gaussian"}.get(lora.init, lora.init)
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        bias=lora.bias,
-        modules_to_save=lora.modules_to_save or None,
-        use_rslora=lora.use_rslora,
-        use_dora=lora.use_dora,
-        init_lora_weights=init,
-        layers_to_transform=layers,
-        rank_pattern=dict(lora.rank_pattern),
-        alpha_pattern=dict(lora.alpha_pattern),
-        task_type="CAUSAL_LM",
-    )
-
-
-def _linear_layer_names(model) -> list[str]:
-    """Short names of the linear layers inside the decoder layers (what `all-linear` targets there)."""
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and re.search(r"\.layers\.\d+\.", name)}
-    return sorted(names)
 
 
 def _source(model: ModelSection | str) -> tuple[str, str | None, bool]:

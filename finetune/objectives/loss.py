@@ -67,7 +67,7 @@ def token_losses(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Te
 
     labels = labels.to(hidden.device)
     keep = labels[:, 1:] != IGNORE
-    rows = hidden[:, :-1][keep]
+    rows = hidden[:, -labels.shape[1]:-1][keep]  # prompt/P-tuning prepend virtual tokens: the last positions are ours
     bias = head.bias
     if temperature != 1.0:  # (h W^T + b) / T = (h / T) W^T + b / T
         rows, bias = rows / temperature, (bias / temperature if bias is not None else None)
@@ -144,7 +144,7 @@ def _full_logits_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 def _full_logits_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     targets = labels[:, 1:].to(logits.device)
     keep = targets != IGNORE
-    return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="none"), keep
+    return F.cross_entropy(logits[:, -labels.shape[1]:-1][keep].float(), targets[keep], reduction="none"), keep
 
 
 class LabelledCrossEntropy(torch.autograd.Function):

@@ -47,7 +47,8 @@ from dataclasses import dataclass, field
 
 from finetune.errors import FinetuneError, RecipeError, first_line
 from finetune.plan.terms import (
-    activation_bytes, checkpoint_bytes, dora_magnitudes, meta_model, optimizer_bytes, runtime_rss, weight_bytes,
+    activation_bytes, checkpoint_bytes, dora_magnitudes, meta_model, optimizer_bytes, runtime_rss, virtual_tokens,
+    weight_bytes,
     working_bytes,
 )
 from finetune.recipe import Recipe
@@ -129,7 +130,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     upcast = recipe.quantization.load_in_4bit and device != "cpu" and not placement.shards_parameters
     stream = 4 if upcast else width
     model, stored_dtype = meta_model(recipe, placement)
-    t = recipe.training
+    t, method = recipe.training, recipe.adapter.method
     if seq_length is None:
         seq_length, seq_note = _sequence_length(recipe)
         if t.objective == "grpo":  # GRPO trains on prompt + sampled answer (an upper bound: the prompt + its reference)
@@ -137,6 +138,8 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
             seq_note += f", + grpo.max_new_tokens {recipe.grpo.max_new_tokens}"
     else:
         seq_note = "given"
+    if n_virtual := virtual_tokens(recipe):  # the soft prompt runs through every layer like any other position
+        seq_length, seq_note = seq_length + n_virtual, seq_note + f", + {n_virtual} virtual tokens"
     batch = t.micro_batch_size * (recipe.grpo.group_size if t.objective == "grpo" else 1)  # GRPO: G answers each
     tokens = batch * seq_length
 
@@ -157,7 +160,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
         Term("4-bit base weights", quantized, "NF4 codes + quantization constants" if quantized else "not quantized"),
         Term("weights in compute dtype", kept, f"embeddings, norms, biases, untied head ({_dtype(dtype)})"
              + (", inside the mapped checkpoint" if in_place else ""), counted=not in_place),
-        Term("LoRA parameters", 4 * n_trainable, f"{n_trainable:,} trainable (float32)"),
+        Term(f"{'LoRA' if method == 'lora' else method} parameters", 4 * n_trainable, f"{n_trainable:,} trainable"),
         Term("gradients", 4 * n_trainable, "float32, one per trainable parameter"),
         Term("optimizer states", optimizer_bytes(trainable, t.optimizer), t.optimizer),
         Term("activations", used,

@@ -54,14 +54,20 @@ def meta_model(recipe: Recipe, placement):
         model = replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=q)
     from peft import get_peft_model
 
-    from finetune.model import lora_config
+    from finetune.model import peft_config
 
     for p in model.parameters():
         p.requires_grad_(False)
-    # DoRA's, PiSSA's and OLoRA's inits read real weights; the shapes are those of the default init, and
-    # DoRA's magnitudes are counted by `dora_magnitudes`
-    plain = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"use_dora": False, "init": "default"})})
-    return get_peft_model(model, lora_config(plain, model)), stored
+    # DoRA's, PiSSA's, OLoRA's and a text-initialised soft prompt's inits read real weights; the shapes are those
+    # of the default init, and DoRA's magnitudes are counted by `dora_magnitudes`
+    plain = recipe.model_copy(update={"lora": recipe.lora.model_copy(update={"use_dora": False, "init": "default"}),
+                                      "prompt_tuning": recipe.prompt_tuning.model_copy(update={"init": "random",
+                                                                                              "init_text": None})})
+    model = get_peft_model(model, peft_config(plain, model))
+    for name, p in model.named_parameters():
+        if ".ranknum." in name:  # AdaLoRA's rank count is a frozen parameter (created trainable on the meta device)
+            p.requires_grad_(False)
+    return model, stored
 
 
 
@@ -136,6 +142,10 @@ def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, ch
                  + (heads + 2) * 4 for i in range(layers)]
     rotary = 2 * seq * head_dim * width  # cos and sin, shared by the layers
     final = tokens * (h * stream + 4)  # the final norm's input and statistics
+    prefix = recipe.prefix_tuning.num_virtual_tokens if recipe.adapter.method == "prefix_tuning" else 0
+    if prefix:  # each layer's keys and values with the prefix before them, and one float mask over them
+        per_layer = [b + 2 * (seq + prefix) * kv * head_dim * stream // seq for b in per_layer]
+        final += batch * seq * (seq + prefix) * 4
     if checkpointing:
         return tokens * layers * h * stream + tokens * max(per_layer) + rotary + final
     return tokens * sum(per_layer) + rotary + final
@@ -151,13 +161,16 @@ def per_token_layer_bytes(adapted: list[tuple[str, int, int, int]], recipe: Reci
     both): 2 x out_features more."""
     attention_out = heads * head_dim
     base = 2 * h + (heads + 2 * kv) * head_dim + attention_out + 3 * inter  # residuals, q k v, output, MLP
-    dropout, dora = recipe.lora.dropout, recipe.lora.use_dora
+    dropout, dora = adapter_dropout(recipe), recipe.lora.use_dora
     # adapter inputs: which tensor each projection reads, its size, and whether the base already saves it
     inputs = {"q_proj": ("x", h, False), "k_proj": ("x", h, False), "v_proj": ("x", h, False),
               "o_proj": ("attn", attention_out, True),
               "gate_proj": ("xm", h, False), "up_proj": ("xm", h, False), "down_proj": ("act", inter, False)}
     extra, masks, counted = 0, 0, set()
     for name, d_in, d_out, r in adapted:
+        if r < 0:  # IA3: l * (W x) keeps W x for l's gradient; a feed-forward layer's matmul keeps its scaled input
+            extra += d_out if r == -1 else d_in
+            continue
         group, size, saved = inputs.get(name, (name, d_in, False))
         extra += r + (2 * d_out if dora else 0)
         if dropout > 0:
@@ -171,7 +184,9 @@ def per_token_layer_bytes(adapted: list[tuple[str, int, int, int]], recipe: Reci
 
 
 def _adapted_by_layer(model) -> dict[int, list[tuple[str, int, int, int]]]:
-    """Decoder layer index -> (short name, in_features, out_features, rank) of its LoRA-wrapped linear layers."""
+    """Decoder layer index -> (short name, in_features, out_features, rank) of its LoRA-wrapped (AdaLoRA: init_r)
+    linear layers; IA3 layers with rank -1 (scaled output) or -2 (scaled feed-forward input)."""
+    from peft.tuners.ia3 import IA3Layer
     from peft.tuners.lora import LoraLayer
 
     found: dict[int, list] = {}
@@ -180,7 +195,21 @@ def _adapted_by_layer(model) -> dict[int, list[tuple[str, int, int, int]]]:
         if m and isinstance(module, LoraLayer):
             found.setdefault(int(m.group(1)), []).append(
                 (name.rsplit(".", 1)[-1], module.in_features, module.out_features, next(iter(module.r.values()))))
+        elif m and isinstance(module, IA3Layer):
+            found.setdefault(int(m.group(1)), []).append(
+                (name.rsplit(".", 1)[-1], module.in_features, module.out_features, -2 if module.is_feedforward else -1))
     return found
+
+
+def adapter_dropout(recipe: Recipe) -> float:
+    """The dropout on the adapters' inputs: LoRA's or AdaLoRA's (the other methods have none)."""
+    return {"lora": recipe.lora.dropout, "adalora": recipe.adalora.dropout}.get(recipe.adapter.method, 0.0)
+
+
+def virtual_tokens(recipe: Recipe) -> int:
+    """Positions prompt and P-tuning prepend to every sequence (prefix tuning's sit in the keys/values only)."""
+    method = recipe.adapter.method
+    return getattr(recipe, method).num_virtual_tokens if method in ("prompt_tuning", "p_tuning") else 0
 
 
 

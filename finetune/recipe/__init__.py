@@ -2,7 +2,8 @@
 file:line:key.
 
 - schema.py: `Recipe` and its sections (model, quantization, data, training, dpo, orpo); objective registry
-- lora.py, grpo.py: the `lora` section with its variant checks; the `grpo` and `rewards` sections
+- lora.py, grpo.py: the `lora` section with its variant checks; methods.py: `adapter.method` and the other
+  PEFT methods' sections; the `grpo` and `rewards` sections
 - file.py: `load_recipe` (YAML with line numbers, key=value overrides, did-you-mean errors)
 - templates.py: the built-in chat templates
 
@@ -18,6 +19,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
         "OBJECTIVES", "QuantizationSection", "Recipe", "data_files"
     ],
     "lora": ["LoraSection"],
+    "methods": ["MERGEABLE_METHODS", "METHODS", "VIRTUAL_TOKEN_METHODS", "check_adalora_schedule"],
     "grpo": ["RewardSpec"],
     "file": ["load_recipe"],
 })

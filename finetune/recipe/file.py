@@ -116,7 +116,11 @@ def _explain(err: ValidationError, path: Path, where: dict) -> str:
             lines.append(f"{place}: required key '{key}' is missing.")
         else:
             msg = e["msg"].removeprefix("Value error, ")
-            if not loc:  # a rule across sections: it names its keys; point at the objective's line
+            keyed = getattr((e.get("ctx") or {}).get("error"), "key", None)  # recipe.section.KeyedError
+            if not loc and keyed:  # a rule across sections that one key breaks: point at that key's line
+                place = _locate(where, tuple(keyed.split(".")), _locate(where, ("training", "objective"), str(path)))
+                lines.append(f"{place}: {msg}.")
+            elif not loc:  # a rule across sections: it names its keys; point at the objective's line
                 lines.append(f"{_locate(where, ('training', 'objective'), str(path))}: {msg}.")
             else:
                 lines.append(f"{place}: {key}: {msg} (got {_short(e.get('input'))}).")

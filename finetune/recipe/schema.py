@@ -22,6 +22,10 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from finetune.recipe.grpo import GRPOSection, RewardSpec, check_extractor, check_grpo
 from finetune.recipe.lora import LoraSection, check_lora_init
 from finetune.recipe.section import PathText, Section
+from finetune.recipe.methods import (
+    METHOD_SECTIONS, AdaLoraSection, AdapterSection, IA3Section, PrefixTuningSection, PromptTuningSection,
+    PTuningSection, check_method,
+)
 
 
 class ModelSection(Section):
@@ -324,7 +328,13 @@ class Recipe(Section):
     output_dir: Optional[PathText] = Field(None, description="Run directory; defaults to runs/<name>.")
     model: ModelSection
     quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
     lora: LoraSection = Field(default_factory=LoraSection)
+    ia3: IA3Section = Field(default_factory=IA3Section)
+    adalora: AdaLoraSection = Field(default_factory=AdaLoraSection)
+    prompt_tuning: PromptTuningSection = Field(default_factory=PromptTuningSection)
+    prefix_tuning: PrefixTuningSection = Field(default_factory=PrefixTuningSection)
+    p_tuning: PTuningSection = Field(default_factory=PTuningSection)
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     dpo: DPOSection = Field(default_factory=DPOSection)
@@ -349,6 +359,7 @@ class Recipe(Section):
         if objective in PREFERENCE_OBJECTIVES and data.packing:
             raise ValueError(f"data.packing would split the pairs training.objective {objective} compares; "
                              "use training.padding_free instead")
+        check_method(self)
         check_lora_init(self.lora, self.quantization.load_in_4bit)
         if objective == "grpo" or self.rewards:
             check_grpo(self, formats)
@@ -359,4 +370,7 @@ class Recipe(Section):
         return Path(self.output_dir or Path("runs") / (self.name or "run"))
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True), sort_keys=False)
+        """The resolved recipe, with only the chosen method's section (a LoRA run's reads as before)."""
+        unused = {m for m in METHOD_SECTIONS if m != self.adapter.method} | ({"adapter"} if self.adapter.method ==
+                                                                             "lora" else set())
+        return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude=unused), sort_keys=False)

@@ -32,3 +32,9 @@ def _path_text(v: str) -> str:
 
 
 PathText = Annotated[str, AfterValidator(_path_text)]
+class KeyedError(ValueError):
+    """A rule across sections that one key breaks: the error is reported at that key's file:line."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key

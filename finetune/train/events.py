@@ -84,14 +84,15 @@ def save(run: Run, name: str, eval_record: dict | None = None) -> Path:
         training_state = {
             "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
             "rng": rng, "window": asdict(run.window), "objective": objective,
-            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+            "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "method": run.method.state_dict(),
         }
         trainer_state = {**asdict(state), "total_steps": run.total_steps, "recipe": run.recipe.name,
                          "epochs_done": round(state.epoch + state.micro_in_epoch / len(run.train_dl), 4)}
         files = {"recipe.yaml": run.recipe.to_yaml(), "environment.json": run.env, "trainer_state.json": trainer_state,
                  "adapter_base.json": records.adapter_base(run.recipe)}
-        ckpt.save_checkpoint(path, acc.unwrap_model(run.model), run.tokenizer, files, training_state, state_dict,
-                             initial_adapter=initial_adapter(run.recipe))
+        with run.method.saving(final=name == "checkpoint-final"):
+            ckpt.save_checkpoint(path, acc.unwrap_model(run.model), run.tokenizer, files, training_state, state_dict,
+                                 initial_adapter=initial_adapter(run.recipe))
         if t.save_total_limit and name != "checkpoint-final":
             best = Path(state.best_checkpoint) if t.keep_best and state.best_checkpoint else None
             ckpt.prune_checkpoints(run.recipe.run_dir, t.save_total_limit, protect=best)

@@ -111,6 +111,12 @@ def check_resume(checkpoint: Path, recipe, env: dict, console) -> None:
                 "rank_pattern", "alpha_pattern"):
         if saved_lora.get(key, defaults[key]) != now_lora[key]:
             problems.append(f"lora.{key} changed ({saved_lora.get(key, defaults[key])!r} -> {now_lora[key]!r})")
+    method, saved_method = recipe.adapter.method, (saved_recipe.get("adapter") or {}).get("method", "lora")
+    now_section = json.loads(getattr(recipe, method).model_dump_json()) if method != "lora" else {}
+    if saved_method != method:
+        problems.append(f"adapter.method changed ({saved_method} -> {method})")
+    elif method != "lora" and saved_recipe.get(method, now_section) != now_section:
+        problems.append(f"the {method} section changed ({saved_recipe.get(method)} -> {now_section})")
     if problems:
         raise CheckpointError(
             f"Refusing to resume from {checkpoint}: " + "; ".join(problems)

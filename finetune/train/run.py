@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-from finetune.model import Placement
+from finetune.model import MethodRuntime, Placement
 from finetune.objectives import Objective
 from finetune.recipe import Recipe
 from finetune.train.records import MetricsLog
@@ -78,6 +78,7 @@ class Run:
     state: LoopState = field(default_factory=LoopState)
     window: Window = field(default_factory=Window)
     generation_records: list = field(default_factory=list)
+    method: MethodRuntime = field(default_factory=MethodRuntime)  # AdaLoRA's allocator; no-op otherwise
 
     @property
     def main(self) -> bool:

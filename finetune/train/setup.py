@@ -15,7 +15,7 @@ from transformers import get_scheduler
 
 from finetune.data import Collator, PairCollator, Pairs, cache_dir, fingerprint, split_records, train_eval_split
 from finetune.model import (
-    Placement, attach_lora, dtype_name, load_base_model, load_tokenizer, make_optimizer, resolve,
+    MethodRuntime, Placement, attach_lora, dtype_name, load_base_model, load_tokenizer, make_optimizer, resolve,
     use_segmented_attention,
 )
 from finetune.objectives import make_objective
@@ -68,6 +68,7 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     run = Run(recipe, accelerator, placement, tokenizer, model, objective, optimizer, scheduler,
               train_dl, eval_dl, total_steps, env, MetricsLog(recipe.run_dir / "metrics.jsonl", accelerator, console),
               stats.examples // 2 if isinstance(train_set, Pairs) else stats.examples)  # pairs count once
+    run.method = MethodRuntime(accelerator.unwrap_model(model), recipe, total_steps)  # e.g. AdaLoRA's real steps
     if initial_adapter(recipe):  # PiSSA/OLoRA: B0 A0 written before training, checked when resuming
         ckpt.keep_initial_adapter(accelerator.unwrap_model(model), initial_adapter(recipe), bool(resume_from), run.main)
     rng = _restore(run, resume_from) if resume_from else None
@@ -106,7 +107,8 @@ def _restore(run: Run, path: Path) -> dict:
     window = dict(saved["window"])
     window.setdefault("units", window.pop("tokens", 0))  # checkpoints written before objectives
     run.window = Window(**window)
-    ckpt.load_adapter_weights(run.accelerator.unwrap_model(run.model), path)
+    if not run.method.restores_weights:  # P-tuning / prefix projection: the saved adapter is the encoder's output
+        ckpt.load_adapter_weights(run.accelerator.unwrap_model(run.model), path)
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
     if run.accelerator.scaler is not None and saved.get("scaler"):
@@ -114,6 +116,7 @@ def _restore(run: Run, path: Path) -> dict:
     acc = run.accelerator
     rng = ckpt.this_process_rng(saved["rng"], acc.num_processes, acc.process_index)  # checks the process count
     run.objective.load_state_dict(saved.get("objective", [{}] * acc.num_processes)[acc.process_index])
+    run.method.load_state_dict(saved.get("method", {}))
     return rng
 
 
@@ -138,5 +141,5 @@ def _banner(run: Run, n_eval: int, stats, resume_from: Path | None) -> str:
         f"{t.micro_batch_size} x {t.gradient_accumulation_steps} x {acc.num_processes} processes"
         + (f", resuming from {resume_from} at step {run.state.step}" if resume_from else "")
         + f"\ntrainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), "
-        f"objective {t.objective}, compute dtype {dtype_name(run.placement.compute_dtype)}, device {acc.device}"
+        f"objective {t.objective}, method {run.recipe.adapter.method}, compute dtype {dtype_name(run.placement.compute_dtype)}, device {acc.device}"
     )

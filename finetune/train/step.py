@@ -19,11 +19,12 @@ def train_step(run: Run, group: list[dict]) -> StepResult:
     group = objective.rollout(run, group)  # GRPO: prompts -> sampled, scored answers; others: unchanged
     units = int(acc.reduce(torch.tensor(sum(objective.units(b) for b in group), device=acc.device), "sum"))
     loss = torch.zeros(1 + len(objective.metrics), device=acc.device)  # the loss, then the objective's metrics
-    seen = 0
+    seen, penalty = 0, run.method.penalty()  # AdaLoRA's orthogonality term: once per step, not logged as loss
     for i, batch in enumerate(group):
         with nullcontext() if i == len(group) - 1 else acc.no_sync(run.model):
             out = objective(run.model, batch)
-            acc.backward(out.total * acc.num_processes / max(units, 1))
+            extra = penalty * max(units, 1) / acc.num_processes if i == 0 and penalty is not None else 0
+            acc.backward((out.total + extra) * acc.num_processes / max(units, 1))
         loss += torch.stack([out.total.detach(), *(out.metrics[k] for k in objective.metrics)]).to(loss)
         seen += real_tokens(batch)  # not padding, packed or not
     sums = acc.reduce(loss, "sum").tolist()
@@ -34,6 +35,7 @@ def train_step(run: Run, group: list[dict]) -> StepResult:
     finite = math.isfinite(step_loss) and (bool(torch.isfinite(grad_norm)) or acc.scaler is not None)
     if finite:
         run.optimizer.step()
+        run.method.after_step(run.state.step + 1)  # AdaLoRA: importance and rank re-allocation, gradients intact
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return StepResult(step_loss, units, float(grad_norm), seen, dict(zip(objective.metrics, sums[1:])), finite)
