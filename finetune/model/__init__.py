@@ -1,6 +1,6 @@
 """Models: placement (compute dtype, 4-bit storage, strategy; resolved once), tokenizer and NF4 base loading, LoRA
 attachment and the optimizer, the CPU dropout and per-example attention, tcmalloc for CPU training, GGUF models in,
-and adapter checkpoints / models to evaluate or chat with.
+adapter checkpoints / models to evaluate or chat with, and reward models (a score head; reward.py).
 
 Imports: errors, recipe, artifacts.
 """
@@ -19,4 +19,5 @@ __all__, __getattr__ = lazy_exports(__name__, {
         "attach_lora", "load_base_model", "load_tokenizer", "lora_config", "make_optimizer", "quantization_config"
     ],
     "attention": ["use_segmented_attention"],
+    "reward": ["load_reward_checkpoint", "score_module"],
 })

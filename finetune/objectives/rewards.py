@@ -16,6 +16,8 @@ Built-ins (options in the recipe next to `function`):
   last_number: as one of its numbers).
 - format: 1 if the whole stripped completion matches `pattern` (a regular expression, `regex:` optional).
 - length: -(characters beyond `limit`) / limit, at least -1: a penalty for rambling.
+- reward_model: the score of a reward model trained by finetune (`path`: its checkpoint; training.objective reward)
+  for prompt + completion, `batch_size` sequences at a time, no gradients (reward.py).
 
 A `module:function` (or `path/to/file.py:function`) reward runs your own Python code in the training
 process: it is imported from the current directory or sys.path when training starts. A reward that raises,
@@ -37,6 +39,7 @@ from typing import Callable
 
 from finetune.errors import FinetuneError, RecipeError
 from finetune.generate import NUMBER, normalize_number, score_example
+from finetune.objectives.reward import reward_model
 from finetune.recipe import RewardSpec
 
 
@@ -72,7 +75,7 @@ def length(prompts, completions, references, limit=200):
 
 
 BUILTINS: dict[str, Callable] = {"exact_match": exact_match, "contains": contains, "format": format_match,
-                                 "length": length}
+                                 "length": length, "reward_model": reward_model}
 
 
 # ------------------------------------------------------------------------------------------ the set
