@@ -19,5 +19,5 @@ __all__, __getattr__ = lazy_exports(__name__, {
         "attach_lora", "load_base_model", "load_tokenizer", "lora_config", "make_optimizer", "quantization_config"
     ],
     "attention": ["use_segmented_attention"],
-    "reward": ["load_reward_checkpoint", "score_module"],
+    "reward": ["check_reward_checkpoint", "load_reward_checkpoint", "score_module"],
 })

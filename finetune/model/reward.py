@@ -36,21 +36,25 @@ def score_module(model) -> torch.nn.Module:
     return head
 
 
-def load_reward_checkpoint(path: str | Path, device) -> tuple[torch.nn.Module, object]:
-    """(model in eval mode, tokenizer) of a reward-model checkpoint written by `finetune train` (objective reward):
-    its base and quantization come from the recipe.yaml beside it."""
-    from peft import PeftModel
-
+def check_reward_checkpoint(path: str | Path) -> tuple[ModelSection, QuantizationSection]:
+    """(base model, quantization) of a reward-model checkpoint written by `finetune train` (objective reward), from
+    the recipe.yaml beside it; a ModelError naming the path for anything else. Loads nothing."""
     path = Path(path)
     check_adapter_dir(path)
     recipe = saved_recipe(path) or saved_recipe(path.parent)
     if recipe.get("training", {}).get("objective") != "reward" or "model" not in recipe:
         raise ModelError(f"{path} is not a reward-model checkpoint: the recipe.yaml beside it must say "
                          "training.objective reward (train one with recipes/reward_quickstart.yaml).")
-    section = ModelSection.model_validate(recipe["model"])
-    quant = QuantizationSection.model_validate(recipe.get("quantization", {}))
+    return ModelSection.model_validate(recipe["model"]), QuantizationSection.model_validate(
+        recipe.get("quantization", {}))
+
+
+def load_reward_checkpoint(path: str | Path, device) -> tuple[torch.nn.Module, object]:
+    """(model in eval mode, tokenizer) of a reward-model checkpoint (`check_reward_checkpoint`)."""
+    from peft import PeftModel
+
+    section, quant = check_reward_checkpoint(path)
     base = load_base_model(section, quant, device, resolve(quant), head="score")
     tok, _ = load_adapter_tokenizer(path, section)
     base.config.pad_token_id = tok.pad_token_id
-    model = PeftModel.from_pretrained(base, str(path)).eval()
-    return model, tok
+    return PeftModel.from_pretrained(base, str(path)).eval(), tok

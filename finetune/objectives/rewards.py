@@ -39,6 +39,7 @@ from typing import Callable
 
 from finetune.errors import FinetuneError, RecipeError
 from finetune.generate import NUMBER, normalize_number, score_example
+from finetune.model import check_reward_checkpoint
 from finetune.objectives.reward import reward_model
 from finetune.recipe import RewardSpec
 
@@ -94,6 +95,8 @@ def load_rewards(specs: list[RewardSpec]) -> list[Reward]:
     out, seen = [], {}
     for i, spec in enumerate(specs):
         fn = BUILTINS.get(spec.function) or _import(spec.function, i)
+        if spec.function == "reward_model":  # a path that is no reward model is refused before anything loads
+            check_reward_checkpoint(spec.options["path"])
         base = spec.function.rsplit(":", 1)[-1] if spec.function not in BUILTINS else spec.function
         seen[base] = seen.get(base, 0) + 1
         out.append(Reward(base if seen[base] == 1 else f"{base}_{seen[base]}", spec, i, fn))
