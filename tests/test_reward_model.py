@@ -216,3 +216,20 @@ def test_a_grpo_reward_model_must_be_a_reward_checkpoint(tmp_path, tiny_model_di
                                rewards=[{"function": "reward_model", "path": str(run_dir / "checkpoint-final")}]))
     assert result.exit_code == 0, result.output
     assert "reward/reward_model" in [m for m in metrics(tmp_path / "runs" / "grpo") if "loss" in m][0]
+
+
+def test_plan_counts_both_answers_of_a_pair_and_a_score_head_instead_of_logits(tiny_model_dir):
+    from finetune.plan.memory import plan
+
+    def terms(objective, fmt):
+        r = Recipe.model_validate({"model": {"name_or_path": str(tiny_model_dir)},
+                                   "data": {"train": ["x.jsonl"], "format": fmt},
+                                   "quantization": {"compute_dtype": "float32"}, "training": {"objective": objective, "micro_batch_size": 3}})
+        return {t.name: t.bytes for t in plan(r, device="cuda", seq_length=32, device_memory=2**30).terms}
+
+    sft, kto, dpo, reward = terms("sft", "alpaca"), terms("kto", "feedback"), terms("dpo", "preference"), \
+        terms("reward", "preference")
+    assert kto["activations"] == sft["activations"]  # KTO's KL and reference forwards hold nothing for backward
+    assert dpo["activations"] == reward["activations"] > sft["activations"]  # 2 x 3 sequences vs 3
+    assert reward["loss (labelled positions, chunked)"] == 6 * 32 * 4 + 6 * 32 * 64 * 4  # scores + hidden states
+    assert reward["LoRA parameters"] == dpo["LoRA parameters"] + 4 * 64  # + the trained score head (64 -> 1)

@@ -20,6 +20,6 @@ __all__, __getattr__ = lazy_exports(__name__, {
     ],
     "lora": ["LoraSection"],
     "grpo": ["RewardSpec"],
-    "preference": ["KTOSection", "RewardSection", "SimPOSection"],
+    "preference": ["KTOSection", "PAIR_OBJECTIVES", "RewardSection", "SimPOSection"],
     "file": ["load_recipe"],
 })
