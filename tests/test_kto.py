@@ -241,3 +241,43 @@ def test_eval_reports_kto_metrics_and_the_checkpoint_is_a_plain_peft_adapter(tmp
     assert tuned["loss"] != base["loss"] and {"kl", "rewards/desirable", "rewards/undesirable"} <= tuned.keys()
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), checkpoint)
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in plain.named_parameters())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["kto", "simpo", "reward"])
+def test_two_processes_give_the_same_losses_as_one(tmp_path, tiny_model_dir, objective):
+    """2 processes x 2 micro batches = 1 process x 4: the loss of a step is the mean over all its examples, and
+    KTO's z0 the step's, over every process (the reference and KL forwards included)."""
+    import sys
+
+    from test_distributed import launch, losses, recipe
+    from test_preference import preference_rows
+
+    rows = feedback_rows(32) if objective == "kto" else preference_rows(32)
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "eval.jsonl", rows[:6])
+    paths = {}
+    for name, accumulation in (("one", 4), ("two", 2)):
+        path = recipe(tmp_path, tiny_model_dir, name, max_steps=3, micro_batch_size=2, eval_steps=3, save_steps=3,
+                      gradient_accumulation_steps=accumulation, objective=objective)
+        body = json.loads(path.read_text())
+        body["lora"]["dropout"] = 0.0
+        body["data"]["format"] = "feedback" if objective == "kto" else "preference"
+        path.write_text(json.dumps(body))
+        paths[name] = path
+    result = runner.invoke(app_(), ["train", str(paths["one"])])
+    assert result.exit_code == 0, result.output
+    launch([sys.executable, "-m", "finetune", "train", str(paths["two"]), "--nproc", "2"], cwd=tmp_path)
+    a, b = losses(tmp_path / "runs" / "one"), losses(tmp_path / "runs" / "two")
+    assert a.keys() == b.keys() == {1, 2, 3}
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    if objective == "kto":
+        kl = [[m["kl"] for m in metrics(tmp_path / "runs" / n) if "loss" in m] for n in ("one", "two")]
+        assert kl[0] == pytest.approx(kl[1], abs=1e-5) and kl[0][-1] > 0
+
+
+def app_():
+    from finetune.cli import app
+
+    return app
