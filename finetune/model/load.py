@@ -90,8 +90,9 @@ def load_base_model(model: ModelSection | str, q: QuantizationSection, device: t
     _keep_one_cpu_4bit_path(base)
     if head == "score":  # a zero score head: every reward starts at 0 (the first Bradley-Terry loss is log 2)
         torch.nn.init.zeros_(base.score.weight)
-        base.config.pad_token_id = base.config.pad_token_id if base.config.pad_token_id is not None else \
-            base.config.eos_token_id  # (its pooling needs one; finetune reads the last token itself)
+        if base.config.pad_token_id is None:  # its pooling needs one (finetune reads the last token itself)
+            eos = base.config.eos_token_id
+            base.config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
     return base
 
 
@@ -121,7 +122,8 @@ def attach_lora(base, recipe: Recipe, placement: Placement):
             use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-        _frozen_floats_in_compute_dtype(base, placement.compute_dtype, keep=recipe.lora.modules_to_save or [])
+        keep = (recipe.lora.modules_to_save or []) + (["score"] if recipe.training.objective == "reward" else [])
+        _frozen_floats_in_compute_dtype(base, placement.compute_dtype, keep=keep)  # (a reward model's head trains)
     elif checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
