@@ -4,7 +4,9 @@ The data is synthetic and owned by this project. Generation is deterministic: th
 give byte-identical files. Eval records never share a (name, age, city) triple with train records.
 Preference pairs for DPO/ORPO (preference_train.jsonl, preference_eval.jsonl) are made from the same
 records: the chosen answer is the exact compact JSON, the rejected one a typical mistake (a wrong age or
-city, pretty-printed JSON, prose around it, a missing field).
+city, pretty-printed JSON, prose around it, a missing field). Unpaired feedback for KTO (feedback_train.jsonl,
+feedback_eval.jsonl) takes one answer of each pair, marked good or bad: the chosen one (label true) for even
+records, the rejected one (label false) for odd ones, so the data holds as many of each.
 
     python scripts/make_quickstart_data.py [--out-dir DIR] [--train N] [--eval N] [--seed S]
 """
@@ -96,6 +98,12 @@ def make_pairs(rng: random.Random, records: list[dict]) -> list[dict]:
     return pairs
 
 
+def make_feedback(pairs: list[dict]) -> list[dict]:
+    """One {prompt, completion, label} per pair: the chosen answer (true) for even pairs, the rejected (false) else."""
+    return [{"prompt": p["prompt"], "completion": p["chosen"] if i % 2 == 0 else p["rejected"], "label": i % 2 == 0}
+            for i, p in enumerate(pairs)]
+
+
 def write_jsonl(path: Path, records: list[dict]) -> None:
     with path.open("w", encoding="utf-8", newline="\n") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -115,9 +123,12 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out_dir / "train.jsonl", train)
     write_jsonl(args.out_dir / "eval.jsonl", held_out)
-    write_jsonl(args.out_dir / "preference_train.jsonl", make_pairs(random.Random(args.seed + 2), train))
-    write_jsonl(args.out_dir / "preference_eval.jsonl", make_pairs(random.Random(args.seed + 3), held_out))
-    print(f"{args.out_dir}: {len(train)} train and {len(held_out)} eval records (and as preference pairs)")
+    pairs = {"train": make_pairs(random.Random(args.seed + 2), train),
+             "eval": make_pairs(random.Random(args.seed + 3), held_out)}
+    for split, rows in pairs.items():
+        write_jsonl(args.out_dir / f"preference_{split}.jsonl", rows)
+        write_jsonl(args.out_dir / f"feedback_{split}.jsonl", make_feedback(rows))
+    print(f"{args.out_dir}: {len(train)} train and {len(held_out)} eval records (and as preference pairs and feedback)")
 
 
 if __name__ == "__main__":

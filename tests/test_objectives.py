@@ -57,7 +57,7 @@ def test_an_unknown_objective_is_a_recipe_error_naming_the_choices(tmp_path, tin
     result = train(recipe)
     assert result.exit_code == 2
     text = " ".join(result.output.split())
-    assert "training.objective: unknown objective; expected one of sft, dpo, orpo, grpo. Did you mean 'sft'?" in text
+    assert "training.objective: unknown objective; expected one of sft, dpo, orpo, grpo, kto, simpo, reward. Did you mean 'sft'?" in text
     assert f"{recipe}:" in text and "Traceback" not in text
     assert not (tmp_path / "runs").exists()  # nothing written
     assert json.loads(recipe.read_text())["training"]["objective"] == "stf"

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from finetune.data.batch import Pairs, pack
+from finetune.data.feedback import Feedback
 from finetune.data.read import DataStats, _hub_offline, _hub_revision, split_records
 from finetune.data.render import configure_tokenizer, tokenize_all
 from finetune.recipe import DataSection, data_files
@@ -90,7 +91,8 @@ def _save_cached(path: Path, p: PreparedData) -> None:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
     try:
         for name, rows in (("train", p.train), ("eval", p.eval)):
-            columns = {k: [r[k] for r in rows] for k in ("input_ids", "labels", "source")}
+            keys = ("input_ids", "labels", "source") + (("desirable",) if rows and "desirable" in rows[0] else ())
+            columns = {k: [r[k] for r in rows] for k in keys}
             datasets.Dataset.from_dict(columns).save_to_disk(str(tmp / name))
         (tmp / "stats.json").write_text(json.dumps({"train": asdict(p.stats), "eval": asdict(p.eval_stats)}))
         tmp.rename(path)
@@ -110,10 +112,12 @@ def _load_cached(path: Path, key: str) -> PreparedData:
 
 def train_eval_split(data: DataSection, tok, seed: int, cache: Path | None = None):
     """(train rows, eval rows, train statistics), packed into rows of max_length when `data.packing` is on,
-    as (chosen, rejected) `Pairs` for preference data."""
+    as (chosen, rejected) `Pairs` for preference data, as `Feedback` (each answer with its KL pair) for feedback."""
     p = prepare_data(data, tok, seed, cache)
     if data.packing:
         return pack(p.train, data.max_length), pack(p.eval, data.max_length), p.stats
     if data.format == "preference" or any(d.format == "preference" for d in data.train_datasets):
         return Pairs(p.train), Pairs(p.eval), p.stats
+    if data.format == "feedback" or any(d.format == "feedback" for d in data.train_datasets):
+        return Feedback(p.train, data.max_length), Feedback(p.eval, data.max_length), p.stats
     return p.train, p.eval, p.stats

@@ -2,19 +2,18 @@
 
 Reading keeps the file and line of every record, so a bad record is reported where the user
 can fix it (`on_bad_record: error` lists them; `skip` counts them). Every source is normalised
-to a few shapes before rendering: alpaca, chat (sharegpt becomes chat), completion, text and
-preference; a format is one entry of `FORMATS`. Mixing weights and the held-out split are here too.
+to a few shapes before rendering: alpaca, chat (sharegpt becomes chat), completion, text,
+preference and feedback; a format is one entry of `FORMATS`. Mixing weights and the held-out split are here too.
 """
 
 from __future__ import annotations
 
-import functools
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from finetune.data.files import BadRecord, json_value, read_file, read_rows  # noqa: F401 (read_rows: exported)
+from finetune.data.hub import _hub_offline, _hub_revision
 from finetune.errors import DataError, first_line
 from finetune.recipe import DATA_EXTENSIONS, FORMAT_FIELDS, DataSection, DatasetSpec, data_files
 
@@ -30,7 +29,7 @@ SHAREGPT_ROLES = {
 class Record:
     """One usable record in a normalised shape, with where it came from."""
 
-    fmt: str  # alpaca | chat | completion | text
+    fmt: str  # alpaca | chat | completion | text | preference | feedback
     data: dict
     where: str  # "file:line" (or "file row N", "hub-id[split] row N")
 
@@ -55,41 +54,6 @@ def _read_hub(spec: DatasetSpec):
     dataset = _load_hub(spec)
     label = f"{spec.path}[{spec.split}]"
     return [(f"{label} row {i}", row) for i, row in enumerate(dataset.to_list(), 1)]
-
-
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-@functools.lru_cache(maxsize=None)
-def _hub_revision(path: str, revision: str | None) -> str:
-    """The commit a hub dataset resolves to; fails fast (one request, short timeout) when the hub is unreachable.
-
-    datasets.load_dataset itself retries for about half a minute before giving up on a machine
-    without network, so this probe runs first.
-    """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
-
-    try:
-        return HfApi().dataset_info(path, revision=revision, timeout=10).sha or ""
-    except GatedRepoError:
-        raise DataError(f"Hub dataset '{path}' is gated: accept its terms on the hub and log in "
-                        "(`hf auth login` or HF_TOKEN).") from None
-    except RevisionNotFoundError:
-        raise DataError(f"Hub dataset '{path}' has no revision '{revision}'.") from None
-    except RepositoryNotFoundError:
-        raise DataError(f"'{path}' is not a local file, directory or glob pattern, nor a dataset on the Hugging Face "
-                        f"hub (relative paths are read from the current directory, {Path.cwd()}).") from None
-    except Exception as e:  # no network: connection, DNS or timeout errors of the HTTP client
-        raise DataError(
-            f"Cannot reach the Hugging Face hub to load dataset '{path}' ({first_line(e)}). On a machine without "
-            "network, point the recipe at local files (e.g. `finetune train recipe.yaml data.datasets=[] "
-            "data.train=path/to/train.jsonl`), or set HF_HUB_OFFLINE=1 to use a copy already in the local "
-            "Hugging Face cache."
-        ) from None
 
 
 def _load_hub(spec: DatasetSpec):
@@ -156,6 +120,23 @@ def _preference(r: _Row) -> Record:
     return Record("preference", {"prompt": messages, **answers}, "")
 
 
+def _feedback(r: _Row) -> Record:
+    """{prompt, completion, label}: one answer marked desirable (true) or not (false), unpaired (KTO)."""
+    p, c, lab = (r.fields.get(k, k) for k in FORMAT_FIELDS["feedback"])
+    for col in (p, c, lab):
+        if r.row.get(col) is None:
+            raise BadRecord(f"missing field '{col}'; format 'feedback' needs {_needs('feedback', r.fields)}")
+    label = r.row[lab] if not isinstance(r.row[lab], str) else {"true": True, "false": False}.get(  # e.g. CSV
+        r.row[lab].strip().lower(), r.row[lab])
+    answer = _turns(r.row[c], c)
+    if label not in (True, False) or len(answer) != 1 or answer[0]["role"] != "assistant" or not answer[0]["content"].strip():
+        raise BadRecord(f"'{lab}' must be true (a desirable answer) or false (undesirable), got {label!r}"
+                         if label not in (True, False) else f"'{c}' must be one non-empty answer (a string or one "
+                         "assistant message)")
+    return Record("feedback", {"prompt": _turns(r.row[p], p, user=True), "completion": answer[0]["content"],
+                               "label": bool(label)}, "")
+
+
 def _turns(value: Any, column: str, user: bool = False) -> list[dict]:
     """A string (one user or assistant turn) or a list of {role, content} messages."""
     if isinstance(value, str):
@@ -177,6 +158,7 @@ FORMATS = {
     "sharegpt": lambda r: Record("chat", {"messages": _messages(r.row, r.fields, "conversations", "from", "value",
                                                                 SHAREGPT_ROLES)}, ""),
     "preference": _preference,
+    "feedback": _feedback,
 }
 
 

@@ -5,7 +5,8 @@ the end-of-turn token that follows it (a model that never sees that token as a t
 learns to stop). Rendering splits the conversation into segments at turn boundaries by asking
 the chat template for each prefix of the conversation; each segment is tokenized on its own, so
 the trained span is exact even where a template adds text between turns (system prompts, headers).
-A preference record renders into two examples, chosen then rejected, labelled on the last answer only.
+A preference record renders into two examples, chosen then rejected, labelled on the last answer only; a
+feedback record into one such example, with its label as `desirable`.
 """
 
 from __future__ import annotations
@@ -169,6 +170,8 @@ def tokenize_all(records: list[Record], data: DataSection, tok, stats: DataStats
                                                             stats.label_tokens + trial.label_tokens)
         for ex in fitted:
             ex["source"] = rec.where
+            if rec.fmt == "feedback":  # KTO's label travels with the example (data/feedback.py)
+                ex["desirable"] = rec.data["label"]
             examples.append(ex)
     if records and not examples:
         raise DataError(f"No usable example: all {stats.dropped} were over data.max_length={data.max_length} or "
@@ -185,7 +188,10 @@ def _segments_at(rec: Record, tok) -> list[tuple[str, bool]]:
 
 
 def _sides(rec: Record) -> list[Record]:
-    """The examples a record renders to: itself, or a preference pair's chosen and rejected answers."""
+    """The examples a record renders to: itself, a preference pair's chosen and rejected answers, or a feedback
+    record's one answer (trained on that answer only, like a side of a pair)."""
+    if rec.fmt == "feedback":
+        return [Record("answer", {"prompt": rec.data["prompt"], "answer": rec.data["completion"]}, rec.where)]
     if rec.fmt != "preference":
         return [rec]
     return [Record("answer", {"prompt": rec.data["prompt"], "answer": rec.data[k]}, rec.where)

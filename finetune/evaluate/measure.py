@@ -178,10 +178,10 @@ def evaluate(
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if compare and model and not adapters and recipe and source != recipe.model.name_or_path:
         base_quant = eval_quantization("auto", recipe, recipe.model.name_or_path, [])
-        base = load_eval_model(recipe.model, base_quant, device).eval()
+        base = load_eval_model(recipe.model, base_quant, device, head=run.objective.head).eval()
         _measure(run, Candidate("base", recipe.model.name_or_path, None, _describe(base_quant)), base)
         del base
-    net = load_eval_model(section, quant, device).eval()
+    net = load_eval_model(section, quant, device, head=run.objective.head).eval()  # reward models: a score head
     if not adapters:
         _measure(run, Candidate("model" if model else "base", source, None, _describe(quant)), net)
         return run.report
@@ -206,7 +206,7 @@ class _EvalRun:
 
     tok: object
     loader: DataLoader
-    objective: object  # objectives.py: SFT, or DPO for preference pairs
+    objective: object  # objectives: SFT, or the preference objective of the pairs / feedback (`_objective`)
     to_generate: list
     options: GenerationOptions
     report: EvalReport
@@ -217,8 +217,7 @@ class _EvalRun:
 
 def _inputs(recipe, data_section: DataSection, data: str | None, tokenizer_source: str, limit, generate_n,
             options: GenerationOptions) -> _EvalRun:
-    from finetune.data import PairCollator, Pairs
-    from finetune.objectives import DPO, SFT
+    from finetune.data import Feedback, FeedbackCollator, PairCollator, Pairs
 
     records = split_records(data_section, recipe.training.seed if recipe else 42)[1]
     if not records:
@@ -228,9 +227,12 @@ def _inputs(recipe, data_section: DataSection, data: str | None, tokenizer_sourc
     tok = load_tokenizer(tokenizer_source, data_section.chat_template)  # also a .gguf
     examples, _ = tokenize_all(records, data_section, tok)
     batch_size = recipe.training.micro_batch_size if recipe else options.batch_size
-    pairs = all(r.fmt == "preference" for r in records)  # rewards and accuracy against the base as reference
+    shapes = {r.fmt for r in records}
+    pairs, feedback = shapes == {"preference"}, shapes == {"feedback"}  # the objective's metrics, not a token loss
     collate = PairCollator(Collator(tok.pad_token_id)) if pairs else Collator(tok.pad_token_id)
-    loader = DataLoader(Pairs(examples) if pairs else examples, batch_size=batch_size, collate_fn=collate)
+    collate = FeedbackCollator(collate) if feedback else collate
+    dataset = Pairs(examples) if pairs else Feedback(examples, data_section.max_length) if feedback else examples
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     with_prompt = [r for r in records if r.fmt in ("alpaca", "chat", "completion")]  # text has no prompt/response
     to_generate = with_prompt[: len(with_prompt) if generate_n < 0 else generate_n]
     report = EvalReport(
@@ -238,7 +240,18 @@ def _inputs(recipe, data_section: DataSection, data: str | None, tokenizer_sourc
         examples=len(loader.dataset), generated=len(to_generate),
         generation={**asdict(options)} if to_generate else None,
     )
-    return _EvalRun(tok, loader, DPO(recipe) if pairs else SFT(), to_generate, options, report)
+    return _EvalRun(tok, loader, _objective(recipe, pairs, feedback), to_generate, options, report)
+
+
+def _objective(recipe, pairs: bool, feedback: bool):
+    """The recipe's own objective on data it reads (DPO, ORPO, SimPO, reward model on pairs; KTO on feedback);
+    else DPO on pairs, KTO on feedback, SFT's token loss on anything else."""
+    from finetune.objectives import DPO, KTO, SFT, make_objective
+
+    own = recipe.training.objective if recipe else None
+    if (pairs and own in ("dpo", "orpo", "simpo", "reward")) or (feedback and own == "kto"):
+        return make_objective(recipe)
+    return DPO(recipe) if pairs else KTO(recipe) if feedback else SFT()
 
 
 def _measure(run: _EvalRun, candidate: Candidate, net) -> None:

@@ -54,7 +54,6 @@ def fidelity(out_dir, scratch, probe, reference, base_weights, other, dtype) -> 
                 for key in f.keys():
                     merged.get_parameter(key).copy_(f.get_tensor(key))
         result[mode] = diff()
-    del merged
     return result
 
 

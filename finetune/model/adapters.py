@@ -69,10 +69,11 @@ def adapter_recipe_quantization(adapter_dir: str | Path) -> QuantizationSection:
     return QuantizationSection.model_validate(recipe["quantization"])
 
 
-def load_eval_model(section: ModelSection, quant: QuantizationSection, device):
-    """A model from a hub id, a directory or a GGUF file (dequantized by transformers on load)."""
-    if not section.name_or_path.endswith(".gguf") or quant.load_in_4bit:  # 4-bit: via its safetensors conversion
-        return load_base_model(section, quant, device, resolve(quant))
+def load_eval_model(section: ModelSection, quant: QuantizationSection, device, head: str = "lm"):
+    """A model from a hub id, a directory or a GGUF file (dequantized by transformers on load); `head` as for
+    `load_base_model` (score: a reward model's)."""
+    if not section.name_or_path.endswith(".gguf") or quant.load_in_4bit or head != "lm":  # via safetensors
+        return load_base_model(section, quant, device, resolve(quant), head=head)
     from transformers import AutoModelForCausalLM
 
     path = Path(section.name_or_path)

@@ -13,7 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig,
+    PreTrainedTokenizerBase,
+)
 
 from finetune.errors import ModelError, first_line
 from finetune.model.dropout import use_cpu_dropout
@@ -57,9 +60,9 @@ def quantization_config(q: QuantizationSection, placement: Placement) -> BitsAnd
 
 
 def load_base_model(model: ModelSection | str, q: QuantizationSection, device: torch.device | str,
-                    placement: Placement):
+                    placement: Placement, head: str = "lm"):
     """The base model on `device`, quantized to 4 bit when the recipe says so, as `placement` (resolved once by
-    the caller) puts it."""
+    the caller) puts it. `head`: lm (a causal LM), or score (a scalar sequence score for reward models; reward.py)."""
     name, revision, trust = _source(model)
     if name.endswith(".gguf"):  # dequantized once into a cached transformers directory, then loaded as any other
         from finetune.model.gguf_in import as_transformers_dir
@@ -70,19 +73,26 @@ def load_base_model(model: ModelSection | str, q: QuantizationSection, device: t
     # Under FSDP / ZeRO-3 the launcher places (and shards) the weights; every parameter, the 4-bit codes
     # included, must then share one float dtype. Otherwise each process holds a full copy on its device.
     sharded = placement.shards_parameters
+    auto, extra = (AutoModelForCausalLM, {}) if head == "lm" else (AutoModelForSequenceClassification, {"num_labels": 1})
     try:
-        base = AutoModelForCausalLM.from_pretrained(
+        base = auto.from_pretrained(
             name,
             revision=revision,
             trust_remote_code=trust,
             quantization_config=quantization_config(q, placement),
             dtype=placement.quant_storage if sharded and q.load_in_4bit else placement.compute_dtype,
             device_map=None if sharded else device_map,
+            **extra,
         )
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot load the model '{name}': {first_line(e)}") from None
     base.config.use_cache = False
     _keep_one_cpu_4bit_path(base)
+    if head == "score":  # a zero score head: every reward starts at 0 (the first Bradley-Terry loss is log 2)
+        torch.nn.init.zeros_(base.score.weight)
+        if base.config.pad_token_id is None:  # its pooling needs one (finetune reads the last token itself)
+            eos = base.config.eos_token_id
+            base.config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
     return base
 
 
@@ -113,7 +123,8 @@ def attach_lora(base, recipe: Recipe, placement: Placement):
             use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
-        _frozen_floats_in_compute_dtype(base, placement.compute_dtype, keep=recipe.lora.modules_to_save or [])
+        keep = (recipe.lora.modules_to_save or []) + (["score"] if recipe.training.objective == "reward" else [])
+        _frozen_floats_in_compute_dtype(base, placement.compute_dtype, keep=keep)  # (a reward model's head trains)
     elif checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()

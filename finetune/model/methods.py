@@ -187,7 +187,7 @@ def lora_config(recipe: Recipe, model):
         layers_to_transform=layers,
         rank_pattern=dict(lora.rank_pattern),
         alpha_pattern=dict(lora.alpha_pattern),
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if recipe.training.objective == "reward" else "CAUSAL_LM",  # SEQ_CLS trains `score`
     )
 
 

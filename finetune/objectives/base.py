@@ -39,6 +39,7 @@ class Objective:
 
     unit = "token"
     metrics: tuple[str, ...] = ()
+    head = "lm"  # the model it trains: lm (a causal LM) or score (a scalar score head: reward.py)
 
     def __init__(self, recipe: Recipe | None = None):
         self.recipe = recipe

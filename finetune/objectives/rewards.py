@@ -16,6 +16,8 @@ Built-ins (options in the recipe next to `function`):
   last_number: as one of its numbers).
 - format: 1 if the whole stripped completion matches `pattern` (a regular expression, `regex:` optional).
 - length: -(characters beyond `limit`) / limit, at least -1: a penalty for rambling.
+- reward_model: the score of a reward model trained by finetune (`path`: its checkpoint; training.objective reward)
+  for prompt + completion, `batch_size` sequences at a time, no gradients (reward.py).
 
 A `module:function` (or `path/to/file.py:function`) reward runs your own Python code in the training
 process: it is imported from the current directory or sys.path when training starts. A reward that raises,
@@ -37,6 +39,8 @@ from typing import Callable
 
 from finetune.errors import FinetuneError, RecipeError
 from finetune.generate import NUMBER, normalize_number, score_example
+from finetune.model import check_reward_checkpoint
+from finetune.objectives.reward import reward_model
 from finetune.recipe import RewardSpec
 
 
@@ -72,7 +76,7 @@ def length(prompts, completions, references, limit=200):
 
 
 BUILTINS: dict[str, Callable] = {"exact_match": exact_match, "contains": contains, "format": format_match,
-                                 "length": length}
+                                 "length": length, "reward_model": reward_model}
 
 
 # ------------------------------------------------------------------------------------------ the set
@@ -91,6 +95,8 @@ def load_rewards(specs: list[RewardSpec]) -> list[Reward]:
     out, seen = [], {}
     for i, spec in enumerate(specs):
         fn = BUILTINS.get(spec.function) or _import(spec.function, i)
+        if spec.function == "reward_model":  # a path that is no reward model is refused before anything loads
+            check_reward_checkpoint(spec.options["path"])
         base = spec.function.rsplit(":", 1)[-1] if spec.function not in BUILTINS else spec.function
         seen[base] = seen.get(base, 0) + 1
         out.append(Reward(base if seen[base] == 1 else f"{base}_{seen[base]}", spec, i, fn))

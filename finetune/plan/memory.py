@@ -26,7 +26,12 @@ do. The terms:
   data can be read (batches are padded to their longest example), else max_length;
   with `training.padding_free`, the micro batch's longest examples end to end.
 - loss: finetune computes the LM head only at labelled positions, in chunks of at
-  most 64 MiB of float32 logits (finetune/objectives/loss.py).
+  most 64 MiB of float32 logits (finetune/objectives/loss.py); a reward model's
+  score head gives one float32 number per position instead.
+- what each objective holds: a pair objective (dpo, orpo, simpo, reward) forwards both
+  answers of micro_batch_size pairs, GRPO G answers per prompt; the reference forwards of
+  DPO, KTO and GRPO run without gradients (adapter off: no second model), so they hold
+  nothing for backward and only add a forward's transient buffers.
 - working buffers: one dequantized weight matrix and the gradient of one layer's
   widest activation, alive during backward.
 
@@ -51,7 +56,7 @@ from finetune.plan.terms import (
     weight_bytes,
     working_bytes,
 )
-from finetune.recipe import Recipe
+from finetune.recipe import PAIR_OBJECTIVES, Recipe
 
 UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -140,7 +145,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
         seq_note = "given"
     if n_virtual := virtual_tokens(recipe):  # the soft prompt runs through every layer like any other position
         seq_length, seq_note = seq_length + n_virtual, seq_note + f", + {n_virtual} virtual tokens"
-    batch = t.micro_batch_size * (recipe.grpo.group_size if t.objective == "grpo" else 1)  # GRPO: G answers each
+    batch = t.micro_batch_size * _sequences_per_item(recipe)
     tokens = batch * seq_length
 
     quantized, kept = weight_bytes(model, stream)
@@ -151,8 +156,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
                    for c in (ckpt, not ckpt))
     config = model.config.get_text_config()
     vocab, hidden = config.vocab_size, config.hidden_size
-    chunk_rows = max(1, (64 * 2**20) // (4 * vocab))
-    loss = min(tokens, chunk_rows) * vocab * 4 + 2 * tokens * hidden * width
+    loss, loss_note = _loss_bytes(recipe, tokens, vocab, hidden, width)
     mapped = checkpoint_bytes(recipe) if device == "cpu" else 0
     in_place = bool(mapped) and stored_dtype == dtype  # CPU uses such weights in place from the mapped file
 
@@ -167,7 +171,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
              f"{batch} x {seq_length} tokens, {'with' if ckpt else 'without'} gradient checkpointing"),
         Term(f"activations {'without' if ckpt else 'with'} checkpointing", other, "the alternative, not added",
              counted=False),
-        Term("loss (labelled positions, chunked)", loss, f"<= {min(tokens, chunk_rows)} rows of {vocab:,} logits"),
+        Term("loss (labelled positions, chunked)", loss, loss_note),
         Term("working buffers", working_bytes(model, tokens, width, recipe.lora.use_dora),
              "a dequantized weight, one layer's gradients" + (", DoRA's W + s B A" if recipe.lora.use_dora else "")),
     ]
@@ -188,6 +192,21 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
                         terms=terms)
     result.available, result.available_note = _available(device, device_memory)
     return result
+
+
+def _sequences_per_item(recipe: Recipe) -> int:
+    """Sequences forwarded per micro-batch item: GRPO's G answers per prompt, a pair objective's two answers."""
+    objective = recipe.training.objective
+    return recipe.grpo.group_size if objective == "grpo" else 2 if objective in PAIR_OBJECTIVES else 1
+
+
+def _loss_bytes(recipe: Recipe, tokens: int, vocab: int, hidden: int, width: int) -> tuple[int, str]:
+    """The loss's working memory: chunked float32 logits at labelled positions, or a reward model's scores."""
+    if recipe.training.objective == "reward":  # one float32 per position, and the hidden states the head reads
+        return tokens * 4 + tokens * hidden * width, f"{tokens:,} scores of the reward head"
+    chunk_rows = max(1, (64 * 2**20) // (4 * vocab))
+    return (min(tokens, chunk_rows) * vocab * 4 + 2 * tokens * hidden * width,
+            f"<= {min(tokens, chunk_rows)} rows of {vocab:,} logits")
 
 
 # ------------------------------------------------------------------ environment

@@ -41,9 +41,13 @@ def meta_model(recipe: Recipe, placement):
     if gguf:  # trained from its float32 conversion (finetune/model/gguf_in.py), not from the GGUF's own quantization
         config.__dict__.pop("quantization_config", None)
         stored = torch.float32
+    auto = AutoModelForCausalLM
+    if recipe.training.objective == "reward":  # a reward model: the body with a one-output score head
+        from transformers import AutoModelForSequenceClassification as auto
+
+        config.num_labels = 1
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=placement.compute_dtype,
-                                                 trust_remote_code=m.trust_remote_code)
+        model = auto.from_config(config, dtype=placement.compute_dtype, trust_remote_code=m.trust_remote_code)
     model.tie_weights()  # from_config leaves tied embeddings as two tensors on the meta device
     q = quantization_config(recipe.quantization, placement)
     if q is not None:

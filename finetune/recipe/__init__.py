@@ -4,6 +4,7 @@ file:line:key.
 - schema.py: `Recipe` and its sections (model, quantization, data, training, dpo, orpo); objective registry
 - lora.py, grpo.py: the `lora` section with its variant checks; methods.py: `adapter.method` and the other
   PEFT methods' sections; the `grpo` and `rewards` sections
+- preference.py: the `kto`, `simpo` and `reward` sections; which data each preference objective reads
 - file.py: `load_recipe` (YAML with line numbers, key=value overrides, did-you-mean errors)
 - templates.py: the built-in chat templates
 
@@ -21,5 +22,6 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "lora": ["LoraSection"],
     "methods": ["MERGEABLE_METHODS", "METHODS", "VIRTUAL_TOKEN_METHODS", "check_adalora_schedule"],
     "grpo": ["RewardSpec"],
+    "preference": ["KTOSection", "PAIR_OBJECTIVES", "RewardSection", "SimPOSection"],
     "file": ["load_recipe"],
 })

@@ -63,6 +63,7 @@ BUILTIN_REWARDS: dict[str, dict[str, Any]] = {  # name -> its options and their 
     "contains": {"extract": "none", "text": None},
     "format": {"pattern": None},
     "length": {"limit": 200},
+    "reward_model": {"path": None, "batch_size": 16},
 }
 
 
@@ -72,7 +73,8 @@ class RewardSpec(Section):
     model_config = ConfigDict(extra="allow")
     function: str = Field(description="exact_match (options: extract none / last_number / regex:P), contains (text; "
                           "default the reference), format (pattern: 1 if the whole answer matches the regex), length "
-                          "(limit: -(characters over limit) / limit, at most -1), or module:function (your Python, "
+                          "(limit: -(characters over limit) / limit, at most -1), reward_model (path: a reward-model checkpoint; "
+                          "its score of prompt + answer), or module:function (your Python, "
                           "imported from the current directory or sys.path, or path/file.py:function; called as "
                           "f(prompts, completions, references, **options) -> one number per completion).")
     weight: float = Field(1.0, description="Multiplier of this reward in the sum.")
@@ -98,6 +100,8 @@ class RewardSpec(Section):
                     re.compile(options["pattern"].removeprefix("regex:"))
                 except re.error as e:
                     raise ValueError(f"pattern is not a valid regular expression ({e})") from None
+            if name == "reward_model" and not isinstance(options.get("path"), str):
+                raise ValueError("reward reward_model needs path: a reward-model checkpoint (training.objective reward)")
             if name == "length" and not (isinstance(options.get("limit", 1), int) and options.get("limit", 1) > 0):
                 raise ValueError("reward length: limit must be a positive number of characters")
         elif not re.fullmatch(r"[^:\s]+:[A-Za-z_]\w*", name):

@@ -26,6 +26,9 @@ from finetune.recipe.methods import (
     METHOD_SECTIONS, AdaLoraSection, AdapterSection, IA3Section, PrefixTuningSection, PromptTuningSection,
     PTuningSection, check_method,
 )
+from finetune.recipe.preference import (
+    FEEDBACK_OBJECTIVES, PAIR_OBJECTIVES, KTOSection, RewardSection, SimPOSection, check_preference,
+)
 
 
 class ModelSection(Section):
@@ -55,7 +58,7 @@ class QuantizationSection(Section):
         return DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
 
 
-DATA_FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text", "preference")
+DATA_FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text", "preference", "feedback")
 # The field names each format reads; `fields` in the recipe maps these to the data's own column names.
 FORMAT_FIELDS = {
     "alpaca": ("instruction", "input", "output"),
@@ -64,6 +67,7 @@ FORMAT_FIELDS = {
     "completion": ("prompt", "completion"),
     "text": ("text",),
     "preference": ("prompt", "chosen", "rejected"),
+    "feedback": ("prompt", "completion", "label"),
 }
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 TEMPLATE_NAMES = ("chatml", "llama-3", "alpaca", "none")
@@ -111,7 +115,8 @@ class DataSection(Section):
         "alpaca",
         description="alpaca: instruction/input/output; chat: messages (role/content); sharegpt: conversations "
         "(from/value); completion: prompt/completion; text: raw text; preference: prompt/chosen/rejected "
-        "(for training.objective dpo or orpo).",
+        "(for training.objective dpo, orpo, simpo or reward); feedback: prompt/completion/label, one answer "
+        "marked good (true) or bad (false) (for training.objective kto).",
     )
     fields: dict[str, str] = Field(default_factory=dict, description="Field re-mapping for `train` and `eval` files.")
     template: Optional[str] = Field(
@@ -230,8 +235,9 @@ SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 # Training objectives: recipe name -> "module:class" of its implementation (finetune/objectives/base.py), so the
 # schema stays torch-free. A new objective is one class there and one entry here.
 OBJECTIVES = {"sft": "finetune.objectives.base:SFT", "dpo": "finetune.objectives.base:DPO", "orpo": "finetune.objectives.base:ORPO",
-              "grpo": "finetune.objectives.grpo:GRPO"}
-PREFERENCE_OBJECTIVES = ("dpo", "orpo")  # these read data.format preference, and nothing else
+              "grpo": "finetune.objectives.grpo:GRPO", "kto": "finetune.objectives.kto:KTO",
+              "simpo": "finetune.objectives.simpo:SimPO", "reward": "finetune.objectives.reward:RewardModel"}
+PREFERENCE_OBJECTIVES = PAIR_OBJECTIVES + FEEDBACK_OBJECTIVES  # these read data.format preference / feedback only
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch")
 
 
@@ -240,7 +246,9 @@ class TrainingSection(Section):
         "sft", description="What the loss is: sft = next-token cross-entropy on the trained (response) tokens; "
         "dpo / orpo = preference losses on prompt/chosen/rejected pairs (settings in the dpo / orpo sections); "
         "grpo = reinforcement learning from the `rewards` of sampled answers to the data's prompts (the grpo "
-        "section).",
+        "section); kto = KTO on answers marked good or bad (data.format feedback; the kto section); simpo = "
+        "SimPO, reference-free, on pairs (the simpo section); reward = a reward model (a scalar score head) "
+        "trained on pairs with the Bradley-Terry loss (the reward section).",
     )
     epochs: int = Field(1, ge=1, description="Passes over the training data (ignored when max_steps is set).")
     max_steps: Optional[int] = Field(None, ge=1, description="Optimizer steps to run; overrides epochs.")
@@ -340,6 +348,9 @@ class Recipe(Section):
     dpo: DPOSection = Field(default_factory=DPOSection)
     orpo: ORPOSection = Field(default_factory=ORPOSection)
     grpo: GRPOSection = Field(default_factory=GRPOSection)
+    kto: KTOSection = Field(default_factory=KTOSection)
+    simpo: SimPOSection = Field(default_factory=SimPOSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
     rewards: list[RewardSpec] = Field(default_factory=list, description="GRPO's rewards, summed with their "
                                       "weights: a list of {function: NAME, weight: W, ...options}.")
 
@@ -347,21 +358,11 @@ class Recipe(Section):
     def _consistent(self) -> "Recipe":
         if self.data.eval and self.data.eval_fraction:
             raise ValueError("give either data.eval or data.eval_fraction, not both")
-        objective, data = self.training.objective, self.data
-        formats = {d.format for d in data.train_datasets + data.eval_datasets}
-        if objective in PREFERENCE_OBJECTIVES and formats != {"preference"}:
-            raise ValueError(f"training.objective {objective} learns from preference pairs, but data.format is "
-                             f"{', '.join(sorted(formats))}; set data.format to preference (prompt/chosen/rejected)")
-        if objective not in PREFERENCE_OBJECTIVES and "preference" in formats:
-            raise ValueError(f"data.format preference holds prompt/chosen/rejected pairs, which training.objective "
-                             f"{objective} cannot learn from; set training.objective to one of "
-                             f"{', '.join(PREFERENCE_OBJECTIVES)}")
-        if objective in PREFERENCE_OBJECTIVES and data.packing:
-            raise ValueError(f"data.packing would split the pairs training.objective {objective} compares; "
-                             "use training.padding_free instead")
+        formats = {d.format for d in self.data.train_datasets + self.data.eval_datasets}
+        check_preference(self, formats)
         check_method(self)
         check_lora_init(self.lora, self.quantization.load_in_4bit)
-        if objective == "grpo" or self.rewards:
+        if self.training.objective == "grpo" or self.rewards:
             check_grpo(self, formats)
         return self
 

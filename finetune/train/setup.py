@@ -13,7 +13,9 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
-from finetune.data import Collator, PairCollator, Pairs, cache_dir, fingerprint, split_records, train_eval_split
+from finetune.data import (
+    Collator, Feedback, FeedbackCollator, PairCollator, Pairs, cache_dir, fingerprint, split_records, train_eval_split,
+)
 from finetune.model import (
     MethodRuntime, Placement, attach_lora, dtype_name, load_base_model, load_tokenizer, make_optimizer, resolve,
     use_segmented_attention,
@@ -45,11 +47,13 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     env = records.environment(accelerator.device, fingerprint(recipe.data, tokenizer))
     if resume_from:
         records.check_resume(resume_from, recipe, env, console if accelerator.is_main_process else None)
-    model = attach_lora(load_base_model(recipe.model, recipe.quantization, accelerator.device, placement), recipe, placement)
+    base = load_base_model(recipe.model, recipe.quantization, accelerator.device, placement, head=objective.head)
+    model = attach_lora(base, recipe, placement)
     if recipe.data.packing or t.padding_free:
         use_segmented_attention(model)  # each example of a row attends to itself only, at its own cost
     collate = Collator(tokenizer.pad_token_id, padding_free=t.padding_free)
     collate = PairCollator(collate) if isinstance(train_set, Pairs) else collate  # a pair's two sides together
+    collate = FeedbackCollator(collate) if isinstance(train_set, Feedback) else collate  # KTO: answers, KL pairs
     objective.prepare(model, train_set, eval_set, collate, t.micro_batch_size)  # e.g. DPO's precomputed reference
     # A private generator keeps data loading from consuming the global RNG (dropout's), for exact resume.
     train_dl = DataLoader(train_set, batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate,
