@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from finetune.errors import FinetuneError
+from finetune.progress import quiet_libraries
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -86,23 +87,6 @@ def _holding(paths: list, what: str):
         yield
 
 
-def _quiet_libraries() -> None:
-    import warnings
-
-    import logging
-
-    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader draws a bar of its own (not via logging)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # e.g. optional CPU kernels it cannot fetch
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*kernels.*")
-    # bitsandbytes falls back to plain AdamW on CPU; train.py states the device, the warning adds nothing.
-    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-
-
 def _load(recipe: Path, overrides: Optional[list[str]]):
     from finetune.recipe import load_recipe
 
@@ -127,7 +111,7 @@ def plan(
 ) -> None:
     """Predict peak training memory term by term (model built on the meta device, no weights loaded)."""
     r = _run(lambda: _load(recipe, overrides))
-    _quiet_libraries()
+    quiet_libraries()
     from finetune.plan import parse_size, plan as make_plan, print_plan
 
     limit = _run(lambda: parse_size(device_memory)) if device_memory else None
@@ -142,7 +126,7 @@ def prepare(
 ) -> None:
     """Tokenize the recipe's data (cached for training) and summarise it, without loading the model weights."""
     r = _run(lambda: _load(recipe, overrides))
-    _quiet_libraries()
+    quiet_libraries()
     from finetune.plan import prepare as run_prepare, print_examples, print_summary
 
     report = _run(lambda: run_prepare(r))
@@ -169,7 +153,7 @@ def train(
         argv = ["train", str(recipe), *(overrides or []), *(["--overwrite"] if overwrite else []),
                 *(["--resume"] if resume else []), *(["--resume-from", str(resume_from)] if resume_from else [])]
         raise typer.Exit(launch(nproc, (["--debug"] if _debug["on"] else []) + argv))
-    _quiet_libraries()
+    quiet_libraries()
     from finetune.train import train as run_training
 
     start = str(resume_from) if resume_from else ("latest" if resume else None)
@@ -219,7 +203,7 @@ def merge(
 ) -> None:
     """Fold adapters into their base model and save a standalone model (safetensors) with a fidelity report."""
     adapter_dirs, weight_values = _run(lambda: _split_weights(adapters, weights))
-    _quiet_libraries()
+    quiet_libraries()
     from finetune.merge import merge as run_merge, print_merge_report
 
     with _holding([out], "finetune merge --out"):
@@ -266,7 +250,7 @@ def eval_(
 ) -> None:
     """Loss, perplexity and generation metrics (exact match, contains, chrF/BLEU) for models and adapters."""
     r = _run(lambda: _load(recipe, overrides)) if recipe else None
-    _quiet_libraries()
+    quiet_libraries()
     from finetune.evaluate import evaluate, print_report, write_report, write_samples
 
     from finetune.generate import GenerationOptions
@@ -320,7 +304,7 @@ def export(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output file."),
 ) -> None:
     """Write a model as one GGUF file for llama.cpp / Ollama, with a logit check against the source."""
-    _quiet_libraries()
+    quiet_libraries()
     from finetune.export import export as run_export, print_export_report
 
     with _holding([out], "finetune export"):
@@ -350,7 +334,7 @@ def chat(
     """Chat with a model, adapter checkpoint or GGUF file: interactive, or one reply with --prompt."""
     import sys
 
-    _quiet_libraries()
+    quiet_libraries()
     from finetune.generate import ChatOptions, chat as run_chat
 
     if prompt is None and not sys.stdin.isatty():
@@ -363,7 +347,6 @@ def chat(
         sys.stdout.write(answer + "\n")
 
 
-# --- sweep: `finetune sweep` goes here ---
 @app.command()
 def sweep(
     recipe: Path = RecipeArg,
@@ -385,10 +368,6 @@ def sweep(
     _run(lambda: check_sweep(result))
 
 
-# --- serve: `finetune serve` goes here ---
-
-
-# --- board: `finetune board` goes here ---
 @app.command()
 def board(
     runs_dir: Path = typer.Argument(Path("runs"), help="The runs directory to show."),

@@ -146,3 +146,20 @@ def _lines(task: Task, stream) -> Iterator[None]:
         report(final=True)
     finally:
         stop.set()
+
+
+def quiet_libraries() -> None:
+    """Silence what libraries print besides our own output (progress bars, warnings that add nothing here)."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # transformers' GGUF reader draws a bar of its own (not via logging)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # e.g. optional CPU kernels it cannot fetch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+    # bitsandbytes falls back to plain AdamW on CPU; training states the device, the warning adds nothing.
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
