@@ -118,6 +118,12 @@ def test_plain_peft_reload_gives_the_eval_loss_training_logged(runs, tiny_model_
     with torch.no_grad():
         loss = eval_objective(model, dl)["loss"]
     assert loss == pytest.approx(eval_losses(a)[STEPS], abs=1e-5)
+    out = a.parent / f"eval-{method}.json"  # and `finetune eval`, with generation, runs the adapter unmerged
+    result = runner.invoke(app, ["eval", str(a.parent.parent / "run.yaml"), "--adapter", str(a / "checkpoint-final"),
+                                 "--generate", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(out.read_text())["models"]["adapter"]["metrics"]
+    assert measured["loss"] == pytest.approx(loss, abs=1e-5) and "exact_match" in measured
 
 
 @pytest.fixture(scope="module")
