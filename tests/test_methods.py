@@ -118,6 +118,12 @@ def test_plain_peft_reload_gives_the_eval_loss_training_logged(runs, tiny_model_
     with torch.no_grad():
         loss = eval_objective(model, dl)["loss"]
     assert loss == pytest.approx(eval_losses(a)[STEPS], abs=1e-5)
+    out = a.parent / f"eval-{method}.json"  # and `finetune eval`, with generation, runs the adapter unmerged
+    result = runner.invoke(app, ["eval", str(a.parent.parent / "run.yaml"), "--adapter", str(a / "checkpoint-final"),
+                                 "--generate", "2", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    measured = json.loads(out.read_text())["models"]["adapter"]["metrics"]
+    assert measured["loss"] == pytest.approx(loss, abs=1e-5) and "exact_match" in measured
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +162,10 @@ def test_weight_methods_merge_and_virtual_token_methods_are_refused(runs, merged
 def test_each_method_trains_on_a_float_base(method, tmp_path, tiny_model_dir, data):
     path = method_recipe(tmp_path, tiny_model_dir, data, method, load_in_4bit=False, max_steps=3, eval_steps=3,
                          eval_generate_steps=3, eval_generate_examples=2, eval_max_new_tokens=4)
+    if method == "prompt_tuning":  # the soft prompt starts from a text's embeddings here
+        body = json.loads(path.read_text())
+        body["prompt_tuning"].update(init="text", init_text="Repeat the word")
+        path.write_text(json.dumps(body))
     assert (result := train(path)).exit_code == 0, result.output
     rows = metrics(tmp_path / "runs" / "run")
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]

@@ -157,9 +157,9 @@ def check_method(recipe) -> None:
     if data.packing or t.padding_free:
         key = "data.packing" if data.packing else "training.padding_free"
         raise KeyedError(key, f"{key} cannot be combined with adapter.method {method}: the virtual tokens are "
-                         "prepended once per row (not per example) and PEFT ignores the position ids that keep "
-                         "examples apart, so examples sharing a row would attend to each other; use padded "
-                         "batches (the default)")
+                         "prepended once per row, not per example, so the examples sharing a row would not each "
+                         "get them (and PEFT drops the position ids that keep them apart); use padded batches "
+                         "(the default)")
     if method == "prefix_tuning" and t.gradient_checkpointing:
         raise KeyedError("training.gradient_checkpointing", "training.gradient_checkpointing cannot be combined "
                          "with adapter.method prefix_tuning: the prefixes live in the attention cache, which "
