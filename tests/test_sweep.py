@@ -215,14 +215,20 @@ def test_sigterm_checkpoints_the_point_and_a_failing_point_gives_exit_5(tmp_path
 
 
 @pytest.mark.slow
-def test_search_samples_n_points_within_the_ranges(tmp_path, tiny_model_dir, data):
+def test_search_samples_n_points_within_the_ranges_and_continues(tmp_path, tiny_model_dir, data):
     recipe = make_recipe(tmp_path, tiny_model_dir, data)
-    result = sweep(str(recipe), "--search", "3", "training.learning_rate=1e-3:1e-2:log", "lora.r=2,4")
+    items = ["training.learning_rate=1e-3:1e-2:log", "lora.r=2,4"]
+    result = sweep(str(recipe), "--search", "2", *items)
     assert result.exit_code == 0, result.output
     sweep_dir = tmp_path / "runs" / "grid-sweep"
+    first = {n: summary(sweep_dir / n) for n in ("trial-0", "trial-1")}
+    result = sweep(str(recipe), "--search", "3", *items)  # the same search, one point more
+    assert result.exit_code == 0, result.output
     report = json.loads((sweep_dir / "sweep.json").read_text())
     assert [r["name"] for r in report["points"]] == ["trial-0", "trial-1", "trial-2"]
+    assert {n: summary(sweep_dir / n) for n in first} == first  # not run again
     for r in report["points"]:
         assert r["status"] in ("finished", "pruned")
         assert 1e-3 <= float(r["overrides"]["training.learning_rate"]) <= 1e-2 and r["overrides"]["lora.r"] in "24"
-    assert (sweep_dir / "optuna.journal").exists()
+    values = [tuple(r["overrides"].values()) for r in report["points"]]
+    assert len(set(values)) == 3  # the restarted sampler draws new points, not the first ones again

@@ -89,7 +89,7 @@ def _search(runner: PointRunner, space: Space, n: int, recipe: Path, seed: int) 
     """Resume interrupted trials, then ask Optuna for more until the sweep has `n` points."""
     from finetune.sweep.search import open_study, pruning_monitor, suggest, tell
 
-    study = open_study(runner.sweep_dir, seed)
+    study = open_study(runner.sweep_dir, seed, n)
     width = len(str(max(n - 1, 1)))
     for p in runner.state.points:
         if p.status not in DONE:  # interrupted or failed earlier: same trial, same values
