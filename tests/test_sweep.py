@@ -178,7 +178,7 @@ def test_grid_killed_during_point_3_resumes_without_redoing_points_1_and_2(tmp_p
             assert table[n][key] == str(s[key]), (n, key)
         assert row["seconds"] == s["wall_time_s"] and row["tokens_per_s"] > 0 and row["planned_memory_gib"] > 0
         assert f"{s['eval_loss']:.4f}" in next(line for line in result.output.splitlines() if f" {n} " in line)
-    assert [rows[n]["trainable_parameters"] for n in NAMES] == [896, 896, 1792, 1792]  # 2 layers x r (q: 64+64, v: 64+32)
+    assert [rows[n]["trainable_parameters"] for n in NAMES] == [896, 896, 1792, 1792]  # 2 layers x r (64+64 + 64+32)
     best = min(NAMES, key=lambda n: rows[n]["eval_loss"])
     assert report["best"] == best and [n for n in NAMES if rows[n]["best"]] == [best]
     assert (sweep_dir / "sweep.png").read_bytes()[:4] == b"\x89PNG"

@@ -13,8 +13,8 @@ A point that fails does not stop the sweep: it is a row saying why, and the swee
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from finetune.artifacts import hold
 from finetune.errors import FinetuneError, RecipeError, SweepPointsFailed

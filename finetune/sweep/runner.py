@@ -20,17 +20,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from finetune.artifacts import hold, write_atomic
 from finetune.errors import CheckpointError, FinetuneError, TrainingInterrupted
+from finetune.sweep.results import read_metrics
 
 STATE = "sweep-state.json"
 SCHEMA = "finetune.sweep-state/1"
 DONE = ("finished", "pruned")  # never run again; failed and interrupted points are retried on a restart
 LOCK_WAIT_S = 120.0
+ECHO_S = 30.0  # seconds between progress lines of a training point
 _AGAIN = "run the same `finetune sweep` command again to go on (finished points are kept)."
 
 
@@ -149,7 +151,7 @@ class PointRunner:
             log.flush()
             start = log.tell()
             child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+                                     start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509 (no threads)
             self.signals.child = child
             p.status, p.pid, p.attempts, p.reason = "running", child.pid, p.attempts + 1, None
             self.state.save()
@@ -173,8 +175,9 @@ class PointRunner:
         return p.status
 
     def _wait(self, child: subprocess.Popen, run_dir: Path, monitor) -> str | None:
-        """Wait for the child; `monitor(run_dir)` (search pruning) may return a reason to stop it."""
-        pruned = None
+        """Wait for the child, telling its progress every ECHO_S seconds; `monitor(run_dir)` (search pruning)
+        may return a reason to stop it."""
+        pruned, echoed, told = None, time.monotonic(), 0
         while True:
             try:
                 child.wait(timeout=0.5)
@@ -185,6 +188,20 @@ class PointRunner:
                 pruned = monitor(run_dir)
                 if pruned:
                     child.send_signal(signal.SIGTERM)  # train checkpoints and stops after this step
+            if time.monotonic() - echoed > ECHO_S:
+                echoed, told = time.monotonic(), self._echo(run_dir, told)
+
+    def _echo(self, run_dir: Path, told: int) -> int:
+        """One line on the newest logged step (and eval loss) of the point, if it moved on; returns that step."""
+        metrics = read_metrics(run_dir / "metrics.jsonl")
+        train = [m for m in metrics if "loss" in m]
+        if not train or train[-1]["step"] <= told:
+            return told
+        evals = [m for m in metrics if "eval_loss" in m]
+        last = train[-1]
+        self.say(f"{run_dir.name}: step {last['step']} loss {last['loss']:.4f}"
+                 + (f", eval loss {evals[-1]['eval_loss']:.4f} at step {evals[-1]['step']}" if evals else ""))
+        return last["step"]
 
 
 def _resumable(run_dir: Path) -> bool:

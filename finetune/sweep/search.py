@@ -11,8 +11,8 @@ the child SIGTERM (it checkpoints and stops) and marks the point pruned.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from finetune.errors import RecipeError
 from finetune.sweep.results import read_metrics
@@ -25,7 +25,7 @@ def require_optuna():
     """Optuna, or a RecipeError saying how to install it (checked before the sweep writes anything)."""
     try:
         import optuna
-        import optuna.storages.journal  # noqa: F401  (the file journal, Optuna >= 4)
+        import optuna.storages.journal
     except ImportError:
         raise RecipeError("finetune sweep --search needs Optuna: pip install 'finetune[sweep]' (or pip install "
                           "optuna); a grid (key=v1,v2) needs nothing more.") from None
