@@ -213,6 +213,12 @@ def test_sigterm_checkpoints_the_point_and_a_failing_point_gives_exit_5(tmp_path
     output = " ".join(result.output.split())
     assert "1 of 2 sweep points failed" in output and "bad.jsonl:1" in output
 
+    edited = json.loads(recipe.read_text())
+    edited["training"]["learning_rate"] = 1e-3
+    recipe.write_text(json.dumps(edited))  # now the finished point trained another recipe: refused
+    again = sweep(str(recipe), *items)
+    assert again.exit_code == 2 and "has changed since the sweep" in " ".join(again.output.split())
+
 
 @pytest.mark.slow
 def test_search_samples_n_points_within_the_ranges_and_continues(tmp_path, tiny_model_dir, data):

@@ -12,6 +12,7 @@ A point that fails does not stop the sweep: it is a row saying why, and the swee
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -51,7 +52,8 @@ def sweep(recipe: Path, items: list[str], *, grid_file: Path | None = None, sear
         if overwrite:
             shutil.rmtree(sweep_dir, ignore_errors=True)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        state = open_state(sweep_dir, str(recipe), space.fixed, mode)
+        digest = hashlib.sha256(base.to_yaml().encode()).hexdigest()
+        state = open_state(sweep_dir, str(recipe), space.fixed, mode, digest)
         if not search:
             _grid_state(state, points)
         with Signals() as signals:

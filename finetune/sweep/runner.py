@@ -58,33 +58,38 @@ class SweepState:
     recipe: str
     fixed: list[str]
     mode: str  # "grid" or "search <ranges and axes>"
+    digest: str  # sha256 of the resolved recipe (with the fixed overrides): an edited recipe is another sweep
     points: list[PointState] = field(default_factory=list)
 
     def save(self) -> None:
         body = {"schema": SCHEMA, "recipe": self.recipe, "fixed": self.fixed, "mode": self.mode,
-                "points": [asdict(p) for p in self.points]}
+                "recipe_sha256": self.digest, "points": [asdict(p) for p in self.points]}
         write_atomic(self.path, json.dumps(body, indent=2) + "\n")
 
     def point(self, name: str) -> PointState | None:
         return next((p for p in self.points if p.name == name), None)
 
 
-def open_state(sweep_dir: Path, recipe: str, fixed: list[str], mode: str) -> SweepState:
+def open_state(sweep_dir: Path, recipe: str, fixed: list[str], mode: str, digest: str) -> SweepState:
     """The state of an earlier run of this same sweep, or a new one; a different sweep there is refused."""
     path = sweep_dir / STATE
     if not path.exists():
-        return SweepState(path, recipe, fixed, mode)
+        return SweepState(path, recipe, fixed, mode, digest)
     try:
         body = json.loads(path.read_text())
         points = [PointState(**p) for p in body["points"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a sweep state file ({e}); pass --overwrite to start the sweep "
                               f"again.") from None
+    again = "pass --overwrite to replace it, or set name=... to sweep into another directory"
     if (body.get("fixed"), body.get("mode")) != (fixed, mode):
         raise CheckpointError(
             f"{sweep_dir} holds a different sweep (overrides {' '.join(body.get('fixed') or []) or 'none'}, "
-            f"{body.get('mode')}); pass --overwrite to replace it, or set name=... to sweep into another directory.")
-    return SweepState(path, recipe, fixed, mode, points)
+            f"{body.get('mode')}); {again}.")
+    if body.get("recipe_sha256") != digest:
+        raise CheckpointError(f"{recipe} has changed since the sweep in {sweep_dir} began (its finished points "
+                              f"trained another recipe); {again}.")
+    return SweepState(path, recipe, fixed, mode, digest, points)
 
 
 class Signals:
