@@ -63,8 +63,7 @@ def sweep(recipe: Path, items: list[str], *, grid_file: Path | None = None, sear
             else:
                 for i, p in enumerate(state.points):
                     if p.status not in DONE:
-                        say(f"point {i + 1}/{len(state.points)}")
-                        runner.run(p)
+                        runner.run(p, label=f"point {i + 1}/{len(state.points)} ")
         result = _results(state, recipe, space, sweep_dir)
         write_results(result)
     return result

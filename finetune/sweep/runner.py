@@ -137,7 +137,7 @@ class PointRunner:
     signals: Signals
     say: Callable[[str], None]
 
-    def run(self, p: PointState, monitor: Callable[[Path], str | None] | None = None) -> str:
+    def run(self, p: PointState, monitor: Callable[[Path], str | None] | None = None, label: str = "") -> str:
         if self.signals.received:  # stopped as the previous point finished
             raise TrainingInterrupted(f"Sweep interrupted before {p.name}; {_AGAIN}", 128 + self.signals.received)
         run_dir = self.sweep_dir / p.name
@@ -160,7 +160,7 @@ class PointRunner:
             self.signals.child = child
             p.status, p.pid, p.attempts, p.reason = "running", child.pid, p.attempts + 1, None
             self.state.save()
-            self.say(f"{p.name}: {'resuming' if mode == ['--resume'] else 'training'} (log {log_path})")
+            self.say(f"{label}{p.name}: {'resuming' if mode == ['--resume'] else 'training'} (log {log_path})")
             pruned = self._wait(child, run_dir, monitor)
         self.signals.child = None
         p.pid = None
