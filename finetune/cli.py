@@ -354,7 +354,7 @@ def sweep(
                                                 "key=low:high[:int][:log] (a --search range)."),
     grid: Optional[Path] = typer.Option(None, "--grid", help="YAML file: keys to value lists, ranges or values."),
     search: Optional[int] = typer.Option(None, "--search", min=1, help="Sample N points with Optuna's TPE over "
-                                         "the ranges and values, pruning hopeless ones (needs finetune[sweep])."),
+                                         "the ranges and values, pruning hopeless ones (Optuna: the sweep extra)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete an earlier sweep in the same directory."),
 ) -> None:
     """Train every point of a grid of overrides (or --search N), one run each, resumable; one table of results."""

@@ -178,7 +178,7 @@ def test_grid_killed_during_point_3_resumes_without_redoing_points_1_and_2(tmp_p
             assert table[n][key] == str(s[key]), (n, key)
         assert row["seconds"] == s["wall_time_s"] and row["tokens_per_s"] > 0 and row["planned_memory_gib"] > 0
         assert f"{s['eval_loss']:.4f}" in next(line for line in result.output.splitlines() if f" {n} " in line)
-    assert [rows[n]["trainable_parameters"] for n in NAMES] == [896, 896, 1792, 1792]  # 2 layers x r (q: 64+64, v: 64+32)
+    assert [rows[n]["trainable_parameters"] for n in NAMES] == [896, 896, 1792, 1792]  # 2 layers x r (64+64 + 64+32)
     best = min(NAMES, key=lambda n: rows[n]["eval_loss"])
     assert report["best"] == best and [n for n in NAMES if rows[n]["best"]] == [best]
     assert (sweep_dir / "sweep.png").read_bytes()[:4] == b"\x89PNG"
@@ -213,16 +213,28 @@ def test_sigterm_checkpoints_the_point_and_a_failing_point_gives_exit_5(tmp_path
     output = " ".join(result.output.split())
     assert "1 of 2 sweep points failed" in output and "bad.jsonl:1" in output
 
+    edited = json.loads(recipe.read_text())
+    edited["training"]["learning_rate"] = 1e-3
+    recipe.write_text(json.dumps(edited))  # now the finished point trained another recipe: refused
+    again = sweep(str(recipe), *items)
+    assert again.exit_code == 2 and "has changed since the sweep" in " ".join(again.output.split())
+
 
 @pytest.mark.slow
-def test_search_samples_n_points_within_the_ranges(tmp_path, tiny_model_dir, data):
+def test_search_samples_n_points_within_the_ranges_and_continues(tmp_path, tiny_model_dir, data):
     recipe = make_recipe(tmp_path, tiny_model_dir, data)
-    result = sweep(str(recipe), "--search", "3", "training.learning_rate=1e-3:1e-2:log", "lora.r=2,4")
+    items = ["training.learning_rate=1e-3:1e-2:log", "lora.r=2,4"]
+    result = sweep(str(recipe), "--search", "2", *items)
     assert result.exit_code == 0, result.output
     sweep_dir = tmp_path / "runs" / "grid-sweep"
+    first = {n: summary(sweep_dir / n) for n in ("trial-0", "trial-1")}
+    result = sweep(str(recipe), "--search", "3", *items)  # the same search, one point more
+    assert result.exit_code == 0, result.output
     report = json.loads((sweep_dir / "sweep.json").read_text())
     assert [r["name"] for r in report["points"]] == ["trial-0", "trial-1", "trial-2"]
+    assert {n: summary(sweep_dir / n) for n in first} == first  # not run again
     for r in report["points"]:
         assert r["status"] in ("finished", "pruned")
         assert 1e-3 <= float(r["overrides"]["training.learning_rate"]) <= 1e-2 and r["overrides"]["lora.r"] in "24"
-    assert (sweep_dir / "optuna.journal").exists()
+    values = [tuple(r["overrides"].values()) for r in report["points"]]
+    assert len(set(values)) == 3  # the restarted sampler draws new points, not the first ones again

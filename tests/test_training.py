@@ -486,6 +486,7 @@ def test_a_finished_run_holds_metrics_summary_and_loss_curve(straight):
     summary = json.loads((straight / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["eval_loss"] == metrics(straight)[-1]["eval_loss"]
     assert summary["skipped_steps"] == [] and Path(summary["final_checkpoint"]) == straight / "checkpoint-final"
+    assert summary["trainable_parameters"] == 2 * 4 * ((64 + 64) + (64 + 32))  # layers x r x (q_proj + v_proj)
     assert (straight / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

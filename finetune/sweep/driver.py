@@ -12,9 +12,10 @@ A point that fails does not stop the sweep: it is a row saying why, and the swee
 
 from __future__ import annotations
 
+import hashlib
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from finetune.artifacts import hold
 from finetune.errors import FinetuneError, RecipeError, SweepPointsFailed
@@ -51,7 +52,8 @@ def sweep(recipe: Path, items: list[str], *, grid_file: Path | None = None, sear
         if overwrite:
             shutil.rmtree(sweep_dir, ignore_errors=True)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        state = open_state(sweep_dir, str(recipe), space.fixed, mode)
+        digest = hashlib.sha256(base.to_yaml().encode()).hexdigest()
+        state = open_state(sweep_dir, str(recipe), space.fixed, mode, digest)
         if not search:
             _grid_state(state, points)
         with Signals() as signals:
@@ -61,8 +63,7 @@ def sweep(recipe: Path, items: list[str], *, grid_file: Path | None = None, sear
             else:
                 for i, p in enumerate(state.points):
                     if p.status not in DONE:
-                        say(f"point {i + 1}/{len(state.points)}")
-                        runner.run(p)
+                        runner.run(p, label=f"point {i + 1}/{len(state.points)} ")
         result = _results(state, recipe, space, sweep_dir)
         write_results(result)
     return result
@@ -89,7 +90,7 @@ def _search(runner: PointRunner, space: Space, n: int, recipe: Path, seed: int) 
     """Resume interrupted trials, then ask Optuna for more until the sweep has `n` points."""
     from finetune.sweep.search import open_study, pruning_monitor, suggest, tell
 
-    study = open_study(runner.sweep_dir, seed)
+    study = open_study(runner.sweep_dir, seed, n)
     width = len(str(max(n - 1, 1)))
     for p in runner.state.points:
         if p.status not in DONE:  # interrupted or failed earlier: same trial, same values

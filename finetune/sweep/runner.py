@@ -20,17 +20,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from finetune.artifacts import hold, write_atomic
 from finetune.errors import CheckpointError, FinetuneError, TrainingInterrupted
+from finetune.sweep.results import read_metrics
 
 STATE = "sweep-state.json"
 SCHEMA = "finetune.sweep-state/1"
 DONE = ("finished", "pruned")  # never run again; failed and interrupted points are retried on a restart
 LOCK_WAIT_S = 120.0
+ECHO_S = 30.0  # seconds between progress lines of a training point
 _AGAIN = "run the same `finetune sweep` command again to go on (finished points are kept)."
 
 
@@ -56,33 +58,38 @@ class SweepState:
     recipe: str
     fixed: list[str]
     mode: str  # "grid" or "search <ranges and axes>"
+    digest: str  # sha256 of the resolved recipe (with the fixed overrides): an edited recipe is another sweep
     points: list[PointState] = field(default_factory=list)
 
     def save(self) -> None:
         body = {"schema": SCHEMA, "recipe": self.recipe, "fixed": self.fixed, "mode": self.mode,
-                "points": [asdict(p) for p in self.points]}
+                "recipe_sha256": self.digest, "points": [asdict(p) for p in self.points]}
         write_atomic(self.path, json.dumps(body, indent=2) + "\n")
 
     def point(self, name: str) -> PointState | None:
         return next((p for p in self.points if p.name == name), None)
 
 
-def open_state(sweep_dir: Path, recipe: str, fixed: list[str], mode: str) -> SweepState:
+def open_state(sweep_dir: Path, recipe: str, fixed: list[str], mode: str, digest: str) -> SweepState:
     """The state of an earlier run of this same sweep, or a new one; a different sweep there is refused."""
     path = sweep_dir / STATE
     if not path.exists():
-        return SweepState(path, recipe, fixed, mode)
+        return SweepState(path, recipe, fixed, mode, digest)
     try:
         body = json.loads(path.read_text())
         points = [PointState(**p) for p in body["points"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path} is not a sweep state file ({e}); pass --overwrite to start the sweep "
                               f"again.") from None
+    again = "pass --overwrite to replace it, or set name=... to sweep into another directory"
     if (body.get("fixed"), body.get("mode")) != (fixed, mode):
         raise CheckpointError(
             f"{sweep_dir} holds a different sweep (overrides {' '.join(body.get('fixed') or []) or 'none'}, "
-            f"{body.get('mode')}); pass --overwrite to replace it, or set name=... to sweep into another directory.")
-    return SweepState(path, recipe, fixed, mode, points)
+            f"{body.get('mode')}); {again}.")
+    if body.get("recipe_sha256") != digest:
+        raise CheckpointError(f"{recipe} has changed since the sweep in {sweep_dir} began (its finished points "
+                              f"trained another recipe); {again}.")
+    return SweepState(path, recipe, fixed, mode, digest, points)
 
 
 class Signals:
@@ -130,7 +137,7 @@ class PointRunner:
     signals: Signals
     say: Callable[[str], None]
 
-    def run(self, p: PointState, monitor: Callable[[Path], str | None] | None = None) -> str:
+    def run(self, p: PointState, monitor: Callable[[Path], str | None] | None = None, label: str = "") -> str:
         if self.signals.received:  # stopped as the previous point finished
             raise TrainingInterrupted(f"Sweep interrupted before {p.name}; {_AGAIN}", 128 + self.signals.received)
         run_dir = self.sweep_dir / p.name
@@ -149,11 +156,11 @@ class PointRunner:
             log.flush()
             start = log.tell()
             child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+                                     start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509 (no threads)
             self.signals.child = child
             p.status, p.pid, p.attempts, p.reason = "running", child.pid, p.attempts + 1, None
             self.state.save()
-            self.say(f"{p.name}: {'resuming' if mode == ['--resume'] else 'training'} (log {log_path})")
+            self.say(f"{label}{p.name}: {'resuming' if mode == ['--resume'] else 'training'} (log {log_path})")
             pruned = self._wait(child, run_dir, monitor)
         self.signals.child = None
         p.pid = None
@@ -173,8 +180,9 @@ class PointRunner:
         return p.status
 
     def _wait(self, child: subprocess.Popen, run_dir: Path, monitor) -> str | None:
-        """Wait for the child; `monitor(run_dir)` (search pruning) may return a reason to stop it."""
-        pruned = None
+        """Wait for the child, telling its progress every ECHO_S seconds; `monitor(run_dir)` (search pruning)
+        may return a reason to stop it."""
+        pruned, echoed, told = None, time.monotonic(), 0
         while True:
             try:
                 child.wait(timeout=0.5)
@@ -185,6 +193,20 @@ class PointRunner:
                 pruned = monitor(run_dir)
                 if pruned:
                     child.send_signal(signal.SIGTERM)  # train checkpoints and stops after this step
+            if time.monotonic() - echoed > ECHO_S:
+                echoed, told = time.monotonic(), self._echo(run_dir, told)
+
+    def _echo(self, run_dir: Path, told: int) -> int:
+        """One line on the newest logged step (and eval loss) of the point, if it moved on; returns that step."""
+        metrics = read_metrics(run_dir / "metrics.jsonl")
+        train = [m for m in metrics if "loss" in m]
+        if not train or train[-1]["step"] <= told:
+            return told
+        evals = [m for m in metrics if "eval_loss" in m]
+        last = train[-1]
+        self.say(f"{run_dir.name}: step {last['step']} loss {last['loss']:.4f}"
+                 + (f", eval loss {evals[-1]['eval_loss']:.4f} at step {evals[-1]['step']}" if evals else ""))
+        return last["step"]
 
 
 def _resumable(run_dir: Path) -> bool:

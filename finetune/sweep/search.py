@@ -11,8 +11,8 @@ the child SIGTERM (it checkpoints and stops) and marks the point pruned.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from finetune.errors import RecipeError
 from finetune.sweep.results import read_metrics
@@ -25,24 +25,25 @@ def require_optuna():
     """Optuna, or a RecipeError saying how to install it (checked before the sweep writes anything)."""
     try:
         import optuna
-        import optuna.storages.journal  # noqa: F401  (the file journal, Optuna >= 4)
+        import optuna.storages.journal
     except ImportError:
         raise RecipeError("finetune sweep --search needs Optuna: pip install 'finetune[sweep]' (or pip install "
                           "optuna); a grid (key=v1,v2) needs nothing more.") from None
     return optuna
 
 
-def open_study(sweep_dir: Path, seed: int):
-    """The sweep's study (created, or loaded from its journal)."""
+def open_study(sweep_dir: Path, seed: int, n: int):
+    """The sweep's study (created, or loaded from its journal). TPE samples its first max(2, min(10, n // 3))
+    points at random (Optuna's default is 10, a whole small search), then from its model of the results. Its seed
+    is the recipe's plus the trials already run, so a restarted search draws new points instead of replaying."""
     optuna = require_optuna()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(
         str(sweep_dir / "optuna.journal")))
-    return optuna.create_study(
-        study_name="sweep", storage=storage, load_if_exists=True, direction="minimize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=N_STARTUP, n_warmup_steps=0),
-    )
+    study = optuna.create_study(study_name="sweep", storage=storage, load_if_exists=True, direction="minimize")
+    sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=max(2, min(10, n // 3)))
+    return optuna.load_study(study_name="sweep", storage=storage, sampler=sampler,
+                             pruner=optuna.pruners.MedianPruner(n_startup_trials=N_STARTUP, n_warmup_steps=0))
 
 
 def suggest(trial, space: Space) -> dict[str, str]:
