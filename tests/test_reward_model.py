@@ -233,3 +233,16 @@ def test_plan_counts_both_answers_of_a_pair_and_a_score_head_instead_of_logits(t
     assert dpo["activations"] == reward["activations"] > sft["activations"]  # 2 x 3 sequences vs 3
     assert reward["loss (labelled positions, chunked)"] == 6 * 32 * 4 + 6 * 32 * 64 * 4  # scores + hidden states
     assert reward["LoRA parameters"] == dpo["LoRA parameters"] + 4 * 64  # + the trained score head (64 -> 1)
+
+
+def test_chat_merge_and_export_refuse_a_reward_model(trained, tmp_path):
+    from finetune.cli import app
+
+    _, run_dir = trained
+    checkpoint = str(run_dir / "checkpoint-final")
+    for args in (["chat", checkpoint, "--prompt", "hi"], ["merge", checkpoint, "--out", str(tmp_path / "m")],
+                 ["export", checkpoint, "--out", str(tmp_path / "x.gguf")]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert "is a reward model's adapter (a score head, no LM head)" in " ".join(result.output.split())
+    assert not (tmp_path / "m").exists() and not (tmp_path / "x.gguf").exists()

@@ -165,8 +165,9 @@ def evaluate(
     options = options or GenerationOptions()
     make_extractor(options.extractor)  # a bad pattern fails before any model loads
     adapters = [str(a) for a in adapters]
+    head = "score" if recipe and recipe.training.objective == "reward" else "lm"  # a reward model's adapter
     for path in adapters:
-        check_adapter_dir(path)
+        check_adapter_dir(path, head=head)
     if recipe is None and model is None:
         raise ModelError("Which model? Give a recipe or --model (a hub id, a directory or a .gguf file).")
     source = model or recipe.model.name_or_path

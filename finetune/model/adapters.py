@@ -4,6 +4,7 @@ before anything loads, the recipe saved beside it (its base and quantization), a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -15,13 +16,19 @@ from finetune.model.placement import resolve, resolve_compute_dtype
 from finetune.recipe import ModelSection, QuantizationSection, Recipe
 
 
-def check_adapter_dir(adapter_dir: str | Path) -> None:
-    """Refuse, with a readable error, a path that is not a PEFT adapter directory (before any model loads)."""
+def check_adapter_dir(adapter_dir: str | Path, head: str = "lm") -> None:
+    """Refuse, with a readable error, a path that is not a PEFT adapter directory (before any model loads), or an
+    adapter of the other kind of model: `head` lm (a causal LM's) or score (a reward model's, model/reward.py)."""
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise ModelError(f"'{adapter_dir}' is not an adapter directory: it has no adapter_config.json.")
     from finetune.artifacts import verify_adapter
 
     verify_adapter(adapter_dir)  # a damaged file is named here, not a safetensors traceback later
+    scores = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+    if scores != (head == "score"):
+        raise ModelError(f"'{adapter_dir}' is a reward model's adapter (a score head, no LM head): it scores answers "
+                         "(eval with its recipe, GRPO's reward_model reward), it does not generate, merge or export."
+                         if scores else f"'{adapter_dir}' is a language model's adapter, not a reward model's.")
 
 
 VIRTUAL_TOKEN_TYPES = {"PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefix tuning", "P_TUNING": "P-tuning"}

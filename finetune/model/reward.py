@@ -40,7 +40,7 @@ def check_reward_checkpoint(path: str | Path) -> tuple[ModelSection, Quantizatio
     """(base model, quantization) of a reward-model checkpoint written by `finetune train` (objective reward), from
     the recipe.yaml beside it; a ModelError naming the path for anything else. Loads nothing."""
     path = Path(path)
-    check_adapter_dir(path)
+    check_adapter_dir(path, head="score")
     recipe = saved_recipe(path) or saved_recipe(path.parent)
     if recipe.get("training", {}).get("objective") != "reward" or "model" not in recipe:
         raise ModelError(f"{path} is not a reward-model checkpoint: the recipe.yaml beside it must say "
