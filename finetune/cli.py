@@ -364,6 +364,30 @@ def chat(
 
 
 # --- serve: `finetune serve` goes here ---
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="Base model directory or hub id, .gguf file, merged directory, recipe, or "
+                                "adapter checkpoint (served as an adapter named after its run).", show_default=False),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="NAME=PATH: serve this adapter checkpoint "
+                                                "as model NAME; repeat for more."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (anything but loopback exposes the server)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: a free one, printed)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FINETUNE_API_KEY", help="Require "
+                                          "'Authorization: Bearer KEY' on every endpoint but /health."),
+    quantize: Quantize = typer.Option("auto", help="auto: 4-bit as the adapters were trained; 4bit; none."),
+    max_batch: int = typer.Option(16, min=1, help="Sequences decoded together in one forward pass."),
+    max_queue: int = typer.Option(64, min=1, help="Requests waiting for the batch; more are answered 429."),
+    max_tokens: int = typer.Option(1024, min=1, help="The largest max_tokens a request may ask for."),
+) -> None:
+    """Serve a base model and its adapters behind an OpenAI-compatible API (needs finetune[serve])."""
+    if any("=" not in a for a in adapter or []):
+        raise typer.BadParameter("expected NAME=PATH", param_hint="--adapter")
+    _quiet_libraries()
+    from finetune.serve import ServeOptions, serve as run_serve
+    options = ServeOptions(host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                           max_tokens=max_tokens)
+    _run(lambda: run_serve(model, adapters=dict(a.split("=", 1) for a in adapter or []), quantize=quantize,
+                           options=options, console=err_console))
 
 
 # --- board: `finetune board` goes here ---

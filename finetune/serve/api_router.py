@@ -83,14 +83,7 @@ def build_app(serving: Serving, lifespan=None) -> FastAPI:
     app.state.serving = serving
     app.include_router(router)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        limit = serving.options.max_body_bytes
-        if size is not None and (not size.isdigit() or int(size) > limit):
-            return _error(APIError(413, f"The request body has {size} bytes; this server takes at most {limit}.",
-                                   code="request_too_large"))
-        return await call_next(request)
+    app.add_middleware(_BodyLimit, limit=serving.options.max_body_bytes)
 
     @app.exception_handler(APIError)
     async def api_error(_request, e: APIError):
@@ -115,6 +108,23 @@ def build_app(serving: Serving, lifespan=None) -> FastAPI:
         return _error(APIError(500, f"Internal error: {type(e).__name__}.", type="server_error"))
 
     return app
+
+
+class _BodyLimit:
+    """413 for a request whose Content-Length is over the limit, before its body is read. A plain ASGI middleware:
+    Starlette's BaseHTTPMiddleware would hide a client's disconnect from the endpoint."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        size = dict(scope.get("headers") or []).get(b"content-length", b"0").decode() if scope["type"] == "http" \
+            else "0"
+        if not size.isdigit() or int(size) > self.limit:
+            error = APIError(413, f"The request body has {size} bytes; this server takes at most {self.limit}.",
+                             code="request_too_large")
+            return await _error(error)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 def _error(e: APIError) -> JSONResponse:

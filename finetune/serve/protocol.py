@@ -36,7 +36,7 @@ class _Request(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 is greedy (what `finetune chat` does)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: Optional[int] = None
-    stop: Union[str, list[str], None] = None
+    stop: Union[str, list[str], None] = Field(None, validate_default=True)
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: Optional[dict] = None
@@ -99,8 +99,8 @@ class ChatCompletionRequest(_Request):
             return "response_format"
         return super().unsupported()
 
-    def limit(self, default: int) -> int:
-        return self.max_completion_tokens or self.max_tokens or default
+    def limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
 
     def chat_messages(self) -> list[dict]:
         """role/content dicts as chat templates take them (`developer` is OpenAI's newer name for system)."""
@@ -123,8 +123,8 @@ class CompletionRequest(_Request):
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
 
-    def limit(self, default: int) -> int:
-        return self.max_tokens or default
+    def limit(self) -> int | None:
+        return self.max_tokens
 
 
 class AdapterRequest(BaseModel):

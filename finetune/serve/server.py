@@ -33,7 +33,7 @@ def serve(model: str, *, adapters: dict[str, str] | None = None, quantize: str =
     serving = load(model, adapters=adapters, quantize=quantize, options=options)
     sock = listen(options.host, options.port)
     host, port = sock.getsockname()[:2]
-    say = (lambda text: console.print(text, highlight=False)) if console else (lambda text: print(text, file=sys.stderr))
+    say = (lambda text: console.print(text, highlight=False, soft_wrap=True)) if console else (lambda text: print(text, file=sys.stderr))
     names = [n for n in serving.registry.models if n != serving.registry.base_name]
     say(f"serving {serving.registry.base_name} (adapters: {', '.join(names) or 'none'}) at "
         f"http://{host if ':' not in host else f'[{host}]'}:{port}/v1 "

@@ -165,7 +165,7 @@ class Serving:
         except Exception as e:  # a template refusing the conversation (e.g. roles must alternate)
             raise P.APIError(400, f"The chat template of '{served.name}' refused these messages: {first_line(e)}",
                              param="messages") from None
-        run = self._start(served, [prompt], req, req.limit(self.options.default_max_tokens), strip=True)
+        run = self._start(served, [prompt], req, req.limit(), strip=True)
         if req.stream:
             return self._chat_stream(run, req, P.new_id("chatcmpl"))
         texts = await self._collect(run, raw)
@@ -176,7 +176,7 @@ class Serving:
         prompts = [served.tok(text)["input_ids"] for text in req.prompts()]
         if not prompts or not all(prompts):
             raise P.APIError(400, "prompt must be one non-empty string or a list of them.", param="prompt")
-        run = self._start(served, prompts, req, req.limit(16), strip=False)
+        run = self._start(served, prompts, req, req.limit(), strip=False)
         if req.stream:
             return self._completion_stream(run, req, P.new_id("cmpl"))
         texts = await self._collect(run, raw)
@@ -189,16 +189,19 @@ class Serving:
             raise P.APIError(400, f"'{name}' is not supported by finetune serve.", param=name, code="unsupported")
         return self.registry.get(req.model)
 
-    def _start(self, served: Served, prompts: list[list[int]], req: P._Request, max_tokens: int, strip: bool) -> _Run:
-        """Check the request's limits and submit its jobs."""
+    def _start(self, served: Served, prompts: list[list[int]], req: P._Request, max_tokens: int | None,
+               strip: bool) -> _Run:
+        """Check the request's limits and submit its jobs. Without max_tokens: default_max_tokens, or what the
+        context leaves after the prompt when that is less."""
         o, context = self.options, self.engine.context
+        longest = max(map(len, prompts))
+        max_tokens = max_tokens or max(1, min(o.default_max_tokens, o.max_tokens, context - longest))
         if max_tokens > o.max_tokens:
             raise P.APIError(400, f"max_tokens is {max_tokens}; this server allows at most {o.max_tokens}.",
                              param="max_tokens", code="invalid_value")
         if req.n > min(o.max_n, o.max_batch) or len(prompts) * req.n > o.max_batch:
             raise P.APIError(400, f"n x prompts is {req.n * len(prompts)}; this server allows at most "
                              f"{min(o.max_n, o.max_batch)} choices per request.", param="n", code="invalid_value")
-        longest = max(map(len, prompts))
         if longest + max_tokens > context:
             raise P.APIError(400, f"This model's context is {context} tokens; the prompt has {longest} and "
                              f"max_tokens asks for {max_tokens} more.", param="messages",
@@ -216,18 +219,24 @@ class Serving:
     async def _chat_stream(self, run: _Run, req: P.ChatCompletionRequest, id: str):
         for i in range(len(run.choices)):
             yield _sse(P.chat_chunk(id, req.model, i, {"role": "assistant", "content": ""}))
-        async for index, piece, reason in run.events():
-            if piece:
-                yield _sse(P.chat_chunk(id, req.model, index, {"content": piece}))
-            if reason:
-                yield _sse(P.chat_chunk(id, req.model, index, {}, reason))
+        try:
+            async for index, piece, reason in run.events():
+                if piece:
+                    yield _sse(P.chat_chunk(id, req.model, index, {"content": piece}))
+                if reason:
+                    yield _sse(P.chat_chunk(id, req.model, index, {}, reason))
+        except P.APIError as e:  # the status line has gone: the error is the stream's last event
+            yield _sse(e.body())
         if req.include_usage:
             yield _sse(P.usage_chunk(id, req.model, "chat.completion.chunk", run.usage()))
         yield "data: [DONE]\n\n"
 
     async def _completion_stream(self, run: _Run, req: P.CompletionRequest, id: str):
-        async for index, piece, reason in run.events():
-            yield _sse(P.text_completion(id, req.model, [(index, piece, reason)], None))
+        try:
+            async for index, piece, reason in run.events():
+                yield _sse(P.text_completion(id, req.model, [(index, piece, reason)], None))
+        except P.APIError as e:
+            yield _sse(e.body())
         if req.include_usage:
             yield _sse(P.usage_chunk(id, req.model, "text_completion", run.usage()))
         yield "data: [DONE]\n\n"
