@@ -52,7 +52,7 @@ test-slow: fetch
 # The CUDA path on a GPU machine: every test prints its numbers (GPU ... lines; runs/gpu-report.json).
 test-gpu: fetch
 	rm -f runs/gpu-report.json
-	$(PY) -m pytest -q -m gpu -s -rA tests/test_gpu.py
+	$(PY) -m pytest -q -m gpu -s -rA tests/test_gpu.py tests/test_serve.py
 	@cat runs/gpu-report.json 2>/dev/null || true
 
 clean:

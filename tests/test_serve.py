@@ -365,3 +365,44 @@ def test_real_model_batched_replies_equal_chat_one_by_one(tmp_path):
         assert answers == {i: expected[name] for i, name in enumerate(names)}
     finally:
         s.stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(not (REAL / "config.json").exists(), reason="run `make fetch` first")
+def test_vllm_serves_the_same_adapter_directories(tmp_path):
+    """The checkpoints finetune writes are what vLLM's `--enable-lora --lora-modules name=path` takes (where vLLM is
+    installed); `finetune serve` on the GPU answers as `finetune chat` does. Written without a GPU to run it on."""
+    pytest.importorskip("vllm")
+    paths = {name: make_adapter(tmp_path / name, REAL, seed=i, load_in_4bit=False)
+             for i, name in enumerate(["one", "two"])}
+    expected = reply(load_session(str(paths["one"])), PROMPT, ChatOptions(max_new_tokens=TOKENS))
+    ours = Server(load(str(paths["one"]), adapters={"two": str(paths["two"])}))
+    try:
+        assert chat(ours.client(), "one").choices[0].message.content == expected
+    finally:
+        ours.stop()
+    sock = listen("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    sock.close()
+    proc = subprocess.Popen(["vllm", "serve", str(REAL), "--port", str(port), "--enable-lora", "--max-lora-rank", "8",
+                             "--lora-modules", *(f"{n}={p}" for n, p in paths.items()), "--gpu-memory-utilization",
+                             "0.3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "vLLM did not start"
+            try:
+                ids = [m.id for m in client.models.list()]
+                break
+            except openai.APIConnectionError:
+                time.sleep(2)
+        assert {"one", "two"} <= set(ids)
+        theirs = chat(client, "one").choices[0].message.content
+        same = next((i for i, (a, b) in enumerate(zip(theirs, expected)) if a != b), min(len(theirs), len(expected)))
+        print(f"GPU vllm-lora: finetune and vLLM greedy replies agree on the first {same} characters")
+        assert theirs
+    finally:
+        proc.terminate()
+        proc.wait(60)
