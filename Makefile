@@ -36,6 +36,7 @@ demo: fetch
 		--type q8_0 --overwrite
 	@echo "llama.cpp: llama-cli -m runs/quickstart/quickstart-q8_0.gguf -cnv"
 	@echo "Ollama:    cd runs/quickstart && echo 'FROM ./quickstart-q8_0.gguf' > Modelfile && ollama create quickstart -f Modelfile && ollama run quickstart"
+	@echo "Serve:     $(VENV)/bin/finetune serve runs/quickstart/checkpoint-final   # OpenAI API at http://127.0.0.1:8000/v1, model \"quickstart\""
 
 # finetune vs TRL's SFTTrainer on the same job (ratio table; ~1 h on 2 CPU cores). Not part of `make test`.
 bench: fetch
@@ -56,7 +57,7 @@ test-slow: fetch
 # The CUDA path on a GPU machine: every test prints its numbers (GPU ... lines; runs/gpu-report.json).
 test-gpu: fetch
 	rm -f runs/gpu-report.json
-	$(PY) -m pytest -q -m gpu -s -rA tests/test_gpu.py
+	$(PY) -m pytest -q -m gpu -s -rA tests/test_gpu.py tests/test_serve.py
 	@cat runs/gpu-report.json 2>/dev/null || true
 
 clean:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Callable, Literal, Optional
 
@@ -85,6 +87,13 @@ def _holding(paths: list, what: str):
     with contextlib.ExitStack() as stack:
         _run(lambda: stack.enter_context(hold_all(paths, what)))
         yield
+
+
+def _pairs(items: Optional[list[str]], option: str, expected: str) -> dict[str, str]:
+    """Repeated KEY=VALUE options as a dict; anything else is a usage error (exit 2)."""
+    if bad := [i for i in items or [] if "=" not in i]:
+        raise typer.BadParameter(f"expected {expected}, got '{bad[0]}'", param_hint=option)
+    return dict(i.split("=", 1) for i in items or [])
 
 
 def _load(recipe: Path, overrides: Optional[list[str]]):
@@ -165,14 +174,7 @@ def _split_weights(adapters: list[str], weights: Optional[list[str]]) -> tuple[l
     `--weights 0.7,0.3` and `--weights 0.7 --weights 0.3`. A number that names an existing path stays an adapter."""
     if weights is None:
         return adapters, None
-
-    def number(s: str) -> bool:
-        try:
-            float(s)
-        except ValueError:
-            return False
-        return not Path(s).exists()
-
+    number = lambda s: re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", s) and not Path(s).exists()  # noqa: E731
     values = [w for item in weights for w in item.split(",") if w.strip()] + [a for a in adapters if number(a)]
     try:
         return [a for a in adapters if not number(a)], [float(w) for w in values]
@@ -252,16 +254,12 @@ def eval_(
     r = _run(lambda: _load(recipe, overrides)) if recipe else None
     quiet_libraries()
     from finetune.evaluate import evaluate, print_report, write_report, write_samples
-
     from finetune.generate import GenerationOptions
 
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                 batch_size=batch_size, seed=seed, extractor=extract)
     tasks = [t for item in harness or [] for t in item.split(",") if t.strip()]
-    bad = [f for f in field or [] if "=" not in f]
-    if bad:
-        raise typer.BadParameter(f"expected FIELD=COLUMN, got '{bad[0]}'", param_hint="--field")
-    fields = dict(f.split("=", 1) for f in field) if field else None
+    fields = _pairs(field, "--field", "FIELD=COLUMN") or None
     with _holding([json_out, samples], "finetune eval"):  # from the start: a refusal costs no evaluation
         rep = _run(lambda: evaluate(
             r, model=model, adapters=[str(a) for a in adapter or []], compare=compare, data=data,
@@ -332,8 +330,6 @@ def chat(
     seed: int = typer.Option(0, help="Sampling seed."),
 ) -> None:
     """Chat with a model, adapter checkpoint or GGUF file: interactive, or one reply with --prompt."""
-    import sys
-
     quiet_libraries()
     from finetune.generate import ChatOptions, chat as run_chat
 
@@ -360,12 +356,33 @@ def sweep(
     """Train every point of a grid of overrides (or --search N), one run each, resumable; one table of results."""
     from finetune.sweep import check_sweep, print_sweep, sweep as run_sweep
 
-    def say(message: str) -> None:
-        err_console.print(f"[bold]sweep[/] {escape(message)}", highlight=False, soft_wrap=True)
-
+    say = lambda message: err_console.print(f"[bold]sweep[/] {escape(message)}", highlight=False, soft_wrap=True)  # noqa: E731
     result = _run(lambda: run_sweep(recipe, items or [], grid_file=grid, search=search, overwrite=overwrite, say=say))
     print_sweep(result, console)
     _run(lambda: check_sweep(result))
+
+
+@app.command()
+def serve(
+    model: str = typer.Argument(..., help="Base model directory or hub id, .gguf file, merged directory, recipe, or "
+                                "adapter checkpoint (served as an adapter named after its run).", show_default=False),
+    adapter: Optional[list[str]] = typer.Option(None, "--adapter", help="NAME=PATH: serve this adapter checkpoint "
+                                                "as model NAME; repeat for more."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (anything but loopback exposes the server)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: a free one, printed)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="FINETUNE_API_KEY", help="Require "
+                                          "'Authorization: Bearer KEY' on every endpoint but /health."),
+    quantize: Quantize = typer.Option("auto", help="auto: 4-bit as the adapters were trained; 4bit; none."),
+    max_batch: int = typer.Option(16, min=1, help="Sequences decoded together in one forward pass."),
+    max_queue: int = typer.Option(64, min=1, help="Requests waiting for the batch; more are answered 429."),
+    max_tokens: int = typer.Option(1024, min=1, help="The largest max_tokens a request may ask for."),
+) -> None:
+    """Serve a base model and its adapters behind an OpenAI-compatible API (needs finetune[serve])."""
+    adapters = _pairs(adapter, "--adapter", "NAME=PATH")
+    quiet_libraries()
+    from finetune.serve import ServeOptions, serve as run_serve
+    _run(lambda: run_serve(model, adapters=adapters, quantize=quantize, console=err_console, options=ServeOptions(
+        host=host, port=port, api_key=api_key, max_batch=max_batch, max_queue=max_queue, max_tokens=max_tokens)))
 
 
 @app.command()
@@ -380,5 +397,4 @@ def board(
     from finetune.board import serve_board
 
     _run(lambda: serve_board(runs_dir, host=host, port=port, no_token=no_token, recipes_dir=recipes,
-                             announce=lambda url: console.print(f"finetune board on [bold]{url}[/]", highlight=False,
-                                                                soft_wrap=True)))
+                             announce=lambda url: console.print(f"finetune board on {url}", soft_wrap=True)))

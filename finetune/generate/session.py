@@ -61,11 +61,13 @@ def chat(target: str | None = None, *, model: str | None = None, adapters: list[
     return None
 
 
-def load_session(target: str | None, *, model: str | None = None, adapters: list[str] | tuple = (),
-                 overrides: list[str] | None = None) -> Session:
-    """Resolve what to load (recipe, checkpoint, model directory or .gguf; --model and --adapter on top) and load it."""
-    from finetune.model import adapter_labels, check_adapter_dir, eval_quantization, load_eval_model, load_tokenizer
-    from finetune.model import saved_recipe
+def resolve_target(target: str | None, *, model: str | None = None, adapters: list[str] | tuple = (),
+                   overrides: list[str] | None = None):
+    """What a chat (or `finetune serve`) target names: (recipe or None, the base's ModelSection, adapter dirs).
+    A recipe gives its model; an adapter checkpoint goes first among the adapters and gives the base it was
+    trained on (its recipe.yaml, else its adapter_config.json); a directory, hub id or .gguf is the base.
+    `model` replaces the base. Every adapter directory is checked (manifest) before anything loads."""
+    from finetune.model import check_adapter_dir, saved_recipe
     from finetune.recipe import ModelSection
 
     adapters, recipe, section = [str(a) for a in adapters], None, None
@@ -95,6 +97,15 @@ def load_session(target: str | None, *, model: str | None = None, adapters: list
     if section is None:
         raise ModelError("Which model? Give a recipe, a checkpoint directory, a model directory or .gguf file, "
                          "or --model.")
+    return recipe, section, adapters
+
+
+def load_session(target: str | None, *, model: str | None = None, adapters: list[str] | tuple = (),
+                 overrides: list[str] | None = None) -> Session:
+    """Resolve what to load (recipe, checkpoint, model directory or .gguf; --model and --adapter on top) and load it."""
+    from finetune.model import adapter_labels, eval_quantization, load_eval_model, load_tokenizer
+
+    recipe, section, adapters = resolve_target(target, model=model, adapters=adapters, overrides=overrides)
     quant = eval_quantization("auto", recipe, section.name_or_path, adapters)
     template = recipe.data.chat_template if recipe else None
     tok = load_tokenizer(adapters[0] if adapters else section.name_or_path, template)
@@ -117,20 +128,26 @@ def load_session(target: str | None, *, model: str | None = None, adapters: list
 
 def prompt_ids(session: Session, user: str) -> list[int]:
     """Token ids of the conversation so far plus `user`, ending where the assistant's reply starts."""
+    return render_messages(session.tok, [*session.messages, {"role": "user", "content": user}], session.source)
+
+
+def render_messages(tok, messages: list[dict], source: str) -> list[int]:
+    """Token ids of `messages` (role/content dicts) through `tok`'s chat template, ending where the assistant's
+    reply starts. One user turn (after an optional system message) renders exactly as the data pipeline renders a
+    training prompt; without a chat template only a single prompt works (as plain completion text)."""
     from finetune.data import Record, prompt_and_reference
 
-    messages = [*session.messages, {"role": "user", "content": user}]
-    if not session.tok.chat_template:
+    if not tok.chat_template:
         if len(messages) > 1:
-            raise ModelError(f"{session.source}: the tokenizer has no chat template, so only a single prompt "
+            raise ModelError(f"{source}: the tokenizer has no chat template, so only a single prompt "
                              "without a system message works; give a recipe with data.template.")
-        rec = Record("completion", {"prompt": user, "completion": "-"}, "chat")
-        return prompt_and_reference(rec, "completion", session.tok)[0]
+        rec = Record("completion", {"prompt": messages[0]["content"], "completion": "-"}, "chat")
+        return prompt_and_reference(rec, "completion", tok)[0]
     if all(m["role"] != "assistant" for m in messages):  # one turn: exactly how the data pipeline renders it
         rec = Record("chat", {"messages": [*messages, {"role": "assistant", "content": "-"}]}, "chat")
-        return prompt_and_reference(rec, "chat", session.tok)[0]
-    return list(session.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                return_dict=True)["input_ids"])
+        return prompt_and_reference(rec, "chat", tok)[0]
+    return list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"])
 
 
 def reply(session: Session, user: str, options: ChatOptions, stream=None) -> str:
