@@ -185,12 +185,9 @@ def evaluate(
     if not adapters:
         _measure(run, Candidate("model" if model else "base", source, None, _describe(quant)), net)
         return run.report
-    from peft import PeftModel
+    from finetune.model import load_adapters
 
-    net = PeftModel.from_pretrained(net, adapters[0], adapter_name="a0")
-    for i, path in enumerate(adapters[1:], 1):
-        net.load_adapter(path, adapter_name=f"a{i}")
-    net.eval()
+    net = load_adapters(net, adapters).eval()
     if compare:
         with net.disable_adapter():
             _measure(run, Candidate("base", source, None, _describe(quant)), net)

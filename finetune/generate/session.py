@@ -88,10 +88,10 @@ def load_session(target: str | None, *, model: str | None = None, adapters: list
     if model:
         section = (section or ModelSection(name_or_path=model)).model_copy(update={"name_or_path": model})
     if section is None and adapters:
-        import json
+        from finetune.model import read_adapter_config
 
-        base = json.loads((Path(adapters[0]) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        section = ModelSection(name_or_path=base) if base else None
+        base = read_adapter_config(adapters[0]).get("base_model_name_or_path")
+        section = ModelSection(name_or_path=base) if isinstance(base, str) and base else None
     if section is None:
         raise ModelError("Which model? Give a recipe, a checkpoint directory, a model directory or .gguf file, "
                          "or --model.")
@@ -102,12 +102,10 @@ def load_session(target: str | None, *, model: str | None = None, adapters: list
     net = load_eval_model(section, quant, device).eval()
     session = Session(net, tok, section.name_or_path)
     if adapters:
-        from peft import PeftModel
+        from finetune.model import load_adapters
 
         labels = adapter_labels(adapters) if len(adapters) > 1 else [Path(adapters[0]).name]
-        net = PeftModel.from_pretrained(net, adapters[0], adapter_name="a0")
-        for i, path in enumerate(adapters[1:], 1):
-            net.load_adapter(path, adapter_name=f"a{i}")
+        net = load_adapters(net, adapters)
         session.model = net.eval()
         session.adapters = {label: f"a{i}" for i, label in enumerate(labels)}
         session.active = labels[0]

@@ -174,7 +174,9 @@ def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> t
                          "give one per adapter.")
     if combination not in COMBINATIONS:
         raise ModelError(f"--combination must be one of {', '.join(COMBINATIONS)}, not '{combination}'.")
-    configs = [json.loads((a / "adapter_config.json").read_text()) for a in adapter_dirs]
+    from finetune.model import read_adapter_config
+
+    configs = [read_adapter_config(a) for a in adapter_dirs]
     bases = {c.get("base_model_name_or_path") for c in configs}
     if base is None and len(bases) > 1:
         raise ModelError(f"The adapters were trained on different bases ({', '.join(map(str, bases))}); "
@@ -188,10 +190,12 @@ def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> t
         raise ModelError("The adapters were trained with different quantization settings; merge them separately.")
     quant = QuantizationSection.model_validate(recipes[0]["quantization"]) if "quantization" in recipes[0] \
         else QuantizationSection(load_in_4bit=False)
-    section = ModelSection.model_validate(recipes[0]["model"]) if "model" in recipes[0] \
-        else ModelSection(name_or_path=configs[0]["base_model_name_or_path"])
-    if base is not None:
-        section = ModelSection(name_or_path=base)
+    named = base or (recipes[0].get("model") or {}).get("name_or_path") or configs[0].get("base_model_name_or_path")
+    if not isinstance(named, str):
+        raise ModelError(f"{adapter_dirs[0]} names no base model (no recipe.yaml, no base_model_name_or_path in its "
+                         "adapter_config.json); pass --base.")
+    section = ModelSection.model_validate(recipes[0]["model"]) if "model" in recipes[0] and not base \
+        else ModelSection(name_or_path=named)
     if section.name_or_path.endswith(".gguf"):  # streamed from its cached safetensors conversion (gguf_in.py)
         from finetune.model import as_transformers_dir
 
@@ -252,16 +256,11 @@ def _load_trained(section, quant, adapter_dirs, weights, combination, density):
     whatever the recipe's compute dtype: the dequantized weights folded in, and the reference logits the
     merged model is checked against, are then the exact function of 4-bit codes + float32 adapter (a bf16
     reference would measure bf16 rounding, ~0.2 in the logits, instead of the merge)."""
-    from peft import PeftModel
-
-    from finetune.model import load_base_model, resolve
+    from finetune.model import load_adapters, load_base_model, resolve
 
     quant = quant.model_copy(update={"compute_dtype": "float32"})
-    model = PeftModel.from_pretrained(load_base_model(section, quant, "cpu", resolve(quant)), str(adapter_dirs[0]), adapter_name="a0")
-    names = ["a0"]
-    for i, a in enumerate(adapter_dirs[1:], 1):
-        model.load_adapter(str(a), adapter_name=f"a{i}")
-        names.append(f"a{i}")
+    model = load_adapters(load_base_model(section, quant, "cpu", resolve(quant)), [str(a) for a in adapter_dirs])
+    names = [f"a{i}" for i in range(len(adapter_dirs))]
     active = "a0"
     if len(names) > 1 or weights is not None:
         try:

@@ -20,4 +20,5 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "lora": ["LoraSection"],
     "grpo": ["RewardSpec"],
     "file": ["load_recipe"],
+    "yamltext": ["parse_yaml"],
 })
