@@ -120,7 +120,10 @@ def load_eval_model(section: ModelSection, quant: QuantizationSection, device):
         return load_base_model(section, quant, device, resolve(quant))
     from transformers import AutoModelForCausalLM
 
+    from finetune.model.gguf_in import check_gguf
+
     path = Path(section.name_or_path)
+    check_gguf(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                      dtype=resolve_compute_dtype(quant.compute_dtype))
