@@ -41,6 +41,12 @@ class NonFiniteLossError(FinetuneError):
     exit_code = 3
 
 
+class OutOfMemory(FinetuneError):
+    """A training step ran out of device or host memory; the checkpoints already written are intact."""
+
+    exit_code = 4
+
+
 class TrainingInterrupted(FinetuneError):
     """SIGINT/SIGTERM stopped training after a checkpoint was written."""
 

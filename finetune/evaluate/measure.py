@@ -332,11 +332,16 @@ def print_report(report: EvalReport, console: Console, show_samples: int = 3) ->
 
 
 def write_report(report: EvalReport, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    """The report as JSON, published whole (artifacts/atomic.py): an earlier report survives a failed write."""
+    from finetune.artifacts import write_text_atomic
+
+    write_text_atomic(Path(path), json.dumps(report.to_json(), indent=2) + "\n")
 
 
 def write_samples(report: EvalReport, path: str | Path) -> None:
     """One JSON line per (model, example): prompt, reference, prediction, extracted answer, correct."""
-    with open(path, "w") as f:
+    from finetune.artifacts import atomic_file
+
+    with atomic_file(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for s in report.samples:
             f.write(json.dumps(s, ensure_ascii=False) + "\n")

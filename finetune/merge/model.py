@@ -133,7 +133,7 @@ def merge(
 
     scratch = Path(tempfile.mkdtemp(prefix=f".scratch-{out.name}-", dir=out.parent if out.parent.exists() else None))
     try:
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, kept=f"The previous contents of {out}, if any, are intact.") as tmp:
             shards, size = _write_merged(trained, adapter_name, files, tmp, scratch if other else None,
                                          base_weights, target_dtype, max_shard_size, residual)
             del trained
