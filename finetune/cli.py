@@ -113,6 +113,10 @@ def _load(recipe: Path, overrides: Optional[list[str]]):
 def validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Check a recipe (schema, values, files) without loading any model."""
     r = _run(lambda: _load(recipe, overrides))
+    from finetune.recipe import remote_code_warning
+
+    if warning := remote_code_warning(r):
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     console.print(f"[green]ok[/]: {escape(ascii(str(recipe))[1:-1])} is a valid recipe (run directory "
                   f"{escape(str(r.run_dir))}).")
 

@@ -180,3 +180,21 @@ def test_hostile_gguf_is_refused(tmp_path, monkeypatch, case, data, message):
     assert str(path) in result.output and message in result.output, result.output
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert grown_kib < 512 * 1024 or sys.platform != "linux", f"peak RSS grew {grown_kib} KiB on a lying header"
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_validate_names_the_code_files_a_model_directory_carries(tmp_path, tiny_tokenizer_dir, trust):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_tokenizer_dir, model)
+    (model / "modeling_evil.py").write_text("import os; os.system('touch /tmp/pwned')\n")
+    (tmp_path / "t.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name_or_path: {model}, trust_remote_code: {str(trust).lower()}}}\n"
+                      f"data: {{train: {tmp_path / 't.jsonl'}}}\n")
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    if trust:
+        assert "warning: model.trust_remote_code is true" in out and "runs its Python code (modeling_evil.py)" in out
+    else:
+        assert "carries Python code (modeling_evil.py); it is not run, because model.trust_remote_code is false" in out

@@ -19,6 +19,6 @@ __all__, __getattr__ = lazy_exports(__name__, {
     ],
     "lora": ["LoraSection"],
     "grpo": ["RewardSpec"],
-    "file": ["load_recipe"],
+    "file": ["load_recipe", "remote_code_warning"],
     "yamltext": ["parse_yaml"],
 })
