@@ -223,3 +223,40 @@ def test_sigkill_at_random_moments_then_resume_ends_bit_identical(straight, tmp_
     assert_same_adapter(run_dir / "checkpoint-final", straight / "checkpoint-final", atol=0)
     assert losses(run_dir) == losses(straight)
     print(f"fault SIGKILL during train: {KILLS} runs, {kills} killed, every resume started, final adapter identical")
+
+
+@pytest.mark.slow
+def test_sigkill_during_merge_and_export_leaves_the_previous_output_or_none(straight, tmp_path):
+    """KILLS times each (seeded delays): SIGKILL `merge --overwrite` / `export --overwrite` in a child process; the
+    final name then holds the previous complete output (byte-identical) or the new complete one, never a part."""
+    pytest.importorskip("gguf")
+    adapter = straight / "checkpoint-final"
+    merged, gguf_file = tmp_path / "merged", tmp_path / "m.gguf"
+    assert runner.invoke(app, ["merge", str(adapter), "--out", str(merged)]).exit_code == 0
+    assert runner.invoke(app, ["export", str(merged), "--out", str(gguf_file), "--type", "f32"]).exit_code == 0
+    def weights(path: Path) -> dict[str, bytes]:  # merge_report.json holds the wall time: not compared
+        return {k: v for k, v in tree(path).items() if k != "merge_report.json"}
+
+    complete_dir, complete_file = weights(merged), gguf_file.read_bytes()
+    rng = random.Random(7)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    outcomes = {"killed": 0, "finished": 0}
+    for i in range(KILLS):
+        for args, check in (
+                (["merge", str(adapter), "--out", str(merged), "--overwrite"],  # killed between its two renames:
+                 lambda: weights(merged if merged.exists() else tmp_path / ".old-merged") == complete_dir),  # restored next
+                (["export", str(merged), "--out", str(gguf_file), "--type", "f32", "--overwrite"],
+                 lambda: gguf_file.read_bytes() == complete_file)):
+            if not merged.exists():  # what the next merge's atomic_dir does first; export reads merged
+                assert runner.invoke(app, ["merge", str(adapter), "--out", str(merged), "--overwrite"]).exit_code == 0
+            child = subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=tmp_path, env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(2.0, 16.0))
+            killed = child.poll() is None
+            if killed:
+                child.send_signal(signal.SIGKILL)
+            child.wait()
+            outcomes["killed" if killed else "finished"] += 1
+            assert check(), f"{args[0]} killed after a random delay left a partial output"
+    print(f"fault SIGKILL during merge/export: {2 * KILLS} runs, {outcomes['killed']} killed, "
+          f"{outcomes['finished']} finished, final names always complete")

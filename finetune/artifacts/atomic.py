@@ -32,13 +32,15 @@ def atomic_dir(final: Path, kept: str = KEPT_CHECKPOINTS) -> Iterator[Path]:
     message of a write error (what the user still has)."""
     final = Path(final)
     tmp = final.with_name(f".tmp-{final.name}")
+    old = final.with_name(f".old-{final.name}")
+    if old.is_dir() and not final.exists():  # a run killed between the two renames below: the previous is back
+        os.replace(old, final)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         yield tmp
         _fsync_tree(tmp)  # the data is on disk before the rename makes it a checkpoint, even if the machine dies
         if final.exists():  # replacing e.g. checkpoint-final: move the old one aside first
-            old = final.with_name(f".old-{final.name}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(tmp, final)
