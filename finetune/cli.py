@@ -8,6 +8,7 @@ Heavy libraries are imported inside the commands, so recipe errors answer fast.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -68,6 +69,11 @@ def _run(fn: Callable):
             raise
         err_console.print("[bold red]interrupted[/]")
         raise typer.Exit(130) from None
+    except OSError as e:  # a path typed on the command line that the file system refuses outright
+        if _debug["on"] or e.errno != errno.ENAMETOOLONG:
+            raise
+        _print_error(FinetuneError(f"{e.filename}: {e.strerror}; file names take at most 255 bytes."))
+        raise typer.Exit(2) from None
 
 
 def _print_error(e: FinetuneError) -> None:

@@ -198,3 +198,27 @@ def test_validate_names_the_code_files_a_model_directory_carries(tmp_path, tiny_
         assert "warning: model.trust_remote_code is true" in out and "runs its Python code (modeling_evil.py)" in out
     else:
         assert "carries Python code (modeling_evil.py); it is not run, because model.trust_remote_code is false" in out
+
+
+def test_cli_arguments_that_crashed_are_exit_2_naming_the_option(adapter, tmp_path, tiny_model_dir):
+    """Found by hand-fuzzing the options: each was a traceback (OverflowError, ValueError from huggingface_hub,
+    TypeError in the tokenizer, OSError ENAMETOOLONG), or for NaN weights a merge of NaNs with exit 0."""
+    (tmp_path / "t.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {{name_or_path: {tiny_model_dir}}}\ndata: {{train: {tmp_path / 't.jsonl'}}}\n")
+    long = str(tmp_path / ("x" * 300))
+    merge = ["merge", str(adapter), "--out", str(tmp_path / "m"), "--base", str(tiny_model_dir)]
+    for args, message in [
+        (["plan", str(recipe), "--device-memory", "1e400GiB"], "--device-memory '1e400GiB' is not a size a device has"),
+        ([*merge, "--max-shard-size", "huge"], "--max-shard-size 'huge' is not a size"),
+        ([*merge, "--max-shard-size", "0"], "--max-shard-size '0' is not a size"),
+        ([*merge[:2], str(adapter), *merge[2:], "--weights", "nan", "nan"], "--weights must be finite numbers"),
+        (["chat", str(tiny_model_dir), "--prompt", "hi \udcff"], "--prompt is not valid UTF-8 text"),
+        (["chat", str(tiny_model_dir), "--system", "\ud800", "--prompt", "x"], "--system is not valid UTF-8 text"),
+        (["verify", long], "File name too long"),
+        (["chat", long], "File name too long"),
+    ]:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args[:3], result.output, result.exception)
+        assert message in " ".join(result.output.split()), (args[:3], result.output)
+    assert not (tmp_path / "m").exists()

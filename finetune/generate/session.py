@@ -52,6 +52,9 @@ def chat(target: str | None = None, *, model: str | None = None, adapters: list[
          console=None) -> str | None:
     """With `prompt`: the one reply to it. Without: an interactive session on the terminal (returns None)."""
     options = options or ChatOptions()
+    for name, text in (("--prompt", prompt), ("--system", options.system)):
+        if text is not None and not _is_text(text):  # undecodable bytes from argv or stdin: no tokenizer takes them
+            raise ModelError(f"{name} is not valid UTF-8 text: {ascii(text)[:80]}.")
     session = load_session(target, model=model, adapters=adapters, overrides=overrides)
     if options.system:
         session.messages.append({"role": "system", "content": options.system})
@@ -211,7 +214,7 @@ def _interactive(session: Session, options: ChatOptions, console) -> None:
     say(f"[dim]chatting with {session.source} (adapters: {names}); {HELP}[/]")
     while True:
         try:
-            line = input(f"{session.label}> ")
+            line = input(f"{session.label}> ").encode("utf-8", "replace").decode("utf-8")  # undecodable bytes
         except EOFError:
             print()
             return
@@ -268,3 +271,12 @@ def _command(session: Session, line: str, say) -> bool:
     else:
         say(f"[dim]{HELP}[/]")
     return False
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -104,7 +105,7 @@ def merge(
     started, rss_before = time.perf_counter(), peak_rss_mib()
     adapter_dirs = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
     out = Path(out)
-    model_section, quant = _check_inputs(adapter_dirs, out, base, weights, combination, overwrite)
+    model_section, quant = _check_inputs(adapter_dirs, out, base, weights, combination, overwrite, max_shard_size)
     if base_weights == "auto":
         base_weights = "dequantized" if quant.load_in_4bit else "original"
     if base_weights == "dequantized" and not quant.load_in_4bit:
@@ -161,7 +162,8 @@ def merge(
 # ------------------------------------------------------------------ inputs
 
 
-def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> tuple[ModelSection, QuantizationSection]:
+def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite,
+                  max_shard_size="5GB") -> tuple[ModelSection, QuantizationSection]:
     """The base model section and quantization the adapters were trained with; refuse bad combinations early."""
     from finetune.model import check_adapter_dir
 
@@ -172,6 +174,16 @@ def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> t
     if weights is not None and len(weights) != len(adapter_dirs):
         raise ModelError(f"--weights has {len(weights)} value(s) for {len(adapter_dirs)} adapter(s); "
                          "give one per adapter.")
+    if weights is not None and not all(math.isfinite(w) for w in weights):
+        raise ModelError(f"--weights must be finite numbers, got {', '.join(map(str, weights))}.")
+    try:
+        from huggingface_hub.serialization._base import parse_size_to_int
+
+        if parse_size_to_int(max_shard_size) <= 0:
+            raise ValueError("must be above 0")
+    except ValueError as e:
+        raise ModelError(f"--max-shard-size '{str(max_shard_size)[:40]}' is not a size: {first_line(e)} "
+                         "(e.g. 5GB, 500MB).") from None
     if combination not in COMBINATIONS:
         raise ModelError(f"--combination must be one of {', '.join(COMBINATIONS)}, not '{combination}'.")
     from finetune.model import read_adapter_config
