@@ -8,6 +8,7 @@ Heavy libraries are imported inside the commands, so recipe errors answer fast.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -40,8 +41,7 @@ OverridesArg = typer.Argument(None, help="Recipe overrides, e.g. training.max_st
 
 
 def main() -> None:
-    """The console command (and `python -m finetune`): `train` on CPU first re-executes itself under tcmalloc
-    where it is installed (finetune/model/allocator.py), then the Typer app runs."""
+    """The console command (and `python -m finetune`); `train` on CPU re-executes under tcmalloc (allocator.py)."""
     from finetune.model import maybe_reexec
 
     try:
@@ -71,6 +71,11 @@ def _run(fn: Callable):
             raise
         err_console.print("[bold red]interrupted[/]")
         raise typer.Exit(130) from None
+    except OSError as e:  # a path typed on the command line that the file system refuses outright
+        if _debug["on"] or e.errno != errno.ENAMETOOLONG:
+            raise
+        _print_error(FinetuneError(f"{e.filename}: {e.strerror}; file names take at most 255 bytes."))
+        raise typer.Exit(2) from None
 
 
 def _print_error(e: FinetuneError) -> None:
@@ -106,6 +111,10 @@ def _load(recipe: Path, overrides: Optional[list[str]]):
 def validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
     """Check a recipe (schema, values, files) without loading any model."""
     r = _run(lambda: _load(recipe, overrides))
+    from finetune.recipe import remote_code_warning
+
+    if warning := remote_code_warning(r):
+        err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     console.print(f"[green]ok[/]: {escape(ascii(str(recipe))[1:-1])} is a valid recipe (run directory "
                   f"{escape(str(r.run_dir))}).")
 
@@ -131,7 +140,7 @@ def plan(
 def prepare(
     recipe: Path = RecipeArg,
     overrides: Optional[list[str]] = OverridesArg,
-    show: int = typer.Option(0, "--show", min=0, help="Print N rendered training examples, trained tokens highlighted."),
+    show: int = typer.Option(0, "--show", min=0, help="Print N rendered training examples, trained tokens marked."),
 ) -> None:
     """Tokenize the recipe's data (cached for training) and summarise it, without loading the model weights."""
     r = _run(lambda: _load(recipe, overrides))
@@ -209,11 +218,9 @@ def merge(
     from finetune.merge import merge as run_merge, print_merge_report
 
     with _holding([out], "finetune merge --out"):
-        rep = _run(lambda: run_merge(
-            adapter_dirs, out, base=base, base_weights=base_weights, dtype=dtype, weights=weight_values,
-            combination=combination, density=density, max_shard_size=max_shard_size, overwrite=overwrite,
-            push_to_hub=push_to_hub,
-        ))
+        rep = _run(lambda: run_merge(adapter_dirs, out, base=base, base_weights=base_weights, dtype=dtype,
+                                     weights=weight_values, combination=combination, density=density,
+                                     max_shard_size=max_shard_size, overwrite=overwrite, push_to_hub=push_to_hub))
     print_merge_report(rep, console)
 
 
@@ -253,7 +260,7 @@ def eval_(
     """Loss, perplexity and generation metrics (exact match, contains, chrF/BLEU) for models and adapters."""
     r = _run(lambda: _load(recipe, overrides)) if recipe else None
     quiet_libraries()
-    from finetune.evaluate import evaluate, print_report, write_report, write_samples
+    from finetune.evaluate import evaluate, print_report, write_outputs
     from finetune.generate import GenerationOptions
 
     options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -268,24 +275,17 @@ def eval_(
             harness_include=harness_include and str(harness_include),
         ))
         print_report(rep, console)
-        if json_out:
-            write_report(rep, json_out)
-            console.print(f"wrote {json_out}")
-        if samples:
-            write_samples(rep, samples)
-            console.print(f"wrote {len(rep.samples)} samples to {samples}")
+        write_outputs(rep, console, json_path=json_out, samples_path=samples)
 
 
 @app.command()
 def verify(path: Path = typer.Argument(..., help="A checkpoint directory, or a run directory (all its checkpoints).",
                                        show_default=False)) -> None:
     """Check checkpoints against their manifests (size, sha256 of every file): which are intact, which damaged."""
-    from finetune.artifacts import check_report, verify as run_verify
+    from finetune.artifacts import check_report, print_verdicts, verify as run_verify
 
     report = _run(lambda: run_verify(path))
-    for v in report.verdicts:
-        mark = "[green]ok[/]     " if v.intact else "[bold red]damaged[/]"
-        console.print(f"{mark} {escape(str(v.path))}: {escape(v.summary())}", highlight=False, soft_wrap=True)
+    print_verdicts(report, console)
     _run(lambda: check_report(report))
 
 

@@ -41,6 +41,12 @@ class NonFiniteLossError(FinetuneError):
     exit_code = 3
 
 
+class OutOfMemory(FinetuneError):
+    """A training step ran out of device or host memory; the checkpoints already written are intact."""
+
+    exit_code = 4
+
+
 class SweepPointsFailed(FinetuneError):
     """Some points of `finetune sweep` failed (the others finished); the table says why each failed."""
 

@@ -264,7 +264,7 @@ def test_bad_preference_records_are_named_with_file_and_line(tmp_path, tiny_mode
     result = train(pref_recipe(tmp_path, tiny_model_dir, pref_data))
     text = " ".join(result.output.split())
     assert result.exit_code == 2
-    assert f"train.jsonl:3: 'chosen' and 'rejected' are the same answer" in text.replace(str(pref_data) + "/", "")
+    assert "train.jsonl:3: 'chosen' and 'rejected' are the same answer" in text.replace(str(pref_data) + "/", "")
     assert "train.jsonl:5: missing field 'rejected'" in text.replace(str(pref_data) + "/", "")
 
 

@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune.errors import CheckpointError, ModelError
+from finetune.errors import CheckpointError, ModelError, first_line
 
 MANIFEST = "manifest.json"
 FORMAT = "finetune.manifest/1"
@@ -108,26 +108,31 @@ def structural_problem(file: Path) -> str | None:
     if file.suffix == ".json" and file.is_file():
         try:
             json.loads(file.read_text())
-        except (OSError, ValueError) as e:
-            return f"{file} is not valid JSON ({e})"
+        except (OSError, ValueError, RecursionError) as e:
+            return f"{file} is not valid JSON ({first_line(e)[:200]})"
     if file.suffix == ".safetensors" and file.is_file():
         return _safetensors_problem(file)
     return None
 
 
 def _safetensors_problem(file: Path) -> str | None:
+    """safetensors' own header check (safe_open parses and validates the header in Rust and maps, never reads, the
+    data): every tensor's dtype x shape must equal its byte range, the ranges must tile the rest of the file exactly.
+    A header that claims a huge tensor or offsets past the end is refused without allocating anything."""
+    from safetensors import safe_open
+
     size = file.stat().st_size
     try:
         with open(file, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                return f"{file} is truncated or not safetensors: its header claims {n:,} bytes, the file has {size:,}"
-            header = json.loads(f.read(n))
-    except (OSError, ValueError, struct.error) as e:
+        if n > size - 8:
+            return f"{file} is truncated or not safetensors: its header claims {n:,} bytes, the file has {size:,}"
+        with safe_open(str(file), "pt"):
+            pass
+    except (OSError, struct.error) as e:
         return f"{file} is not a readable safetensors file ({e})"
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + n + end != size:
-        return f"{file} has {size:,} bytes, its header describes {8 + n + end:,} (truncated or damaged)"
+    except Exception as e:  # SafetensorError: invalid header, overflowing shape, file not fully covered
+        return f"{file} is not a readable safetensors file ({first_line(e)}; {size:,} bytes)"
     return None
 
 
@@ -165,6 +170,15 @@ def verify(path: str | Path) -> Report:
         raise CheckpointError(f"{path} holds no checkpoint: expected adapter_config.json / {MANIFEST} in it, or "
                               "checkpoint-* directories (a run directory).")
     return Report(path, [verify_checkpoint(p) for p in found])
+
+
+def print_verdicts(report: Report, console) -> None:
+    """`finetune verify`'s lines: ok or damaged, the checkpoint, what was found (paths are text, not markup)."""
+    from rich.markup import escape
+
+    for v in report.verdicts:
+        mark = "[green]ok[/]     " if v.intact else "[bold red]damaged[/]"
+        console.print(f"{mark} {escape(str(v.path))}: {escape(v.summary())}", highlight=False, soft_wrap=True)
 
 
 def check_report(report: Report) -> None:

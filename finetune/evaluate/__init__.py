@@ -7,5 +7,5 @@ Imports: errors, progress, recipe, data, model, generate, objectives.
 from finetune import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
-    "measure": ["eval_objective", "evaluate", "print_report", "write_report", "write_samples"],
+    "measure": ["eval_objective", "evaluate", "print_report", "write_outputs", "write_report", "write_samples"],
 })

@@ -186,12 +186,9 @@ def evaluate(
     if not adapters:
         _measure(run, Candidate("model" if model else "base", source, None, _describe(quant)), net)
         return run.report
-    from peft import PeftModel
+    from finetune.model import load_adapters
 
-    net = PeftModel.from_pretrained(net, adapters[0], adapter_name="a0")
-    for i, path in enumerate(adapters[1:], 1):
-        net.load_adapter(path, adapter_name=f"a{i}")
-    net.eval()
+    net = load_adapters(net, adapters).eval()
     if compare:
         with net.disable_adapter():
             _measure(run, Candidate("base", source, None, _describe(quant)), net)
@@ -349,11 +346,26 @@ def print_report(report: EvalReport, console: Console, show_samples: int = 3) ->
 
 
 def write_report(report: EvalReport, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    """The report as JSON, published whole (artifacts/atomic.py): an earlier report survives a failed write."""
+    from finetune.artifacts import write_text_atomic
+
+    write_text_atomic(Path(path), json.dumps(report.to_json(), indent=2) + "\n")
 
 
 def write_samples(report: EvalReport, path: str | Path) -> None:
     """One JSON line per (model, example): prompt, reference, prediction, extracted answer, correct."""
-    with open(path, "w") as f:
+    from finetune.artifacts import atomic_file
+
+    with atomic_file(Path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for s in report.samples:
             f.write(json.dumps(s, ensure_ascii=False) + "\n")
+
+
+def write_outputs(report: EvalReport, console: Console, json_path: Path | None, samples_path: Path | None) -> None:
+    """`eval --json` and `--samples`: each file written whole, then named on the console."""
+    if json_path:
+        write_report(report, json_path)
+        console.print(f"wrote {json_path}")
+    if samples_path:
+        write_samples(report, samples_path)
+        console.print(f"wrote {len(report.samples)} samples to {samples_path}")

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from finetune.artifacts import atomic_file, write_text_atomic
 from finetune.errors import CheckpointError, ModelError, first_line
 from finetune.export.metadata import rope_permute
 from finetune.merge import peak_rss_mib
@@ -93,8 +94,7 @@ def export(source: str | Path, out: str | Path, *, type: str = "f16", base: str 
             merge_report = merge(source, model_dir, base=base, base_weights=base_weights, dtype="fp32")
             _note_base(model_dir, merge_report.base)
             merged_from = str(source)
-        partial = out.with_name(f".{out.stem}.partial-{os.getpid()}.gguf")
-        try:
+        with atomic_file(out, out.with_name(f".{out.stem}.partial-{os.getpid()}.gguf")) as partial:
             info = write_gguf(model_dir, partial, type, console)
             write_peak = peak_rss_mib()
             gc.collect()
@@ -107,12 +107,9 @@ def export(source: str | Path, out: str | Path, *, type: str = "f16", base: str 
                 notes=info["notes"] + (merge_report.notes if merge_report else []),
             )
             _prove(report, model_dir, partial)
-            os.replace(partial, out)
-        finally:
-            partial.unlink(missing_ok=True)
     report.peak_rss_mib = peak_rss_mib()
     report.wall_time_s = round(time.perf_counter() - started, 2)
-    (out.parent / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out.parent / REPORT_FILE, json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
     return report
 
 
@@ -124,8 +121,7 @@ def _export_adapter(source: Path, out: Path, type: str, started: float, rss_befo
     from finetune.model import check_adapter_dir
 
     check_adapter_dir(source)  # a damaged checkpoint (manifest mismatch, broken safetensors) is named, exit 2
-    partial = out.with_name(f".{out.stem}.partial-{os.getpid()}.gguf")
-    try:
+    with atomic_file(out, out.with_name(f".{out.stem}.partial-{os.getpid()}.gguf")) as partial:
         info = write_adapter_gguf(source, partial, type, console)
         report = ExportReport(
             out=str(out), source=str(source), type=type if type in ("f32", "f16") else "f16",
@@ -137,10 +133,7 @@ def _export_adapter(source: Path, out: Path, type: str, started: float, rss_befo
                    "`--lora FILE` over a base GGUF exported by `finetune export`; transformers cannot read "
                    "GGUF adapters, so no logits were compared here", *info["notes"]],
         )
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)
-    (out.parent / REPORT_FILE).write_text(json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(out.parent / REPORT_FILE, json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
     return report
 
 

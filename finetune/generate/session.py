@@ -52,6 +52,9 @@ def chat(target: str | None = None, *, model: str | None = None, adapters: list[
          console=None) -> str | None:
     """With `prompt`: the one reply to it. Without: an interactive session on the terminal (returns None)."""
     options = options or ChatOptions()
+    for name, text in (("--prompt", prompt), ("--system", options.system)):
+        if text is not None and not _is_text(text):  # undecodable bytes from argv or stdin: no tokenizer takes them
+            raise ModelError(f"{name} is not valid UTF-8 text: {ascii(text)[:80]}.")
     session = load_session(target, model=model, adapters=adapters, overrides=overrides)
     if options.system:
         session.messages.append({"role": "system", "content": options.system})
@@ -90,10 +93,10 @@ def resolve_target(target: str | None, *, model: str | None = None, adapters: li
     if model:
         section = (section or ModelSection(name_or_path=model)).model_copy(update={"name_or_path": model})
     if section is None and adapters:
-        import json
+        from finetune.model import read_adapter_config
 
-        base = json.loads((Path(adapters[0]) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-        section = ModelSection(name_or_path=base) if base else None
+        base = read_adapter_config(adapters[0]).get("base_model_name_or_path")
+        section = ModelSection(name_or_path=base) if isinstance(base, str) and base else None
     if section is None:
         raise ModelError("Which model? Give a recipe, a checkpoint directory, a model directory or .gguf file, "
                          "or --model.")
@@ -113,12 +116,10 @@ def load_session(target: str | None, *, model: str | None = None, adapters: list
     net = load_eval_model(section, quant, device).eval()
     session = Session(net, tok, section.name_or_path)
     if adapters:
-        from peft import PeftModel
+        from finetune.model import load_adapters
 
         labels = adapter_labels(adapters) if len(adapters) > 1 else [Path(adapters[0]).name]
-        net = PeftModel.from_pretrained(net, adapters[0], adapter_name="a0")
-        for i, path in enumerate(adapters[1:], 1):
-            net.load_adapter(path, adapter_name=f"a{i}")
+        net = load_adapters(net, adapters)
         session.model = net.eval()
         session.adapters = {label: f"a{i}" for i, label in enumerate(labels)}
         session.active = labels[0]
@@ -230,7 +231,7 @@ def _interactive(session: Session, options: ChatOptions, console) -> None:
     say(f"[dim]chatting with {session.source} (adapters: {names}); {HELP}[/]")
     while True:
         try:
-            line = input(f"{session.label}> ")
+            line = input(f"{session.label}> ").encode("utf-8", "replace").decode("utf-8")  # undecodable bytes
         except EOFError:
             print()
             return
@@ -287,3 +288,12 @@ def _command(session: Session, line: str, say) -> bool:
     else:
         say(f"[dim]{HELP}[/]")
     return False
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+

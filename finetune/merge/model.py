@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -105,7 +106,7 @@ def merge(
     started, rss_before = time.perf_counter(), peak_rss_mib()
     adapter_dirs = [Path(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters)]
     out = Path(out)
-    model_section, quant = _check_inputs(adapter_dirs, out, base, weights, combination, overwrite)
+    model_section, quant = _check_inputs(adapter_dirs, out, base, weights, combination, overwrite, max_shard_size)
     if base_weights == "auto":
         base_weights = "dequantized" if quant.load_in_4bit else "original"
     if base_weights == "dequantized" and not quant.load_in_4bit:
@@ -134,7 +135,7 @@ def merge(
 
     scratch = Path(tempfile.mkdtemp(prefix=f".scratch-{out.name}-", dir=out.parent if out.parent.exists() else None))
     try:
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, kept=f"The previous contents of {out}, if any, are intact.") as tmp:
             shards, size = _write_merged(trained, adapter_name, files, tmp, scratch if other else None,
                                          base_weights, target_dtype, max_shard_size, residual)
             del trained
@@ -162,7 +163,8 @@ def merge(
 # ------------------------------------------------------------------ inputs
 
 
-def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> tuple[ModelSection, QuantizationSection]:
+def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite,
+                  max_shard_size="5GB") -> tuple[ModelSection, QuantizationSection]:
     """The base model section and quantization the adapters were trained with; refuse bad combinations early."""
     from finetune.model import adapter_method, check_adapter_dir, check_mergeable
 
@@ -174,9 +176,21 @@ def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> t
     if weights is not None and len(weights) != len(adapter_dirs):
         raise ModelError(f"--weights has {len(weights)} value(s) for {len(adapter_dirs)} adapter(s); "
                          "give one per adapter.")
+    if weights is not None and not all(math.isfinite(w) for w in weights):
+        raise ModelError(f"--weights must be finite numbers, got {', '.join(map(str, weights))}.")
+    try:
+        from huggingface_hub.serialization._base import parse_size_to_int
+
+        if parse_size_to_int(max_shard_size) <= 0:
+            raise ValueError("must be above 0")
+    except ValueError as e:
+        raise ModelError(f"--max-shard-size '{str(max_shard_size)[:40]}' is not a size: {first_line(e)} "
+                         "(e.g. 5GB, 500MB).") from None
     if combination not in COMBINATIONS:
         raise ModelError(f"--combination must be one of {', '.join(COMBINATIONS)}, not '{combination}'.")
-    configs = [json.loads((a / "adapter_config.json").read_text()) for a in adapter_dirs]
+    from finetune.model import read_adapter_config
+
+    configs = [read_adapter_config(a) for a in adapter_dirs]
     bases = {c.get("base_model_name_or_path") for c in configs}
     if base is None and len(bases) > 1:
         raise ModelError(f"The adapters were trained on different bases ({', '.join(map(str, bases))}); "
@@ -193,10 +207,12 @@ def _check_inputs(adapter_dirs, out, base, weights, combination, overwrite) -> t
         raise ModelError("The adapters were trained with different quantization settings; merge them separately.")
     quant = QuantizationSection.model_validate(recipes[0]["quantization"]) if "quantization" in recipes[0] \
         else QuantizationSection(load_in_4bit=False)
-    section = ModelSection.model_validate(recipes[0]["model"]) if "model" in recipes[0] \
-        else ModelSection(name_or_path=configs[0]["base_model_name_or_path"])
-    if base is not None:
-        section = ModelSection(name_or_path=base)
+    named = base or (recipes[0].get("model") or {}).get("name_or_path") or configs[0].get("base_model_name_or_path")
+    if not isinstance(named, str):
+        raise ModelError(f"{adapter_dirs[0]} names no base model (no recipe.yaml, no base_model_name_or_path in its "
+                         "adapter_config.json); pass --base.")
+    section = ModelSection.model_validate(recipes[0]["model"]) if "model" in recipes[0] and not base \
+        else ModelSection(name_or_path=named)
     if section.name_or_path.endswith(".gguf"):  # streamed from its cached safetensors conversion (gguf_in.py)
         from finetune.model import as_transformers_dir
 
@@ -257,16 +273,11 @@ def _load_trained(section, quant, adapter_dirs, weights, combination, density):
     whatever the recipe's compute dtype: the dequantized weights folded in, and the reference logits the
     merged model is checked against, are then the exact function of 4-bit codes + float32 adapter (a bf16
     reference would measure bf16 rounding, ~0.2 in the logits, instead of the merge)."""
-    from peft import PeftModel
-
-    from finetune.model import load_base_model, resolve
+    from finetune.model import load_adapters, load_base_model, resolve
 
     quant = quant.model_copy(update={"compute_dtype": "float32"})
-    model = PeftModel.from_pretrained(load_base_model(section, quant, "cpu", resolve(quant)), str(adapter_dirs[0]), adapter_name="a0")
-    names = ["a0"]
-    for i, a in enumerate(adapter_dirs[1:], 1):
-        model.load_adapter(str(a), adapter_name=f"a{i}")
-        names.append(f"a{i}")
+    model = load_adapters(load_base_model(section, quant, "cpu", resolve(quant)), [str(a) for a in adapter_dirs])
+    names = [f"a{i}" for i in range(len(adapter_dirs))]
     active = "a0"
     if len(names) > 1 or weights is not None:
         try:

@@ -11,8 +11,9 @@ from finetune import lazy_exports
 __all__, __getattr__ = lazy_exports(__name__, {
     "placement": ["Placement", "cpu_has_native_bf16", "dtype_name", "resolve", "resolve_compute_dtype"],
     "adapters": [
-        "adapter_labels", "adapter_method", "adapter_recipe_quantization", "check_adapter_dir", "check_mergeable", "eval_quantization",
-        "load_adapter_tokenizer", "load_eval_model", "saved_recipe"
+        "adapter_labels", "adapter_method", "adapter_recipe_quantization", "check_adapter_dir", "check_mergeable",
+        "eval_quantization", "load_adapter_tokenizer", "load_adapters", "load_eval_model", "read_adapter_config",
+        "saved_recipe"
     ],
     "allocator": ["allocator_in_use", "for_training", "maybe_reexec"],
     "gguf_in": ["as_transformers_dir", "source_note"],

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
 from transformers import PreTrainedTokenizerBase
 
 from finetune.errors import ModelError, first_line
@@ -17,14 +16,18 @@ from finetune.recipe import ModelSection, QuantizationSection, Recipe
 
 
 def check_adapter_dir(adapter_dir: str | Path, head: str = "lm") -> None:
-    """Refuse, with a readable error, a path that is not a PEFT adapter directory (before any model loads), or an
-    adapter of the other kind of model: `head` lm (a causal LM's) or score (a reward model's, model/reward.py)."""
+    """Refuse, with a readable error, a path that is not a PEFT adapter directory (before any model loads): no
+    adapter_config.json, a damaged file (manifest, or safetensors' own header check), a config PEFT would misread,
+    a recipe.yaml beside it that is not a recipe; or an adapter of the other kind of model: `head` lm (a causal
+    LM's) or score (a reward model's, model/reward.py)."""
     if not (Path(adapter_dir) / "adapter_config.json").is_file():
         raise ModelError(f"'{adapter_dir}' is not an adapter directory: it has no adapter_config.json.")
     from finetune.artifacts import verify_adapter
 
     verify_adapter(adapter_dir)  # a damaged file is named here, not a safetensors traceback later
-    scores = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("task_type") == "SEQ_CLS"
+    config = read_adapter_config(adapter_dir)
+    saved_recipe(Path(adapter_dir))
+    scores = config.get("task_type") == "SEQ_CLS"
     if scores != (head == "score"):
         raise ModelError(f"'{adapter_dir}' is a reward model's adapter (a score head, no LM head): it scores answers "
                          "(eval with its recipe, GRPO's reward_model reward), it does not generate, merge or export."
@@ -36,7 +39,6 @@ VIRTUAL_TOKEN_TYPES = {"PROMPT_TUNING": "prompt tuning", "PREFIX_TUNING": "prefi
 
 def adapter_method(adapter_dir: str | Path) -> str:
     """The PEFT type adapter_config.json names (LORA, IA3, ADALORA, PROMPT_TUNING, ...)."""
-    import json
 
     return str(json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("peft_type", "LORA"))
 
@@ -53,6 +55,47 @@ def check_mergeable(adapter_dir: str | Path) -> None:
         )
 
 
+def read_adapter_config(adapter_dir: str | Path) -> dict:
+    """adapter_config.json as PEFT will read it, checked first: PEFT builds its config class from whatever the file
+    holds (r: "four" or target_modules: 5 fail much later, or not at all), so each key is validated against the
+    type the config class declares (with pydantic), r and lora_alpha must be positive, and a key this PEFT does
+    not know must be null: a set feature PEFT would silently drop is a different model (upgrade PEFT)."""
+    import dataclasses
+    import typing
+
+    from peft import PeftType
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from pydantic import TypeAdapter, ValidationError
+
+    path = Path(adapter_dir) / "adapter_config.json"
+    config = json.loads(path.read_text())  # verify_adapter checked that it parses
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: expected a JSON object of PEFT settings, got a JSON {type(config).__name__}.")
+    kind = config.get("peft_type")
+    if kind not in {t.value for t in PeftType} or kind not in PEFT_TYPE_TO_CONFIG_MAPPING:
+        raise ModelError(f"{path}: peft_type {str(kind)[:40]!r} is not a PEFT adapter type this PEFT knows.")
+    cls = PEFT_TYPE_TO_CONFIG_MAPPING[kind]
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k, v in config.items() if k not in fields and v not in (None, {}, [], False))
+    if unknown:
+        raise ModelError(f"{path}: {', '.join(unknown[:5])} set, which this PEFT does not know (the adapter may come "
+                         "from a newer PEFT: upgrade peft); loading would silently ignore them.")
+    for key in sorted(fields & set(config)):
+        try:
+            adapter = TypeAdapter(hints[key])
+        except Exception:  # a type pydantic cannot build a validator for: PEFT's own checks stay
+            continue
+        try:
+            adapter.validate_python(config[key])
+        except ValidationError as e:
+            raise ModelError(f"{path}: {key}: {e.errors()[0]['msg']} (got {str(config[key])[:60]!r}).") from None
+    for key in ("r", "lora_alpha"):
+        if key in config and not (isinstance(config[key], (int, float)) and config[key] > 0):
+            raise ModelError(f"{path}: {key} must be a positive number (got {str(config[key])[:60]!r}).")
+    return config
+
+
 def load_adapter_tokenizer(adapter_dir: str | Path, base: ModelSection | str) -> tuple[PreTrainedTokenizerBase, str]:
     """The tokenizer saved with an adapter (chat template included), through `load_tokenizer` as in training.
     A third-party adapter saved without one gets the base model's, with a note saying so ("" otherwise)."""
@@ -63,9 +106,31 @@ def load_adapter_tokenizer(adapter_dir: str | Path, base: ModelSection | str) ->
 
 
 def saved_recipe(adapter_dir: Path) -> dict:
-    """The recipe saved beside a checkpoint (quantization and base model it was trained with), or {}."""
-    recipe_file = adapter_dir / "recipe.yaml"
-    return (yaml.safe_load(recipe_file.read_text()) or {}) if recipe_file.is_file() else {}
+    """The recipe saved beside a checkpoint (quantization and base model it was trained with), or {}; its model and
+    quantization sections are checked against the schema (ModelError naming the file otherwise)."""
+    from pydantic import ValidationError
+
+    from finetune.errors import RecipeError
+    from finetune.recipe import parse_yaml
+
+    recipe_file = Path(adapter_dir) / "recipe.yaml"
+    if not recipe_file.is_file():
+        return {}
+    try:
+        data = parse_yaml(recipe_file.read_bytes().decode("utf-8", "replace"), str(recipe_file))[1] or {}
+    except RecipeError as e:
+        raise ModelError(str(e)) from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{recipe_file}: expected a recipe (a YAML mapping), got {type(data).__name__}.")
+    for key, section in (("model", ModelSection), ("quantization", QuantizationSection)):
+        try:
+            if key in data:
+                section.model_validate(data[key])
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ModelError(f"{recipe_file}: {key}.{'.'.join(map(str, err['loc']))}: {err['msg']} "
+                             f"(got {str(err.get('input'))[:60]!r}).") from None
+    return data
 
 
 def adapter_recipe_quantization(adapter_dir: str | Path) -> QuantizationSection:
@@ -83,7 +148,10 @@ def load_eval_model(section: ModelSection, quant: QuantizationSection, device, h
         return load_base_model(section, quant, device, resolve(quant), head=head)
     from transformers import AutoModelForCausalLM
 
+    from finetune.model.gguf_in import check_gguf
+
     path = Path(section.name_or_path)
+    check_gguf(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                      dtype=resolve_compute_dtype(quant.compute_dtype))
@@ -116,3 +184,24 @@ def adapter_labels(adapters: list[str]) -> list[str]:
         if len(set(labels)) == len(labels):
             return labels
     return [f"adapter{i}" for i in range(len(adapters))]
+
+
+def load_adapters(net, adapters: list[str]):
+    """`net` (a base model) with each adapter loaded by PEFT as a named adapter a0, a1, ... (eval, chat, merge): the
+    errors PEFT raises for an adapter that does not fit this base (target modules it lacks, tensors of other
+    shapes: an adapter trained on another model) become one ModelError naming the adapter and the base."""
+    from peft import PeftModel
+
+    base = getattr(getattr(net, "config", None), "_name_or_path", "the base model")
+    for i, path in enumerate(adapters):
+        try:
+            if i == 0:
+                net = PeftModel.from_pretrained(net, str(path), adapter_name="a0")
+            else:
+                net.load_adapter(str(path), adapter_name=f"a{i}")
+        except (ValueError, RuntimeError, KeyError, TypeError) as e:
+            detail = " ".join(line.strip() for line in str(e).splitlines()[:2] if line.strip()).rstrip(".:")
+            raise ModelError(f"The adapter {path} does not fit the base model {base}: {detail[:300]}. Was it "
+                             "trained on another model? Pass the base it was trained on (--base / --model).") from None
+    return net
+

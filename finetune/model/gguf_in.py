@@ -26,6 +26,19 @@ def is_gguf(name: str | os.PathLike) -> bool:
     return str(name).endswith(".gguf")
 
 
+def check_gguf(path: str | os.PathLike) -> None:
+    """Parse the GGUF header with the gguf package's own reader (memory-mapped: a length field that lies reads
+    past nothing and allocates nothing) before transformers' reader, which fails on a truncated or lying header
+    with bare struct/index errors; ModelError naming the file otherwise."""
+    import gguf
+
+    try:
+        gguf.GGUFReader(str(path))
+    except Exception as e:  # ValueError (magic, truncation), IndexError (counts past the end), OSError
+        raise ModelError(f"{path} is not a readable GGUF file ({type(e).__name__}: {first_line(e)[:200]}); it is "
+                         "truncated, damaged or not GGUF.") from None
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("FINETUNE_GGUF_CACHE", Path.home() / ".cache" / "finetune" / "gguf"))
 
@@ -35,6 +48,7 @@ def as_transformers_dir(path: str | os.PathLike) -> Path:
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise ModelError(f"The GGUF file '{path}' does not exist.")
+    check_gguf(path)
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     out = cache_root() / f"{path.stem}-{key}"

@@ -34,6 +34,10 @@ CHATML_TEMPLATE = (
 def load_tokenizer(model: ModelSection | str, chat_template: str | None = None) -> PreTrainedTokenizerBase:
     name, revision, trust = _source(model)
     source, gguf = (Path(name).parent, {"gguf_file": Path(name).name}) if name.endswith(".gguf") else (name, {})
+    if gguf and Path(name).is_file():
+        from finetune.model.gguf_in import check_gguf
+
+        check_gguf(name)
     try:
         tok = AutoTokenizer.from_pretrained(source, revision=revision, trust_remote_code=trust, **gguf)
     except (OSError, ValueError) as e:

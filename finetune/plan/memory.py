@@ -103,7 +103,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
     if not m or m.group(2).lower() not in UNITS:
         raise RecipeError(f"--device-memory '{text}' is not a size; write e.g. 24GiB, 80GB or 512MiB.")
-    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+    value = float(m.group(1)) * UNITS[m.group(2).lower()]
+    if not 0 < value < 2**63:  # 1e400GiB is inf; a size the machine cannot have is a typo
+        raise RecipeError(f"--device-memory '{text[:40]}' is not a size a device has; write e.g. 24GiB or 80GB.")
+    return int(value)
 
 
 def gib(n: int | float) -> str:

@@ -23,5 +23,6 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "methods": ["MERGEABLE_METHODS", "METHODS", "VIRTUAL_TOKEN_METHODS", "check_adalora_schedule"],
     "grpo": ["RewardSpec"],
     "preference": ["KTOSection", "PAIR_OBJECTIVES", "RewardSection", "SimPOSection"],
-    "file": ["load_recipe"],
+    "file": ["load_recipe", "remote_code_warning"],
+    "yamltext": ["parse_yaml"],
 })

@@ -175,3 +175,21 @@ def _check_paths(recipe: Recipe, path: Path, where: dict) -> None:
         )
     if problems:
         raise RecipeError(f"Invalid recipe {path}:\n" + "\n".join(problems))
+
+
+def remote_code_warning(recipe: Recipe) -> str | None:
+    """What `validate` warns about model code: with model.trust_remote_code true, the Python files transformers
+    will import and run from the model directory (or that a hub model's own code will run); with it false, that the
+    directory carries code that will not run. None when there is no code to speak of."""
+    name = recipe.model.name_or_path
+    local = Path(name).expanduser()
+    files = sorted(p.name for p in local.glob("*.py")) if local.is_dir() else []
+    if recipe.model.trust_remote_code:
+        what = ", ".join(files) if files else ("none found locally" if local.is_dir() else "the hub repository's")
+        return (f"model.trust_remote_code is true: loading {name} imports and runs its Python code ({what}) with "
+                "your permissions. Read it first, or set it to false.")
+    if files:
+        return (f"{name} carries Python code ({', '.join(files)}); it is not run, because model.trust_remote_code is "
+                "false (the default).")
+    return None
+

@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from finetune.artifacts import write_atomic
+from finetune.artifacts import write_text_atomic
 
 SCHEMA = "finetune.sweep/1"
 
@@ -124,8 +124,8 @@ def planned(recipe) -> tuple[float | None, int | None]:
 def write_results(result: SweepResult) -> None:
     body = {"schema": SCHEMA, "recipe": result.recipe, "keys": result.keys,
             "best": result.best.name if result.best else None, "points": [asdict(r) for r in result.rows]}
-    write_atomic(result.sweep_dir / "sweep.json", json.dumps(body, indent=2) + "\n")
-    write_atomic(result.sweep_dir / "sweep.csv", _csv(result))
+    write_text_atomic(result.sweep_dir / "sweep.json", json.dumps(body, indent=2) + "\n")
+    write_text_atomic(result.sweep_dir / "sweep.csv", _csv(result))
     plot(result, result.sweep_dir / "sweep.png")
 
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from finetune.artifacts import hold, write_atomic
+from finetune.artifacts import hold, write_text_atomic
 from finetune.errors import CheckpointError, FinetuneError, TrainingInterrupted
 from finetune.sweep.results import read_metrics
 
@@ -64,7 +64,7 @@ class SweepState:
     def save(self) -> None:
         body = {"schema": SCHEMA, "recipe": self.recipe, "fixed": self.fixed, "mode": self.mode,
                 "recipe_sha256": self.digest, "points": [asdict(p) for p in self.points]}
-        write_atomic(self.path, json.dumps(body, indent=2) + "\n")
+        write_text_atomic(self.path, json.dumps(body, indent=2) + "\n")
 
     def point(self, name: str) -> PointState | None:
         return next((p for p in self.points if p.name == name), None)

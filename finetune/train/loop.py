@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from finetune.artifacts import hold, is_main_process
+from finetune.errors import OutOfMemory, first_line
 from finetune.recipe import Recipe
 from finetune.train import checkpoint as ckpt, records
 from finetune.train.events import evaluate, generation_eval, periodic, save
@@ -59,7 +60,7 @@ def fit(run: Run, progress: Progress, stop: StopOnSignal, rng_to_restore: dict |
             if rng_to_restore is not None:  # after the data iterator exists: exactly where the run stopped
                 ckpt.set_rng_state(rng_to_restore)
                 rng_to_restore = None
-            result = train_step(run, group)
+            result = _step(run, group)
             state.micro_in_epoch += len(group)
             state.step += 1
             if not result.finite:
@@ -80,6 +81,29 @@ def fit(run: Run, progress: Progress, stop: StopOnSignal, rng_to_restore: dict |
         else:
             state.epoch += 1
             state.micro_in_epoch = 0
+
+
+def _step(run: Run, group):
+    """`train_step`, with running out of memory (CUDA's OutOfMemoryError; on CPU a MemoryError or the allocator's
+    "can't allocate memory", e.g. under RLIMIT_AS) turned into OutOfMemory (exit 4) with what to change. Nothing is
+    written after it: the checkpoints on disk are those of earlier steps, whole."""
+    import torch
+
+    try:
+        return train_step(run, group)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        text = str(e)
+        if isinstance(e, RuntimeError) and not isinstance(e, torch.OutOfMemoryError) and not (
+                "can't allocate memory" in text or "out of memory" in text.lower()):
+            raise
+        t, d = run.recipe.training, run.recipe.data
+        raise OutOfMemory(
+            f"Out of memory in training step {run.state.step + 1} ({type(e).__name__}: {first_line(e)[:160]}). "
+            f"Lower training.micro_batch_size (now {t.micro_batch_size}; raise gradient_accumulation_steps to keep "
+            f"the effective batch) or data.max_length (now {d.max_length}), or set training.gradient_checkpointing: "
+            "true. The checkpoints already written are intact: `finetune train RECIPE --resume` continues from the "
+            "newest."
+        ) from None
 
 
 # ------------------------------------------------------------------------------- evaluation, saving, end
