@@ -37,6 +37,7 @@ SaveDtype = Literal["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "floa
 Combination = Literal["linear", "cat", "ties"]
 Quantize = Literal["auto", "4bit", "none"]
 GgufType = Literal["f32", "f16", "bf16", "q8_0", "q4_0"]
+NUMBER = re.compile(r"[-+]?((\d+\.?\d*|\.\d+)(e[-+]?\d+)?|nan|inf(inity)?)", re.I)  # --weights (nan: refused by merge)
 OverridesArg = typer.Argument(None, help="Recipe overrides, e.g. training.max_steps=10 data.max_length=256.")
 
 
@@ -103,7 +104,6 @@ def _pairs(items: Optional[list[str]], option: str, expected: str) -> dict[str, 
 
 def _load(recipe: Path, overrides: Optional[list[str]]):
     from finetune.recipe import load_recipe
-
     return load_recipe(recipe, overrides or [])
 
 
@@ -183,7 +183,7 @@ def _split_weights(adapters: list[str], weights: Optional[list[str]]) -> tuple[l
     `--weights 0.7,0.3` and `--weights 0.7 --weights 0.3`. A number that names an existing path stays an adapter."""
     if weights is None:
         return adapters, None
-    number = lambda s: re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", s) and not Path(s).exists()  # noqa: E731
+    number = lambda s: NUMBER.fullmatch(s) and not Path(s).exists()  # noqa: E731
     values = [w for item in weights for w in item.split(",") if w.strip()] + [a for a in adapters if number(a)]
     try:
         return [a for a in adapters if not number(a)], [float(w) for w in values]

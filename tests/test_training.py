@@ -214,7 +214,7 @@ def test_skip_step_policy_skips_the_bad_step_and_finishes(tmp_path, tiny_model_d
     result = train(recipe)
     assert result.exit_code == 0, result.output
     rows = metrics(run_dir)
-    assert {"step": 3, "skipped": "non-finite loss or gradient"} in rows
+    assert {"step": 3, "skipped": "non-finite loss or gradient"} in [{k: v for k, v in r.items() if k != "time"} for r in rows]
     assert sorted(losses(run_dir)) == [1, 2, 4, 5, 6]  # no made-up loss for the skipped step
     assert all(math.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
     assert all(torch.isfinite(w).all() for w in adapter(run_dir / "checkpoint-final").values())
