@@ -245,6 +245,49 @@ def test_a_client_that_disconnects_frees_its_slot(stepped):
     assert not engine.waiting and engine.stats.cancelled == cancelled + 2
 
 
+def make_dora(path, model_dir):
+    """A DoRA adapter (random LoRA weights, magnitudes from the base) laid out like a checkpoint."""
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(2)
+    base = load_base(str(model_dir), QuantizationSection())
+    net = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True,
+                                          init_lora_weights=False, task_type="CAUSAL_LM"))
+    net.save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)
+    (path / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)},
+                                                      "quantization": QuantizationSection().model_dump()}))
+    return path
+
+
+def test_a_dora_adapter_is_batched_only_with_itself(stepped, expected, tmp_path, tiny_model_dir):
+    dora = make_dora(tmp_path / "dora", tiny_model_dir)
+    alone = reply(load_session(str(dora)), PROMPT, ChatOptions(max_new_tokens=TOKENS))
+    assert stepped.post("/v1/adapters", {"name": "dora", "path": str(dora)}).status_code == 200
+    engine, client, answers = stepped.serving.engine, stepped.client(), {}
+
+    def ask(i, name):
+        answers[i] = chat(client, name).choices[0].message.content
+
+    names = ["dora", "one", "dora"]
+    threads = []
+    for i, name in enumerate(names):  # queued in this order
+        threads.append(threading.Thread(target=ask, args=(i, name)))
+        threads[-1].start()
+        until(lambda: len(engine.waiting) == i + 1)
+    mixed, batches = engine.stats.mixed_steps, []
+    while engine.waiting or engine.rows:
+        engine.step()
+        batches.append(sorted({r.job.adapter for r in engine.rows}))
+    for t in threads:
+        t.join(30)
+    assert engine.stats.mixed_steps == mixed and all(len(b) <= 1 for b in batches)  # never mixed with DoRA
+    assert answers == {0: alone, 1: expected["one"], 2: alone}
+    assert httpx.delete(stepped.url + "/v1/adapters/dora").status_code == 200
+
+
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, expected):
     messages = [{"role": "user", "content": PROMPT}]
     bad = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "one", "messages": [',
