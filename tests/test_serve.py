@@ -309,6 +309,24 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, exp
     assert chat(server.client(), "one").choices[0].message.content == expected["one"]
 
 
+def test_a_failing_forward_pass_is_a_500_and_the_next_request_is_served(server, expected, monkeypatch):
+    engine = server.serving.engine
+    real, calls = engine._forward, []
+
+    def fail_the_second(*args):  # the prefill passes, the first decoding pass fails
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated device failure")
+        return real(*args)
+
+    monkeypatch.setattr(engine, "_forward", fail_the_second)
+    err = error_of(server.post("/v1/chat/completions", {"model": "one", "max_tokens": 5, "temperature": 0,
+                                                        "messages": [{"role": "user", "content": PROMPT}]}), 500)
+    assert err["type"] == "server_error"
+    until(lambda: engine.rows == [])  # its row left the batch
+    assert chat(server.client(), "one").choices[0].message.content == expected["one"]
+
+
 def test_adapters_are_added_and_removed_while_serving(server, adapters, expected, tmp_path, tiny_tokenizer_dir):
     client = server.client()
     added = server.post("/v1/adapters", {"name": "three", "path": str(adapters["two"])})
