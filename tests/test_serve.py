@@ -359,6 +359,24 @@ def test_adapters_are_added_and_removed_while_serving(server, adapters, expected
     assert chat(client, "one").choices[0].message.content == expected["one"]
 
 
+def test_a_base_served_alone_takes_its_first_adapter_and_loses_its_last(adapters, expected, tiny_model_dir):
+    s = Server(load(str(tiny_model_dir), quantize="4bit"))  # the base directory: no adapter yet
+    try:
+        client, base = s.client(), tiny_model_dir.name
+        assert [m.id for m in client.models.list()] == [base]
+        assert chat(client, base).choices[0].message.content == expected[base]
+        assert s.post("/v1/adapters", {"name": "one", "path": str(adapters["one"])}).status_code == 200
+        assert chat(client, "one").choices[0].message.content == expected["one"]
+        assert chat(client, base).choices[0].message.content == expected[base]
+        assert httpx.delete(s.url + "/v1/adapters/one").status_code == 200
+        until(lambda: not s.serving.engine.model.peft_config)  # deleted once no request used it
+        assert chat(client, base).choices[0].message.content == expected[base]
+        assert s.post("/v1/adapters", {"name": "two", "path": str(adapters["two"])}).status_code == 200
+        assert chat(client, "two").choices[0].message.content == expected["two"]
+    finally:
+        s.stop()
+
+
 def test_cli_serves_and_sigterm_drains_requests_in_flight(adapters, tmp_path):
     result = runner.invoke(cli_app, ["serve", str(tmp_path / "nothing"), "--port", "0"])
     assert result.exit_code == 2 and "does not exist" in result.output

@@ -251,8 +251,10 @@ class Engine:
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "cache": cache,
                   "use_cache": True, "logits_to_keep": 1}
         names = set(adapters)
-        if not getattr(self.model, "peft_config", None):
+        if not hasattr(self.model, "peft_config"):
             return self.model(**kwargs)
+        if not self.model.peft_config:  # every adapter removed: PeftModel.forward wants an active one
+            return self.model.base_model.model(**kwargs)
         if len(names) > 1:
             self.stats.mixed_steps += len(ids) > 1
             return self.model(**kwargs, adapter_names=adapters)
