@@ -377,7 +377,7 @@ def serve(
     max_queue: int = typer.Option(64, min=1, help="Requests waiting for the batch; more are answered 429."),
     max_tokens: int = typer.Option(1024, min=1, help="The largest max_tokens a request may ask for."),
 ) -> None:
-    """Serve a base model and its adapters behind an OpenAI-compatible API (needs finetune[serve])."""
+    """Serve a base model and its adapters behind an OpenAI-compatible API (FastAPI + uvicorn: the serve extra)."""
     adapters = _pairs(adapter, "--adapter", "NAME=PATH")
     quiet_libraries()
     from finetune.serve import ServeOptions, serve as run_serve

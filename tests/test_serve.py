@@ -245,6 +245,49 @@ def test_a_client_that_disconnects_frees_its_slot(stepped):
     assert not engine.waiting and engine.stats.cancelled == cancelled + 2
 
 
+def make_dora(path, model_dir):
+    """A DoRA adapter (random LoRA weights, magnitudes from the base) laid out like a checkpoint."""
+    import yaml
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(2)
+    base = load_base(str(model_dir), QuantizationSection())
+    net = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True,
+                                          init_lora_weights=False, task_type="CAUSAL_LM"))
+    net.save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)
+    (path / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)},
+                                                      "quantization": QuantizationSection().model_dump()}))
+    return path
+
+
+def test_a_dora_adapter_is_batched_only_with_itself(stepped, expected, tmp_path, tiny_model_dir):
+    dora = make_dora(tmp_path / "dora", tiny_model_dir)
+    alone = reply(load_session(str(dora)), PROMPT, ChatOptions(max_new_tokens=TOKENS))
+    assert stepped.post("/v1/adapters", {"name": "dora", "path": str(dora)}).status_code == 200
+    engine, client, answers = stepped.serving.engine, stepped.client(), {}
+
+    def ask(i, name):
+        answers[i] = chat(client, name).choices[0].message.content
+
+    names = ["dora", "one", "dora"]
+    threads = []
+    for i, name in enumerate(names):  # queued in this order
+        threads.append(threading.Thread(target=ask, args=(i, name)))
+        threads[-1].start()
+        until(lambda: len(engine.waiting) == i + 1)
+    mixed, batches = engine.stats.mixed_steps, []
+    while engine.waiting or engine.rows:
+        engine.step()
+        batches.append(sorted({r.job.adapter for r in engine.rows}))
+    for t in threads:
+        t.join(30)
+    assert engine.stats.mixed_steps == mixed and all(len(b) <= 1 for b in batches)  # never mixed with DoRA
+    assert answers == {0: alone, 1: expected["one"], 2: alone}
+    assert httpx.delete(stepped.url + "/v1/adapters/dora").status_code == 200
+
+
 def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, expected):
     messages = [{"role": "user", "content": PROMPT}]
     bad = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": "one", "messages": [',
@@ -263,6 +306,24 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, exp
     with pytest.raises(openai.BadRequestError) as e:
         server.client().chat.completions.create(model="one", messages=messages, max_tokens=1000)
     assert e.value.code == "invalid_value"
+    assert chat(server.client(), "one").choices[0].message.content == expected["one"]
+
+
+def test_a_failing_forward_pass_is_a_500_and_the_next_request_is_served(server, expected, monkeypatch):
+    engine = server.serving.engine
+    real, calls = engine._forward, []
+
+    def fail_the_second(*args):  # the prefill passes, the first decoding pass fails
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated device failure")
+        return real(*args)
+
+    monkeypatch.setattr(engine, "_forward", fail_the_second)
+    err = error_of(server.post("/v1/chat/completions", {"model": "one", "max_tokens": 5, "temperature": 0,
+                                                        "messages": [{"role": "user", "content": PROMPT}]}), 500)
+    assert err["type"] == "server_error"
+    until(lambda: engine.rows == [])  # its row left the batch
     assert chat(server.client(), "one").choices[0].message.content == expected["one"]
 
 
@@ -296,6 +357,24 @@ def test_adapters_are_added_and_removed_while_serving(server, adapters, expected
     assert error_of(httpx.delete(f"{server.url}/v1/adapters/{base}", headers={"Authorization": f"Bearer {KEY}"}), 400)
     assert [m.id for m in client.models.list()] == [base, "one", "two"]
     assert chat(client, "one").choices[0].message.content == expected["one"]
+
+
+def test_a_base_served_alone_takes_its_first_adapter_and_loses_its_last(adapters, expected, tiny_model_dir):
+    s = Server(load(str(tiny_model_dir), quantize="4bit"))  # the base directory: no adapter yet
+    try:
+        client, base = s.client(), tiny_model_dir.name
+        assert [m.id for m in client.models.list()] == [base]
+        assert chat(client, base).choices[0].message.content == expected[base]
+        assert s.post("/v1/adapters", {"name": "one", "path": str(adapters["one"])}).status_code == 200
+        assert chat(client, "one").choices[0].message.content == expected["one"]
+        assert chat(client, base).choices[0].message.content == expected[base]
+        assert httpx.delete(s.url + "/v1/adapters/one").status_code == 200
+        until(lambda: not s.serving.engine.model.peft_config)  # deleted once no request used it
+        assert chat(client, base).choices[0].message.content == expected[base]
+        assert s.post("/v1/adapters", {"name": "two", "path": str(adapters["two"])}).status_code == 200
+        assert chat(client, "two").choices[0].message.content == expected["two"]
+    finally:
+        s.stop()
 
 
 def test_cli_serves_and_sigterm_drains_requests_in_flight(adapters, tmp_path):

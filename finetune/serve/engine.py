@@ -151,8 +151,8 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One iteration (see the module docstring). A failing forward ends the jobs it held with `error`
-        and leaves the engine serving."""
+        """One iteration (see the module docstring). A failing prefill ends its job with `error`, a failing
+        decoding pass the jobs in the batch; the engine goes on serving."""
         with self.lock:
             try:
                 self._drop_cancelled()
@@ -165,7 +165,7 @@ class Engine:
                     self._decode()
             except Exception:
                 for row in self.rows:
-                    row.done = "error"
+                    row.done = row.done or "error"
                 self._retire()
                 raise
 
@@ -197,10 +197,10 @@ class Engine:
                 job = self.waiting.popleft()
             try:
                 self._prefill(job)
-            except Exception:
+            except Exception:  # this job fails alone; the running rows go on
+                log.exception("a prefill failed")
                 for i in range(job.n):
                     job.finish(i, "error", 0)
-                raise
 
     def _fits(self, job: Job) -> bool:
         """Room in the batch, and an adapter that may share it (a DoRA adapter only shares with itself)."""
@@ -251,8 +251,10 @@ class Engine:
         kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "cache": cache,
                   "use_cache": True, "logits_to_keep": 1}
         names = set(adapters)
-        if not getattr(self.model, "peft_config", None):
+        if not hasattr(self.model, "peft_config"):
             return self.model(**kwargs)
+        if not self.model.peft_config:  # every adapter removed: PeftModel.forward wants an active one
+            return self.model.base_model.model(**kwargs)
         if len(names) > 1:
             self.stats.mixed_steps += len(ids) > 1
             return self.model(**kwargs, adapter_names=adapters)
