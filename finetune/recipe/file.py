@@ -70,7 +70,8 @@ def _key_lines(node: Any, prefix: tuple = ()) -> list[tuple[tuple, int]]:
 
 def _apply_override(data: dict, item: str) -> tuple:
     if not _is_text(item):
-        raise RecipeError(f"Override {ascii(item)} is not valid text (undecodable bytes or a lone surrogate).")
+        raise RecipeError(f"command-line override {ascii(item)[:80]} is not valid text (undecodable bytes or a lone "
+                          "surrogate).")
     if "=" not in item:
         raise RecipeError(f"Override '{item}' is not of the form key.sub=value (e.g. training.max_steps=10).")
     dotted, raw = item.split("=", 1)
