@@ -348,6 +348,7 @@ FOUND = [  # (what crashed before, recipe bytes or None, data file bytes or None
      "training.max_steps: Input should be a valid integer"),
     ("override with undecodable argv bytes", None, None, ["name=\udcff"], "is not valid text"),
     ("override with a self-referencing alias", None, None, ["lora.r=&a [*a]"], "refers to a value that contains it"),
+    ("overrides '=' then '.=' (found by the 1000-example run)", None, None, ["=", ".="], "has an empty part"),
     ("JSON line nested 100000 deep: RecursionError", None, b"[" * 100000 + b"]" * 100000 + b"\n", ["prepare"],
      "d.jsonl:1: JSON nested deeper than the reader can follow"),
     ("JSON number of 5000 digits: ValueError", None, b'{"instruction": 1' + b"0" * 5000 + b', "output": "b"}\n',
