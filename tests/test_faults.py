@@ -188,6 +188,35 @@ def test_disk_full_during_merge_and_export_keeps_the_previous_output(straight, t
     assert real_gguf is finetune.export.gguf.write_gguf
 
 
+@pytest.mark.slow
+def test_a_real_file_size_limit_during_export_is_exit_2_and_keeps_the_previous_file(straight, tmp_path):
+    """Not patched: the child runs under RLIMIT_FSIZE (half the GGUF's size, SIGXFSZ ignored, so the write fails
+    with EFBIG as on a full disk)."""
+    pytest.importorskip("gguf")
+    import resource
+
+    merged, gguf_file = tmp_path / "merged", tmp_path / "m.gguf"
+    assert runner.invoke(app, ["merge", str(straight / "checkpoint-final"), "--out", str(merged)]).exit_code == 0
+    assert runner.invoke(app, ["export", str(merged), "--out", str(gguf_file), "--type", "f32"]).exit_code == 0
+    before = gguf_file.read_bytes()
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "COLUMNS": "400"}
+    out = subprocess.run([sys.executable, "-m", "finetune", "export", str(merged), "--out", str(gguf_file), "--type",
+                          "f32", "--overwrite"], cwd=tmp_path, env=env, preexec_fn=limit, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 2, out.stdout + out.stderr
+    err = " ".join(out.stderr.split())  # the buffered writer reports the short write: "32768 requested and N written"
+    assert f"Cannot write {gguf_file}:" in err and "Is the disk full" in err and "The previous m.gguf is intact" in err
+    assert "Traceback" not in out.stderr and gguf_file.read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+    print("fault RLIMIT_FSIZE during export: 1 run, exit 2, previous GGUF byte-identical")
+
+
 # ------------------------------------------------------------------ SIGKILL at random moments (slow)
 
 KILLS = int(os.environ.get("FINETUNE_KILLS", "8"))
@@ -250,7 +279,7 @@ def test_sigkill_during_merge_and_export_leaves_the_previous_output_or_none(stra
                 assert runner.invoke(app, ["merge", str(adapter), "--out", str(merged), "--overwrite"]).exit_code == 0
             child = subprocess.Popen([sys.executable, "-m", "finetune", *args], cwd=tmp_path, env=env,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(2.0, 16.0))
+            time.sleep(rng.uniform(2.0, 40.0))
             killed = child.poll() is None
             if killed:
                 child.send_signal(signal.SIGKILL)

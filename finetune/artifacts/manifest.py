@@ -132,7 +132,7 @@ def _safetensors_problem(file: Path) -> str | None:
     except (OSError, struct.error) as e:
         return f"{file} is not a readable safetensors file ({e})"
     except Exception as e:  # SafetensorError: invalid header, overflowing shape, file not fully covered
-        return f"{file} is not a readable safetensors file ({first_line(e)}; {size:,} bytes)"
+        return f"{file} is truncated or damaged (safetensors: {first_line(e)}; the file has {size:,} bytes)"
     return None
 
 

@@ -111,8 +111,12 @@ def eval_data(recipe: Recipe | None, data: str | None, data_format: str | None =
         base["fields"] = fields or {}
     try:
         return DataSection.model_validate({**base, "train": [data], "eval": data, "format": fmt})
-    except ValueError as e:
-        raise DataError(f"--data {data}: {e}") from None
+    except ValueError as e:  # pydantic's ValidationError: one line per problem, without its URL boilerplate
+        errors = e.errors() if hasattr(e, "errors") else [{"loc": (), "msg": str(e)}]
+        option = {"format": "--format", "fields": "--field"}
+        problems = "; ".join(f"{option.get(str(err['loc'][0]), err['loc'][0]) if err['loc'] else '--data'}: "
+                             f"{err['msg'].removeprefix('Value error, ')}" for err in errors)
+        raise DataError(f"--data {data}: {problems}.") from None
 
 
 def _guess_format(path: str) -> str:

@@ -55,10 +55,17 @@ def check_mergeable(adapter_dir: str | Path) -> None:
         )
 
 
+# The keys whose declared types are checked: those merge, export and the LoRA layers compute with. Not the Literal-
+# typed ones: PEFT's own values outgrow them (init_lora_weights "pissa_niter_16" against "pissa_niter_[number ...]").
+_TYPED_KEYS = {"r", "lora_alpha", "lora_dropout", "target_modules", "base_model_name_or_path", "use_dora", "use_rslora",
+               "fan_in_fan_out", "layers_to_transform", "rank_pattern", "alpha_pattern", "modules_to_save",
+               "exclude_modules", "revision", "inference_mode"}
+
+
 def read_adapter_config(adapter_dir: str | Path) -> dict:
     """adapter_config.json as PEFT will read it, checked first: PEFT builds its config class from whatever the file
-    holds (r: "four" or target_modules: 5 fail much later, or not at all), so each key is validated against the
-    type the config class declares (with pydantic), r and lora_alpha must be positive, and a key this PEFT does
+    holds (r: "four" or target_modules: 5 fail much later, or not at all), so the keys in _TYPED_KEYS are validated
+    against the types the config class declares (with pydantic), r and lora_alpha must be positive, and a key this PEFT does
     not know must be null: a set feature PEFT would silently drop is a different model (upgrade PEFT)."""
     import dataclasses
     import typing
@@ -81,7 +88,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if unknown:
         raise ModelError(f"{path}: {', '.join(unknown[:5])} set, which this PEFT does not know (the adapter may come "
                          "from a newer PEFT: upgrade peft); loading would silently ignore them.")
-    for key in sorted(fields & set(config)):
+    for key in sorted(fields & set(config) & _TYPED_KEYS):
         try:
             adapter = TypeAdapter(hints[key])
         except Exception:  # a type pydantic cannot build a validator for: PEFT's own checks stay

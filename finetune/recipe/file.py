@@ -70,18 +70,22 @@ def _key_lines(node: Any, prefix: tuple = ()) -> list[tuple[tuple, int]]:
 
 def _apply_override(data: dict, item: str) -> tuple:
     if not _is_text(item):
-        raise RecipeError(f"Override {ascii(item)} is not valid text (undecodable bytes or a lone surrogate).")
+        raise RecipeError(f"command-line override {ascii(item)[:80]} is not valid text (undecodable bytes or a lone "
+                          "surrogate).")
+    label = f"command-line override '{item if len(item) <= 60 else item[:60] + '...'}'"
     if "=" not in item:
-        raise RecipeError(f"Override '{item}' is not of the form key.sub=value (e.g. training.max_steps=10).")
+        raise RecipeError(f"{label} is not of the form key.sub=value (e.g. training.max_steps=10).")
     dotted, raw = item.split("=", 1)
-    keys = tuple(dotted.strip().split("."))
+    keys = tuple(k.strip() for k in dotted.split("."))
+    if not all(keys):
+        raise RecipeError(f"{label}: the key '{dotted[:60]}' has an empty part; write key.sub=value "
+                          "(e.g. training.max_steps=10).")
     node = data
     for i, k in enumerate(keys[:-1]):
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
-            raise RecipeError(f"Override '{item}': '{'.'.join(keys[: i + 1])}' is a value, not a section.")
+            raise RecipeError(f"{label}: '{'.'.join(keys[: i + 1])}' is a value, not a section.")
     try:
-        label = f"command-line override '{item if len(item) <= 60 else item[:60] + '...'}'"
         node[keys[-1]] = parse_yaml(raw, label, lines=False)[1] if raw.strip() else None
     except RecipeError as e:
         if "not valid YAML" not in str(e):
