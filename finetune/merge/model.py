@@ -41,16 +41,11 @@ import torch
 from finetune.artifacts import atomic_dir
 from finetune.errors import CheckpointError, ModelError, first_line
 from finetune.merge.fidelity import fidelity, peak_rss_mib, probe_batch
-from finetune.merge.output import _DTYPES
-from finetune.merge.output import SafetensorsWriter as _SafetensorsWriter
-from finetune.merge.output import check_hub_access as _check_hub_access
-from finetune.merge.output import open_safetensors
+from finetune.merge.output import _DTYPES, open_safetensors, save_companions
+from finetune.merge.output import SafetensorsWriter as _SafetensorsWriter, check_hub_access as _check_hub_access
 from finetune.merge.output import push as _push
-from finetune.merge.weights import dequantized as _dequantized
-from finetune.merge.weights import fold as _fold
-from finetune.merge.weights import fold_bias as _fold_bias
-from finetune.merge.weights import is_4bit as _is_4bit
-from finetune.merge.weights import split_residual as _split_residual
+from finetune.merge.weights import dequantized as _dequantized, fold as _fold, fold_bias as _fold_bias
+from finetune.merge.weights import is_4bit as _is_4bit, split_residual as _split_residual
 from finetune.model import saved_recipe
 from finetune.progress import track
 from finetune.recipe import DTYPE_ALIASES, ModelSection, QuantizationSection
@@ -140,7 +135,7 @@ def merge(
                                          base_weights, target_dtype, max_shard_size, residual)
             del trained
             gc.collect()  # PEFT models hold reference cycles: free the reference before loading the merged model
-            _save_companions(model_section, tok, tmp, target_dtype)
+            save_companions(model_section, tok, tmp, target_dtype)
             measured = fidelity(tmp, scratch, probe, reference, base_weights, other, target_dtype)
             report = MergeReport(
                 out=str(out), base=model_section.name_or_path, adapters=[str(a) for a in adapter_dirs],
@@ -309,8 +304,9 @@ def _describe_reference(quant: QuantizationSection) -> str:
 
 def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype, max_shard_size,
                   residual: dict) -> tuple[int, int]:
-    """`residual`: s B0 A0 per PiSSA/OLoRA layer, subtracted from the published weight as training did. Stream the base checkpoint into `out_dir` as merged shards (and the other choice's 4-bit layer
-    weights into `scratch`), one tensor in memory at a time. Returns (number of shards, total bytes)."""
+    """Stream the base checkpoint into `out_dir` as merged shards (and the other choice's 4-bit layer weights into
+    `scratch`), one tensor in memory at a time. `residual`: s B0 A0 per PiSSA/OLoRA layer, subtracted from the
+    published weight as training did. Returns (number of shards, total bytes)."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from peft.tuners.ia3 import IA3Layer
     from peft.tuners.lora import LoraLayer
@@ -382,25 +378,3 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return len(split.filename_to_tensors), int(split.metadata.get("total_size", 0))
-
-
-def _save_companions(section: ModelSection, tok, out_dir: Path, dtype: torch.dtype) -> None:
-    """config.json (with the saved dtype, no quantization), generation config, tokenizer and chat template."""
-    from transformers import AutoConfig, GenerationConfig
-
-    config = AutoConfig.from_pretrained(section.name_or_path, revision=section.revision,
-                                        trust_remote_code=section.trust_remote_code)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = dtype
-    config.save_pretrained(out_dir)
-    try:
-        GenerationConfig.from_pretrained(section.name_or_path, revision=section.revision).save_pretrained(out_dir)
-    except OSError:
-        pass  # the base ships none; transformers derives one from config.json
-    tok.save_pretrained(out_dir)  # the tokenizer the adapter was trained with, chat template included
-
-
-# ------------------------------------------------------------------- fidelity
-
-

@@ -1,6 +1,7 @@
 """Writing a merged model out: safetensors streamed tensor by tensor, read back with pread, pushed to the Hub.
 
-Used by merge.py (and export.py reads through `open_safetensors`).
+Used by model.py (and export reads through `open_safetensors`); `save_companions` writes config, generation
+config and tokenizer beside the weights.
 """
 
 from __future__ import annotations
@@ -97,3 +98,20 @@ def push(out: Path, repo: str) -> None:
     except Exception as e:
         raise CheckpointError(f"Merged into {out}, but pushing to '{repo}' failed: {first_line(e)}. "
                               f"Upload it later with `hf upload {repo} {out}`.") from None
+
+
+def save_companions(section, tok, out_dir: Path, dtype: torch.dtype) -> None:
+    """config.json (with the saved dtype, no quantization), generation config, tokenizer and chat template."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(section.name_or_path, revision=section.revision,
+                                        trust_remote_code=section.trust_remote_code)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = dtype
+    config.save_pretrained(out_dir)
+    try:
+        GenerationConfig.from_pretrained(section.name_or_path, revision=section.revision).save_pretrained(out_dir)
+    except OSError:
+        pass  # the base ships none; transformers derives one from config.json
+    tok.save_pretrained(out_dir)  # the tokenizer the adapter was trained with, chat template included
