@@ -77,6 +77,7 @@ class MemoryPlan:
     seq_length: int
     seq_note: str
     terms: list[Term] = field(default_factory=list)
+    trainable_parameters: int = 0  # of the adapter (whichever method), as PEFT counts them
     available: int | None = None
     available_note: str = ""
 
@@ -192,7 +193,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
             Term("allocator slack", slack, note),
         ]
     result = MemoryPlan(recipe=recipe.name or "recipe", device=device, seq_length=seq_length, seq_note=seq_note,
-                        terms=terms)
+                        terms=terms, trainable_parameters=n_trainable)
     result.available, result.available_note = _available(device, device_memory)
     return result
 

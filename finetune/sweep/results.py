@@ -117,8 +117,7 @@ def planned(recipe) -> tuple[float | None, int | None]:
             p = plan(recipe)
     except Exception:  # noqa: BLE001 (FinetuneError, or a library's refusal of a setting the planner lacks)
         return None, None
-    trainable = next((t.bytes // 4 for t in p.terms if t.name == "LoRA parameters"), None)  # float32 each
-    return round(p.total / 2**30, 3), trainable
+    return round(p.total / 2**30, 3), p.trainable_parameters
 
 
 def write_results(result: SweepResult) -> None:
