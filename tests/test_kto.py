@@ -280,3 +280,14 @@ def app_():
     from finetune.cli import app
 
     return app
+
+
+def test_eval_of_any_model_on_feedback_data_is_kto(tmp_path, tiny_model_dir, kto_data):
+    from finetune.cli import app
+
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", "--model", str(tiny_model_dir), "--data", str(kto_data / "eval.jsonl"),
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    model = json.loads(out.read_text())["models"]["model"]["metrics"]
+    assert model["loss"] == pytest.approx(0.5, abs=1e-7) and model["kl"] == 0.0  # its own reference

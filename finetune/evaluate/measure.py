@@ -120,12 +120,13 @@ def eval_data(recipe: Recipe | None, data: str | None, data_format: str | None =
 
 
 def _guess_format(path: str) -> str:
-    """The format whose fields the first record has (chat, alpaca, completion, text)."""
+    """The format whose fields the first record has (preference, feedback, chat, alpaca, completion, text)."""
     from finetune.data import read_rows
 
     rows, _ = read_rows(path)
     first = rows[0][1] if rows and isinstance(rows[0][1], dict) else {}
-    for fmt, key in (("chat", "messages"), ("alpaca", "instruction"), ("completion", "prompt"), ("text", "text")):
+    for fmt, key in (("preference", "chosen"), ("feedback", "label"), ("chat", "messages"), ("alpaca", "instruction"),
+                     ("completion", "prompt"), ("text", "text")):
         if key in first:
             return fmt
     raise DataError(f"{path}: cannot tell the data format from the fields {sorted(first)}; pass --format.")

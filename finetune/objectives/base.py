@@ -175,8 +175,11 @@ class ORPO(Preference):
 
 @torch.no_grad()
 def reference_logprobs(model, batch: dict) -> torch.Tensor:
-    """Summed answer log-probabilities under the base model: the same forward with the adapter switched off."""
+    """Summed answer log-probabilities under the base model: the same forward with the adapter switched off (a model
+    without adapters, e.g. `finetune eval --model`, is its own reference)."""
     peft_model = getattr(model, "module", model)  # through a DDP wrapper; the forward still goes through it
+    if not hasattr(peft_model, "disable_adapter"):
+        return sequence_logprobs(model, batch)[0]
     with peft_model.disable_adapter():
         return sequence_logprobs(model, batch)[0]
 
