@@ -131,6 +131,20 @@ def test_bad_values_exit_2_naming_the_key_before_anything_runs(tmp_path, tiny_mo
     assert not (tmp_path / "runs" / "grid-sweep" / "sweep-state.json").exists()
 
 
+@pytest.mark.parametrize("body, said", [
+    (b"a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + b"".join(b"%c: &%c [%s]\n" % (k, k, b", ".join([b"*" + bytes([k - 1])] * 9))
+                                                    for k in b"bcdefgh"), "100,000"),  # 9^8 values: a bomb
+    (b"lora.r: " + b"[" * 3000 + b"\n", "sweep.yaml"),
+    (b"lora.r: [2, 4]\xff\n", "UTF-8"),
+])
+def test_a_hostile_grid_file_exits_2_naming_it(tmp_path, tiny_model_dir, data, body, said):
+    grid = tmp_path / "sweep.yaml"
+    grid.write_bytes(body)
+    result = sweep(str(make_recipe(tmp_path, tiny_model_dir, data)), "--grid", str(grid))
+    assert result.exit_code == 2, result.output
+    assert "sweep.yaml" in result.output and said in result.output and "Traceback" not in result.output
+
+
 def test_search_without_optuna_says_how_to_install_it(tmp_path, tiny_model_dir, data, monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
     result = sweep(str(make_recipe(tmp_path, tiny_model_dir, data)), "--search", "2", "lora.r=2,4")

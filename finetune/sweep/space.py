@@ -20,10 +20,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 
 from finetune.errors import RecipeError
-from finetune.recipe import Recipe, load_recipe
+from finetune.recipe import Recipe, load_recipe, parse_yaml
 
 RANGE = re.compile(r"(?P<low>[-+0-9.eE]+):(?P<high>[-+0-9.eE]+)(?P<int>:int)?(?P<log>:log)?")
 OWNED = ("output_dir", "name")  # the sweep names each point's run directory itself
@@ -137,12 +136,12 @@ def _range(key: str, m: re.Match, where: str) -> Range:
 def _grid_entries(path: Path) -> list[tuple[str, str]]:
     """A grid file's entries as key=value items, each with its file:line."""
     try:
-        text = Path(path).read_text()
-        root, data = yaml.compose(text), yaml.safe_load(text)
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise RecipeError(f"Cannot read the grid file {path}: {e.strerror or e}.") from None
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {e.start}); a grid file is YAML.") from None
+    root, data = parse_yaml(text, str(path))  # the recipe's bounded YAML: no alias bombs, depth or huge ints
     if not isinstance(data, dict) or not data:
         raise RecipeError(f"{path}: a grid file maps recipe keys to values, e.g. 'lora.r: [2, 4]'.")
     lines = {k.value: k.start_mark.line + 1 for k, _ in root.value}
