@@ -182,6 +182,8 @@ REFUSED = [
     ({"adapter": {"method": "adalora"}, "adalora": {"tinit": 3, "tfinal": 3}}, ["no budget phase", "6 optimizer"]),
     ({"adapter": {"method": "prompt_tuning"}, "prompt_tuning": {"init": "text"}}, ["init_text"]),
     ({"adapter": {"method": "ia3"}, "ia3": {"feedforward_modules": ["up_proj"]}}, ["target_modules"]),
+    ({"adapter": {"method": "ia3"}, "training": {"objective": "reward"}, "data": {"format": "preference"}},
+     ["adapter.method ia3 cannot train a reward model", "score head"]),
 ]
 
 

@@ -148,6 +148,10 @@ def check_method(recipe) -> None:
             raise KeyedError(f"{other}.{changed[0]}", f"{other}.{changed[0]} is a setting of adapter.method {other}"
                              f"{why}, but adapter.method is {method}; remove the {other} section or set "
                              f"adapter.method {other}")
+    if method != "lora" and recipe.training.objective == "reward":
+        raise KeyedError("adapter.method", f"adapter.method {method} cannot train a reward model: its score head is "
+                         "trained and saved beside LoRA adapters only (PEFT's sequence-classification wiring); use "
+                         "adapter.method lora with training.objective reward")
     if method == "adalora" and recipe.training.max_steps and (why := check_adalora_schedule(
             recipe.adalora, recipe.training.max_steps)):
         raise KeyedError("adalora.tinit", why)
