@@ -61,7 +61,8 @@ class Server:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
 
     def post(self, path, body, key=KEY, **kw):
-        return httpx.post(self.url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60, **kw)
+        return httpx.post(self.url + path, content=json.dumps(body).encode(), timeout=60, **kw,  # ASCII escapes
+                          headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
 
     def stop(self):
         self.uvicorn.should_exit = True
@@ -297,10 +298,13 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, exp
         "model_not_found"
     cases = [({"temperature": 3}, "temperature"), ({"max_tokens": 65}, "max_tokens"), ({"n": 5}, "n"),
              ({"messages": []}, "messages"), ({"logprobs": True}, "logprobs"), ({"stop": ["a"] * 5}, "stop"),
-             ({"messages": [{"role": "user", "content": "cat " * 300}]}, "messages")]
+             ({"messages": [{"role": "user", "content": "cat " * 300}]}, "messages"),
+             ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content"), ({"stop": "\udfff"}, "stop")]
     for change, param in cases:
         err = error_of(server.post("/v1/chat/completions", {"model": "one", "messages": messages, **change}), 400)
         assert err["param"] == param and err["type"] == "invalid_request_error", (change, err)
+    assert error_of(server.post("/v1/completions", {"model": "one", "prompt": ["ok", "\ud800"]}), 400)["param"] == \
+        "prompt"  # a lone surrogate (valid JSON escape, not Unicode text) never reaches the tokenizer
     assert error_of(server.post("/v1/completions", {"model": "one", "prompt": "x" * 30_000}), 413)["code"] == \
         "request_too_large"
     with pytest.raises(openai.BadRequestError) as e:

@@ -24,5 +24,5 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "grpo": ["RewardSpec"],
     "preference": ["KTOSection", "PAIR_OBJECTIVES", "RewardSection", "SimPOSection"],
     "file": ["load_recipe", "remote_code_warning"],
-    "yamltext": ["parse_yaml"],
+    "yamltext": ["is_text", "parse_yaml"],
 })

@@ -9,6 +9,7 @@ anything unexpected is a 500 in the same shape, logged, and the server goes on s
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -92,7 +93,8 @@ def build_app(serving: Serving, lifespan=None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
-        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        where = list(itertools.takewhile(lambda p: "[" not in p, (str(p) for p in first.get("loc", ())[1:])))  # no
+        # "body", and nothing from the first union member's tag on (e.g. "function-after[_unicode(), str]")
         if first.get("type") == "json_invalid":
             return _error(APIError(400, "The request body is not valid JSON.", code="invalid_json"))
         return _error(APIError(400, f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid')}",

@@ -11,9 +11,20 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from finetune.recipe import is_text
+
+
+def _unicode(v: str) -> str:
+    if not is_text(v):
+        raise ValueError("holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not Unicode text")
+    return v
+
+
+Text = Annotated[str, AfterValidator(_unicode)]  # what reaches the tokenizer: encodable as UTF-8
 
 
 class APIError(Exception):
@@ -36,7 +47,7 @@ class _Request(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)  # OpenAI's default; 0 is greedy (what `finetune chat` does)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     seed: Optional[int] = None
-    stop: Union[str, list[str], None] = Field(None, validate_default=True)
+    stop: Union[Text, list[Text], None] = Field(None, validate_default=True)
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: Optional[dict] = None
@@ -71,14 +82,14 @@ class _Request(BaseModel):
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart], None] = None
+    content: Union[Text, list[TextPart], None] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -108,7 +119,7 @@ class ChatCompletionRequest(_Request):
 
 
 class CompletionRequest(_Request):
-    prompt: Union[str, list[str]]
+    prompt: Union[Text, list[Text]]
     max_tokens: Optional[int] = Field(16, ge=1)  # OpenAI's default for completions
     echo: bool = False
     suffix: Optional[str] = None
