@@ -18,8 +18,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from conftest import write_jsonl
+from test_training import one_thread  # noqa: F401  (the module-wide one-thread fixture)
 from typer.testing import CliRunner
 
 from finetune.artifacts import hold
@@ -30,14 +30,6 @@ runner = CliRunner()
 TOKEN = "test-token-123"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 PROMPT = "Repeat the word twice."
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def recipe_body(model_dir, data_dir, name, out=None, **training) -> dict:
