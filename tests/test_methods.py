@@ -251,10 +251,9 @@ def test_plan_counts_each_methods_parameters_and_activations(method, tiny_model_
     """The planned trainable parameters are the trained model's, and the activation term (virtual tokens
     included) is within test_plan's 10% of what autograd saves for backward."""
     from conftest import training_model
-    from finetune.objectives.loss import token_loss_sum
     from finetune.plan.terms import activation_bytes, meta_model, virtual_tokens
     from finetune.recipe.schema import Recipe
-    from test_plan import fp32_placement
+    from test_plan import fp32_placement, saved_activation_bytes
 
     section, _ = METHODS[method]
     recipe = Recipe.model_validate({
@@ -267,20 +266,7 @@ def test_plan_counts_each_methods_parameters_and_activations(method, tiny_model_
     planned = sorted(p.shape for p in planned_model.parameters() if p.requires_grad)
     assert planned == sorted(p.shape for p in model.parameters() if p.requires_grad)
     assert planned_model.get_nb_trainable_parameters()[0] == model.get_nb_trainable_parameters()[0]
-    model.train()
-    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[:, :10] = -100
-    saved = {}
-
-    def keep(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        token_loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    measured = sum(n for ptr, n in saved.items() if ptr not in params)
+    measured = saved_activation_bytes(model)
     seq = 24 + virtual_tokens(recipe)
     assert virtual_tokens(recipe) == (4 if method in ("prompt_tuning", "p_tuning") else 0)
     assert activation_bytes(planned_model, recipe, 2, seq, 4, checkpointing=False) == pytest.approx(measured, rel=0.1)
