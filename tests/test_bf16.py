@@ -8,12 +8,17 @@ gradients differ more (up to ~40% of their norm in a few q/k adapters): that is 
 paths. What must hold exactly in bf16 as in float32 (resume) is tested exactly.
 """
 
+import json
+
 import pytest
 import torch
 from test_training import adapter, make_recipe, metrics, stop_after_save, train
 
 from finetune.objectives.loss import token_loss_sum
-from finetune.model.placement import cpu_has_native_bf16, resolve_compute_dtype
+from finetune.errors import RecipeError
+from finetune.model.placement import (
+    DeviceFacts, auto_compute_dtype, cpu_dtype_override, cpu_has_native_bf16, resolve_compute_dtype,
+)
 from finetune.recipe.schema import Recipe
 from conftest import training_model
 
@@ -62,14 +67,57 @@ def test_one_bf16_step_agrees_with_float32_and_trains_float32_weights(tiny_model
     assert torch.nn.functional.cosine_similarity(flat16, flat32, dim=0) > 0.95
 
 
-def test_auto_follows_the_cpu(monkeypatch):
-    expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    if not torch.cuda.is_available():
-        assert resolve_compute_dtype("auto") == expected
+@pytest.mark.parametrize("facts, expected", [
+    (DeviceFacts(cuda=True, cuda_bf16=True), torch.bfloat16),  # Ampere and newer
+    (DeviceFacts(cuda=True, cuda_bf16=False), torch.float16),  # Volta, Turing
+    (DeviceFacts(cuda=True, cuda_bf16=True, cpu_override="float32"), torch.bfloat16),  # a CPU switch, not a GPU one
+    (DeviceFacts(cpu_native_bf16=True), torch.bfloat16),  # AVX512_BF16 or AMX
+    (DeviceFacts(cpu_native_bf16=False), torch.float32),  # AVX2: bf16 is emulated, ~25x slower
+    (DeviceFacts(cpu_native_bf16=False, cpu_override="bfloat16"), torch.bfloat16),
+    (DeviceFacts(cpu_native_bf16=True, cpu_override="float32"), torch.float32),
+])
+def test_the_auto_rule_on_each_kind_of_device(facts, expected):
+    assert auto_compute_dtype(facts) == expected
+    assert resolve_compute_dtype("float32", facts) == torch.float32  # an explicit recipe value always wins
+    assert resolve_compute_dtype("bfloat16", facts) == torch.bfloat16
+
+
+def test_the_cpu_flags_and_the_switch_are_read_from_this_process(monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
     assert not cpu_has_native_bf16()
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": True})
     assert cpu_has_native_bf16()
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True, "amx_bf16": False})
+    assert cpu_has_native_bf16()
+    for value, expected in [("bf16", "bfloat16"), ("BFloat16", "bfloat16"), ("fp32", "float32"), ("", None)]:
+        monkeypatch.setenv("FINETUNE_CPU_DTYPE", value)
+        assert cpu_dtype_override() == expected
+    monkeypatch.delenv("FINETUNE_CPU_DTYPE")
+    assert cpu_dtype_override() is None
+    monkeypatch.setenv("FINETUNE_CPU_DTYPE", "float16")
+    with pytest.raises(RecipeError, match="FINETUNE_CPU_DTYPE='float16': expected bfloat16 or float32"):
+        cpu_dtype_override()
+
+
+def test_the_switch_reaches_a_run_and_its_environment_record(tmp_path, tiny_model_dir, toy_alpaca_rows, monkeypatch):
+    """With the CPU saying float32, FINETUNE_CPU_DTYPE=bfloat16 trains in bf16 (frozen weights bf16) and says so;
+    an invalid value is exit 2 naming the variable, before any model loads."""
+    from conftest import write_jsonl
+
+    write_jsonl(tmp_path / "train.jsonl", toy_alpaca_rows)
+    write_jsonl(tmp_path / "eval.jsonl", toy_alpaca_rows[:4])
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
+    monkeypatch.setenv("FINETUNE_CPU_DTYPE", "bfloat16")
+    recipe = make_recipe(tmp_path / "r", tiny_model_dir, tmp_path, name="sw", quantization={"load_in_4bit": False},
+                         max_steps=1)
+    result = train(recipe)
+    assert result.exit_code == 0, result.output
+    assert "compute dtype bfloat16" in result.output
+    env = json.loads((tmp_path / "r" / "runs" / "sw" / "environment.json").read_text())
+    assert env["cpu_native_bf16"] is False and env["cpu_dtype_override"] == "bfloat16"
+    monkeypatch.setenv("FINETUNE_CPU_DTYPE", "half")
+    result = train(recipe, "--overwrite")
+    assert result.exit_code == 2 and "FINETUNE_CPU_DTYPE='half'" in result.output and "Traceback" not in result.output
 
 
 def test_bf16_resume_on_a_4bit_base_is_exact(tmp_path, tiny_model_dir, toy_alpaca_rows, monkeypatch):

@@ -9,7 +9,10 @@ Imports: errors, recipe, artifacts.
 from finetune import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
-    "placement": ["Placement", "cpu_has_native_bf16", "dtype_name", "resolve", "resolve_compute_dtype"],
+    "placement": [
+        "DeviceFacts", "Placement", "auto_compute_dtype", "cpu_dtype_override", "cpu_has_native_bf16", "dtype_name",
+        "resolve", "resolve_compute_dtype",
+    ],
     "adapters": [
         "adapter_labels", "adapter_method", "adapter_recipe_quantization", "check_adapter_dir", "check_mergeable",
         "eval_quantization", "load_adapter_tokenizer", "load_adapters", "load_eval_model", "read_adapter_config",

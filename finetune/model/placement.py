@@ -51,19 +51,60 @@ def strategy() -> str:
     return "ddp" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "single"
 
 
-def resolve_compute_dtype(name: str) -> torch.dtype:
-    """`auto`: bf16 on a CUDA device that supports it, fp16 on older CUDA; on CPU, bf16 where the CPU
-    multiplies bf16 natively (AVX512_BF16 or AMX-BF16), fp32 otherwise.
-
-    The CPU rule is measured (docs/performance.md): with AVX512_BF16 a bf16 GEMM runs ~2.8x the fp32
-    rate and the quickstart trains ~1.2x faster in bf16 with ~35% less peak memory; without it
-    (AVX2 or plain AVX-512) bf16 matmuls are emulated and ~25x slower than fp32.
-    """
+def resolve_compute_dtype(name: str, facts: "DeviceFacts | None" = None) -> torch.dtype:
+    """The recipe's `compute_dtype` as a torch dtype; `auto` is decided by `auto_compute_dtype`."""
     if name != "auto":
         return getattr(torch, name)
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return auto_compute_dtype(facts or DeviceFacts.probe())
+
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What `compute_dtype: auto` looks at, gathered in one place so the rule can be tested with faked facts."""
+    cuda: bool = False
+    cuda_bf16: bool = False  # compute capability >= 8.0 (Ampere and newer)
+    cpu_native_bf16: bool = False  # AVX512_BF16 or AMX_BF16
+    cpu_override: str | None = None  # FINETUNE_CPU_DTYPE
+
+    @classmethod
+    def probe(cls) -> "DeviceFacts":
+        cuda = torch.cuda.is_available()
+        return cls(cuda=cuda, cuda_bf16=cuda and torch.cuda.is_bf16_supported(),
+                   cpu_native_bf16=cpu_has_native_bf16(), cpu_override=cpu_dtype_override())
+
+
+def auto_compute_dtype(facts: DeviceFacts) -> torch.dtype:
+    """`auto`: bf16 on a CUDA device that supports it, fp16 on older CUDA; on CPU, what FINETUNE_CPU_DTYPE says,
+    else bf16 where the CPU multiplies bf16 natively (AVX512_BF16 or AMX-BF16), fp32 otherwise.
+
+    The CPU rule is measured (docs/performance.md): with AVX512_BF16 a bf16 GEMM runs ~2.8x the fp32 rate
+    (AMX ~3.9x) and the quickstart trains faster in bf16 with ~35% less peak memory; without it (AVX2 or plain
+    AVX-512) bf16 matmuls are emulated and ~25x slower than fp32. The override makes any machine compute like
+    another kind (tests run both legs on every machine; a user reproduces a colleague's run).
+    """
+    if facts.cuda:
+        return torch.bfloat16 if facts.cuda_bf16 else torch.float16
+    if facts.cpu_override:
+        return getattr(torch, facts.cpu_override)
+    return torch.bfloat16 if facts.cpu_native_bf16 else torch.float32
+
+
+CPU_DTYPE_ENV = "FINETUNE_CPU_DTYPE"
+CPU_DTYPES = {"bfloat16": "bfloat16", "bf16": "bfloat16", "float32": "float32", "fp32": "float32"}
+
+
+def cpu_dtype_override() -> str | None:
+    """FINETUNE_CPU_DTYPE=bfloat16|float32 (also bf16, fp32), or None when unset or empty; anything else is a
+    RecipeError naming the variable."""
+    value = os.environ.get(CPU_DTYPE_ENV, "").strip()
+    if not value:
+        return None
+    if value.lower() not in CPU_DTYPES:
+        from finetune.errors import RecipeError
+
+        raise RecipeError(f"{CPU_DTYPE_ENV}={value!r}: expected bfloat16 or float32 (or unset: the CPU decides). It "
+                          "overrides what `quantization.compute_dtype: auto` picks on a CPU.")
+    return CPU_DTYPES[value.lower()]
 
 
 def cpu_has_native_bf16() -> bool:

@@ -124,13 +124,13 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
 
     import torch
 
-    from finetune.model import cpu_has_native_bf16, resolve
+    from finetune.model import DeviceFacts, auto_compute_dtype, resolve
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     placement = resolve(recipe.quantization)  # once, as training resolves it
     if device == "cpu" and recipe.quantization.compute_dtype == "auto":  # (planned from a GPU machine too)
-        placement = dataclasses.replace(placement, compute_dtype=torch.bfloat16 if cpu_has_native_bf16() else
-                                        torch.float32)
+        cpu = dataclasses.replace(DeviceFacts.probe(), cuda=False)
+        placement = dataclasses.replace(placement, compute_dtype=auto_compute_dtype(cpu))
     dtype = placement.compute_dtype
     width = torch.empty((), dtype=dtype).element_size()
     # On GPU, prepare_model_for_kbit_training keeps embeddings, norms and head in float32, so the residual

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from finetune.model import allocator_in_use
+from finetune.model import allocator_in_use, cpu_dtype_override, cpu_has_native_bf16
 from finetune.errors import CheckpointError, RecipeError
 from finetune.recipe import LoraSection
 
@@ -54,6 +54,8 @@ def environment(device: torch.device, data_fingerprint: str) -> dict:
         "git_commit": _git_commit(),
         "data_fingerprint": data_fingerprint,
         "allocator": allocator_in_use(),  # finetune/model/allocator.py: tcmalloc for CPU training where installed
+        "cpu_native_bf16": cpu_has_native_bf16(),  # what `compute_dtype: auto` reads on a CPU, with the override:
+        "cpu_dtype_override": cpu_dtype_override(),  # FINETUNE_CPU_DTYPE (None: unset)
     }
 
 
