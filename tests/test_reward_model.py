@@ -93,6 +93,7 @@ def reward_recipe(tmp_path, model_dir, data_dir, **training):
                        **{"learning_rate": 5e-3, **training})
     body = json.loads(path.read_text())
     body["lora"]["dropout"] = 0.0
+    body["quantization"]["compute_dtype"] = "float32"  # scores compared with plain float32 transformers + PEFT
     path.write_text(json.dumps(body))
     return path
 

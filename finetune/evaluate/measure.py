@@ -30,7 +30,10 @@ from finetune.generate import (  # noqa: F401  (re-exported: eval's public names
     GenerationOptions, generate, generation_kwargs, generation_metrics, last_number, make_extractor,
     normalize_number, score_example,
 )
-from finetune.model import adapter_labels, check_adapter_dir, eval_quantization, load_eval_model, load_tokenizer
+from finetune.model import (
+    adapter_labels, check_adapter_dir, compute_like_training, eval_quantization, load_adapters, load_eval_model,
+    load_tokenizer, resolve_compute_dtype,
+)
 from finetune.progress import track
 from finetune.recipe import DataSection, ModelSection, QuantizationSection, Recipe
 
@@ -185,15 +188,16 @@ def evaluate(
     if compare and model and not adapters and recipe and source != recipe.model.name_or_path:
         base_quant = eval_quantization("auto", recipe, recipe.model.name_or_path, [])
         base = load_eval_model(recipe.model, base_quant, device, head=run.objective.head).eval()
+        base = compute_like_training(base, resolve_compute_dtype(base_quant.compute_dtype))
         _measure(run, Candidate("base", recipe.model.name_or_path, None, _describe(base_quant)), base)
         del base
     net = load_eval_model(section, quant, device, head=run.objective.head).eval()  # reward models: a score head
+    dtype = resolve_compute_dtype(quant.compute_dtype)
     if not adapters:
-        _measure(run, Candidate("model" if model else "base", source, None, _describe(quant)), net)
+        _measure(run, Candidate("model" if model else "base", source, None, _describe(quant)),
+                 compute_like_training(net, dtype))
         return run.report
-    from finetune.model import load_adapters
-
-    net = load_adapters(net, adapters).eval()
+    net = compute_like_training(load_adapters(net, adapters).eval(), dtype)
     if compare:
         with net.disable_adapter():
             _measure(run, Candidate("base", source, None, _describe(quant)), net)

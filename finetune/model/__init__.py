@@ -10,7 +10,8 @@ from finetune import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "placement": [
-        "DeviceFacts", "Placement", "auto_compute_dtype", "cpu_dtype_override", "cpu_has_native_bf16", "dtype_name",
+        "DeviceFacts", "Placement", "auto_compute_dtype", "compute_like_training", "cpu_dtype_override",
+        "cpu_has_native_bf16", "dtype_name",
         "resolve", "resolve_compute_dtype",
     ],
     "adapters": [

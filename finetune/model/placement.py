@@ -113,5 +113,19 @@ def cpu_has_native_bf16() -> bool:
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
+def compute_like_training(model, dtype: torch.dtype):
+    """`model` with its forward under the autocast training ran in (accelerate wraps the trained model's forward
+    the same way, outputs back to float32): with bf16 or fp16 compute the float32 adapter weights then multiply
+    in the compute dtype in eval, chat and serve too, so they reproduce the numbers training logged instead of
+    a float32-adapter variant of the model. A float32 model is returned as it is."""
+    if dtype == torch.float32:
+        return model
+    from accelerate.utils import convert_outputs_to_fp32
+
+    device = next(model.parameters()).device.type
+    model.forward = convert_outputs_to_fp32(torch.autocast(device, dtype=dtype)(model.forward))
+    return model
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
