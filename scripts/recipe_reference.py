@@ -1,8 +1,8 @@
-"""Write the recipe reference table into README.md from the schema itself.
+"""Write the recipe reference table into docs/recipes.md from the schema itself.
 
-The table lives between two marker comments in README.md; tests/test_recipe.py
+The table lives between two marker comments in docs/recipes.md; tests/test_recipe.py
 fails when it is out of date, so documentation cannot drift from the schema.
-Run: python scripts/recipe_reference.py   (rewrites README.md in place)
+Run: python scripts/recipe_reference.py   (rewrites docs/recipes.md in place)
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune.recipe.schema import Recipe  # noqa: E402
 
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 
 
 def _type_name(ann) -> str:
@@ -75,5 +75,5 @@ def render(readme: str) -> str:
 
 
 if __name__ == "__main__":
-    README.write_text(render(README.read_text()))
-    print(f"updated the recipe reference in {README}")
+    PAGE.write_text(render(PAGE.read_text()))
+    print(f"updated the recipe reference in {PAGE}")
