@@ -57,10 +57,10 @@ def worker(args) -> int:
     from rich.console import Console
 
     import finetune.train.loop as ft
-    from finetune.cli import _quiet_libraries
+    from finetune.progress import quiet_libraries
     from finetune.recipe.file import load_recipe
 
-    _quiet_libraries()
+    quiet_libraries()
     if os.environ.get("BENCH_TRIM"):
         libc, step = ctypes.CDLL("libc.so.6"), ft.train_step
 
