@@ -2,11 +2,12 @@
 
 The table lives between two marker comments in README.md; tests/test_recipe.py
 fails when it is out of date, so documentation cannot drift from the schema.
-Run: python scripts/recipe_reference.py   (rewrites README.md in place)
+Run: python scripts/recipe_reference.py   (rewrites README.md in place; --file PATH: another file with the markers)
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import typing
 from pathlib import Path
@@ -75,5 +76,8 @@ def render(readme: str) -> str:
 
 
 if __name__ == "__main__":
-    README.write_text(render(README.read_text()))
-    print(f"updated the recipe reference in {README}")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--file", type=Path, default=README, help="The file whose table to rewrite (default: README.md).")
+    path = ap.parse_args().file
+    path.write_text(render(path.read_text()))
+    print(f"updated the recipe reference in {path}")
