@@ -2,11 +2,12 @@
 
 The table lives between two marker comments in docs/recipes.md; tests/test_recipe.py
 fails when it is out of date, so documentation cannot drift from the schema.
-Run: python scripts/recipe_reference.py   (rewrites docs/recipes.md in place)
+Run: python scripts/recipe_reference.py   (rewrites docs/recipes.md in place; --file PATH: another file with the markers)
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import typing
 from pathlib import Path
@@ -75,5 +76,8 @@ def render(readme: str) -> str:
 
 
 if __name__ == "__main__":
-    PAGE.write_text(render(PAGE.read_text()))
-    print(f"updated the recipe reference in {PAGE}")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--file", type=Path, default=PAGE, help="The file whose table to rewrite (default: docs/recipes.md).")
+    path = ap.parse_args().file
+    path.write_text(render(path.read_text()))
+    print(f"updated the recipe reference in {path}")
