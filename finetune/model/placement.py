@@ -24,6 +24,7 @@ class Placement:
     quant_storage: torch.dtype  # dtype the packed 4-bit codes are stored in
     strategy: str  # single | ddp | fsdp | deepspeed
     shards_parameters: bool  # FSDP or ZeRO-3: the launcher places and shards the weights
+    fsdp_version: int | None = None  # under FSDP: 1 (FlatParameter wrappers) or 2 (per-parameter DTensor shards)
 
     @property
     def mixed_precision(self) -> str:
@@ -39,7 +40,8 @@ def resolve(q: QuantizationSection) -> Placement:
     # FSDP and ZeRO-3 can only shard float tensors, and every parameter of a wrapped unit must share one
     # dtype, so there the 4-bit codes are stored in the compute dtype.
     storage = q.quant_storage if q.quant_storage != "auto" else ("compute" if shards else "uint8")
-    return Placement(compute, compute if storage == "compute" else getattr(torch, storage), s, shards)
+    version = int(os.environ.get("FSDP_VERSION", "1")) if s == "fsdp" else None  # accelerate's fsdp_version
+    return Placement(compute, compute if storage == "compute" else getattr(torch, storage), s, shards, version)
 
 
 def strategy() -> str:
