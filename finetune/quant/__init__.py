@@ -15,5 +15,5 @@ Imports: errors.
 from finetune import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
-    "format": ["FORMATS", "FoldError", "Packed", "QuantFormat", "get_format", "register"],
+    "format": ["FORMATS", "FoldError", "Packed", "QuantFormat", "get_format", "load_formats", "register"],
 })
