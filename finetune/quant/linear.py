@@ -65,6 +65,9 @@ class QuantLinear(nn.Linear):
         if dtype is not None:
             self.cached_weight = self.dequantized(dtype)
 
+    def packed_blocks_device(self) -> torch.device:
+        return getattr(self, PREFIX + self._keys[0]).device
+
     def packed_bytes(self) -> int:
         return self.packed.nbytes()
 
