@@ -105,11 +105,12 @@ def export_folded(source: Path, out: Path, type: str, probes: list[str]) -> dict
 
 def _trained(source: Path, recipe: dict):
     """The model as trained: the file's packed blocks + the adapter, in float32 on CPU."""
-    from finetune.model import attach_saved_adapter, load_base_model, resolve
+    from finetune.model import attach_saved_adapter, cache_weights, load_base_model, resolve
     from finetune.recipe import QuantizationSection
 
     quant = QuantizationSection.model_validate(recipe["quantization"]).model_copy(update={"compute_dtype": "float32"})
     base = load_base_model(recipe["model"]["name_or_path"], quant, "cpu", resolve(quant))
+    cache_weights(base, torch.float32)  # one forward: dequantizing once is the same numbers
     return attach_saved_adapter(base, source, ADAPTER).eval()
 
 
