@@ -280,3 +280,21 @@ def test_fetch_model_keeps_the_q4_1_file_beside_the_float_model(tmp_path, tiny_q
     assert done.returncode == 0 and kept.read_bytes() == tiny_q4_1.read_bytes(), done.stderr
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert "already present" in done.stdout
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+def test_lora_and_dora_train_through_the_files_layers(dora, tiny_q4_1):
+    from conftest import training_model
+    from finetune.recipe.schema import Recipe
+
+    r = Recipe.model_validate({"model": {"name_or_path": str(tiny_q4_1)}, "data": {"train": ["unused.jsonl"]},
+                               "quantization": {"quant_type": "gguf", "compute_dtype": "float32"},
+                               "lora": {"r": 4, "use_dora": dora, "init": "gaussian"}})
+    model = training_model(r)
+    layer = model.base_model.model.model.layers[1].self_attn.v_proj
+    assert isinstance(layer.get_base_layer(), QuantLinear)
+    loss = model(input_ids=IDS, labels=IDS).loss
+    loss.backward()
+    trained = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(g is not None and torch.isfinite(g).all() for g in trained.values())
+    assert any("lora_magnitude_vector" in n for n in trained) == dora
