@@ -252,3 +252,21 @@ def test_on_the_real_model_the_folded_file_replies_in_llama_cpp_as_finetune_chat
         and fold["same_types"] and fold["other_tensors_identical"]
     assert qa["max_abs_logit_diff"] < lora["max_abs_logit_diff"] and qa["top1_agreement"] > lora["top1_agreement"]
     assert qa["replies_equal"], (qa["chat_reply"], qa["llama_cpp_reply"])
+
+
+def test_chat_and_serve_reply_alike_with_the_qalora_checkpoint_on_the_files_blocks(folded):
+    pytest.importorskip("uvicorn")
+    from finetune.generate.session import ChatOptions, load_session, reply
+    from finetune.serve import load
+    from test_serve import PROMPT, TOKENS, Server, chat
+
+    ckpt = folded[0]
+    session = load_session(str(ckpt))
+    layer = session.model.base_model.model.model.layers[0].mlp.down_proj
+    assert type(layer).__name__ == "QALoraLinear" and layer.get_base_layer().cached_weight is not None
+    expected = reply(session, PROMPT, ChatOptions(max_new_tokens=TOKENS))
+    s = Server(load(str(ckpt)))
+    try:
+        assert chat(s.client(), "qalora").choices[0].message.content == expected
+    finally:
+        s.stop()
