@@ -22,6 +22,8 @@ from finetune.quant import FoldError, QuantLinear, get_format, load_formats, qua
 from finetune.recipe import QuantizationSection
 
 from conftest import load_base, write_jsonl
+from test_lora_variants import data  # noqa: F401  (20 training rows, 4 eval rows)
+from test_training import losses, one_thread  # noqa: F401  (autouse: one thread for tiny matmuls)
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,14 +40,6 @@ def random_blocks(name: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     for at in SCALES.get(name, (0,)):
         raw[..., at:at + 2] = (rng.normal(size=raw.shape[:2] + (1,)) * 0.05).astype(np.float16).view(np.uint8)
     return raw.reshape(rows, -1)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -202,19 +196,7 @@ def recipe(tmp_path: Path, model, data: Path, name: str, quantization=None, lora
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory, toy_alpaca_rows):
-    tmp = tmp_path_factory.mktemp("qdata")
-    write_jsonl(tmp / "train.jsonl", toy_alpaca_rows[:16])
-    write_jsonl(tmp / "eval.jsonl", toy_alpaca_rows[40:44])
-    return tmp
-
-
-def losses(run: Path) -> list[float]:
-    return [m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
-
-
-@pytest.fixture(scope="module")
-def lora_runs(tmp_path_factory, tiny_q4_1, data):
+def lora_runs(tmp_path_factory, tiny_q4_1, data):  # noqa: F811
     """Plain LoRA on the Q4_1 file's blocks, with the dequantized weights cached and without."""
     tmp = tmp_path_factory.mktemp("gguf_runs")
     out = {}
