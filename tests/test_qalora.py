@@ -145,6 +145,9 @@ def test_the_export_report_proves_the_fold(folded):
     f = report["fidelity"]  # the file read back by transformers, against base blocks + adapter
     assert f["top1_agreement"] == 1.0 and f["max_abs_logit_diff"] < 0.05
     assert all(report["tokenizer_agreement"].values())
+    parts = report["fidelity_parts"]  # without the fp16 rounding the fold is the trained model up to float arithmetic
+    assert parts["unrounded_fold_vs_trained"]["max_abs_logit_diff"] < 1e-4
+    assert parts["file_vs_unrounded_fold"]["max_abs_logit_diff"] > 10 * parts["unrounded_fold_vs_trained"]["max_abs_logit_diff"]
     assert "QA-LoRA folded exactly into 14 q4_1 tensors" in printed and "byte-identical: True" in printed
 
 
