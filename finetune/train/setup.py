@@ -49,6 +49,7 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
         records.check_resume(resume_from, recipe, env, console if accelerator.is_main_process else None)
     base = load_base_model(recipe.model, recipe.quantization, accelerator.device, placement, head=objective.head)
     model = attach_lora(base, recipe, placement)
+    cached = _cache_gguf_weights(recipe, model, accelerator.device, placement)
     if recipe.data.packing or t.padding_free:
         use_segmented_attention(model)  # each example of a row attends to itself only, at its own cost
     collate = Collator(tokenizer.pad_token_id, padding_free=t.padding_free)
@@ -83,8 +84,29 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     if run.main:
         _start_records(run, resume_from)
         console.print(_banner(run, counts, len(eval_set), stats, resume_from))
+        if cached is not None:
+            console.print(f"base: {Path(recipe.model.name_or_path).name}'s own quantized tensors, "
+                          + ("dequantized once and cached" if cached else "dequantized at every forward"))
     return run, rng
 
+
+
+def _cache_gguf_weights(recipe: Recipe, model, device: torch.device, placement: Placement) -> bool | None:
+    """quant_type gguf: keep the dequantized weights between forwards when quantization.cache_dequantized is true,
+    or auto and `finetune plan` predicts the run fits with them (None: no GGUF base)."""
+    q = recipe.quantization
+    if not (q.load_in_4bit and q.quant_type == "gguf"):
+        return None
+    on = q.cache_dequantized is True
+    if q.cache_dequantized == "auto":
+        from finetune.plan import CACHE_TERM, plan
+
+        on = plan(recipe, device=device.type).term(CACHE_TERM).counted
+    if on:
+        from finetune.model import cache_weights
+
+        cache_weights(model, placement.compute_dtype)
+    return on
 
 
 def initial_adapter(recipe: Recipe) -> Path | None:
