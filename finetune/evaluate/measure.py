@@ -187,16 +187,13 @@ def evaluate(
     if compare and model and not adapters and recipe and source != recipe.model.name_or_path:
         base_quant = eval_quantization("auto", recipe, recipe.model.name_or_path, [])
         base = load_eval_model(recipe.model, base_quant, device, head=run.objective.head).eval()
-        base = compute_like_training(base, resolve_compute_dtype(base_quant.compute_dtype))
         _measure(run, Candidate("base", recipe.model.name_or_path, None, _describe(base_quant)), base)
         del base
     net = load_eval_model(section, quant, device, head=run.objective.head).eval()  # reward models: a score head
-    dtype = resolve_compute_dtype(quant.compute_dtype)
     if not adapters:
-        _measure(run, Candidate("model" if model else "base", source, None, _describe(quant)),
-                 compute_like_training(net, dtype))
+        _measure(run, Candidate("model" if model else "base", source, None, _describe(quant)), net)
         return run.report
-    net = compute_like_training(load_adapters(net, adapters).eval(), dtype)
+    net = compute_like_training(load_adapters(net, adapters).eval(), resolve_compute_dtype(quant.compute_dtype))
     if compare:
         with net.disable_adapter():
             _measure(run, Candidate("base", source, None, _describe(quant)), net)

@@ -21,7 +21,7 @@ from transformers import (
 from finetune.errors import ModelError, first_line
 from finetune.model.dropout import use_cpu_dropout
 from finetune.model.methods import peft_config
-from finetune.model.placement import Placement
+from finetune.model.placement import Placement, compute_like_training
 from finetune.recipe import ModelSection, QuantizationSection, Recipe
 
 # ChatML, for tokenizers that ship no chat template.
@@ -93,6 +93,7 @@ def load_base_model(model: ModelSection | str, q: QuantizationSection, device: t
 
         pack_gguf_base(base, gguf_file, placement.compute_dtype)
     _keep_one_cpu_4bit_path(base)
+    compute_like_training(base, placement.compute_dtype)
     if head == "score":  # a zero score head: every reward starts at 0 (the first Bradley-Terry loss is log 2)
         torch.nn.init.zeros_(base.score.weight)
         if base.config.pad_token_id is None:  # its pooling needs one (finetune reads the last token itself)

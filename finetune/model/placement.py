@@ -116,16 +116,17 @@ def cpu_has_native_bf16() -> bool:
 
 
 def compute_like_training(model, dtype: torch.dtype):
-    """`model` with its forward under the autocast training ran in (accelerate wraps the trained model's forward
-    the same way, outputs back to float32): with bf16 or fp16 compute the float32 adapter weights then multiply
-    in the compute dtype in eval, chat and serve too, so they reproduce the numbers training logged instead of
-    a float32-adapter variant of the model. A float32 model is returned as it is."""
-    if dtype == torch.float32:
+    """`model` with its forward under autocast in the compute dtype, as accelerate runs the trained model's
+    forward. Done to the transformers model as it loads (load_base_model), so float32 adapter weights (LoRA, IA3's
+    vectors) meet the bf16 activations as in training in eval, chat, serve and every generation (PEFT's generate
+    calls that forward), and a float32 vector scaling bf16 keys cannot leave attention with mixed dtypes; and to
+    the adapter-wrapped model whose loss eval measures, so what PEFT computes outside the base model (a prompt
+    encoder's virtual tokens) runs as in training too. A float32 model is returned as it is."""
+    if dtype == torch.float32 or model.__dict__.get("_finetune_autocast") == dtype:  # (not a wrapped module's)
         return model
-    from accelerate.utils import convert_outputs_to_fp32
-
     device = next(model.parameters()).device.type
-    model.forward = convert_outputs_to_fp32(torch.autocast(device, dtype=dtype)(model.forward))
+    model.forward = torch.autocast(device, dtype=dtype)(model.forward)
+    model._finetune_autocast = dtype
     return model
 
 
