@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "data" / "quickstart"
 HAS_TRL = importlib.util.find_spec("trl") is not None
 TOOLS = "finetune,trl" if HAS_TRL else "finetune"
-COVERED_ELSEWHERE = {"fetch_model": "make demo"}
+COVERED_ELSEWHERE = {"fetch_model": "make demo", "qalora_export": "tests/test_qalora.py"}
 
 
 def run_script(name: str, *args) -> subprocess.CompletedProcess:
