@@ -10,6 +10,6 @@ from finetune import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "gguf": ["export", "print_export_report"],
-    "families": ["FAMILIES", "Family", "family_for", "family_of", "supported"],
+    "families": ["FAMILIES", "Family", "check_architecture", "family_for", "family_of", "supported"],
     "families_tensors": ["rope_permute", "rows", "tensor_name"],
 })

@@ -94,8 +94,6 @@ def _swa_pattern(writer, config) -> None:
 
 
 def _gemma2_metadata(writer, config) -> None:
-    writer.add_key_length(_head_dim(config))
-    writer.add_value_length(_head_dim(config))
     if getattr(config, "attn_logit_softcapping", None):
         writer.add_attn_logit_softcapping(float(config.attn_logit_softcapping))
     if getattr(config, "final_logit_softcapping", None):
@@ -236,3 +234,18 @@ def family_metadata(writer, config, family: Family) -> None:
     """The family's additions to the common metadata (metadata.add_model_metadata)."""
     family.metadata(writer, _text(config))
 
+
+
+def check_architecture(name_or_path: str) -> None:
+    """`finetune validate` and `train`: a local model directory whose architecture the table lacks is refused,
+    naming every supported one (a hub id or a GGUF file is checked when it loads: model/gguf_in.py)."""
+    import json
+    from pathlib import Path
+
+    path = Path(name_or_path).expanduser() / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(config, dict):
+        family_of(list(config.get("architectures") or []), str(config.get("model_type", "?")))

@@ -42,8 +42,8 @@ def add_model_metadata(writer, config, name: str) -> None:
         writer.add_layer_norm_rms_eps(text.rms_norm_eps)
     writer.add_vocab_size(text.vocab_size)
     writer.add_rope_dimension_count(int(head_dim * float(rope.get("partial_rotary_factor", 1.0))))
-    if head_dim != text.hidden_size // text.num_attention_heads:
-        writer.add_key_length(head_dim)
+    if getattr(text, "head_dim", None) or head_dim != text.hidden_size // text.num_attention_heads:
+        writer.add_key_length(head_dim)  # readers that default it (transformers: Qwen3's 128) get it right
         writer.add_value_length(head_dim)
     theta = rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))
     writer.add_rope_freq_base(float(theta))
