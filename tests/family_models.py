@@ -1,5 +1,6 @@
 """Tiny random models of every supported family, built from transformers 5 configs the way issue 34 describes:
-2 layers, hidden 64, 4 heads, 2 KV heads (GPT-NeoX has no grouped-query attention: 4), mixtures of experts with
+2 layers, hidden 64, 4 heads, 2 KV heads (GPT-NeoX and llama.cpp's OLMoE have no grouped-query attention: 4),
+mixtures of experts with
 4 experts and 2 per token; each saved with the tests' ChatML tokenizer."""
 
 from pathlib import Path
@@ -22,11 +23,11 @@ FAMILIES = {
     "olmo2": ("Olmo2Config", {}),
     "granite": ("GraniteConfig", {"embedding_multiplier": 2.0, "attention_multiplier": 0.2, "residual_multiplier": 0.5,
                                   "logits_scaling": 1.5}),
-    "gpt_neox": ("GPTNeoXConfig", {"num_key_value_heads": None, "rotary_pct": 0.5, "use_parallel_residual": True}),
+    "gpt_neox": ("GPTNeoXConfig", {"num_key_value_heads": None, "rotary_pct": 0.5}),  # no GQA in either
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, **MOE}),
     "qwen3_moe": ("Qwen3MoeConfig", {"num_experts": 4, "moe_intermediate_size": 64, "head_dim": 16,
                                      "norm_topk_prob": True, **MOE}),
-    "olmoe": ("OlmoeConfig", {"num_experts": 4, **MOE}),
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_key_value_heads": None, **MOE}),  # llama.cpp's OLMoE: no GQA
 }
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
 
@@ -38,9 +39,7 @@ def build_family_model(family: str, tokenizer, path: Path, seed: int = 0) -> Pat
 
     config_name, extra = FAMILIES[family]
     keys = {"tie_word_embeddings": False, **COMMON, **extra}
-    keys = {k: v for k, v in keys.items() if v is not None or k in ("sliding_window", "pad_token_id")}
-    if keys.get("num_key_value_heads", 1) is None:
-        keys.pop("num_key_value_heads")
+    keys = {k: v for k, v in keys.items() if v is not None or k in ("sliding_window", "pad_token_id")}  # None: default
     config = getattr(transformers, config_name)(
         vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, **keys)

@@ -140,10 +140,10 @@ def _neox_metadata(writer, config) -> None:
     writer.add_layer_norm_eps(float(config.layer_norm_eps))
 
 
-def _neox_checks(config) -> list[str]:
+def _no_gqa(config, graph: str) -> list[str]:
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
-    return [f"{kv} key/value heads (llama.cpp's GPT-NeoX graph has no grouped-query attention)"] \
-        if kv not in (None, heads) else []
+    return [f"{kv} key/value heads for {heads} query heads (llama.cpp's {graph} graph has no grouped-query "
+            "attention)"] if kv not in (None, heads) else []
 
 
 def _olmo2_checks(config) -> list[str]:
@@ -182,11 +182,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("Granite", "GRANITE", ("GraniteForCausalLM",), rope_permute=True, readback=False,
            metadata=_granite_metadata),
     Family("GPT-NeoX", "GPTNEOX", ("GPTNeoXForCausalLM",), neox_qkv=True, readback=False, metadata=_neox_metadata,
-           check=_neox_checks),
+           check=lambda c: _no_gqa(c, "GPT-NeoX")),
     Family("Mixtral", "LLAMA", ("MixtralForCausalLM",), rope_permute=True, readback=False, moe=True),
     Family("Qwen3-MoE", "QWEN3MOE", ("Qwen3MoeForCausalLM",), metadata=_moe_metadata, moe=True,
            check=lambda c: _routing_checks(c, True)),
-    Family("OLMoE", "OLMOE", ("OlmoeForCausalLM",), readback=False, moe=True, check=lambda c: _routing_checks(c, False)),
+    Family("OLMoE", "OLMOE", ("OlmoeForCausalLM",), readback=False, moe=True,
+           check=lambda c: _routing_checks(c, False) + _no_gqa(c, "OLMoE")),  # its q/k norms span the whole width
 )
 ARCHITECTURES = {a: f for f in FAMILIES for a in f.architectures}
 

@@ -1,9 +1,9 @@
 """The export's own proof: the GGUF file read back, its tokenizer and logits compared with the source model.
 
 Families transformers reads from GGUF (Family.readback) are loaded by transformers (`gguf_file=`), an independent
-reader with its own inverse of the Llama q/k permutation, Gemma's norm offset and the expert stacking, into the
-source model's config (transformers' GGUF reader drops keys such as Gemma's query_pre_attn_scalar, Qwen3's head_dim
-or Qwen3-MoE's expert width, which would make it build another model). For the others (OLMo 2, Granite, GPT-NeoX, Mixtral, OLMoE: transformers 5 has no GGUF mapping for them)
+reader with its own inverse of the Llama q/k permutation, Gemma's norm offset and the expert stacking, and its own
+reading of the metadata (completed, as for GGUF in, with what it leaves at class defaults: model/gguf_in.py
+`llama_cpp_config`). For the others (OLMo 2, Granite, GPT-NeoX, Mixtral, OLMoE: transformers 5 has no GGUF mapping for them)
 the file is read with the gguf package's own reader, every transform undone (families_tensors.rebuild_checkpoint)
 and the rebuilt checkpoint loaded by transformers; its token list is compared with the source tokenizer's. That
 proves the weights and their layout; the family's metadata is proven by llama.cpp itself (tests/test_llamacpp.py).
@@ -46,9 +46,9 @@ def prove(report, model_dir: Path, gguf_path: Path) -> None:
     gc.collect()
     if family.readback:
         _tokenizer_by_transformers(report, tok, gguf_path)
-        try:  # transformers' own tensor reader (its own inverse permutation and norm offset), the source's config
+        try:  # transformers' own reader (its inverse permutation and norm offset, its config mapping)
             exported = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                            config=config, dtype=torch.float32).eval()
+                                                            config=_gguf_config(gguf_path), dtype=torch.float32).eval()
             _compare(report, exported, probe, reference)
             return
         except Exception as e:  # e.g. a tensor type transformers cannot dequantize, a name it maps to nothing
@@ -65,6 +65,16 @@ def prove(report, model_dir: Path, gguf_path: Path) -> None:
         rebuild_checkpoint(gguf_path, model_dir, Path(scratch), family, config)
         exported = AutoModelForCausalLM.from_pretrained(scratch, dtype=torch.float32).eval()
         _compare(report, exported, probe, reference)
+
+
+def _gguf_config(gguf_path: Path):
+    """The config transformers reads from the file, with what its reader leaves at class defaults taken from the
+    file as llama.cpp reads it (model/gguf_in.py: head width, expert width, Gemma's soft-capping and scale)."""
+    from transformers import AutoConfig
+
+    from finetune.model import llama_cpp_config
+
+    return llama_cpp_config(gguf_path, AutoConfig.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name))
 
 
 def _compare(report, exported, probe, reference) -> None:

@@ -19,7 +19,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
         "saved_recipe"
     ],
     "allocator": ["allocator_in_use", "for_training", "maybe_reexec"],
-    "gguf_in": ["as_transformers_dir", "source_note"],
+    "gguf_in": ["as_transformers_dir", "llama_cpp_config", "source_note"],
     "load": [
         "attach_lora", "load_base_model", "load_tokenizer", "make_optimizer", "quantization_config"
     ],

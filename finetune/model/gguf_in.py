@@ -122,8 +122,8 @@ def _fields(path: Path) -> dict:
 def check_readable(path: Path) -> None:
     """Refuse, naming the family, a GGUF file transformers cannot turn into a model: an architecture it has no
     mapping for (OLMo 2, Granite, GPT-NeoX, OLMoE, ...), a Llama-architecture file with experts (Mixtral: read as a
-    dense Llama), or one whose name says Mistral (transformers 5 then asks the gguf package for a `mistral`
-    architecture, which llama.cpp writes as `llama`)."""
+    dense Llama), or one whose general.name is exactly `mistral` (transformers 5 then asks the gguf package for a
+    `mistral` architecture, which llama.cpp writes as `llama`)."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     fields = _fields(path)
@@ -131,9 +131,9 @@ def check_readable(path: Path) -> None:
     why = None
     if arch == "llama" and fields.get("llama.expert_count"):
         why = "it is a Mixtral (a Llama-architecture mixture of experts), which transformers reads as a dense Llama"
-    elif arch == "llama" and "mistral" in name.lower():
-        why = ("its name says Mistral, and transformers 5 then looks for a `mistral` architecture the gguf package "
-               "does not have")
+    elif arch == "llama" and name == "mistral":
+        why = ("its general.name is 'mistral', and transformers 5 then looks for a `mistral` architecture the gguf "
+               "package does not have (rename the file's model: `finetune export` writes the model's name)")
     elif arch not in GGUF_SUPPORTED_ARCHITECTURES and arch.replace("moe", "_moe") not in GGUF_SUPPORTED_ARCHITECTURES:
         why = f"transformers has no GGUF mapping for the {arch} architecture"
     if why:

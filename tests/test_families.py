@@ -1,0 +1,246 @@
+"""Every model family finetune supports, end to end on a tiny random model of it (tests/family_models.py): the real
+CLI, in process, runs train -> eval -> merge -> chat -> export -> read back, and each step is checked against an
+independent number. docs/models.md's family x verb table is generated from FAMILY_ROWS and VERBS below
+(scripts/models_table.py; `test_docs_table_is_the_generated_one` keeps it in step), so the table says exactly
+what this module runs. The llama.cpp column is tests/test_llamacpp.py (slow: needs llama-cpp-python).
+
+The recipes pin compute_dtype float32: the checks are exact equalities between two computations of one model.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import write_jsonl
+from family_models import FAMILIES, MOE_FAMILIES, build_family_model
+from typer.testing import CliRunner
+
+from finetune.cli import app
+
+pytest.importorskip("gguf")
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "Repeat the word twice."
+
+# family -> (the name docs/models.md shows, the export's read-back: transformers or gguf-reader, GGUF in)
+FAMILY_ROWS = {
+    "llama": ("Llama", "transformers", True), "mistral": ("Mistral", "transformers", True),
+    "qwen2": ("Qwen2", "transformers", True), "qwen3": ("Qwen3", "transformers", True),
+    "gemma2": ("Gemma 2", "transformers", True), "gemma3": ("Gemma 3 (text)", "transformers", True),
+    "phi3": ("Phi-3", "transformers", True), "olmo2": ("OLMo 2", "gguf-reader", False),
+    "granite": ("Granite", "gguf-reader", False), "gpt_neox": ("GPT-NeoX", "gguf-reader", False),
+    "mixtral": ("Mixtral", "gguf-reader", False), "qwen3_moe": ("Qwen3-MoE", "transformers", True),
+    "olmoe": ("OLMoE", "gguf-reader", False),
+}
+# verb -> how test_family_end_to_end verifies it (the docs table's legend)
+VERBS = {
+    "train": "`finetune train`, NF4 QLoRA, 2 steps: finite losses logged (MoE: experts and routers trained too, "
+             "the routers' aux_loss logged)",
+    "eval": "`finetune eval --adapter` recomputes the eval loss training logged at its last step (to 1e-5)",
+    "merge": "`finetune merge`: merged model vs the 4-bit model + adapter, max |logit diff| <= 1e-4",
+    "chat": "`finetune chat` greedy reply of the adapter == that of the merged model",
+    "export": "`finetune export --type f32` of the merged model succeeds with the family's architecture",
+    "read back": "the GGUF read back (transformers where it reads the family, else the gguf reader with every "
+                 "transform undone): max |logit diff| <= 1e-4 vs the source, tokenizer ids equal",
+    "GGUF in": "`model.name_or_path: file.gguf` converts to the same model (logits equal), or is refused naming "
+               "the family",
+    "llama.cpp": "slow, tests/test_llamacpp.py: the f16 GGUF's greedy reply in llama.cpp == `finetune chat`'s",
+}
+
+
+def docs_table() -> str:
+    """The family x verb table of docs/models.md, from FAMILY_ROWS and VERBS."""
+    head = "| family | architecture | " + " | ".join(VERBS) + " |"
+    lines = [head, "|" + "---|" * (len(VERBS) + 2)]
+    for family, (name, readback, gguf_in) in FAMILY_ROWS.items():
+        cells = {v: "yes" for v in VERBS}
+        cells["read back"] = "yes (transformers)" if readback == "transformers" else "yes (gguf reader)"
+        cells["GGUF in"] = "yes" if gguf_in else "refused, named"
+        lines.append(f"| {name} | {_arch_names(family)} | " + " | ".join(cells[v] for v in VERBS) + " |")
+    legend = "\n".join(f"- **{v}**: {how}" for v, how in VERBS.items())
+    return "\n".join(lines) + "\n\nHow each cell is verified (tests/test_families.py, one test per family):\n\n" + legend
+
+
+def _arch_names(family: str) -> str:
+    from finetune.export import FAMILIES as TABLE
+
+    name = FAMILY_ROWS[family][0]
+    return ", ".join(f"`{a}`" for f in TABLE if f.name == name for a in f.architectures)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, toy_alpaca_rows):
+    root = tmp_path_factory.mktemp("families")
+    write_jsonl(root / "train.jsonl", toy_alpaca_rows[:16])
+    write_jsonl(root / "eval.jsonl", toy_alpaca_rows[16:24])
+    return root
+
+
+def family_recipe(root: Path, family: str, model_dir: Path, data: Path | None = None, **lora) -> Path:
+    """The family's recipe under root/family (data: the directory with train.jsonl and eval.jsonl, default root)."""
+    data = data or root
+    moe = {"target_experts": True, "train_router": True, "dropout": 0.0} if family in MOE_FAMILIES else {}
+    body = {
+        "name": family, "output_dir": str(root / family / "run"), "model": {"name_or_path": str(model_dir)},
+        "quantization": {"load_in_4bit": True, "compute_dtype": "float32"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, **moe, **lora},
+        "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "format": "alpaca",
+                 "max_length": 32},
+        "training": {"max_steps": 2, "micro_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
+                     "logging_steps": 1, "eval_steps": 2, "save_steps": 2, "warmup_steps": 0,
+                     "gradient_checkpointing": False},
+    }
+    path = root / family / "recipe.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(body))
+    return path
+
+
+def cli(*args) -> str:
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("family", list(FAMILY_ROWS))
+def test_family_end_to_end(family, workspace, tiny_tokenizer_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    root = workspace
+    model_dir = build_family_model(family, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), root / family / "base")
+    recipe = family_recipe(root, family, model_dir)
+    run = root / family / "run"
+
+    cli("train", recipe)  # train
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [x["loss"] for x in lines if "loss" in x]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses)
+    if family in MOE_FAMILIES:
+        assert all(x["aux_loss"] > 0 for x in lines if "loss" in x)
+        saved = json.loads((run / "checkpoint-final" / "adapter_config.json").read_text())
+        assert saved["target_parameters"] and saved["modules_to_save"]
+    logged = [x["eval_loss"] for x in lines if "eval_loss" in x][-1]
+
+    ckpt = run / "checkpoint-final"
+    cli("eval", recipe, "--adapter", ckpt, "--json", root / family / "eval.json")  # eval
+    evaluated = json.loads((root / family / "eval.json").read_text())["models"]
+    assert evaluated["adapter"]["metrics"]["loss"] == pytest.approx(logged, abs=1e-5)
+
+    merged = root / family / "merged"
+    cli("merge", ckpt, "--out", merged, "--dtype", "fp32")  # merge
+    fidelity = json.loads((merged / "merge_report.json").read_text())["fidelity"]["dequantized"]
+    assert fidelity["max_abs_logit_diff"] <= 1e-4 and fidelity["top1_agreement"] == 1.0
+
+    replies = [cli("chat", target, "--prompt", PROMPT, "--max-new-tokens", 6) for target in (ckpt, merged)]  # chat
+    assert replies[0] == replies[1] and replies[0].strip()
+
+    gguf = root / family / "gguf" / f"{family}.gguf"
+    gguf.parent.mkdir()
+    cli("export", merged, "--out", gguf, "--type", "f32")  # export
+    report = json.loads((gguf.parent / "export_report.json").read_text())
+    from finetune.export import family_of
+
+    assert report["architecture"] == family_of(json.loads((model_dir / "config.json").read_text())
+                                               ["architectures"]).arch_name
+    assert report["readback"] == FAMILY_ROWS[family][1]  # read back
+    assert report["fidelity"]["max_abs_logit_diff"] <= 1e-4 and report["fidelity"]["top1_agreement"] == 1.0
+    if family != "qwen2":  # transformers reads a qwen2 GGUF's tokenizer with Qwen2's own split rules, whatever it has
+        assert all(report["tokenizer_agreement"].values()), report["tokenizer_agreement"]
+    monkeypatch.setenv("FINETUNE_GGUF_CACHE", str(root / "gguf-cache"))
+    _gguf_in(family, gguf, model_dir)
+
+
+def _gguf_in(family: str, gguf: Path, model_dir: Path) -> None:
+    """The exported file as a base model: the same model as its source, or refused naming the family."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune.errors import ModelError
+    from finetune.model import as_transformers_dir
+
+    if not FAMILY_ROWS[family][2]:
+        with pytest.raises(ModelError, match="Cannot start from the GGUF file"):
+            as_transformers_dir(gguf)
+        return
+    ids = torch.tensor([[1, 5, 9, 23, 42, 7, 3, 11, 200, 301]])
+    models = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+              for d in (as_transformers_dir(gguf), model_dir / ".." / "merged")]
+    with torch.no_grad():
+        a, b = (m(input_ids=ids).logits for m in models)
+    assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_docs_table_is_the_generated_one():
+    docs = (ROOT / "docs" / "models.md").read_text()
+    assert docs_table() in docs, "docs/models.md is stale: run .venv/bin/python scripts/models_table.py --write"
+
+
+def test_validate_names_the_supported_architectures(workspace, tmp_path):
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"], "model_type": "falcon"}))
+    recipe = family_recipe(tmp_path, "odd", odd, data=workspace)
+    result = runner.invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 2
+    for name in ("FalconForCausalLM", "MixtralForCausalLM", "Gemma2ForCausalLM", "GPTNeoXForCausalLM"):
+        assert name in result.output
+
+
+@pytest.mark.parametrize("setting, key", [
+    ({"lora": {"target_experts": True, "dropout": 0.05}}, "lora.dropout"),
+    ({"lora": {"target_experts": True, "dropout": 0.0, "use_dora": True}}, "lora.use_dora"),
+    ({"lora": {"target_experts": True, "dropout": 0.0, "init": "olora"}}, "lora.init"),
+    ({"adapter": {"method": "ia3"}, "lora": {}}, "adapter.method"),
+    ({"lora": {"target_modules": ["q_proj", "w1"]}}, "lora.target_modules"),
+    ({"lora": {"target_modules": ["gate", "v_proj"]}}, "lora.target_modules"),
+])
+def test_what_peft_cannot_train_on_experts_is_refused_by_key(setting, key, tmp_path, workspace):
+    """Each at validate time, exit 2, the message naming the key (and no traceback)."""
+    model = tmp_path / "mixtral"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+                                                   "num_local_experts": 4}))
+    recipe = json.loads(family_recipe(tmp_path, "mixtral", model, data=workspace).read_text())
+    recipe["lora"] = {"r": 4, **setting.get("lora", {})}
+    recipe.update({k: v for k, v in setting.items() if k != "lora"})
+    if "adapter" in setting:
+        recipe.pop("lora")
+    path = tmp_path / "moe.yaml"
+    path.write_text(json.dumps(recipe))
+    result = runner.invoke(app, ["validate", str(path)])
+    assert result.exit_code == 2 and key in result.output and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize("key", ["lora.target_experts=true", "lora.train_router=true",
+                                 "training.router_aux_loss_coef=0.01"])
+def test_moe_settings_on_a_dense_model_are_refused(key, tmp_path, tiny_model_dir, workspace):
+    recipe = family_recipe(tmp_path, "llama", tiny_model_dir, data=workspace)
+    result = runner.invoke(app, ["validate", str(recipe), key])
+    assert result.exit_code == 2 and key.split("=")[0] in result.output and "no experts" in result.output
+
+
+def test_trainable_parameters_with_and_without_expert_lora(tmp_path, tiny_tokenizer_dir, workspace):
+    """Attention-only by default (routers frozen); the experts add r (in + out) per expert and projection, the
+    routers their experts x hidden weights."""
+    from transformers import AutoTokenizer
+
+    from conftest import training_model
+    from finetune.recipe.file import load_recipe
+
+    model_dir = build_family_model("mixtral", AutoTokenizer.from_pretrained(tiny_tokenizer_dir), tmp_path / "m")
+    counts = {}
+    for name, lora in (("attention", {}), ("experts", {"target_experts": True}),
+                       ("experts+router", {"target_experts": True, "train_router": True})):
+        recipe = load_recipe(family_recipe(tmp_path, "mixtral", model_dir, workspace, **{"target_experts": False,
+                                                                            "train_router": False, **lora}), [])
+        model = training_model(recipe)
+        counts[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        trained = {re.sub(r"layers\.\d+\.", "", n) for n, p in model.named_parameters() if p.requires_grad}
+        if name == "attention":
+            assert all("self_attn" in n for n in trained), trained
+    r, hidden, ff, experts, layers = 4, 64, 128, 4, 2
+    attention = layers * r * ((64 + 64) + (64 + 32) * 2 + (64 + 64))
+    expert_lora = layers * experts * r * ((hidden + 2 * ff) + (ff + hidden))
+    assert counts == {"attention": attention, "experts": attention + expert_lora,
+                      "experts+router": attention + expert_lora + layers * experts * hidden}
