@@ -244,3 +244,33 @@ def test_trainable_parameters_with_and_without_expert_lora(tmp_path, tiny_tokeni
     expert_lora = layers * experts * r * ((hidden + 2 * ff) + (ff + hidden))
     assert counts == {"attention": attention, "experts": attention + expert_lora,
                       "experts+router": attention + expert_lora + layers * experts * hidden}
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("experts", [False, True])
+def test_moe_plan_terms_match_what_training_holds(family, experts, tmp_path, tiny_tokenizer_dir):
+    """`finetune plan` on a mixture of experts: the weights it keeps unquantized (experts, routers) and the adapter
+    are exactly what training loads; the activations (MoE block, expert LoRA's weights) within 10% of what
+    autograd keeps."""
+    import torch
+    from conftest import training_model
+    from test_plan import _storage_bytes, fp32_placement, saved_activation_bytes
+    from transformers import AutoTokenizer
+
+    from finetune.plan.terms import activation_bytes, meta_model, weight_bytes
+    from finetune.recipe.schema import Recipe
+
+    model_dir = build_family_model(family, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), tmp_path / family)
+    recipe = Recipe.model_validate({
+        "model": {"name_or_path": str(model_dir)}, "data": {"train": ["unused.jsonl"], "max_length": 24},
+        "quantization": {"compute_dtype": "float32"}, "lora": {"dropout": 0.0, "target_experts": experts},
+        "training": {"gradient_checkpointing": False, "micro_batch_size": 2}})
+    model = training_model(recipe)
+    meta = meta_model(recipe, fp32_placement(recipe))[0]
+    _, kept = weight_bytes(meta, width=4)
+    frozen_floats = [p for p in model.parameters() if not p.requires_grad and p.dtype == torch.float32]
+    assert kept == _storage_bytes(frozen_floats)  # the expert tensors and routers among them
+    trained = sorted(p.shape for p in model.parameters() if p.requires_grad)
+    assert sorted(p.shape for p in meta.parameters() if p.requires_grad) == trained
+    planned = activation_bytes(meta, recipe, 2, 24, 4, checkpointing=False)
+    assert planned == pytest.approx(saved_activation_bytes(model), rel=0.1)
