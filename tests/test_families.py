@@ -274,3 +274,101 @@ def test_moe_plan_terms_match_what_training_holds(family, experts, tmp_path, tin
     assert sorted(p.shape for p in meta.parameters() if p.requires_grad) == trained
     planned = activation_bytes(meta, recipe, 2, 24, 4, checkpointing=False)
     assert planned == pytest.approx(saved_activation_bytes(model), rel=0.1)
+
+
+@pytest.fixture(scope="module")
+def tiny_mixtral(tmp_path_factory, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return build_family_model("mixtral", AutoTokenizer.from_pretrained(tiny_tokenizer_dir),
+                              tmp_path_factory.mktemp("mixtral") / "base")
+
+
+def test_moe_resume_is_exact(tiny_mixtral, workspace, tmp_path, monkeypatch):
+    """Experts, routers and the aux loss through an interrupted run: resumed losses (aux included) and adapter
+    equal the uninterrupted run's."""
+    from test_training import assert_same_adapter, metrics, stop_after_save
+
+    runs = {}
+    for name in ("straight", "resumed"):
+        recipe = json.loads(family_recipe(tmp_path / name, "mixtral", tiny_mixtral, workspace).read_text())
+        recipe["training"].update(max_steps=3, save_steps=2, eval_steps=None)
+        path = tmp_path / name / "recipe.yaml"
+        path.write_text(json.dumps(recipe))
+        runs[name] = (path, tmp_path / name / "mixtral" / "run")
+    cli("train", runs["straight"][0])
+    with monkeypatch.context() as m:
+        stop_after_save(m, 2)
+        assert runner.invoke(app, ["train", str(runs["resumed"][0])]).exit_code == 130
+    cli("train", runs["resumed"][0], "--resume")
+    logged = [[(x["step"], x["loss"], x["aux_loss"]) for x in metrics(run) if "loss" in x] for _, run in runs.values()]
+    assert logged[0] == logged[1] and len(logged[0]) == 3
+    assert_same_adapter(runs["straight"][1] / "checkpoint-final", runs["resumed"][1] / "checkpoint-final", atol=0)
+
+
+def moe_adapter(path: Path, model_dir: Path, seed: int, experts: bool) -> Path:
+    """A random LoRA on the tiny Mixtral, laid out like a checkpoint: attention only, or attention and experts."""
+    import torch
+    import yaml
+    from conftest import load_base
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer
+
+    from finetune.recipe.schema import QuantizationSection
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if experts else None,
+                        init_lora_weights=False, task_type="CAUSAL_LM")
+    model = get_peft_model(load_base(str(model_dir), QuantizationSection()), config)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(path)
+    (path / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)},
+                                                      "quantization": QuantizationSection().model_dump()}))
+    return path
+
+
+def test_serve_mixes_moe_attention_adapters_in_one_batch_and_keeps_expert_adapters_apart(tiny_mixtral, tmp_path):
+    """Two attention adapters on a Mixtral share decoding steps (PEFT's mixed batch); once an adapter on the experts
+    is loaded, no step mixes adapters (PEFT's expert wrapper refuses mixed batches); every reply equals
+    `finetune chat`'s for that adapter alone."""
+    import threading
+
+    pytest.importorskip("openai")
+    from test_serve import PROMPT as SERVE_PROMPT, Server, chat, until
+
+    from finetune.generate.session import ChatOptions, load_session, reply
+    from finetune.serve import ServeOptions, load
+
+    paths = {"one": moe_adapter(tmp_path / "one", tiny_mixtral, 0, False),
+             "two": moe_adapter(tmp_path / "two", tiny_mixtral, 1, False),
+             "experts": moe_adapter(tmp_path / "experts", tiny_mixtral, 2, True)}
+    alone = {name: reply(load_session(str(p)), SERVE_PROMPT, ChatOptions(max_new_tokens=6)) for name, p in paths.items()}
+    server = Server(load(str(paths["one"]), adapters={"two": str(paths["two"])}, options=ServeOptions()), start=False)
+    try:
+        engine, client = server.serving.engine, server.client()
+
+        def run(names) -> tuple[dict, list]:
+            answers, batches = {}, []
+            threads = [threading.Thread(target=lambda i=i, n=n: answers.__setitem__(
+                i, chat(client, n, max_tokens=6).choices[0].message.content)) for i, n in enumerate(names)]
+            for i, t in enumerate(threads):
+                t.start()
+                until(lambda: len(engine.waiting) == i + 1)
+            while engine.waiting or engine.rows:
+                engine.step()
+                batches.append({r.job.adapter for r in engine.rows})
+            for t in threads:
+                t.join(30)
+            return answers, batches
+
+        mixed = engine.stats.mixed_steps
+        answers, _ = run(["one", "two"])
+        assert answers == {0: alone["one"], 1: alone["two"]} and engine.stats.mixed_steps > mixed
+        assert server.post("/v1/adapters", {"name": "experts", "path": str(paths["experts"])}).status_code == 200
+        mixed = engine.stats.mixed_steps
+        answers, batches = run(["experts", "one", "two"])
+        assert answers == {0: alone["experts"], 1: alone["one"], 2: alone["two"]}
+        assert engine.stats.mixed_steps == mixed and all(len(b) <= 1 for b in batches)
+    finally:
+        server.stop()
