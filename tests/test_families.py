@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from test_training import data, one_thread  # noqa: F401  (fixtures: 20 toy rows + 8 eval; one thread)
 from family_models import FAMILIES, MOE_FAMILIES, build_family_model
 from typer.testing import CliRunner
 
@@ -69,17 +69,8 @@ def _arch_names(family: str) -> str:
     return ", ".join(f"`{a}`" for f in TABLE if f.name == name for a in f.architectures)
 
 
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory, toy_alpaca_rows):
-    root = tmp_path_factory.mktemp("families")
-    write_jsonl(root / "train.jsonl", toy_alpaca_rows[:16])
-    write_jsonl(root / "eval.jsonl", toy_alpaca_rows[16:24])
-    return root
-
-
-def family_recipe(root: Path, family: str, model_dir: Path, data: Path | None = None, **lora) -> Path:
-    """The family's recipe under root/family (data: the directory with train.jsonl and eval.jsonl, default root)."""
-    data = data or root
+def family_recipe(root: Path, family: str, model_dir: Path, data: Path, **lora) -> Path:
+    """The family's recipe under root/family (data: the directory with train.jsonl and eval.jsonl)."""
     moe = {"target_experts": True, "train_router": True, "dropout": 0.0} if family in MOE_FAMILIES else {}
     body = {
         "name": family, "output_dir": str(root / family / "run"), "model": {"name_or_path": str(model_dir)},
@@ -104,12 +95,12 @@ def cli(*args) -> str:
 
 
 @pytest.mark.parametrize("family", list(FAMILY_ROWS))
-def test_family_end_to_end(family, workspace, tiny_tokenizer_dir, monkeypatch):
+def test_family_end_to_end(family, data, tiny_tokenizer_dir, tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
-    root = workspace
+    root = tmp_path
     model_dir = build_family_model(family, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), root / family / "base")
-    recipe = family_recipe(root, family, model_dir)
+    recipe = family_recipe(root, family, model_dir, data)
     run = root / family / "run"
 
     cli("train", recipe)  # train
@@ -182,11 +173,11 @@ def test_docs_table_is_the_generated_one():
     assert list(FAMILY_ROWS) == list(FAMILIES)  # the rows are the families the tests build (and llama.cpp runs)
 
 
-def test_validate_names_the_supported_architectures(workspace, tmp_path):
+def test_validate_names_the_supported_architectures(data, tmp_path):
     odd = tmp_path / "odd"
     odd.mkdir()
     (odd / "config.json").write_text(json.dumps({"architectures": ["FalconForCausalLM"], "model_type": "falcon"}))
-    recipe = family_recipe(tmp_path, "odd", odd, data=workspace)
+    recipe = family_recipe(tmp_path, "odd", odd, data)
     result = runner.invoke(app, ["validate", str(recipe)])
     assert result.exit_code == 2
     for name in ("FalconForCausalLM", "MixtralForCausalLM", "Gemma2ForCausalLM", "GPTNeoXForCausalLM"):
@@ -201,13 +192,13 @@ def test_validate_names_the_supported_architectures(workspace, tmp_path):
     ({"lora": {"target_modules": ["q_proj", "w1"]}}, "lora.target_modules"),
     ({"lora": {"target_modules": ["gate", "v_proj"]}}, "lora.target_modules"),
 ])
-def test_what_peft_cannot_train_on_experts_is_refused_by_key(setting, key, tmp_path, workspace):
+def test_what_peft_cannot_train_on_experts_is_refused_by_key(setting, key, tmp_path, data):
     """Each at validate time, exit 2, the message naming the key (and no traceback)."""
     model = tmp_path / "mixtral"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
                                                    "num_local_experts": 4}))
-    recipe = json.loads(family_recipe(tmp_path, "mixtral", model, data=workspace).read_text())
+    recipe = json.loads(family_recipe(tmp_path, "mixtral", model, data).read_text())
     recipe["lora"] = {"r": 4, **setting.get("lora", {})}
     recipe.update({k: v for k, v in setting.items() if k != "lora"})
     if "adapter" in setting:
@@ -220,13 +211,13 @@ def test_what_peft_cannot_train_on_experts_is_refused_by_key(setting, key, tmp_p
 
 @pytest.mark.parametrize("key", ["lora.target_experts=true", "lora.train_router=true",
                                  "training.router_aux_loss_coef=0.01"])
-def test_moe_settings_on_a_dense_model_are_refused(key, tmp_path, tiny_model_dir, workspace):
-    recipe = family_recipe(tmp_path, "llama", tiny_model_dir, data=workspace)
+def test_moe_settings_on_a_dense_model_are_refused(key, tmp_path, tiny_model_dir, data):
+    recipe = family_recipe(tmp_path, "llama", tiny_model_dir, data)
     result = runner.invoke(app, ["validate", str(recipe), key])
     assert result.exit_code == 2 and key.split("=")[0] in result.output and "no experts" in result.output
 
 
-def test_trainable_parameters_with_and_without_expert_lora(tmp_path, tiny_tokenizer_dir, workspace):
+def test_trainable_parameters_with_and_without_expert_lora(tmp_path, tiny_tokenizer_dir, data):
     """Attention-only by default (routers frozen); the experts add r (in + out) per expert and projection, the
     routers their experts x hidden weights."""
     from transformers import AutoTokenizer
@@ -238,7 +229,7 @@ def test_trainable_parameters_with_and_without_expert_lora(tmp_path, tiny_tokeni
     counts = {}
     for name, lora in (("attention", {}), ("experts", {"target_experts": True}),
                        ("experts+router", {"target_experts": True, "train_router": True})):
-        recipe = load_recipe(family_recipe(tmp_path, "mixtral", model_dir, workspace, **{"target_experts": False,
+        recipe = load_recipe(family_recipe(tmp_path, "mixtral", model_dir, data, **{"target_experts": False,
                                                                             "train_router": False, **lora}), [])
         model = training_model(recipe)
         counts[name] = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -290,14 +281,14 @@ def tiny_mixtral(tmp_path_factory, tiny_tokenizer_dir):
                               tmp_path_factory.mktemp("mixtral") / "base")
 
 
-def test_moe_resume_is_exact(tiny_mixtral, workspace, tmp_path, monkeypatch):
+def test_moe_resume_is_exact(tiny_mixtral, data, tmp_path, monkeypatch):
     """Experts, routers and the aux loss through an interrupted run: resumed losses (aux included) and adapter
     equal the uninterrupted run's."""
     from test_training import assert_same_adapter, metrics, stop_after_save
 
     runs = {}
     for name in ("straight", "resumed"):
-        recipe = json.loads(family_recipe(tmp_path / name, "mixtral", tiny_mixtral, workspace).read_text())
+        recipe = json.loads(family_recipe(tmp_path / name, "mixtral", tiny_mixtral, data).read_text())
         recipe["training"].update(max_steps=3, save_steps=2, eval_steps=None)
         path = tmp_path / name / "recipe.yaml"
         path.write_text(json.dumps(recipe))

@@ -19,7 +19,7 @@ class ExpertDeltas:
         """`model`: the transformers model inside the PeftModel, with `adapter` loaded."""
         from peft.tuners.lora.layer import ParamWrapper
 
-        from finetune.model.moe import checkpoint_names, is_moe
+        from finetune.model import checkpoint_names, is_moe
 
         self.wrappers = {}
         for name, module in model.named_modules():

@@ -346,8 +346,7 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
         """(the saved tensor, the other base-weights choice's version when the key is a 4-bit layer's)."""
         tensor = where[key].get_tensor(key)
         if (delta := experts.delta(key)) is not None:  # experts are never 4-bit: both choices are the stored weight
-            merged = (tensor.float() + delta).to(dtype)
-            return merged, merged
+            return (merged := (tensor.float() + delta).to(dtype)), merged
         module_name, _, param = experts.model_name(key).rpartition(".")  # Mixtral's block_sparse_moe.gate: mlp.gate
         if module_name in lora and param == "weight":
             layer = lora[module_name]

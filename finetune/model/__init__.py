@@ -1,5 +1,6 @@
 """Models: placement (compute dtype, 4-bit storage, strategy; resolved once), tokenizer and NF4 base loading, LoRA
-attachment (or another PEFT method's, with its training-loop hooks: methods.py) and the optimizer, the CPU
+attachment (or another PEFT method's, with its training-loop hooks: methods.py; what it trains on a mixture of
+experts and the routers' load-balancing loss: moe.py) and the optimizer, the CPU
 dropout and per-example attention, tcmalloc for CPU training, GGUF models in, adapter checkpoints / models to
 evaluate or chat with, and reward models (a score head; reward.py).
 
@@ -24,6 +25,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
         "attach_lora", "load_base_model", "load_tokenizer", "make_optimizer", "quantization_config"
     ],
     "methods": ["MethodRuntime", "lora_config", "peft_config"],
+    "moe": ["checkpoint_names", "is_moe"],
     "attention": ["use_segmented_attention"],
     "reward": ["check_reward_checkpoint", "load_reward_checkpoint", "score_module"],
 })
