@@ -123,6 +123,7 @@ def test_family_end_to_end(family, data, tiny_tokenizer_dir, tmp_path, monkeypat
     fidelity = json.loads((merged / "merge_report.json").read_text())["fidelity"]["dequantized"]
     assert fidelity["max_abs_logit_diff"] <= 1e-4 and fidelity["top1_agreement"] == 1.0
 
+    monkeypatch.setenv("FINETUNE_CPU_DTYPE", "float32")  # the merged model's `auto` dtype: the adapter's float32
     replies = [cli("chat", target, "--prompt", PROMPT, "--max-new-tokens", 6) for target in (ckpt, merged)]  # chat
     assert replies[0] == replies[1] and replies[0].strip()
 
