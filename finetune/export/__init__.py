@@ -3,7 +3,7 @@ table entry per model family (families.py: architecture, tensor transforms, meta
 inverses: families_tensors.py), the shared hyper-parameter and tokenizer metadata (metadata.py), and LoRA-only
 GGUF adapters (adapter.py).
 
-Imports: errors, recipe, artifacts, model, merge.
+Imports: errors, recipe, artifacts, quant, model, merge.
 """
 
 from finetune import lazy_exports
