@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from test_training import data, one_thread  # noqa: F401  (fixtures: 20 toy rows + 8 eval; one thread)
 from family_models import FAMILIES, MOE_FAMILIES, build_family_model
+from conftest import recipe_file
 from typer.testing import CliRunner
 
 from finetune.cli import app
@@ -70,22 +71,18 @@ def _arch_names(family: str) -> str:
 
 
 def family_recipe(root: Path, family: str, model_dir: Path, data: Path, **lora) -> Path:
-    """The family's recipe under root/family (data: the directory with train.jsonl and eval.jsonl)."""
-    moe = {"target_experts": True, "train_router": True, "dropout": 0.0} if family in MOE_FAMILIES else {}
-    body = {
-        "name": family, "output_dir": str(root / family / "run"), "model": {"name_or_path": str(model_dir)},
-        "quantization": {"load_in_4bit": True, "compute_dtype": "float32"},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, **moe, **lora},
-        "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "format": "alpaca",
-                 "max_length": 32},
-        "training": {"max_steps": 2, "micro_batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
-                     "logging_steps": 1, "eval_steps": 2, "save_steps": 2, "warmup_steps": 0,
-                     "gradient_checkpointing": False},
-    }
-    path = root / family / "recipe.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(body))
-    return path
+    """The family's recipe, root/family/<family>.yaml, run in root/family/runs/<family> (data: the directory with
+    train.jsonl and eval.jsonl): NF4 QLoRA on every linear layer (and a mixture's experts and routers), 2 steps."""
+    moe = {"target_experts": True, "train_router": True} if family in MOE_FAMILIES else {}
+    return recipe_file(root / family, model_dir, data, family,
+                       quantization={"load_in_4bit": True, "compute_dtype": "float32"},
+                       lora={"dropout": 0.0, "target_modules": "all-linear", **moe, **lora},
+                       max_steps=2, micro_batch_size=8, gradient_accumulation_steps=1, learning_rate=5e-3,
+                       eval_steps=2, save_steps=2, warmup_steps=0)
+
+
+def run_dir(root: Path, family: str) -> Path:
+    return root / family / "runs" / family
 
 
 def cli(*args) -> str:
@@ -101,7 +98,7 @@ def test_family_end_to_end(family, data, tiny_tokenizer_dir, tmp_path, monkeypat
     root = tmp_path
     model_dir = build_family_model(family, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), root / family / "base")
     recipe = family_recipe(root, family, model_dir, data)
-    run = root / family / "run"
+    run = run_dir(root, family)
 
     cli("train", recipe)  # train
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -289,11 +286,11 @@ def test_moe_resume_is_exact(tiny_mixtral, data, tmp_path, monkeypatch):
 
     runs = {}
     for name in ("straight", "resumed"):
-        recipe = json.loads(family_recipe(tmp_path / name, "mixtral", tiny_mixtral, data).read_text())
+        path = family_recipe(tmp_path / name, "mixtral", tiny_mixtral, data)
+        recipe = json.loads(path.read_text())
         recipe["training"].update(max_steps=3, save_steps=2, eval_steps=None)
-        path = tmp_path / name / "recipe.yaml"
         path.write_text(json.dumps(recipe))
-        runs[name] = (path, tmp_path / name / "mixtral" / "run")
+        runs[name] = (path, run_dir(tmp_path / name, "mixtral"))
     cli("train", runs["straight"][0])
     with monkeypatch.context() as m:
         stop_after_save(m, 2)

@@ -132,7 +132,7 @@ def test_llama_cpp_replies_like_finetune_chat(family, family_data, tiny_tokenize
     import json
 
     from family_models import build_family_model
-    from test_families import cli, family_recipe
+    from test_families import cli, family_recipe, run_dir
 
     model_dir = build_family_model(family, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), tmp_path / "base")
     recipe = json.loads(family_recipe(tmp_path, family, model_dir, family_data).read_text())
@@ -141,7 +141,7 @@ def test_llama_cpp_replies_like_finetune_chat(family, family_data, tiny_tokenize
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps(recipe))
     cli("train", path)
-    ckpt = tmp_path / family / "run" / "checkpoint-final"
+    ckpt = run_dir(tmp_path, family) / "checkpoint-final"
     gguf = tmp_path / "gguf" / f"{family}-f16.gguf"
     gguf.parent.mkdir()
     cli("export", ckpt, "--out", gguf, "--type", "f16")
