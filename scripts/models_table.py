@@ -2,7 +2,8 @@
 FAMILY_ROWS and VERBS, which its tests run), so the table says exactly what the tests cover.
 
 The table lives between two marker comments in docs/models.md; tests/test_families.py fails when it is stale.
-Run: python scripts/models_table.py   (rewrites docs/models.md in place; --check: exit 1 when stale)
+Run: python scripts/models_table.py   (rewrites docs/models.md in place; --check: exit 1 when stale;
+--file PATH: another copy of the page instead of docs/models.md)
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ def render(text: str) -> str:
 
 
 def main(argv: list[str]) -> int:
-    text = DOCS.read_text()
+    page = Path(argv[argv.index("--file") + 1]) if "--file" in argv else DOCS
+    text = page.read_text()
     fresh = render(text)
     if "--check" in argv:
+        print(f"the family table in {page} is {'current' if fresh == text else 'stale'}")
         return 0 if fresh == text else 1
-    DOCS.write_text(fresh)
+    page.write_text(fresh)
+    print(f"wrote the family table in {page}")
     return 0
 
 
