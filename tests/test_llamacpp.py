@@ -147,6 +147,7 @@ def test_llama_cpp_replies_like_finetune_chat(family, family_data, tiny_tokenize
     cli("export", ckpt, "--out", gguf, "--type", "f16")
     tok = AutoTokenizer.from_pretrained(ckpt)
     llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, n_threads=2, verbose=False)
+    answered = []
     for prompt in FAMILY_PROMPTS:
         expected = cli("chat", ckpt, "--prompt", prompt, "--max-new-tokens", 8).removesuffix("\n")
         ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
@@ -157,5 +158,6 @@ def test_llama_cpp_replies_like_finetune_chat(family, family_data, tiny_tokenize
                 break
             got.append(t)
         assert tok.decode(got, skip_special_tokens=True).strip() == expected, (family, prompt)  # chat strips
-        assert expected.strip()  # it answers something
+        answered.append(expected.strip())
+    assert any(answered), family  # not only end-of-turn: some reply has text, so the comparison is not vacuous
 
