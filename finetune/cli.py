@@ -109,10 +109,12 @@ def _load(recipe: Path, overrides: Optional[list[str]]):
 
 @app.command()
 def validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
-    """Check a recipe (schema, values, files) without loading any model."""
-    r = _run(lambda: _load(recipe, overrides))
+    """Check a recipe (schema, values, files, the model's architecture) without loading any model."""
+    from finetune.export import check_architecture
     from finetune.recipe import remote_code_warning
 
+    r = _run(lambda: _load(recipe, overrides))
+    _run(lambda: check_architecture(r.model.name_or_path))
     if warning := remote_code_warning(r):
         err_console.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
     console.print(f"[green]ok[/]: {escape(ascii(str(recipe))[1:-1])} is a valid recipe (run directory "
@@ -173,7 +175,6 @@ def train(
         raise typer.Exit(launch(nproc, (["--debug"] if _debug["on"] else []) + argv))
     quiet_libraries()
     from finetune.train import train as run_training
-
     start = str(resume_from) if resume_from else ("latest" if resume else None)
     _run(lambda: run_training(r, overwrite=overwrite, resume=start, console=err_console))
 
@@ -304,7 +305,6 @@ def export(
     """Write a model as one GGUF file for llama.cpp / Ollama, with a logit check against the source."""
     quiet_libraries()
     from finetune.export import export as run_export, print_export_report
-
     with _holding([out], "finetune export"):
         rep = _run(lambda: run_export(source, out, type=type_, base=base, base_weights=base_weights,
                                       overwrite=overwrite, adapter_only=adapter_only, console=err_console))

@@ -1,5 +1,9 @@
-"""llama.cpp runs what `finetune export` writes (slow: needs the real SmolLM2 model and llama-cpp-python,
-`pip install -e '.[llamacpp]'`, which builds llama.cpp from source). Run with `make test-slow`.
+"""llama.cpp runs what `finetune export` writes (slow: needs llama-cpp-python, `pip install -e '.[llamacpp]'`, which
+builds llama.cpp from source; the SmolLM2 tests also the real model). Run with `make test-slow`.
+
+Every family (tests/family_models.py): a tiny random model trained (QLoRA, experts and routers too for a mixture
+of experts) to answer the toy task deterministically, exported as f16 from its checkpoint: llama.cpp's greedy reply
+to a chat prompt equals `finetune chat`'s, token for token.
 
 On the demo model (runs/quickstart/checkpoint-final merged, or the base SmolLM2 when there is no demo run):
 llama.cpp tokenizes like the original tokenizer, and its greedy continuation of a chat prompt equals
@@ -106,3 +110,54 @@ def test_llama_cpp_applies_the_exported_adapter_like_the_merge(tmp_path):
                           lora_path=str(tmp_path / "lora" / "lora.gguf"), n_ctx=512, n_threads=2, verbose=False)
     got = greedy_llama(llm, ids)
     assert sum(a == b for a, b in zip(got, expected)) / STEPS >= 0.9, (tok.decode(got), tok.decode(expected))
+
+
+# ------------------------------------------------------------------------ every family, trained
+
+FAMILY_PROMPTS = ["Repeat the word twice.\n\ncat", "Repeat the word once.\n\nsun", "Repeat the word three times.\n\nfish"]
+
+
+@pytest.fixture(scope="module")
+def family_data(tmp_path_factory, toy_alpaca_rows):
+    from conftest import write_jsonl
+
+    root = tmp_path_factory.mktemp("llamacpp_families")
+    write_jsonl(root / "train.jsonl", toy_alpaca_rows)
+    write_jsonl(root / "eval.jsonl", toy_alpaca_rows[:8])
+    return root
+
+
+@pytest.mark.parametrize("family", list(__import__("family_models").FAMILIES))
+def test_llama_cpp_replies_like_finetune_chat(family, family_data, tiny_tokenizer_dir, tmp_path):
+    import json
+
+    from family_models import build_family_model
+    from test_families import cli, family_recipe, run_dir
+
+    model_dir = build_family_model(family, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), tmp_path / "base")
+    recipe = json.loads(family_recipe(tmp_path, family, model_dir, family_data).read_text())
+    recipe["lora"]["r"] = 8
+    recipe["training"].update(max_steps=24, learning_rate=1e-2, eval_steps=None, save_steps=None, logging_steps=10)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(json.dumps(recipe))
+    cli("train", path)
+    ckpt = run_dir(tmp_path, family) / "checkpoint-final"
+    gguf = tmp_path / "gguf" / f"{family}-f16.gguf"
+    gguf.parent.mkdir()
+    cli("export", ckpt, "--out", gguf, "--type", "f16")
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, n_threads=2, verbose=False)
+    answered = []
+    for prompt in FAMILY_PROMPTS:
+        expected = cli("chat", ckpt, "--prompt", prompt, "--max-new-tokens", 8).removesuffix("\n")
+        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=True)["input_ids"]
+        got = []
+        for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            if t == tok.eos_token_id or len(got) == 8:
+                break
+            got.append(t)
+        assert tok.decode(got, skip_special_tokens=True).strip() == expected, (family, prompt)  # chat strips
+        answered.append(expected.strip())
+    assert any(answered), family  # not only end-of-turn: some reply has text, so the comparison is not vacuous
+

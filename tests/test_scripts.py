@@ -175,3 +175,19 @@ def test_recipe_reference(tmp_path):
     done = run_script("recipe_reference.py", "--file", stale)
     assert f"updated the recipe reference in {stale}" in done.stdout
     assert stale.read_text() == text
+
+
+def test_models_table(tmp_path):
+    """On a copy of docs/models.md with the table gone stale: --check says so (exit 1), the script writes the
+    committed table back (tests/test_families.py checks that the committed table is the generated one)."""
+    begin, end = "<!-- families-table:begin -->", "<!-- families-table:end -->"
+    text = (ROOT / "docs" / "models.md").read_text()
+    stale = tmp_path / "models.md"
+    stale.write_text(text.split(begin)[0] + begin + "\n| Falcon | yes |\n" + end + text.split(end, 1)[1])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "models_table.py"), "--check", "--file", str(stale)],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert check.returncode == 1 and "stale" in check.stdout, check.stderr[-3000:]
+    done = run_script("models_table.py", "--file", stale)
+    assert f"wrote the family table in {stale}" in done.stdout
+    assert stale.read_text() == text

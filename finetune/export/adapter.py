@@ -22,15 +22,15 @@ def write_adapter_gguf(adapter_dir: Path, path: Path, type: str, console=None) -
     import gguf
     from safetensors import safe_open
 
-    from finetune.export.metadata import architecture, rope_permute, tensor_name
+    from finetune.export.families import family_for
+    from finetune.export.families_tensors import rows, tensor_name
     from finetune.progress import track
 
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     _check_plain_lora(adapter_dir, cfg)
     config = _base_config(adapter_dir, cfg)
-    arch_name, permute = architecture(config)
-    arch = gguf.MODEL_ARCH[arch_name]
-    name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    family = family_for(config)
+    name_map = family.name_map(config.get_text_config().num_hidden_layers)
     weights = adapter_dir / "adapter_model.safetensors"
     if not weights.is_file():
         raise ModelError(f"{adapter_dir} has no adapter_model.safetensors.")
@@ -44,7 +44,7 @@ def write_adapter_gguf(adapter_dir: Path, path: Path, type: str, console=None) -
         module = key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0]
         suffix = ".lora_a" if ".lora_A." in key else ".lora_b"
         plan.append((tensor_name(name_map, module + ".weight") + suffix, key))
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    writer = gguf.GGUFWriter(path, family.arch_name)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(cfg["lora_alpha"]))
@@ -56,22 +56,19 @@ def write_adapter_gguf(adapter_dir: Path, path: Path, type: str, console=None) -
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    heads = (config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     with track(f"writing {path.name.split('.partial-')[0].lstrip('.')}", total=len(plan), unit="tensors",
                console=console) as task:
         for name, key in plan:
             w = handle.get_tensor(key).float()
-            if permute and name.endswith("attn_q.weight.lora_b"):
-                w = rope_permute(w, heads[0])
-            elif permute and name.endswith("attn_k.weight.lora_b"):
-                w = rope_permute(w, heads[1])
+            if name.endswith(".lora_b"):  # B's rows are the weight's output rows: the family's row order
+                w = rows(family, name, w, config)
             writer.write_tensor_data(gguf.quants.quantize(w.numpy(), ttype))
             task.advance()
     writer.close()
     notes = [] if type in ("f32", "f16") else [f"adapter tensors written as f16 (--type {type} is for models)"]
     notes.append("llama.cpp applies the adapter to the base's original weights: compare with "
                  "`finetune merge --base-weights original`")
-    return {"architecture": gguf.MODEL_ARCH_NAMES[arch], "tensors": len(plan), "notes": notes,
+    return {"architecture": family.arch_name, "tensors": len(plan), "notes": notes,
             "rank": cfg["r"], "alpha": cfg["lora_alpha"]}
 
 
@@ -83,7 +80,7 @@ def _check_plain_lora(adapter_dir: Path, cfg: dict) -> None:
         raise ModelError(f"{adapter_dir} is a {cfg['peft_type']} adapter, and a llama.cpp adapter holds LoRA "
                          "matrices only; export the merged model instead (without --adapter-only).")
     unsupported = [k for k in ("use_dora", "use_rslora") if cfg.get(k)]
-    unsupported += [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save") if cfg.get(k)]
+    unsupported += [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save", "target_parameters") if cfg.get(k)]
     if unsupported:
         raise ModelError(f"{adapter_dir / 'adapter_config.json'}: {', '.join(unsupported)} cannot be expressed "
                          "as a llama.cpp LoRA adapter (one rank and alpha for every module); export the merged "

@@ -4,16 +4,19 @@ How it runs, and why:
 1. An adapter checkpoint is merged first by `finetune.merge.model` into a scratch directory (float32, same
    choice of base weights: by default the dequantized NF4 weights the adapter was trained against), so the
    export and `finetune merge` produce the same weights. A merged directory is used as it is.
-2. The GGUF is written with the `gguf` package's writer: metadata (architecture, RoPE, tokenizer, special
-   tokens, chat template; see gguf_meta.py), then every tensor's name, shape and type, then the tensor
-   data, streamed one tensor at a time from the safetensors files: read, q/k permuted for llama.cpp's
-   Llama rope layout, converted (f32, f16, bf16, q8_0 or q4_0 with gguf.quants) and appended, so peak
-   memory stays near one tensor beyond the runtime. 1-D tensors (norms, biases) stay float32, as llama.cpp
-   expects; a weight whose rows do not split into 32-value blocks falls back to f16; q4_0 keeps the
-   embedding and LM head at q8_0 (on SmolLM2-135M: top-1 agreement 68% -> 74% for 13 MiB).
+2. The GGUF is written with the `gguf` package's writer: metadata (architecture and the family's own keys from
+   the family table, families.py; RoPE, tokenizer, special tokens, chat template: metadata.py), then every
+   tensor's name, shape and type, then the tensor data, streamed one tensor at a time from the safetensors
+   files: read (the experts of a mixture-of-experts layer: stacked into one tensor), transformed as the
+   family's llama.cpp graph expects (families_tensors.py), encoded (f32, f16, bf16, q8_0 or q4_0 with
+   gguf.quants) and appended, so peak memory stays near one tensor beyond the runtime. 1-D tensors (norms,
+   biases) and MoE routers stay float32, as llama.cpp expects; a weight whose rows do not split into 32-value
+   blocks falls back to f16; q4_0 keeps the embedding and LM head at q8_0 (on SmolLM2-135M: top-1 agreement
+   68% -> 74% for 13 MiB).
 3. The file is written under a hidden name beside the output and renamed into place when complete.
-4. Proof: transformers reads the file back (`gguf_file=`) and its logits on the probe batch are compared with
-   the source model's, and its tokenizer with the source tokenizer on a set of strings; all of it goes to
+4. Proof (readback.py): the file is read back (by transformers where it reads the family, else by the gguf
+   package's reader with every transform undone) and its logits on the probe batch are compared with the
+   source model's, and its tokenizer with the source tokenizer on a set of strings; all of it goes to
    `export_report.json` beside the file.
 """
 
@@ -32,17 +35,12 @@ import torch
 
 from finetune.artifacts import atomic_file, write_text_atomic
 from finetune.errors import CheckpointError, ModelError, first_line
-from finetune.export.metadata import rope_permute
+from finetune.export.readback import TOKENIZER_PROBES, prove
 from finetune.merge import peak_rss_mib
 from finetune.progress import track
 
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_1")
 REPORT_FILE = "export_report.json"
-# Strings whose token ids must survive the trip: specials, non-ASCII, digits, whitespace runs.
-TOKENIZER_PROBES = [
-    "Hello world", "  two  spaces\tand a tab\n\nnewlines", "12345 + 678 = 13023", "Ünïcödé: naïve café, 東京, 🙂",
-    "<|im_start|>user\nhi<|im_end|>\n", '{"name": "Ada", "age": 36, "city": "Lisbon"}',
-]
 
 
 @dataclass
@@ -61,6 +59,7 @@ class ExportReport:
     peak_rss_mib: float
     wall_time_s: float
     fidelity: dict | None = None  # max/mean |logit diff|, top-1 agreement vs the source model
+    readback: str = "transformers"  # what read the file back: transformers, or gguf-reader (families_tensors.py)
     probe_tokens: int = 0
     tokenizer_agreement: dict | None = None  # string -> same ids as the source tokenizer
     merge_fidelity: dict | None = None
@@ -120,7 +119,7 @@ def export(source: str | Path, out: str | Path, *, type: str = "f16", base: str 
                 merge_fidelity=merge_report.chosen if merge_report else None,
                 notes=info["notes"] + (merge_report.notes if merge_report else []) + ([fold_note] if fold_note else []),
             )
-            _prove(report, model_dir, partial)
+            prove(report, model_dir, partial)
     report.peak_rss_mib = peak_rss_mib()
     report.wall_time_s = round(time.perf_counter() - started, 2)
     write_text_atomic(out.parent / REPORT_FILE, json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n")
@@ -180,89 +179,77 @@ def _check(source: Path, out: Path, type: str, overwrite: bool) -> None:
 
 
 def write_gguf(model_dir: Path, path: Path, type: str, console=None) -> dict:
-    """Write `model_dir` (config, tokenizer, safetensors) to the GGUF file `path`, one tensor in memory at a time."""
+    """Write `model_dir` (config, tokenizer, safetensors) to the GGUF file `path`, one tensor in memory at a time;
+    the family table (families.py) says the architecture, its tensor transforms and its metadata."""
     import gguf
-    from transformers import AutoConfig
 
-    from finetune.export.metadata import add_model_metadata, add_tokenizer, architecture, llama3_rope_factors
+    from finetune.export.families import family_for, family_metadata, read_config
+    from finetune.export.families_tensors import convert
+    from finetune.export.metadata import add_model_metadata, add_tokenizer, llama3_rope_factors
     from finetune.merge import base_weight_files, open_safetensors
     from finetune.recipe import ModelSection
 
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"Cannot read the config of '{model_dir}': {first_line(e)}") from None
-    arch_name, permute = architecture(config)
-    arch = gguf.MODEL_ARCH[arch_name]
+    config = read_config(model_dir)
+    family = family_for(config)
     qtype = getattr(gguf.GGMLQuantizationType, type.upper())
     handles = [open_safetensors(f) for f in base_weight_files(ModelSection(name_or_path=str(model_dir)))]
-    plan, notes = _plan(config, handles, gguf.get_tensor_name_map(arch, config.num_hidden_layers), qtype)
+    plan, notes = _plan(config, family, handles, qtype)
     rope_factors = llama3_rope_factors(config)
 
-    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[arch])
+    writer = gguf.GGUFWriter(path, family.arch_name)
     names = _model_names(config, model_dir)
     add_model_metadata(writer, config, names[0])
-    tokenizer = add_tokenizer(writer, model_dir, config.vocab_size, " ".join(names))
+    family_metadata(writer, config, family)
+    tokenizer = add_tokenizer(writer, model_dir, config.get_text_config().vocab_size, " ".join(names))
     writer.add_file_type(_FILE_TYPES[type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     if rope_factors is not None:
         writer.add_tensor_info(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_factors.shape,
                                rope_factors.numpy().dtype, rope_factors.numel() * 4)
-    for name, _, shape, t in plan:
-        nbytes = int(torch.Size(gguf.quants.quant_shape_to_byte_shape(shape, t)).numel())
-        writer.add_tensor_info(name, gguf.quants.quant_shape_to_byte_shape(shape, t), _UINT8, nbytes, raw_dtype=t)
+    for src, t in plan:
+        shape = gguf.quants.quant_shape_to_byte_shape(src.shape, t)
+        writer.add_tensor_info(src.name, shape, _UINT8, int(torch.Size(shape).numel()), raw_dtype=t)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     if rope_factors is not None:
         writer.write_tensor_data(rope_factors.numpy())
-    heads = (config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     with track(f"writing {path.name.split('.partial-')[0].lstrip('.')}", total=len(plan), unit="tensors",
                console=console) as task:
-        for name, (handle, key), shape, t in plan:
-            w = handle.get_tensor(key).float()
-            if permute and name.endswith(("attn_q.weight", "attn_q.bias")):
-                w = rope_permute(w, heads[0])
-            elif permute and name.endswith(("attn_k.weight", "attn_k.bias")):
-                w = rope_permute(w, heads[1])
-            writer.write_tensor_data(gguf.quants.quantize(w.numpy(), t).view(_UINT8))
+        for src, t in plan:
+            w = convert(family, src.name, src.load(), config)
+            writer.write_tensor_data(gguf.quants.quantize(w.contiguous().numpy(), t).view(_UINT8))
             del w
             task.advance()
     writer.close()
-    return {"architecture": gguf.MODEL_ARCH_NAMES[arch], "tokenizer": tokenizer, "tensors": len(plan), "notes": notes}
+    return {"architecture": family.arch_name, "family": family.name, "tokenizer": tokenizer, "tensors": len(plan),
+            "notes": notes}
 
 
-def _plan(config, handles, name_map, qtype):
-    """[(gguf name, (file handle, key), shape, ggml type)] in file order, and notes on type fallbacks."""
+def _plan(config, family, handles, qtype):
+    """[(Source, ggml type)] in file order, and notes on type fallbacks."""
     import gguf
 
-    from finetune.export.metadata import tensor_name
+    from finetune.export.families_tensors import sources
 
+    text = config.get_text_config()
     plan, fallback = [], []
     low = {gguf.GGMLQuantizationType[t] for t in ("Q4_0", "Q4_1", "Q5_1")}
     blocked = {gguf.GGMLQuantizationType.Q8_0} | low
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    for handle in handles:
-        for key in handle.keys():
-            if tied and key == "lm_head.weight":
-                continue  # llama.cpp reuses token_embd when the file has no output.weight
-            name = tensor_name(name_map, key)
-            if name is None:
-                continue
-            shape = tuple(handle.get_slice(key).get_shape())
-            t = qtype
-            if len(shape) == 1:
-                t = gguf.GGMLQuantizationType.F32
-            elif qtype in low and name in ("output.weight", "token_embd.weight"):
-                t = gguf.GGMLQuantizationType.Q8_0  # the LM head (tied: the embedding) decides every token
-            elif qtype in blocked and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
-                t = gguf.GGMLQuantizationType.F16
-                fallback.append(name)
-            plan.append((name, (handle, key), shape, t))
+    for src in sources(handles, family.name_map(text.num_hidden_layers), bool(getattr(text, "tie_word_embeddings",
+                                                                                       False))):
+        t = qtype
+        if len(src.shape) == 1 or src.name.endswith("ffn_gate_inp.weight"):
+            t = gguf.GGMLQuantizationType.F32  # norms, biases and the MoE router stay float32, as llama.cpp expects
+        elif qtype in low and src.name in ("output.weight", "token_embd.weight"):
+            t = gguf.GGMLQuantizationType.Q8_0  # the LM head (tied: the embedding) decides every token
+        elif qtype in blocked and src.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            t = gguf.GGMLQuantizationType.F16
+            fallback.append(src.name)
+        plan.append((src, t))
     listed = ", ".join(fallback[:3]) + (", ..." if len(fallback) > 3 else "")
     notes = [f"{len(fallback)} tensor(s) kept in f16: their rows do not split into quantization blocks ({listed})"]
-    notes = notes if fallback else []
-    return plan, notes
+    return plan, notes if fallback else []
 
 
 def _model_names(config, model_dir: Path) -> list[str]:
@@ -271,45 +258,6 @@ def _model_names(config, model_dir: Path) -> list[str]:
     names = [getattr(config, "_model_name_or_path", None), getattr(config, "_base_model", None),
              getattr(config, "_name_or_path", None), model_dir.resolve().name]
     return [str(n).rstrip("/").split("/")[-1] for n in names if n]
-
-
-# ------------------------------------------------------------------------ proof
-
-
-def _prove(report: ExportReport, model_dir: Path, gguf_path: Path) -> None:
-    """Read the file back with transformers: tokenizer ids and logits against the source model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from finetune.merge import probe_batch
-
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    try:
-        gguf_tok = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        report.tokenizer_agreement = {
-            s: tok(s, add_special_tokens=False)["input_ids"] == gguf_tok(s, add_special_tokens=False)["input_ids"]
-            for s in TOKENIZER_PROBES
-        }
-    except Exception as e:  # transformers' GGUF reader: a limitation to report, not a failed export
-        report.notes.append(f"tokenizer not compared: transformers cannot read it back ({first_line(e)})")
-    probe = probe_batch(tok)
-    report.probe_tokens = int(probe["attention_mask"].sum())
-    source = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        reference = source(**probe).logits.float()
-    del source
-    gc.collect()
-    try:
-        exported = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                        dtype=torch.float32).eval()
-    except Exception as e:  # e.g. a tensor type transformers cannot dequantize
-        report.notes.append(f"logits not compared: transformers cannot load a {report.type} GGUF ({first_line(e)})")
-        return
-    with torch.no_grad():
-        logits = exported(**probe).logits.float()
-    keep = probe["attention_mask"].bool()
-    d = (logits - reference).abs()[keep]
-    report.fidelity = {"max_abs_logit_diff": d.max().item(), "mean_abs_logit_diff": d.mean().item(),
-                       "top1_agreement": (logits.argmax(-1) == reference.argmax(-1))[keep].float().mean().item()}
 
 
 _UINT8 = np.uint8

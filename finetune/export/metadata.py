@@ -1,13 +1,12 @@
-"""What `finetune export` writes besides the weights: architecture, RoPE and tokenizer metadata in GGUF form.
+"""What `finetune export` writes besides the weights: the hyper-parameters every family shares, RoPE and tokenizer
+metadata in GGUF form (a family's own keys and tensor transforms: families.py).
 
-Everything goes through the `gguf` package (the one llama.cpp maintains): its writer, its tensor-name map
-(`gguf.get_tensor_name_map`) and its vocabulary readers (`gguf.vocab.BpeVocab`, `LlamaHfVocab`,
-`gguf.SpecialVocab`). What this module decides is the mapping from a transformers config to those keys:
+Everything goes through the `gguf` package (the one llama.cpp maintains): its writer and its vocabulary readers
+(`gguf.vocab.BpeVocab`, `LlamaHfVocab`, `gguf.SpecialVocab`). What this module decides is the mapping from a
+transformers config to those keys:
 
-- architectures: the Llama family (Llama 2/3, Mistral, SmolLM2, TinyLlama) -> `llama`, Qwen2/2.5 -> `qwen2`,
-  Qwen3 -> `qwen3`. llama.cpp's `llama` graph applies RoPE to interleaved pairs while transformers rotates
-  the two halves of each head, so Llama q/k weights are permuted on the way out (`rope_permute`); Qwen
-  graphs use the same NEOX layout as transformers and need no permutation.
+- hyper-parameters: sizes, heads, norm epsilon (RMSNorm or LayerNorm), context, RoPE (base, scaling, the rotated
+  share of each head) and, for a mixture of experts, the expert counts;
 - tokenizers: byte-level BPE (`gpt2` in GGUF, with the pre-tokenizer id llama.cpp uses to split text before
   the merges) or SentencePiece-style BPE with byte fallback (`llama`), their special tokens (marked CONTROL
   so llama.cpp parses them in prompts) and the chat template.
@@ -16,51 +15,22 @@ Everything goes through the `gguf` package (the one llama.cpp maintains): its wr
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
 from finetune.errors import ModelError
 
-# transformers architecture -> (gguf MODEL_ARCH name, permute q/k for llama.cpp's rope layout)
-ARCHITECTURES = {
-    "LlamaForCausalLM": ("LLAMA", True),
-    "MistralForCausalLM": ("LLAMA", True),
-    "Qwen2ForCausalLM": ("QWEN2", False),
-    "Qwen3ForCausalLM": ("QWEN3", False),
-}
-
 # llama.cpp pre-tokenizer ids for the splitting rules found in tokenizer.json (see `pre_tokenizer_id`).
 _QWEN2_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
 _LLAMA3_SPLIT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
 
 
-def architecture(config) -> tuple[str, bool]:
-    """(gguf arch name, permute q/k) for a transformers config; a clear error for any other architecture."""
-    names = list(getattr(config, "architectures", None) or [])
-    for name in names:
-        if name in ARCHITECTURES:
-            return ARCHITECTURES[name]
-    raise ModelError(
-        f"Cannot export the architecture {', '.join(names) or getattr(config, 'model_type', '?')} to GGUF: "
-        f"supported are {', '.join(ARCHITECTURES)} (the Llama family: Llama 2/3, Mistral, SmolLM2, TinyLlama; "
-        "Qwen2/2.5, Qwen3)."
-    )
-
-
-def rope_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """transformers' rotate-half rows of q/k -> llama.cpp's interleaved pairs: per head, row i of the first
-    half and row i of the second half become rows 2i and 2i+1 (weights and biases alike)."""
-    head_dim = w.shape[0] // n_head
-    halves = w.reshape(n_head, 2, head_dim // 2, *w.shape[1:])
-    return halves.transpose(1, 2).reshape(w.shape)
-
-
 def add_model_metadata(writer, config, name: str) -> None:
-    """Hyper-parameters: sizes, heads (GQA), norms, context and RoPE (base, scaling)."""
+    """Hyper-parameters: sizes, heads (GQA), norms, context, RoPE (base, scaling, rotated dimensions), experts."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    rope = _rope_parameters(text)
     writer.add_name(name)
     writer.add_context_length(text.max_position_embeddings)
     writer.add_embedding_length(text.hidden_size)
@@ -68,16 +38,26 @@ def add_model_metadata(writer, config, name: str) -> None:
     writer.add_feed_forward_length(text.intermediate_size)
     writer.add_head_count(text.num_attention_heads)
     writer.add_head_count_kv(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
-    writer.add_layer_norm_rms_eps(text.rms_norm_eps)
+    if getattr(text, "rms_norm_eps", None) is not None:
+        writer.add_layer_norm_rms_eps(text.rms_norm_eps)
     writer.add_vocab_size(text.vocab_size)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != text.hidden_size // text.num_attention_heads:
-        writer.add_key_length(head_dim)
+    writer.add_rope_dimension_count(int(head_dim * float(rope.get("partial_rotary_factor", 1.0))))
+    if getattr(text, "head_dim", None) or head_dim != text.hidden_size // text.num_attention_heads:
+        writer.add_key_length(head_dim)  # readers that default it (transformers: Qwen3's 128) get it right
         writer.add_value_length(head_dim)
-    rope = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {})
     theta = rope.get("rope_theta", getattr(text, "rope_theta", 10000.0))
     writer.add_rope_freq_base(float(theta))
     _add_rope_scaling(writer, rope)
+    experts = getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None)
+    if experts:
+        writer.add_expert_count(int(experts))
+        writer.add_expert_used_count(int(text.num_experts_per_tok))
+
+
+def _rope_parameters(text) -> dict:
+    """transformers 5's rope_parameters (the full-attention layers' where they differ per layer type, Gemma 3)."""
+    rope = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {})
+    return dict(rope.get("full_attention", rope))
 
 
 def _add_rope_scaling(writer, rope: dict) -> None:
@@ -100,7 +80,7 @@ def _add_rope_scaling(writer, rope: dict) -> None:
 
 def llama3_rope_factors(config) -> torch.Tensor | None:
     """Llama 3.1-style RoPE scaling as llama.cpp reads it: one divisor per frequency (`rope_freqs.weight`)."""
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope = _rope_parameters(config.get_text_config() if hasattr(config, "get_text_config") else config)
     if rope.get("rope_type", rope.get("type")) != "llama3":
         return None
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -181,13 +161,3 @@ def add_tokenizer(writer, tok_dir: Path, vocab_size: int, model_name: str) -> di
     special.add_to_gguf(writer, quiet=True)
     return {"model": kind, "pre": pre, "tokens": len(tokens), "merges": len(special.merges),
             "special_token_ids": dict(special.special_token_ids), "chat_template": special.chat_template is not None}
-
-
-def tensor_name(name_map, hf_name: str) -> str | None:
-    """The GGUF name of a transformers tensor, or None for ones llama.cpp does not use (rotary caches)."""
-    if re.search(r"rotary_emb\.inv_freq$", hf_name):
-        return None
-    mapped = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-    if mapped is None:
-        raise ModelError(f"Cannot map the tensor '{hf_name}' to a GGUF name for this architecture.")
-    return mapped

@@ -40,6 +40,7 @@ import torch
 
 from finetune.artifacts import atomic_dir
 from finetune.errors import CheckpointError, ModelError, first_line
+from finetune.merge.experts import ExpertDeltas
 from finetune.merge.fidelity import fidelity, peak_rss_mib, probe_batch
 from finetune.merge.output import _DTYPES, open_safetensors, save_companions
 from finetune.merge.output import SafetensorsWriter as _SafetensorsWriter, check_hub_access as _check_hub_access
@@ -315,8 +316,10 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
     from peft.utils import ModulesToSaveWrapper
 
     modules = dict(trained.base_model.model.named_modules())
+    experts = ExpertDeltas(trained.base_model.model, adapter)  # a mixture of experts' expert LoRA (experts.py)
     lora = {n: m for n, m in modules.items()  # LoRA (AdaLoRA's SVD layers are LoRA layers too) and IA3 layers
-            if (isinstance(m, LoraLayer) and adapter in m.lora_A) or (isinstance(m, IA3Layer) and adapter in m.ia3_l)}
+            if ((isinstance(m, LoraLayer) and adapter in m.lora_A) or (isinstance(m, IA3Layer) and adapter in m.ia3_l))
+            and m not in experts.modules()}
     # 4-bit layers the adapter leaves alone also ran on dequant(quant(W)) in training (e.g. lora.layers)
     frozen = {n: m for n, m in modules.items() if _is_4bit(m) and not n.endswith(".base_layer") and n not in lora}
     swapped = set(lora) | set(frozen)  # weights whose two base-weights choices differ
@@ -343,8 +346,10 @@ def _write_merged(trained, adapter, files, out_dir, scratch, base_weights, dtype
 
     def merged_weights(key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(the saved tensor, the other base-weights choice's version when the key is a 4-bit layer's)."""
-        module_name, _, param = key.rpartition(".")
         tensor = where[key].get_tensor(key)
+        if (delta := experts.delta(key)) is not None:  # experts are never 4-bit: both choices are the stored weight
+            return (merged := (tensor.float() + delta).to(dtype)), merged
+        module_name, _, param = experts.model_name(key).rpartition(".")  # Mixtral's block_sparse_moe.gate: mlp.gate
         if module_name in lora and param == "weight":
             layer = lora[module_name]
             dequantized, original = _dequantized(layer), tensor.float()

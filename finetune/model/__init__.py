@@ -1,7 +1,8 @@
 """Models: placement (compute dtype, 4-bit storage, strategy; resolved once), tokenizer and NF4 base loading, LoRA
-attachment (or another PEFT method's, with its training-loop hooks: methods.py) and the optimizer, the CPU
-dropout and per-example attention, tcmalloc for CPU training, GGUF models in (converted; or trained on their own
-quantized tensors: gguf_base.py), adapter checkpoints / models to
+attachment (or another PEFT method's, with its training-loop hooks: methods.py; what it trains on a mixture of
+experts and the routers' load-balancing loss: moe.py) and the optimizer, the CPU dropout and per-example attention,
+tcmalloc for CPU training, GGUF models in (converted; or trained on their own quantized tensors: gguf_base.py),
+adapter checkpoints / models to
 evaluate or chat with, and reward models (a score head; reward.py).
 
 Imports: errors, recipe, artifacts, quant.
@@ -22,12 +23,13 @@ __all__, __getattr__ = lazy_exports(__name__, {
         "saved_recipe"
     ],
     "allocator": ["allocator_in_use", "for_training", "maybe_reexec"],
-    "gguf_in": ["as_transformers_dir", "source_note"],
+    "gguf_in": ["as_transformers_dir", "llama_cpp_config", "source_note"],
     "gguf_base": ["cache_for_inference", "cache_weights", "dequantized_bytes", "pack_gguf_base"],
     "load": [
         "attach_lora", "load_base_model", "load_tokenizer", "make_optimizer", "quantization_config"
     ],
     "methods": ["MethodRuntime", "lora_config", "peft_config"],
+    "moe": ["checkpoint_names", "is_moe"],
     "attention": ["use_segmented_attention"],
     "reward": ["check_reward_checkpoint", "load_reward_checkpoint", "score_module"],
 })

@@ -96,12 +96,15 @@ def source_file(model_dir: str | os.PathLike) -> str | None:
 
 def _convert(path: Path, staging: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_readable(path)
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as e:
+        config = llama_cpp_config(path, AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
+                                                      dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"Cannot read the GGUF file '{path}': {first_line(e)}") from None
     config = loaded.config
     if hasattr(config, "quantization_config"):
@@ -114,3 +117,61 @@ def _convert(path: Path, staging: Path) -> None:
     model.save_pretrained(staging)
     tok.save_pretrained(staging)
     (staging / INFO_FILE).write_text(json.dumps({"gguf": str(path), "weight_type": weight_type(path)}) + "\n")
+
+
+def _fields(path: Path) -> dict:
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
+
+
+def check_readable(path: Path) -> None:
+    """Refuse, naming the family, a GGUF file transformers cannot turn into a model: an architecture it has no
+    mapping for (OLMo 2, Granite, GPT-NeoX, OLMoE, ...), a Llama-architecture file with experts (Mixtral: read as a
+    dense Llama), or one whose general.name is exactly `mistral` (transformers 5 then asks the gguf package for a
+    `mistral` architecture, which llama.cpp writes as `llama`)."""
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    fields = _fields(path)
+    arch, name = str(fields.get("general.architecture", "?")), str(fields.get("general.name", ""))
+    why = None
+    if arch == "llama" and fields.get("llama.expert_count"):
+        why = "it is a Mixtral (a Llama-architecture mixture of experts), which transformers reads as a dense Llama"
+    elif arch == "llama" and name == "mistral":
+        why = ("its general.name is 'mistral', and transformers 5 then looks for a `mistral` architecture the gguf "
+               "package does not have (rename the file's model: `finetune export` writes the model's name)")
+    elif arch not in GGUF_SUPPORTED_ARCHITECTURES and arch.replace("moe", "_moe") not in GGUF_SUPPORTED_ARCHITECTURES:
+        why = f"transformers has no GGUF mapping for the {arch} architecture"
+    if why:
+        readable = ", ".join(a for a in ("llama", "qwen2", "qwen3", "qwen3_moe", "phi3", "gemma2", "gemma3")
+                             if a in GGUF_SUPPORTED_ARCHITECTURES)
+        raise ModelError(f"Cannot start from the GGUF file {path}: {why}. finetune reads GGUF files of the families "
+                         f"transformers reads ({readable}); use the model's safetensors directory instead.")
+
+
+def llama_cpp_config(path: Path, config):
+    """transformers' config of a GGUF file, with what its GGUF reader leaves at the class defaults set from the
+    file as llama.cpp reads it: the head width (attention.key_length), a mixture of experts' expert width
+    (expert_feed_forward_length), Gemma's logit soft-capping and the attention scale llama.cpp derives from the
+    head width (its query_pre_attn_scalar)."""
+    fields = _fields(path)
+    arch = str(fields.get("general.architecture"))
+    value = lambda key: fields.get(f"{arch}.{key}")  # noqa: E731
+    if value("attention.key_length") and hasattr(config, "head_dim"):
+        config.head_dim = int(value("attention.key_length"))
+    if value("expert_feed_forward_length") and hasattr(config, "moe_intermediate_size"):
+        config.moe_intermediate_size = int(value("expert_feed_forward_length"))
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if hasattr(config, key):
+            setattr(config, key, float(value(key)) if value(key) is not None else None)
+    if hasattr(config, "query_pre_attn_scalar"):  # llama.cpp: 1/sqrt(head_dim), hidden/heads for the 27Bs
+        big = {"gemma2": 46, "gemma3": 62}.get(arch)
+        config.query_pre_attn_scalar = config.hidden_size // config.num_attention_heads \
+            if config.num_hidden_layers == big else config.head_dim
+    swa_theta = value("rope.freq_base_swa")
+    rope = getattr(config, "rope_parameters", None)
+    if swa_theta and isinstance(rope, dict) and isinstance(rope.get("sliding_attention"), dict):
+        rope["sliding_attention"]["rope_theta"] = float(swa_theta)
+    return config
+

@@ -21,6 +21,7 @@ import warnings
 import torch
 
 from finetune.errors import RecipeError
+from finetune.model.moe import RouterLoss, is_moe, lora_targets
 from finetune.recipe import VIRTUAL_TOKEN_METHODS, Recipe, check_adalora_schedule
 
 ADAPTER = "default"  # the adapter name get_peft_model gives
@@ -87,6 +88,9 @@ class MethodRuntime:
         # P-tuning and prefix tuning with projection save only their encoder's output (the virtual tokens), which
         # is all inference needs; resuming needs the encoder itself.
         self.prompt_model = model if method in VIRTUAL_TOKEN_METHODS else None
+        # a mixture of experts: the routers' load-balancing loss (moe.py), added to the loss that trains
+        self.router = RouterLoss(model, recipe.training.router_aux_loss_coef) if model is not None and recipe \
+            else None
         if self.model is not None:
             config = self.model.peft_config[ADAPTER]
             fitted = adalora_config(recipe, total_steps)
@@ -102,6 +106,15 @@ class MethodRuntime:
                  for n, p in self.model.base_model.model.named_parameters()
                  if ("lora_A" in n or "lora_B" in n) and ADAPTER in n]
         return weight * torch.stack(terms).mean() if terms and weight else None
+
+    def router_loss(self) -> torch.Tensor | None:
+        """A mixture of experts: the routers' load-balancing loss of the training forwards since the last call
+        (unweighted; its weight is `router_coef`). None otherwise."""
+        return self.router.take() if self.router is not None and self.router.active else None
+
+    @property
+    def router_coef(self) -> float:
+        return self.router.coef if self.router is not None and self.router.active else 0.0
 
     def after_step(self, step: int) -> None:
         """After optimizer step number `step` (1-based), before the gradients are cleared: AdaLoRA's
@@ -174,8 +187,11 @@ def lora_config(recipe: Recipe, model):
     except ValueError as e:
         raise RecipeError(f"{e}.") from None
     targets = lora.target_modules
-    if layers is not None and targets == "all-linear":  # PEFT takes layers_to_transform only with a list
+    # PEFT takes layers_to_transform only with a list; on a mixture of experts its own all-linear would also reach
+    # the experts and routers, which are asked for separately (moe.py)
+    if (layers is not None or is_moe(model)) and targets == "all-linear":
         targets = _linear_layer_names(model)
+    targets, expert_params, saved = lora_targets(recipe, model, targets, list(lora.modules_to_save))
     init = {"default": True, "gaussian": "gaussian"}.get(lora.init, lora.init)
     if lora.use_qalora:
         _check_qalora_groups(model, lora.qalora_group_size, targets, layers)
@@ -184,8 +200,9 @@ def lora_config(recipe: Recipe, model):
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=targets,
+        target_parameters=expert_params or None,
         bias=lora.bias,
-        modules_to_save=lora.modules_to_save or None,
+        modules_to_save=saved or None,
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
         init_lora_weights=init,

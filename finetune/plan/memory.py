@@ -9,14 +9,15 @@ do. The terms:
   absmax per 64-weight block (one byte each with double quantization, plus a float32
   per 256 of those, an offset and its 256-entry code table; four bytes without), and
   the 16-entry NF4 table.
-- weights kept in the compute dtype: embeddings, norms, an untied LM head, biases.
+- weights kept in the compute dtype: embeddings, norms, an untied LM head, biases; a mixture of experts' fused
+  expert tensors and routers (not nn.Linear, so not quantized; plan/moe.py).
 - LoRA parameters and their gradients: float32 (peft upcasts adapters); DoRA adds a
   magnitude per output feature of every adapted layer.
 - optimizer states: AdamW keeps two float32 moments per parameter; the 8-bit
   bitsandbytes variant keeps two bytes per parameter plus a float32 scale per
   256-value block for tensors of at least 4096 values (smaller ones stay 32-bit).
 - activations saved for backward, per token and layer, counted tensor by tensor
-  for a Llama-style decoder (residual stream, RMSNorm statistics, rotated q/k, v,
+  for a Llama-style decoder (a mixture of experts' block and expert LoRA: plan/moe.py) (residual stream, RMSNorm statistics, rotated q/k, v,
   attention output and log-sum-exp, the gated MLP's three intermediates, and for
   every adapter its input after dropout, the dropout mask (booleans) and its rank-r output, and
   for DoRA its base and adapter outputs; each layer with its own adapters and ranks);
@@ -51,6 +52,7 @@ import re
 from dataclasses import dataclass, field
 
 from finetune.errors import FinetuneError, RecipeError, first_line
+from finetune.plan.moe import moe_shape
 from finetune.plan.terms import (
     activation_bytes, checkpoint_bytes, dora_magnitudes, meta_model, optimizer_bytes, runtime_rss, virtual_tokens,
     weight_bytes,
@@ -166,8 +168,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
 
     terms = [
         Term("4-bit base weights", quantized, _weights_note(quantized, gguf)),
-        Term("weights in compute dtype", kept, f"embeddings, norms, biases, untied head ({_dtype(dtype)})"
-             + (", inside the mapped checkpoint" if in_place else ""), counted=not in_place),
+        Term("weights in compute dtype", kept, _kept_note(config, dtype, in_place), counted=not in_place),
         Term(f"{'LoRA' if method == 'lora' else method} parameters", 4 * n_trainable, f"{n_trainable:,} trainable"),
         Term("gradients", 4 * n_trainable, "float32, one per trainable parameter"),
         Term("optimizer states", optimizer_bytes(trainable, t.optimizer), t.optimizer),
@@ -200,6 +201,12 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
 
 
 CACHE_TERM = "dequantized weight cache"
+
+
+def _kept_note(config, dtype, in_place: bool) -> str:
+    return "embeddings, norms, biases, untied head" \
+        + (", MoE experts and routers (bitsandbytes quantizes nn.Linear only)" if moe_shape(config) else "") \
+        + f" ({_dtype(dtype)})" + (", inside the mapped checkpoint" if in_place else "")
 
 
 def _weights_note(quantized: int, gguf: bool) -> str:

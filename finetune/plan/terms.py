@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from finetune.errors import FinetuneError, first_line
+from finetune.plan.moe import expert_lora_bytes, moe_token_bytes
 from finetune.recipe import Recipe
 
 BLOCK = 64  # bitsandbytes 4-bit blocksize
@@ -151,8 +152,11 @@ def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, ch
     head_dim = getattr(c, "head_dim", None) or h // heads
     tokens = batch * seq
     adapted = _adapted_by_layer(model)
-    per_layer = [per_token_layer_bytes(adapted.get(i, []), recipe, h, inter, heads, kv, head_dim, width, stream)
-                 + (heads + 2) * 4 for i in range(layers)]
+    moe = moe_token_bytes(c, stream)  # a mixture of experts' block instead of the dense MLP (plan/moe.py)
+    expert_weights, expert_tokens = expert_lora_bytes(model, width)
+    per_layer = [per_token_layer_bytes(adapted.get(i, []), recipe, h, 0 if moe else inter, heads, kv, head_dim, width,
+                                       stream) + (heads + 2) * 4 + (moe or 0) + expert_tokens * width
+                 for i in range(layers)]
     rotary = 2 * seq * head_dim * width  # cos and sin, shared by the layers
     final = tokens * (h * stream + 4)  # the final norm's input and statistics
     prefix = recipe.prefix_tuning.num_virtual_tokens if recipe.adapter.method == "prefix_tuning" else 0
@@ -160,8 +164,8 @@ def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, ch
         per_layer = [b + 2 * (seq + prefix) * kv * head_dim * stream // seq for b in per_layer]
         final += batch * seq * (seq + prefix) * 4
     if checkpointing:
-        return tokens * layers * h * stream + tokens * max(per_layer) + rotary + final
-    return tokens * sum(per_layer) + rotary + final
+        return tokens * layers * h * stream + tokens * max(per_layer) + rotary + final + expert_weights
+    return tokens * sum(per_layer) + rotary + final + layers * expert_weights
 
 
 
@@ -202,9 +206,13 @@ def _adapted_by_layer(model) -> dict[int, list[tuple[str, int, int, int]]]:
     from peft.tuners.ia3 import IA3Layer
     from peft.tuners.lora import LoraLayer
 
+    from peft.tuners.lora.layer import ParamWrapper
+
     found: dict[int, list] = {}
     for name, module in model.named_modules():
         m = re.search(r"\.layers\.(\d+)\.", name + ".")
+        if isinstance(module, ParamWrapper):  # LoRA inside a MoE's expert weights: plan/moe.py
+            continue
         if m and isinstance(module, LoraLayer):
             found.setdefault(int(m.group(1)), []).append(
                 (name.rsplit(".", 1)[-1], module.in_features, module.out_features, next(iter(module.r.values()))))

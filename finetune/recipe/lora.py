@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import difflib
 import re
+import json
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, field_validator
 
-from finetune.recipe.section import Section
+from finetune.recipe.section import KeyedError, Section
 
 LORA_INITS = ("default", "gaussian", "pissa", "pissa_niter_N", "olora", "loftq")
 # Inits that start from the base weight's principal components (or a LoftQ fit) and rewrite the base
@@ -52,6 +54,16 @@ class LoraSection(Section):
     )
     alpha_pattern: dict[str, float] = Field(
         default_factory=dict, description="Module-name pattern -> alpha for those modules (as rank_pattern).",
+    )
+    # -- mixture of experts (Mixtral, Qwen3-MoE, OLMoE): check_experts below, finetune/model/moe.py
+    target_experts: bool = Field(
+        False, description="Mixture-of-experts models: also train LoRA on the experts (PEFT's target_parameters on "
+        "the fused expert tensors: a rank-r pair per expert and projection). Needs lora.dropout 0, no DoRA and "
+        "init default or gaussian (PEFT's expert wrapper has none of them).",
+    )
+    train_router: bool = Field(
+        False, description="Mixture-of-experts models: train each layer's router (its experts x hidden gate) in "
+        "full; frozen by default.",
     )
     # --- QA-LoRA (docs/quantized.md; finetune/quant/peft_layers.py; checks in recipe/quantized.py)
     use_qalora: bool = Field(
@@ -156,3 +168,73 @@ def check_lora_init(lora: LoraSection, load_in_4bit: bool) -> None:
         raise ValueError("lora.init loftq only makes sense with quantization.load_in_4bit true (it fits the "
                          "adapter to the quantization error), and that combination is refused; use lora.init "
                          "default, gaussian, pissa or olora")
+
+
+# ------------------------------------------------------------------ mixture of experts (issue 34)
+
+# The experts' projection names in transformers' (v4-style, on-disk) checkpoints, and the router's: PEFT would
+# re-route a target_modules entry naming them to the fused expert tensors or the router (its v4 -> v5 conversion),
+# so on a mixture of experts they are asked for by lora.target_experts / lora.train_router instead.
+EXPERT_MODULE_NAMES = {"mixtral": ("w1", "w2", "w3", "gate"), "default": ("gate_proj", "up_proj", "down_proj", "gate")}
+# The train-able inits: the others read or rewrite the base weight, which PEFT's expert wrapper does not support.
+EXPERT_INITS = ("default", "gaussian")
+
+
+def local_model_config(name_or_path: str) -> dict | None:
+    """The model's config.json when the model is a local directory (None: a hub id or a GGUF file)."""
+    path = Path(name_or_path).expanduser() / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def num_experts(config: dict) -> int:
+    """Experts per layer of a transformers config (0: a dense model)."""
+    text = config.get("text_config") or config
+    return int(text.get("num_local_experts") or text.get("num_experts") or 0)
+
+
+def check_experts(recipe) -> None:
+    """Refuse, naming the key, what PEFT cannot train on a mixture of experts: its expert wrapper
+    (lora.ParamWrapper) adds B A to the fused expert weights themselves, so there is no input to drop out, no
+    DoRA magnitude and no initialisation from the weights; and the MoE settings on a model without experts."""
+    lora = recipe.lora
+    if lora.target_experts:
+        why = "PEFT's expert wrapper (lora.ParamWrapper) adds B A to the expert weights themselves"
+        clashes = [
+            (lora.dropout > 0, "lora.dropout", f"lora.dropout {lora.dropout} cannot be combined with "
+             f"lora.target_experts true: {why}, so no dropout can apply to an input (one lora.dropout serves every "
+             "target); set lora.dropout 0"),
+            (lora.use_dora, "lora.use_dora", f"lora.use_dora cannot be combined with lora.target_experts true: {why} "
+             "and has no DoRA magnitude; set lora.use_dora false"),
+            (lora.init not in EXPERT_INITS, "lora.init", f"lora.init {lora.init} cannot be combined with "
+             f"lora.target_experts true: {why} and initialises only as default or gaussian"),
+        ]
+        for clash, key, message in clashes:
+            if clash:
+                raise KeyedError(key, message)
+    config = local_model_config(recipe.model.name_or_path)
+    if config is None:
+        return  # a hub id: checked when the model loads (finetune/model/moe.py)
+    experts = num_experts(config)
+    asked = [k for k, on in (("lora.target_experts", lora.target_experts), ("lora.train_router", lora.train_router),
+                             ("training.router_aux_loss_coef", recipe.training.router_aux_loss_coef is not None)) if on]
+    if not experts:
+        if asked:
+            raise KeyedError(asked[0], f"{asked[0]} is a mixture-of-experts setting, and {recipe.model.name_or_path} "
+                             f"({config.get('model_type', '?')}) has no experts; remove it")
+        return
+    if recipe.adapter.method != "lora":
+        raise KeyedError("adapter.method", f"adapter.method {recipe.adapter.method} cannot train the mixture-of-"
+                         f"experts model {config.get('model_type', '?')}: on these models finetune trains LoRA (PEFT's "
+                         "expert and router support is LoRA's); use adapter.method lora")
+    names = EXPERT_MODULE_NAMES.get(config.get("model_type"), EXPERT_MODULE_NAMES["default"])
+    listed = [t for t in (lora.target_modules if isinstance(lora.target_modules, list) else []) if t in names]
+    if listed:
+        raise KeyedError("lora.target_modules", f"lora.target_modules names {listed[0]}, which in this mixture of "
+                         f"experts is {'the router' if listed[0] == 'gate' else 'an expert projection'} (fused into one "
+                         "tensor per layer); use lora.target_experts true (LoRA on every expert) or lora.train_router "
+                         "true (the routers in full), and list only attention modules here")
+

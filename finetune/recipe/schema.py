@@ -20,7 +20,7 @@ import yaml
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from finetune.recipe.grpo import GRPOSection, RewardSpec, check_extractor, check_grpo
-from finetune.recipe.lora import LoraSection, check_lora_init
+from finetune.recipe.lora import LoraSection, check_experts, check_lora_init
 from finetune.recipe.quantized import check_quantized
 from finetune.recipe.section import PathText, Section
 from finetune.recipe.methods import (
@@ -317,6 +317,11 @@ class TrainingSection(Section):
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
         default_factory=list, description="Experiment trackers (via accelerate); each needs its package."
     )
+    router_aux_loss_coef: Optional[float] = Field(
+        None, ge=0, description="Mixture-of-experts models: weight of the routers' load-balancing loss added to the "
+        "training loss (logged as aux_loss); default: the model config's router_aux_loss_coef (Mixtral, Qwen3-MoE "
+        "0.001, OLMoE 0.01); 0 turns it off.",
+    )
 
 
 class DPOSection(Section):
@@ -373,6 +378,7 @@ class Recipe(Section):
         check_preference(self, formats)
         check_method(self)
         check_lora_init(self.lora, self.quantization.load_in_4bit)
+        check_experts(self)
         check_quantized(self)
         if self.training.objective == "grpo" or self.rewards:
             check_grpo(self, formats)

@@ -8,8 +8,10 @@ A job (one request: a prompt, its adapter, n choices) waits in a bounded queue. 
 3. decodes one token for every running row in one forward pass: input = each row's last token, position = its own
    length, attention mask = its real tokens; rows whose jobs name different adapters share that pass through PEFT's
    mixed-adapter batch (`adapter_names=` per row; "__base__" for the base model). A batch of one adapter uses the
-   plain path (`set_adapter`), which costs no per-row routing. PEFT does not mix DoRA adapters: a job for one joins
-   only a batch of its own adapter (and waits, first in line, until the batch drains otherwise);
+   plain path (`set_adapter`), which costs no per-row routing. PEFT does not mix DoRA adapters, nor adapters that
+   train a mixture of experts' routers (its per-row split does not reach a router's flattened tokens): a job for
+   one joins only a batch of its own adapter (and waits, first in line, until the batch drains otherwise); while
+   an adapter on MoE experts (PEFT's target_parameters) is loaded no batch mixes adapters;
 4. retires rows that ended (an end-of-sequence id, the job's stop condition, max_tokens, the context): their cache
    rows are cut out and fully padded columns trimmed, so a waiting job can join at the next step.
 
@@ -100,7 +102,8 @@ class Engine:
         self.cache, self.mask = None, None
         self.active: str | None = None  # adapter set on the model for the plain path (None: unknown)
         self.retired: set[str] = set()  # adapters to delete once no row uses them
-        self.solo: set[str] = set()  # adapters PEFT cannot mix with others in one batch (DoRA)
+        self.solo: set[str] = set()  # adapters PEFT cannot mix with others in one batch (DoRA, MoE routers)
+        self.unmixed: set[str] = set()  # loaded adapters on MoE experts: while any is, PEFT mixes no batch at all
         self.wakeup = threading.Condition()
         self.stopping, self.thread = False, None
         self.device = next(self.model.parameters()).device
@@ -159,6 +162,8 @@ class Engine:
                 for name in self._deletable():
                     self.model.delete_adapter(name)
                     self.retired.discard(name)
+                    self.solo.discard(name)
+                    self.unmixed.discard(name)
                     self.active = None
                 self._admit()
                 if self.rows:
@@ -203,9 +208,11 @@ class Engine:
                     job.finish(i, "error", 0)
 
     def _fits(self, job: Job) -> bool:
-        """Room in the batch, and an adapter that may share it (a DoRA adapter only shares with itself)."""
+        """Room in the batch, and an adapter that may share it (a DoRA adapter only shares with itself; while an
+        adapter on MoE experts is loaded, every batch holds one adapter: PEFT's expert wrapper refuses mixed ones)."""
         names = {r.job.adapter for r in self.rows} | {job.adapter}
-        return len(self.rows) + job.n <= self.max_batch and (len(names) == 1 or not names & self.solo)
+        mixable = not (names & self.solo or self.unmixed)
+        return len(self.rows) + job.n <= self.max_batch and (len(names) == 1 or mixable)
 
     def _prefill(self, job: Job) -> None:
         from transformers import DynamicCache

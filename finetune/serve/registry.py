@@ -70,8 +70,10 @@ class Registry:
                 raise APIError(400, str(e), param="path", code="invalid_adapter") from None
             peft_name = f"a{next(self.ids)}"
             self._load(adapter_dir, peft_name)
-            if config.get("use_dora"):
+            if config.get("use_dora") or config.get("modules_to_save"):  # PEFT's per-row split cannot serve them
                 self.engine.solo.add(peft_name)
+            if config.get("target_parameters"):  # MoE experts: PEFT's expert wrapper serves no mixed batch
+                self.engine.unmixed.add(peft_name)
             served = Served(name, peft_name, tok, self._eos(tok), str(adapter_dir), now())
             self.models[name] = served
             return served

@@ -16,6 +16,7 @@ from transformers import get_scheduler
 from finetune.data import (
     Collator, Feedback, FeedbackCollator, PairCollator, Pairs, cache_dir, fingerprint, split_records, train_eval_split,
 )
+from finetune.export import check_architecture
 from finetune.model import (
     MethodRuntime, Placement, attach_lora, dtype_name, load_base_model, load_tokenizer, make_optimizer, resolve,
     use_segmented_attention,
@@ -37,6 +38,7 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     accelerator = _accelerator(recipe, placement)
     check_strategy(recipe, placement)
     objective = make_objective(recipe)  # before anything heavy: e.g. a GRPO reward module that does not import
+    check_architecture(recipe.model.name_or_path)  # a family finetune does not cover: named, with those it does
     resume_from = ckpt.find_resume_checkpoint(recipe.run_dir, resume) if resume else None
     if accelerator.is_main_process and not resume_from:
         ckpt.prepare_run_dir(recipe.run_dir, overwrite)

@@ -18,14 +18,19 @@ def train_step(run: Run, group: list[dict]) -> StepResult:
     acc, objective, t = run.accelerator, run.objective, run.recipe.training
     group = objective.rollout(run, group)  # GRPO: prompts -> sampled, scored answers; others: unchanged
     units = int(acc.reduce(torch.tensor(sum(objective.units(b) for b in group), device=acc.device), "sum"))
-    loss = torch.zeros(1 + len(objective.metrics), device=acc.device)  # the loss, then the objective's metrics
+    # the loss, the objective's metrics, then a mixture of experts' load-balancing loss (moe.py), each summed over units
+    metrics = list(objective.metrics) + (["aux_loss"] if run.method.router_coef > 0 else [])
+    loss = torch.zeros(1 + len(metrics), device=acc.device)
     seen, penalty = 0, run.method.penalty()  # AdaLoRA's orthogonality term: once per step, not logged as loss
     for i, batch in enumerate(group):
         with nullcontext() if i == len(group) - 1 else acc.no_sync(run.model):
             out = objective(run.model, batch)
             extra = penalty * max(units, 1) / acc.num_processes if i == 0 and penalty is not None else 0
+            if (aux := run.method.router_loss()) is not None:  # weighted by the batch's units: the step's mean
+                out.metrics["aux_loss"] = aux.detach() * objective.units(batch)
+                extra = extra + run.method.router_coef * aux * objective.units(batch)
             acc.backward((out.total + extra) * acc.num_processes / max(units, 1))
-        loss += torch.stack([out.total.detach(), *(out.metrics[k] for k in objective.metrics)]).to(loss)
+        loss += torch.stack([out.total.detach(), *(out.metrics.get(k, torch.zeros(())) for k in metrics)]).to(loss)
         seen += real_tokens(batch)  # not padding, packed or not
     sums = acc.reduce(loss, "sum").tolist()
     grad_norm = acc.clip_grad_norm_(run.model.parameters(), t.max_grad_norm or float("inf"))
@@ -38,7 +43,7 @@ def train_step(run: Run, group: list[dict]) -> StepResult:
         run.method.after_step(run.state.step + 1)  # AdaLoRA: importance and rank re-allocation, gradients intact
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return StepResult(step_loss, units, float(grad_norm), seen, dict(zip(objective.metrics, sums[1:])), finite)
+    return StepResult(step_loss, units, float(grad_norm), seen, dict(zip(metrics, sums[1:])), finite)
 
 
 
