@@ -21,6 +21,7 @@ import warnings
 import torch
 
 from finetune.errors import RecipeError
+from finetune.model.variants import folded_for_saving, folds
 from finetune.recipe import VIRTUAL_TOKEN_METHODS, Recipe, check_adalora_schedule
 
 ADAPTER = "default"  # the adapter name get_peft_model gives
@@ -34,7 +35,7 @@ def peft_config(recipe: Recipe, model):
     )
 
     method = recipe.adapter.method
-    if method == "lora":
+    if method in ("lora", "adamix"):  # AdaMix: LoRA layers, given their experts afterwards (variants.py)
         return lora_config(recipe, model)
     if method == "adalora":
         return adalora_config(recipe, recipe.training.max_steps or 10**6)
@@ -83,10 +84,12 @@ class MethodRuntime:
     def __init__(self, model=None, recipe: Recipe | None = None, total_steps: int = 0):
         """`model`: the PeftModel (unwrapped). AdaLoRA's schedule is re-tied to the run's `total_steps` here."""
         method = recipe.adapter.method if recipe is not None else "lora"
+        self.recipe = recipe
         self.model = model if method == "adalora" else None
         # P-tuning and prefix tuning with projection save only their encoder's output (the virtual tokens), which
-        # is all inference needs; resuming needs the encoder itself.
-        self.prompt_model = model if method in VIRTUAL_TOKEN_METHODS else None
+        # is all inference needs; resuming needs the encoder itself. IEC and AdaMix save the plain LoRA they fold
+        # into (variants.py); resuming needs their trained parameters.
+        self.prompt_model = model if method in VIRTUAL_TOKEN_METHODS or (recipe and folds(recipe)) else None
         if self.model is not None:
             config = self.model.peft_config[ADAPTER]
             fitted = adalora_config(recipe, total_steps)
@@ -148,6 +151,10 @@ class MethodRuntime:
         would save another model than the one training runs; only at the end, where the final masking zeroed
         every pruned E_i, is the adapter saved cut to its re-allocated ranks."""
         config = self.model.peft_config[ADAPTER] if self.model is not None else None
+        if self.prompt_model is not None and folds(self.recipe):  # IEC, AdaMix: the folded plain LoRA
+            with folded_for_saving(self.prompt_model):
+                yield
+            return
         if config is None or final:
             with warnings.catch_warnings():  # a layer pruned to rank 0 is saved as 0-sized tensors, which PEFT
                 warnings.filterwarnings("ignore", message=".*have invalid shape")  # takes for unsharded ZeRO-3
@@ -176,7 +183,7 @@ def lora_config(recipe: Recipe, model):
     targets = lora.target_modules
     if layers is not None and targets == "all-linear":  # PEFT takes layers_to_transform only with a list
         targets = _linear_layer_names(model)
-    init = {"default": True, "gaussian": "gaussian"}.get(lora.init, lora.init)
+    init = {"default": True, "gaussian": "gaussian", "loftq": True}.get(lora.init, lora.init)  # loftq: loftq.py
     if lora.use_qalora:
         _check_qalora_groups(model, lora.qalora_group_size, targets, layers)
     config = LoraConfig(

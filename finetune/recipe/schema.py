@@ -21,10 +21,11 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from finetune.recipe.grpo import GRPOSection, RewardSpec, check_extractor, check_grpo
 from finetune.recipe.lora import LoraSection, check_lora_init
+from finetune.recipe.qmethods import check_qmethods
 from finetune.recipe.quantized import check_quantized
 from finetune.recipe.section import PathText, Section
 from finetune.recipe.methods import (
-    METHOD_SECTIONS, AdaLoraSection, AdapterSection, IA3Section, PrefixTuningSection, PromptTuningSection,
+    LORA_SECTION_METHODS, METHOD_SECTIONS, AdaLoraSection, AdaMixSection, AdapterSection, IA3Section, PrefixTuningSection, PromptTuningSection,
     PTuningSection, check_method,
 )
 from finetune.recipe.preference import (
@@ -38,15 +39,18 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model.")
 
 
+PACKED_TYPES = ("gguf", "icq_nf4")  # quant types finetune packs itself (finetune/quant), not bitsandbytes
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
 class QuantizationSection(Section):
     load_in_4bit: bool = Field(True, description="Quantize the frozen base to 4 bit (QLoRA); false = plain LoRA.")
-    quant_type: Literal["nf4", "fp4", "gguf"] = Field(
+    quant_type: Literal["nf4", "fp4", "gguf", "icq_nf4"] = Field(
         "nf4", description="4-bit data type; gguf (a .gguf model only): keep the file's own quantized tensors "
         "(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) as the frozen base, dequantized per forward "
-        "(docs/quantized.md).")
+        "(docs/quantized.md); icq_nf4: IR-QLoRA's information-calibrated NF4, NF4 codes of w - tau with one shift "
+        "tau per block of 64 chosen for the most code entropy (docs/methods.md; absmax float32, tau float16: "
+        "double_quant does not apply).")
     double_quant: bool = Field(True, description="Also quantize the quantization constants (saves ~0.4 bit/param).")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Matmul dtype: auto = bf16 on capable CUDA, fp16 on older CUDA; on CPU bf16 where it has AVX512_BF16/AMX, else fp32."
@@ -62,6 +66,8 @@ class QuantizationSection(Section):
         "memory of a float model); auto = where `finetune plan` predicts the run still fits with it (same numbers "
         "either way).")
     # --- end GGUF base
+    packed = property(lambda self: self.load_in_4bit and self.quant_type in PACKED_TYPES,
+                      doc="The frozen base is finetune's own QuantLinear layers (gguf, icq_nf4), not bitsandbytes'.")
 
     @field_validator("compute_dtype", "quant_storage", mode="before")
     @classmethod
@@ -354,6 +360,7 @@ class Recipe(Section):
     prompt_tuning: PromptTuningSection = Field(default_factory=PromptTuningSection)
     prefix_tuning: PrefixTuningSection = Field(default_factory=PrefixTuningSection)
     p_tuning: PTuningSection = Field(default_factory=PTuningSection)
+    adamix: AdaMixSection = Field(default_factory=AdaMixSection)
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     dpo: DPOSection = Field(default_factory=DPOSection)
@@ -374,6 +381,7 @@ class Recipe(Section):
         check_method(self)
         check_lora_init(self.lora, self.quantization.load_in_4bit)
         check_quantized(self)
+        check_qmethods(self)
         if self.training.objective == "grpo" or self.rewards:
             check_grpo(self, formats)
         return self
@@ -384,6 +392,7 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         """The resolved recipe, with only the chosen method's section (a LoRA run's reads as before)."""
-        unused = {m for m in METHOD_SECTIONS if m != self.adapter.method} | ({"adapter"} if self.adapter.method ==
-                                                                             "lora" else set())
+        method = self.adapter.method
+        unused = {m for m in METHOD_SECTIONS if m != method and not (m == "lora" and method in LORA_SECTION_METHODS)} \
+            | ({"adapter"} if method == "lora" else set())
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude=unused), sort_keys=False)
