@@ -27,7 +27,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
         "attach_lora", "load_base_model", "load_tokenizer", "make_optimizer", "quantization_config"
     ],
     "methods": ["MethodRuntime", "lora_config", "peft_config"],
-    "loftq": ["loftq_base_dir", "loftq_initialise", "loftq_trained_section", "prepare_loftq_base"],
+    "loftq": ["loftq_base_dir", "loftq_initialise", "loftq_trained_base", "loftq_trained_section", "prepare_loftq_base"],
     "variants": ["folds", "install_variants"],
     "icq_base": ["pack_icq_base"],
     "attention": ["use_segmented_attention"],

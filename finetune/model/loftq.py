@@ -49,6 +49,18 @@ def loftq_trained_section(recipe: Recipe) -> ModelSection:
     return recipe.model if where is None else ModelSection(name_or_path=str(where))
 
 
+def loftq_trained_base(adapter_dir: str | Path) -> str | None:
+    """The LoftQ base an adapter checkpoint was trained over (its adapter_base.json), or None."""
+    import json
+
+    record = Path(adapter_dir) / "adapter_base.json"
+    try:
+        data = json.loads(record.read_text()) if record.is_file() else {}
+    except ValueError:
+        return None
+    return data.get("base") if isinstance(data, dict) and data.get("relative_to") == BASE_DIR else None
+
+
 def prepare_loftq_base(recipe: Recipe, compute_dtype: torch.dtype, *, write: bool, resuming: bool) -> ModelSection:
     """The model section to load as training's base. T >= 2: a fresh run's main process (`write`) fits Q_T and
     writes the LoftQ base (atomically, with a manifest); a resumed run checks the one it started from."""
