@@ -18,7 +18,9 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import LoraVariant
 
-EXPERTS_A, EXPERTS_B = "adamix_A", "adamix_B"  # no "lora_": PEFT's adapter state dict leaves them out
+from finetune.model.variants import register
+
+EXPERTS_A, EXPERTS_B = "adamix_A", "adamix_B"  # {adapter: ParameterList}, plain dicts: see variants.register
 
 
 class AdaMixVariant(LoraVariant):
@@ -65,14 +67,15 @@ def install(model, num_adapters: int, adapter: str = "default") -> int:
     from peft.tuners.lora import LoraLayer
 
     count = 0
-    for module in model.modules():
+    for layer_name, module in list(model.named_modules()):
         if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
             continue
         for name, source in ((EXPERTS_A, module.lora_A[adapter]), (EXPERTS_B, module.lora_B[adapter])):
+            experts = register(model, layer_name, f"{name}_{adapter}", torch.nn.ParameterList(
+                [torch.nn.Parameter(source.weight.detach().clone()) for _ in range(num_adapters)]))
             if not hasattr(module, name):
-                setattr(module, name, torch.nn.ModuleDict())
-            getattr(module, name)[adapter] = torch.nn.ParameterList(
-                [torch.nn.Parameter(source.weight.detach().clone()) for _ in range(num_adapters)])
+                setattr(module, name, {})  # a plain dict: not registered on the layer
+            getattr(module, name)[adapter] = experts
             source.weight.requires_grad_(False)
         module.lora_variant[adapter] = AdaMixVariant()
         count += 1

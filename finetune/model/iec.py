@@ -24,8 +24,9 @@ import torch
 from peft.tuners.lora.layer import LoraVariant
 
 from finetune.errors import RecipeError
+from finetune.model.variants import register
 
-PARAM = "iec_beta"  # no "lora_" in the name: PEFT's adapter state dict leaves it out (the folded A', B' carry it)
+PARAM = "iec_beta"  # {adapter: the two betas}, a plain dict on the layer: the parameters live in variants.register
 
 
 class IECVariant(LoraVariant):
@@ -73,7 +74,7 @@ def install(model, adapter: str = "default") -> int:
     from peft.tuners.lora import LoraLayer
 
     count = 0
-    for name, module in model.named_modules():
+    for name, module in list(model.named_modules()):
         if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
             continue
         r, d_in, d_out = module.r[adapter], module.in_features, module.out_features
@@ -83,9 +84,11 @@ def install(model, adapter: str = "default") -> int:
                               "input over r groups and repeats over r output groups: pick a rank dividing every "
                               "adapted layer's sizes (lora.r, or lora.rank_pattern for that layer).")
         weight = module.lora_A[adapter].weight
+        beta = torch.nn.Parameter(torch.zeros(2, dtype=weight.dtype, device=weight.device))
+        register(model, name, f"iec_{adapter}", torch.nn.ParameterList([beta]))
         if not hasattr(module, PARAM):
-            setattr(module, PARAM, torch.nn.ParameterDict())
-        getattr(module, PARAM)[adapter] = torch.nn.Parameter(torch.zeros(2, dtype=weight.dtype, device=weight.device))
+            setattr(module, PARAM, {})  # a plain dict: not registered on the layer
+        getattr(module, PARAM)[adapter] = beta
         module.lora_variant[adapter] = IECVariant()
         count += 1
     return count

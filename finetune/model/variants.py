@@ -30,6 +30,19 @@ def install_variants(model, recipe: Recipe) -> None:
         install(model)
 
 
+HOLDER = "variant_parameters"
+
+
+def register(model, layer_name: str, kind: str, value: torch.nn.Module) -> torch.nn.Module:
+    """Register a variant's trainable parameters (`value`, a ParameterList) on the PeftModel itself, not on the LoRA
+    layer: PEFT saves everything a LoRA layer holds (its adapter state dict is taken structurally), and these must
+    stay out of adapter_model.safetensors, which holds the folded LoRA. The layer keeps a plain reference."""
+    if not hasattr(model, HOLDER):
+        model.add_module(HOLDER, torch.nn.ModuleDict())
+    getattr(model, HOLDER)[f"{kind}__{layer_name.replace('.', '__')}"] = value
+    return value
+
+
 @contextlib.contextmanager
 def folded_for_saving(model, adapter: str = "default"):
     """While the block runs, every variant layer's lora_A / lora_B hold the plain LoRA it computes at evaluation."""
