@@ -86,6 +86,7 @@ def export_folded(source: Path, out: Path, type: str, probes: list[str]) -> dict
     probe = probe_batch(tok)
     with torch.no_grad():
         reference = trained(**probe).logits.float()
+        unrounded = _unrounded_logits(trained, probe)
     del trained
     gc.collect()
     with atomic_file(out, out.with_name(f".{out.stem}.partial-{os.getpid()}.gguf")) as partial:
@@ -99,17 +100,37 @@ def export_folded(source: Path, out: Path, type: str, probes: list[str]) -> dict
                             f"scales and codes byte-identical: {facts['scales_and_codes_identical']}, same size: "
                             f"{facts['same_size']}, same tensor types: {facts['same_types']}; the only rounding, "
                             f"m + U to fp16: max {rounding['offset_rounding_max']:.3g}", *notes]}
-        fields.update(_prove(partial, tok, probes, probe, reference))
+        fields.update(_prove(partial, tok, probes, probe, reference, unrounded))
+    parts = fields["fidelity_parts"]
+    fields["notes"].insert(1, "where the logit difference comes from: the fold without rounding vs the trained model "
+                           f"{parts['unrounded_fold_vs_trained']['max_abs_logit_diff']:.2g} (float arithmetic), the "
+                           f"file vs that {parts['file_vs_unrounded_fold']['max_abs_logit_diff']:.2g} (the offsets' "
+                           "fp16 rounding)")
     return fields
+
+
+def _unrounded_logits(trained, probe) -> torch.Tensor:
+    """The logits of the fold without its one rounding: every QA-LoRA layer's weight set to dequant(blocks) + its
+    update in float32 (m + U kept unrounded), adapters off. Leaves `trained` with those weights (discarded after)."""
+    from peft.tuners.lora import LoraLayer
+
+    for layer in trained.base_model.model.modules():
+        if isinstance(layer, LoraLayer) and ADAPTER in layer.lora_A:
+            base = layer.get_base_layer()
+            base.cache(None)
+            base.cached_weight = base.dequantized(torch.float32) + layer.get_delta_weight(ADAPTER).float()
+    with trained.disable_adapter():
+        return trained(**probe).logits.float()
 
 
 def _trained(source: Path, recipe: dict):
     """The model as trained: the file's packed blocks + the adapter, in float32 on CPU."""
-    from finetune.model import attach_saved_adapter, load_base_model, resolve
+    from finetune.model import attach_saved_adapter, cache_weights, load_base_model, resolve
     from finetune.recipe import QuantizationSection
 
     quant = QuantizationSection.model_validate(recipe["quantization"]).model_copy(update={"compute_dtype": "float32"})
     base = load_base_model(recipe["model"]["name_or_path"], quant, "cpu", resolve(quant))
+    cache_weights(base, torch.float32)  # one forward: dequantizing once is the same numbers
     return attach_saved_adapter(base, source, ADAPTER).eval()
 
 
@@ -211,8 +232,10 @@ def compare_files(src: Path, out: Path, updates: dict) -> dict:
             "other_tensors_identical": identical == len(a.tensors) - len(updates), "offsets_changed": changed}
 
 
-def _prove(path: Path, tok, probes: list[str], probe, reference: torch.Tensor) -> dict:
-    """transformers reads the folded file: its tokenizer and its logits against the trained model's."""
+def _prove(path: Path, tok, probes: list[str], probe, reference: torch.Tensor, unrounded: torch.Tensor) -> dict:
+    """transformers reads the folded file: its tokenizer and its logits against the trained model's; and the parts
+    of that difference: the unrounded fold against the trained model (float arithmetic only), the file against the
+    unrounded fold (the offsets' fp16 rounding only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     file_tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -220,9 +243,14 @@ def _prove(path: Path, tok, probes: list[str], probe, reference: torch.Tensor) -
     with torch.no_grad():
         logits = folded(**probe).logits.float()
     keep = probe["attention_mask"].bool()
-    d = (logits - reference).abs()[keep]
+
+    def diff(a, b) -> dict:
+        d = (a - b).abs()[keep]
+        return {"max_abs_logit_diff": d.max().item(), "mean_abs_logit_diff": d.mean().item(),
+                "top1_agreement": (a.argmax(-1) == b.argmax(-1))[keep].float().mean().item()}
+
     return {"tokenizer_agreement": {s: tok(s, add_special_tokens=False)["input_ids"] ==
                                     file_tok(s, add_special_tokens=False)["input_ids"] for s in probes},
-            "probe_tokens": int(keep.sum()),
-            "fidelity": {"max_abs_logit_diff": d.max().item(), "mean_abs_logit_diff": d.mean().item(),
-                         "top1_agreement": (logits.argmax(-1) == reference.argmax(-1))[keep].float().mean().item()}}
+            "probe_tokens": int(keep.sum()), "fidelity": diff(logits, reference),
+            "fidelity_parts": {"unrounded_fold_vs_trained": diff(unrounded, reference),
+                               "file_vs_unrounded_fold": diff(logits, unrounded)}}

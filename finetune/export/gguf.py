@@ -66,6 +66,7 @@ class ExportReport:
     merge_fidelity: dict | None = None
     notes: list[str] = field(default_factory=list)
     fold: dict | None = None  # QA-LoRA folded into the base GGUF's blocks (export/fold.py)
+    fidelity_parts: dict | None = None  # the fold's logit difference split: float arithmetic, fp16 rounding
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -11,7 +11,8 @@ from finetune import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "placement": [
-        "DeviceFacts", "Placement", "auto_compute_dtype", "cpu_dtype_override", "cpu_has_native_bf16", "dtype_name",
+        "DeviceFacts", "Placement", "auto_compute_dtype", "compute_like_training", "cpu_dtype_override",
+        "cpu_has_native_bf16", "dtype_name",
         "resolve", "resolve_compute_dtype",
     ],
     "adapters": [
@@ -26,9 +27,9 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "load": [
         "attach_lora", "load_base_model", "load_tokenizer", "make_optimizer", "quantization_config"
     ],
-    "methods": ["MethodRuntime", "lora_config", "peft_config"],
+    "methods": ["MethodRuntime", "install_variants", "lora_config", "peft_config"],
     "loftq": ["loftq_base_dir", "loftq_initialise", "loftq_trained_base", "loftq_trained_section", "prepare_loftq_base"],
-    "variants": ["folds", "install_variants"],
+    "variants": ["folds"],
     "icq_base": ["pack_icq_base"],
     "attention": ["use_segmented_attention"],
     "reward": ["check_reward_checkpoint", "load_reward_checkpoint", "score_module"],

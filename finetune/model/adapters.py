@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from finetune.errors import ModelError, first_line
 from finetune.model.load import load_base_model, load_tokenizer
-from finetune.model.placement import resolve, resolve_compute_dtype
+from finetune.model.placement import compute_like_training, resolve, resolve_compute_dtype
 from finetune.recipe import ModelSection, QuantizationSection, Recipe
 
 
@@ -169,7 +169,7 @@ def load_eval_model(section: ModelSection, quant: QuantizationSection, device, h
                                                      dtype=resolve_compute_dtype(quant.compute_dtype))
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot load the GGUF model {path}: {first_line(e)}") from None
-    return model.to(device)
+    return compute_like_training(model.to(device), resolve_compute_dtype(quant.compute_dtype))
 
 
 def eval_quantization(quantize: str, recipe: Recipe | None, source: str, adapters: list[str]) -> QuantizationSection:

@@ -52,6 +52,10 @@ def pack_gguf_base(model, path: str | Path, compute_dtype: torch.dtype) -> dict[
     if not packed:
         raise ModelError(f"{path} stores no linear weight in a block format finetune reads "
                          f"({', '.join(load_formats())}); use quantization.quant_type nf4.")
+    if not meta:  # the float conversion's file map held the replaced weights too: copy out what is left, freeing it
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.clone()
     return packed
 
 

@@ -20,9 +20,8 @@ from transformers import (
 
 from finetune.errors import ModelError, first_line
 from finetune.model.dropout import use_cpu_dropout
-from finetune.model.methods import peft_config
-from finetune.model.variants import install_variants
-from finetune.model.placement import Placement
+from finetune.model.methods import install_variants, peft_config
+from finetune.model.placement import Placement, compute_like_training
 from finetune.recipe import ModelSection, QuantizationSection, Recipe
 
 # ChatML, for tokenizers that ship no chat template.
@@ -103,6 +102,7 @@ def load_base_model(model: ModelSection | str, q: QuantizationSection, device: t
 
         pack_icq_base(base, placement.compute_dtype)
     _keep_one_cpu_4bit_path(base)
+    compute_like_training(base, placement.compute_dtype)
     if head == "score":  # a zero score head: every reward starts at 0 (the first Bradley-Terry loss is log 2)
         torch.nn.init.zeros_(base.score.weight)
         if base.config.pad_token_id is None:  # its pooling needs one (finetune reads the last token itself)
@@ -162,7 +162,7 @@ def attach_lora(base, recipe: Recipe, placement: Placement):
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     model = get_peft_model(base, peft_config(recipe, base))
-    install_variants(model, recipe)  # IEC, AdaMix (variants.py)
+    install_variants(model, recipe)  # IEC, AdaMix (methods.py, variants.py)
     use_cpu_dropout(model)
     return model
 

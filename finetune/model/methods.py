@@ -63,6 +63,16 @@ def peft_config(recipe: Recipe, model):
     )
 
 
+def install_variants(model, recipe: Recipe) -> None:
+    """IEC (lora.use_iec) or AdaMix (adapter.method adamix) on every LoRA layer of the PeftModel `model`."""
+    from finetune.model import adamix, iec  # they import peft's LoRA layer classes
+
+    if recipe.adapter.method == "adamix":
+        adamix.install(model, recipe.adamix.num_adapters)
+    elif recipe.adapter.method == "lora" and recipe.lora.use_iec:
+        iec.install(model)
+
+
 def adalora_config(recipe: Recipe, total_steps: int):
     """AdaLoraConfig for a run of `total_steps` optimizer steps (tinit/tfinal shares resolved to steps)."""
     from peft import AdaLoraConfig

@@ -1,5 +1,5 @@
 """LoRA variants that train more than a checkpoint stores (IR-QLoRA's IEC: iec.py; AdaMix: adamix.py) and the two
-things they share: they are installed on a PeftModel after PEFT built its LoRA layers (`install_variants`, by
+things they share: they are installed on a PeftModel after PEFT built its LoRA layers (methods.py's `install_variants`, by
 `attach_lora` and by `finetune plan`'s meta model), and a checkpoint holds the plain LoRA they compute at
 evaluation (`folded_for_saving` swaps it into lora_A / lora_B while PEFT saves, then puts the trained values back
 bit for bit), while training_state.pt keeps the trained parameters themselves for resume (MethodRuntime)."""
@@ -16,18 +16,6 @@ from finetune.recipe import Recipe
 def folds(recipe: Recipe) -> bool:
     """Whether the recipe trains a variant whose checkpoint is a folded plain LoRA."""
     return recipe.adapter.method == "adamix" or (recipe.adapter.method == "lora" and recipe.lora.use_iec)
-
-
-def install_variants(model, recipe: Recipe) -> None:
-    """IEC (lora.use_iec) or AdaMix (adapter.method adamix) on every LoRA layer of the PeftModel `model`."""
-    if recipe.adapter.method == "adamix":
-        from finetune.model.adamix import install
-
-        install(model, recipe.adamix.num_adapters)
-    elif recipe.adapter.method == "lora" and recipe.lora.use_iec:
-        from finetune.model.iec import install
-
-        install(model)
 
 
 HOLDER = "variant_parameters"

@@ -161,7 +161,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     config = model.config.get_text_config()
     vocab, hidden = config.vocab_size, config.hidden_size
     loss, loss_note = _loss_bytes(recipe, tokens, vocab, hidden, width)
-    mapped = checkpoint_bytes(recipe) if device == "cpu" else 0
+    mapped = checkpoint_bytes(recipe) if device == "cpu" and not gguf else 0  # gguf: copied out of the map
     in_place = bool(mapped) and stored_dtype == dtype  # CPU uses such weights in place from the mapped file
 
     terms = [

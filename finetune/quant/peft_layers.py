@@ -13,8 +13,8 @@ are, on float nn.Linear, bitsandbytes' Linear4bit and QuantLinear, through PEFT'
 N inputs. With N a multiple of a format's block size the update is one constant per block: `block_delta`,
 what export folds into the blocks' offsets.
 
-The hook lives on the config object, not in adapter_config.json: `wire(config)` must be applied to every
-LoraConfig that builds or loads a QA-LoRA adapter (finetune.model does it in lora_config and load_adapters).
+The hook lives on the config object, not in adapter_config.json: `wire(config)` is applied to every LoraConfig
+that builds or loads an adapter (finetune.model does it in lora_config and load_adapters), QA-LoRA or not.
 """
 
 from __future__ import annotations
@@ -101,9 +101,12 @@ _LAYERS: dict | None = None
 
 
 def wire(config):
-    """`config` (a peft config) with the QA-LoRA layers registered when it asks for QA-LoRA; returned."""
+    """`config` (a peft config) with the QA-LoRA-capable layers registered, for every LoRA config: they behave as
+    PEFT's own layers for a plain adapter, and a layer built for one adapter must take a QA-LoRA adapter added
+    later (serve and chat load several adapters onto one model; PEFT's plain layers would give A the shape r x in
+    instead of r x in / N). Returned."""
     global _LAYERS
-    if getattr(config, "use_qalora", False):
+    if hasattr(config, "_register_custom_module") and getattr(config, "peft_type", None) == "LORA":
         if _LAYERS is None:
             _LAYERS = _custom_layers()
         config._register_custom_module(_LAYERS)
