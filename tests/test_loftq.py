@@ -166,26 +166,3 @@ def test_loftq_on_a_gguf_base_is_refused(tmp_path, tiny_model_dir, data):
     path.write_text(json.dumps(body))
     result = runner.invoke(app, ["validate", str(path)])
     assert result.exit_code == 2 and "lora.init" in result.output and "gguf" in result.output, result.output
-
-
-def test_the_report_script_runs_on_the_tiny_model(tmp_path, tiny_model_dir, data, monkeypatch):
-    """scripts/qmethods_report.py in its smallest form: both formats' errors and every step-0 loss, as JSON."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    monkeypatch.setenv("FINETUNE_ICQ_CACHE", str(tmp_path / "icq"))
-    path = recipe_file(tmp_path, tiny_model_dir, data)
-    out = tmp_path / "report.json"
-    spec = importlib.util.spec_from_file_location(
-        "qmethods_report", Path(__file__).resolve().parents[1] / "scripts" / "qmethods_report.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    monkeypatch.setattr(sys, "argv", ["qmethods_report.py", str(path), "--loftq-iters", "2", "--limit", "2",
-                                      "--json", str(out)])
-    script.main()
-    report = json.loads(out.read_text())
-    assert set(report["quantization_error"]) == {"nf4", "icq_nf4"}
-    assert report["quantization_error"]["icq_nf4"]["code_entropy_bits"] > \
-        report["quantization_error"]["nf4"]["code_entropy_bits"]
-    assert set(report["step0_eval_loss"]) == {"full_precision", "qlora_nf4", "qlora_icq_nf4", "loftq_nf4_T2"}
