@@ -9,9 +9,9 @@ machine is emulated: slow for big matrices, not for these).
 What it covers, and why not the full cross product: the dtype-sensitive seams are (i) each objective's loss path
 (next-token loss, pairs of sequences, feedback with a KL batch, a score head, rollouts) and (ii) each method's
 modules meeting activations of the compute dtype (IA3's scaling vectors, AdaLoRA's SVD triplets, DoRA's norms,
-virtual-token embeddings and prefix key/values, QA-LoRA's pooling, PiSSA's SVD init). Ten runs cover every
-objective once and every method or variant once, each non-LoRA method paired with a non-SFT objective, on both
-kinds of base (NF4 and float). Per run: training's last eval loss is what `finetune eval` reports (the same
+virtual-token embeddings and prefix key/values, QA-LoRA's pooling, PiSSA's SVD init, AdaMix's experts, IR-QLoRA's
+ICQ-NF4 base and elastic connection). Twelve runs cover every objective once and every method or variant once,
+each non-LoRA method paired with a non-SFT objective, on each kind of base (NF4, ICQ-NF4 and float). Per run: training's last eval loss is what `finetune eval` reports (the same
 forward, in the same dtype); merge folds the weight methods within the float32 merge tolerance and refuses the
 others; chat answers; three runs are exported to GGUF and read back; the NF4 LoRA adapters are served together.
 """
@@ -29,7 +29,7 @@ from conftest import recipe_file, task_data
 runner = CliRunner()
 LEGS = ("float32", "bfloat16")
 PROMPT = "Repeat the word twice. cat"
-# name: (objective, method, 4-bit base, method section / lora keys, learning rate)
+# name: (objective, method, 4-bit base (True: NF4, or a quant_type), method section / lora keys, learning rate)
 RUNS = {
     "sft-lora": ("sft", "lora", True, {}, 1e-2),
     "sft-rslora": ("sft", "lora", False, {"use_rslora": True}, 1e-2),
@@ -43,17 +43,21 @@ RUNS = {
     "simpo-prefix_tuning": ("simpo", "prefix_tuning", False, {"num_virtual_tokens": 4, "projection": True,
                                                               "encoder_hidden_size": 32}, 0.05),
     "grpo-p_tuning": ("grpo", "p_tuning", False, {"num_virtual_tokens": 4, "encoder_hidden_size": 32}, 0.01),
+    # AdaMix's consistency term is SFT's (refused with other objectives): here the routing and the averaged save
+    "dpo-adamix": ("dpo", "adamix", True, {"num_adapters": 3, "consistency_weight": 0.0}, 1e-2),
+    "orpo-irqlora": ("orpo", "lora", "icq_nf4", {"use_iec": True}, 1e-2),  # IR-QLoRA: ICQ-NF4 base + IEC
 }
 VIRTUAL = {"prompt_tuning", "prefix_tuning", "p_tuning"}
 # Runs whose checkpoint is not bit for bit the model training evaluated, only in float32 terms: PiSSA's is
 # converted to a rank-2r LoRA over the published base (training ran on the residual base W - sBA, rounded to bf16);
 # AdaLoRA's holds the re-allocated ranks with the pruned ones cut out (training multiplied by zeros: other sums);
 # prefix tuning's holds the prompt encoder's output computed in float32 when PEFT saves it (training ran the encoder
-# under autocast). In float32 these agree to rounding; in bf16 to the dtype's precision: 2^-8 relative per rounding,
-# grown over the 3 steps' forward to at most ~2% of the loss (measured: 9e-4, 4e-4 and 1.3%).
-CONVERTED = {"sft-pissa", "kto-adalora", "simpo-prefix_tuning"}
+# under autocast); IR-QLoRA's holds IEC folded into A and B (training added the elastic paths as separate bf16
+# products). In float32 these agree to rounding; in bf16 to the dtype's precision: 2^-8 relative per rounding,
+# grown over the 3 steps' forward to at most ~2% of the loss (measured: 9e-4, 4e-4, 1.3% and 1.3e-3).
+CONVERTED = {"sft-pissa", "kto-adalora", "simpo-prefix_tuning", "orpo-irqlora"}
 EXPORTED = ("sft-lora", "sft-rslora", "dpo-ia3")
-SERVED = ("sft-lora", "sft-qalora")  # LoRA adapters on the one NF4 base: one batch of mixed adapters
+SERVED = ("sft-lora", "sft-qalora", "dpo-adamix")  # LoRA adapters (AdaMix's: averaged) on the one NF4 base
 
 
 @pytest.fixture(scope="module", params=LEGS)
@@ -75,11 +79,12 @@ def trained(leg, tiny_model_dir, name: str):
         data = task_data(root / f"data-{objective}", objective, train=12, eval=4)
         lora = section if method == "lora" else None
         sections = {method: section} if method != "lora" else {}
+        quant = {"load_in_4bit": bool(nf4), **({"quant_type": nf4} if isinstance(nf4, str) else {})}
         # GRPO has no eval loss: its eval step scores greedy generations (the same decoding as `eval --generate`)
         evals = ({"eval_generate_steps": 3, "eval_generate_examples": 2, "eval_max_new_tokens": 6}
                  if objective == "grpo" else {"eval_steps": 3})
         recipe = recipe_file(root / name, tiny_model_dir, data, name, objective, method=method, lora=lora,
-                             quantization={"load_in_4bit": nf4}, sections=sections, max_steps=3, save_steps=3,
+                             quantization=quant, sections=sections, max_steps=3, save_steps=3,
                              learning_rate=lr, warmup_steps=0, **evals)
         result = runner.invoke(app, ["train", str(recipe)])
         assert result.exit_code == 0, result.output

@@ -201,7 +201,7 @@ def test_padding_free_and_packing_train_each_variant(variant, tmp_path, tiny_mod
 @pytest.mark.parametrize(("lora", "keys"), [
     ({"init": "pissa"}, ["lora.init", "quantization.load_in_4bit"]),
     ({"init": "olora"}, ["lora.init", "quantization.load_in_4bit"]),
-    ({"init": "loftq"}, ["lora.init", "quantization.load_in_4bit"]),
+    ({"init": "loftq", "4bit": False}, ["lora.init", "quantization.load_in_4bit"]),
     ({"init": "pisa"}, ["lora.init", "Did you mean 'pissa'"]),
     ({"layers": "3-1"}, ["lora.layers", "empty"]),
     ({"rank_pattern": {"v_proj": 0}}, ["lora.rank_pattern", "positive"]),

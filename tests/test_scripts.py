@@ -4,7 +4,7 @@ breaks is caught the day it breaks, exactly as a user would meet it. Each test a
 what the script printed or wrote (a table row, a JSON field, a file); never a timing.
 
 One test function per script, named test_<script>; test_every_script_is_run_here holds the list to the directory
-(scripts/fetch_model.py is run by `make demo`). The TRL comparisons run both tools where TRL is installed (the
+(scripts/fetch_model.py is run by `make demo`, scripts/qalora_export.py by tests/test_qalora.py). The TRL comparisons run both tools where TRL is installed (the
 `bench` extra, not in CI) and finetune's side alone (`--tools finetune`) where it is not.
 """
 
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from conftest import recipe_file, task_data, write_jsonl
 from typer.testing import CliRunner
 
 from finetune.cli import app as cli_app
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "data" / "quickstart"
 HAS_TRL = importlib.util.find_spec("trl") is not None
 TOOLS = "finetune,trl" if HAS_TRL else "finetune"
-COVERED_ELSEWHERE = {"fetch_model": "make demo", "qalora_export": "tests/test_qalora.py"}
+COVERED_ELSEWHERE = {"fetch_model": "make demo", "qalora_export": "tests/test_qalora.py (on a tiny Q4_1 file)"}
 
 
 def run_script(name: str, *args) -> subprocess.CompletedProcess:
@@ -191,3 +191,19 @@ def test_models_table(tmp_path):
     done = run_script("models_table.py", "--file", stale)
     assert f"wrote the family table in {stale}" in done.stdout
     assert stale.read_text() == text
+
+
+def test_qmethods_report(tiny_model_dir, tmp_path, monkeypatch):
+    """Both formats' quantization errors and every step-0 loss, as JSON; ICQ-NF4's codes carry more entropy than
+    NF4's (the point of its calibration)."""
+    monkeypatch.setenv("FINETUNE_ICQ_CACHE", str(tmp_path / "icq"))
+    recipe = recipe_file(tmp_path, tiny_model_dir, task_data(tmp_path / "data"), quantization={"load_in_4bit": True})
+    out = tmp_path / "report.json"
+    done = run_script("qmethods_report.py", recipe, "--loftq-iters", 2, "--limit", 2, "--json", out)
+    report = json.loads(out.read_text())
+    assert json.loads(done.stdout) == report
+    errors, losses = report["quantization_error"], report["step0_eval_loss"]
+    assert set(errors) == {"nf4", "icq_nf4"}
+    assert errors["icq_nf4"]["code_entropy_bits"] > errors["nf4"]["code_entropy_bits"]
+    assert set(losses) == {"full_precision", "qlora_nf4", "qlora_icq_nf4", "loftq_nf4_T2"}
+    assert all(math.isfinite(v) and v > 0 for v in losses.values())  # LoftQ's closer start: tests/test_loftq.py

@@ -177,7 +177,9 @@ def evaluate(
         check_adapter_dir(path, head=head)
     if recipe is None and model is None:
         raise ModelError("Which model? Give a recipe or --model (a hub id, a directory or a .gguf file).")
-    source = model or recipe.model.name_or_path
+    from finetune.model import loftq_trained_base
+
+    source = model or (loftq_trained_base(adapters[0]) if adapters else None) or recipe.model.name_or_path
     section = recipe.model.model_copy(update={"name_or_path": source}) if recipe else ModelSection(name_or_path=source)
     quant = eval_quantization(quantize, recipe, source, adapters)
     run = _inputs(recipe, eval_data(recipe, data, data_format, fields), data, adapters[0] if adapters else source,

@@ -90,6 +90,10 @@ def resolve_target(target: str | None, *, model: str | None = None, adapters: li
         model = model or target
     for a in adapters:
         check_adapter_dir(a)
+    if not model and adapters:  # an adapter trained over a LoftQ base: that base (model/loftq.py)
+        from finetune.model import loftq_trained_base
+
+        model = loftq_trained_base(adapters[0])
     if model:
         section = (section or ModelSection(name_or_path=model)).model_copy(update={"name_or_path": model})
     if section is None and adapters:

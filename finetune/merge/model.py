@@ -298,7 +298,7 @@ def _describe_reference(quant: QuantizationSection) -> str:
         return "base + adapter (no quantization), on CPU"
     if quant.quant_type == "gguf":
         return "base: the GGUF file's own quantized tensors + adapter, as trained, on CPU"
-    dq = ", double quant" if quant.double_quant else ""
+    dq = ", double quant" if quant.double_quant and not quant.packed else ""
     return f"base in 4-bit {quant.quant_type}{dq} + adapter, as trained, on CPU"
 
 

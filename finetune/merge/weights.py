@@ -42,9 +42,12 @@ def _delta(layer, adapter: str) -> torch.Tensor:
 
 
 def is_4bit(module) -> bool:
+    """A quantized layer: bitsandbytes 4-bit, or finetune's QuantLinear (GGUF blocks, ICQ-NF4)."""
     import bitsandbytes as bnb
 
-    return isinstance(module, bnb.nn.Linear4bit)
+    from finetune.quant import QuantLinear
+
+    return isinstance(module, (bnb.nn.Linear4bit, QuantLinear))
 
 
 def dequantized(layer) -> torch.Tensor:

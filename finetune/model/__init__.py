@@ -28,8 +28,11 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "load": [
         "attach_lora", "load_base_model", "load_tokenizer", "make_optimizer", "quantization_config"
     ],
-    "methods": ["MethodRuntime", "lora_config", "peft_config"],
+    "methods": ["MethodRuntime", "install_variants", "lora_config", "peft_config"],
     "moe": ["checkpoint_names", "is_moe"],
+    "loftq": ["loftq_base_dir", "loftq_initialise", "loftq_trained_base", "loftq_trained_section", "prepare_loftq_base"],
+    "variants": ["folds"],
+    "icq_base": ["pack_icq_base"],
     "attention": ["use_segmented_attention"],
     "reward": ["check_reward_checkpoint", "load_reward_checkpoint", "score_module"],
 })

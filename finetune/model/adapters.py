@@ -153,7 +153,7 @@ def load_eval_model(section: ModelSection, quant: QuantizationSection, device, h
     `load_base_model` (score: a reward model's)."""
     if not section.name_or_path.endswith(".gguf") or quant.load_in_4bit or head != "lm":  # via safetensors
         model = load_base_model(section, quant, device, resolve(quant), head=head)
-        if quant.load_in_4bit and quant.quant_type == "gguf":  # the file's own blocks: cached where memory allows
+        if quant.packed:  # the file's own blocks (or ICQ's): cached where memory allows
             from finetune.model.gguf_base import cache_for_inference
 
             cache_for_inference(model, quant.cache_dequantized)

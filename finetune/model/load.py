@@ -20,7 +20,7 @@ from transformers import (
 
 from finetune.errors import ModelError, first_line
 from finetune.model.dropout import use_cpu_dropout
-from finetune.model.methods import peft_config
+from finetune.model.methods import install_variants, peft_config
 from finetune.model.placement import Placement, compute_like_training
 from finetune.recipe import ModelSection, QuantizationSection, Recipe
 
@@ -52,7 +52,7 @@ def load_tokenizer(model: ModelSection | str, chat_template: str | None = None) 
 
 
 def quantization_config(q: QuantizationSection, placement: Placement) -> BitsAndBytesConfig | None:
-    if not q.load_in_4bit or q.quant_type == "gguf":  # gguf: the file's own blocks (gguf_base.py), not bitsandbytes
+    if not q.load_in_4bit or q.packed:  # gguf, icq_nf4: finetune's own packed layers (gguf_base.py, icq_base.py)
         return None
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -74,6 +74,10 @@ def load_base_model(model: ModelSection | str, q: QuantizationSection, device: t
     # Under FSDP / ZeRO-3 the launcher places (and shards) the weights; every parameter, the 4-bit codes
     # included, must then share one float dtype. Otherwise each process holds a full copy on its device.
     sharded = placement.shards_parameters
+    icq = q.load_in_4bit and q.quant_type == "icq_nf4"  # quantized from the float32 weights, then cast
+    if icq and sharded:
+        raise ModelError("quantization.quant_type icq_nf4 does not shard (FSDP / ZeRO-3): run one process per "
+                         "device (DDP) or use quant_type nf4.")
     auto, extra = (AutoModelForCausalLM, {}) if head == "lm" else (AutoModelForSequenceClassification, {"num_labels": 1})
     try:
         base = auto.from_pretrained(
@@ -81,7 +85,8 @@ def load_base_model(model: ModelSection | str, q: QuantizationSection, device: t
             revision=revision,
             trust_remote_code=trust,
             quantization_config=quantization_config(q, placement),
-            dtype=placement.quant_storage if sharded and q.load_in_4bit else placement.compute_dtype,
+            dtype=torch.float32 if icq else placement.quant_storage if sharded and q.load_in_4bit
+            else placement.compute_dtype,
             device_map=None if sharded else device_map,
             **extra,
         )
@@ -92,6 +97,10 @@ def load_base_model(model: ModelSection | str, q: QuantizationSection, device: t
         from finetune.model.gguf_base import pack_gguf_base
 
         pack_gguf_base(base, gguf_file, placement.compute_dtype)
+    if icq:  # IR-QLoRA's ICQ-NF4 of every linear layer a 4-bit base quantizes (icq_base.py)
+        from finetune.model.icq_base import pack_icq_base
+
+        pack_icq_base(base, placement.compute_dtype)
     _keep_one_cpu_4bit_path(base)
     compute_like_training(base, placement.compute_dtype)
     if head == "score":  # a zero score head: every reward starts at 0 (the first Bradley-Terry loss is log 2)
@@ -141,7 +150,7 @@ def attach_lora(base, recipe: Recipe, placement: Placement):
     # prepare_model_for_kbit_training would upcast the norms and embeddings to float32 beside the 4-bit
     # codes stored in bf16: sharded QLoRA skips it (as TRL does) and only enables checkpointing.
     q = recipe.quantization
-    if q.load_in_4bit and q.quant_type != "gguf" and not placement.shards_parameters:  # gguf: frozen as a float base
+    if q.load_in_4bit and not q.packed and not placement.shards_parameters:  # gguf, icq_nf4: frozen as a float base
         base = prepare_model_for_kbit_training(
             base,
             use_gradient_checkpointing=checkpointing,
@@ -153,6 +162,7 @@ def attach_lora(base, recipe: Recipe, placement: Placement):
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     model = get_peft_model(base, peft_config(recipe, base))
+    install_variants(model, recipe)  # IEC, AdaMix (methods.py, variants.py)
     use_cpu_dropout(model)
     return model
 

@@ -22,6 +22,7 @@ import torch
 
 from finetune.errors import RecipeError
 from finetune.model.moe import RouterLoss, is_moe, lora_targets
+from finetune.model.variants import folded_for_saving, folds
 from finetune.recipe import VIRTUAL_TOKEN_METHODS, Recipe, check_adalora_schedule
 
 ADAPTER = "default"  # the adapter name get_peft_model gives
@@ -35,7 +36,7 @@ def peft_config(recipe: Recipe, model):
     )
 
     method = recipe.adapter.method
-    if method == "lora":
+    if method in ("lora", "adamix"):  # AdaMix: LoRA layers, given their experts afterwards (variants.py)
         return lora_config(recipe, model)
     if method == "adalora":
         return adalora_config(recipe, recipe.training.max_steps or 10**6)
@@ -63,6 +64,16 @@ def peft_config(recipe: Recipe, model):
     )
 
 
+def install_variants(model, recipe: Recipe) -> None:
+    """IEC (lora.use_iec) or AdaMix (adapter.method adamix) on every LoRA layer of the PeftModel `model`."""
+    from finetune.model import adamix, iec  # they import peft's LoRA layer classes
+
+    if recipe.adapter.method == "adamix":
+        adamix.install(model, recipe.adamix.num_adapters)
+    elif recipe.adapter.method == "lora" and recipe.lora.use_iec:
+        iec.install(model)
+
+
 def adalora_config(recipe: Recipe, total_steps: int):
     """AdaLoraConfig for a run of `total_steps` optimizer steps (tinit/tfinal shares resolved to steps)."""
     from peft import AdaLoraConfig
@@ -84,10 +95,12 @@ class MethodRuntime:
     def __init__(self, model=None, recipe: Recipe | None = None, total_steps: int = 0):
         """`model`: the PeftModel (unwrapped). AdaLoRA's schedule is re-tied to the run's `total_steps` here."""
         method = recipe.adapter.method if recipe is not None else "lora"
+        self.recipe = recipe
         self.model = model if method == "adalora" else None
         # P-tuning and prefix tuning with projection save only their encoder's output (the virtual tokens), which
-        # is all inference needs; resuming needs the encoder itself.
-        self.prompt_model = model if method in VIRTUAL_TOKEN_METHODS else None
+        # is all inference needs; resuming needs the encoder itself. IEC and AdaMix save the plain LoRA they fold
+        # into (variants.py); resuming needs their trained parameters.
+        self.prompt_model = model if method in VIRTUAL_TOKEN_METHODS or (recipe and folds(recipe)) else None
         # a mixture of experts: the routers' load-balancing loss (moe.py), added to the loss that trains
         self.router = RouterLoss(model, recipe.training.router_aux_loss_coef) if model is not None and recipe \
             else None
@@ -161,6 +174,10 @@ class MethodRuntime:
         would save another model than the one training runs; only at the end, where the final masking zeroed
         every pruned E_i, is the adapter saved cut to its re-allocated ranks."""
         config = self.model.peft_config[ADAPTER] if self.model is not None else None
+        if self.prompt_model is not None and folds(self.recipe):  # IEC, AdaMix: the folded plain LoRA
+            with folded_for_saving(self.prompt_model):
+                yield
+            return
         if config is None or final:
             with warnings.catch_warnings():  # a layer pruned to rank 0 is saved as 0-sized tensors, which PEFT
                 warnings.filterwarnings("ignore", message=".*have invalid shape")  # takes for unsharded ZeRO-3
@@ -192,7 +209,7 @@ def lora_config(recipe: Recipe, model):
     if (layers is not None or is_moe(model)) and targets == "all-linear":
         targets = _linear_layer_names(model)
     targets, expert_params, saved = lora_targets(recipe, model, targets, list(lora.modules_to_save))
-    init = {"default": True, "gaussian": "gaussian"}.get(lora.init, lora.init)
+    init = {"default": True, "gaussian": "gaussian", "loftq": True}.get(lora.init, lora.init)  # loftq: loftq.py
     if lora.use_qalora:
         _check_qalora_groups(model, lora.qalora_group_size, targets, layers)
     config = LoraConfig(

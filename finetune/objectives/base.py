@@ -186,5 +186,8 @@ def reference_logprobs(model, batch: dict) -> torch.Tensor:
 
 def make_objective(recipe: Recipe) -> Objective:
     """The recipe's objective, built from its `recipe.OBJECTIVES` entry."""
-    module, name = OBJECTIVES[recipe.training.objective].split(":")
+    if recipe.adapter.method == "adamix" and recipe.adamix.consistency_weight and recipe.training.objective == "sft":
+        module, name = "finetune.objectives.adamix", "AdaMixSFT"  # SFT plus AdaMix's consistency term
+    else:
+        module, name = OBJECTIVES[recipe.training.objective].split(":")
     return getattr(importlib.import_module(module), name)(recipe)

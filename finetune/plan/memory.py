@@ -137,7 +137,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     # On GPU, prepare_model_for_kbit_training keeps embeddings, norms and head in float32, so the residual
     # stream runs in float32 too (4-bit layers cast their output back to their input's dtype); on CPU they are
     # cast back to the compute dtype (finetune.model.load._frozen_floats_in_compute_dtype); sharded runs skip it.
-    gguf = recipe.quantization.load_in_4bit and recipe.quantization.quant_type == "gguf"  # the file's own blocks
+    gguf = recipe.quantization.packed  # the file's own blocks (or ICQ-NF4's): QuantLinear layers
     stream = 4 if recipe.quantization.load_in_4bit and not gguf and device != "cpu" and \
         not placement.shards_parameters else width
     model, stored_dtype = meta_model(recipe, placement)
@@ -167,7 +167,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     in_place = bool(mapped) and stored_dtype == dtype  # CPU uses such weights in place from the mapped file
 
     terms = [
-        Term("4-bit base weights", quantized, _weights_note(quantized, gguf)),
+        Term("4-bit base weights", quantized, _weights_note(quantized, recipe.quantization.quant_type if gguf else "")),
         Term("weights in compute dtype", kept, _kept_note(config, dtype, in_place), counted=not in_place),
         Term(f"{'LoRA' if method == 'lora' else method} parameters", 4 * n_trainable, f"{n_trainable:,} trainable"),
         Term("gradients", 4 * n_trainable, "float32, one per trainable parameter"),
@@ -209,9 +209,9 @@ def _kept_note(config, dtype, in_place: bool) -> str:
         + f" ({_dtype(dtype)})" + (", inside the mapped checkpoint" if in_place else "")
 
 
-def _weights_note(quantized: int, gguf: bool) -> str:
-    return "not quantized" if not quantized else "the GGUF file's blocks" if gguf else \
-        "NF4 codes + quantization constants"
+def _weights_note(quantized: int, packed: str) -> str:
+    return "not quantized" if not quantized else {"gguf": "the GGUF file's blocks", "icq_nf4": "ICQ-NF4 codes, "
+                                                  "absmax and tau"}.get(packed, "NF4 codes + quantization constants")
 
 
 def _cache_term(recipe: Recipe, model, dtype, terms: list[Term], device: str, device_memory: int | None) -> Term:

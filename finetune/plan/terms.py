@@ -54,6 +54,10 @@ def meta_model(recipe: Recipe, placement):
         from finetune.model import pack_gguf_base
 
         pack_gguf_base(model, recipe.model.name_or_path, placement.compute_dtype)  # shapes and formats only
+    if recipe.quantization.load_in_4bit and recipe.quantization.quant_type == "icq_nf4":
+        from finetune.model import pack_icq_base
+
+        pack_icq_base(model, placement.compute_dtype)  # shapes only, on the meta device
     q = quantization_config(recipe.quantization, placement)
     if q is not None:
         from transformers.integrations.bitsandbytes import replace_with_bnb_linear
@@ -73,6 +77,9 @@ def meta_model(recipe: Recipe, placement):
                                       "prompt_tuning": recipe.prompt_tuning.model_copy(update={"init": "random",
                                                                                               "init_text": None})})
     model = get_peft_model(model, peft_config(plain, model))
+    from finetune.model import install_variants
+
+    install_variants(model, recipe)  # IEC's scalars, AdaMix's experts: trainable parameters too
     for name, p in model.named_parameters():
         if ".ranknum." in name:  # AdaLoRA's rank count is a frozen parameter (created trainable on the meta device)
             p.requires_grad_(False)
@@ -224,7 +231,8 @@ def _adapted_by_layer(model) -> dict[int, list[tuple[str, int, int, int]]]:
 
 def adapter_dropout(recipe: Recipe) -> float:
     """The dropout on the adapters' inputs: LoRA's or AdaLoRA's (the other methods have none)."""
-    return {"lora": recipe.lora.dropout, "adalora": recipe.adalora.dropout}.get(recipe.adapter.method, 0.0)
+    return {"lora": recipe.lora.dropout, "adamix": recipe.lora.dropout,
+            "adalora": recipe.adalora.dropout}.get(recipe.adapter.method, 0.0)
 
 
 def virtual_tokens(recipe: Recipe) -> int:

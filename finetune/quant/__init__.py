@@ -10,7 +10,8 @@ Training over a packed base (ModuLoRA: LoRA through any quantizer's dequantizati
 and the quantization-error reports all go through this table, so a new format is one module here.
 
 Modules: format.py (the interface, the table), gguf_blocks.py (GGUF's block formats), linear.py (`QuantLinear`, a
-frozen linear layer over a packed weight), peft_layers.py (LoRA on it; QA-LoRA on every kind of base layer).
+frozen linear layer over a packed weight), peft_layers.py (LoRA on it; QA-LoRA on every kind of base layer), nf4.py
+(bitsandbytes' NF4 in torch), icq.py (IR-QLoRA's ICQ-NF4: NF4 of w - tau, tau searched for the most code entropy).
 
 Imports: errors.
 """
@@ -21,4 +22,5 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "format": ["FORMATS", "FoldError", "Packed", "QuantFormat", "get_format", "load_formats", "register"],
     "linear": ["QuantLinear", "quant_linears"],
     "peft_layers": ["QALoraVariant", "block_delta", "is_qalora", "wire"],
+    "icq": ["quantization_error"],
 })

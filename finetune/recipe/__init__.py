@@ -1,9 +1,11 @@
 """The recipe: one pydantic schema for every section, and reading a YAML file into it with errors that name
 file:line:key.
 
-- schema.py: `Recipe` and its sections (model, quantization, data, training, dpo, orpo); objective registry
+- schema.py: `Recipe` and its sections (data, training, dpo, orpo); objective registry
+- model.py: the `model` and `quantization` sections (what to load, how the frozen base is stored)
 - lora.py, grpo.py: the `lora` section with its variant checks; methods.py: `adapter.method` and the other
   PEFT methods' sections; the `grpo` and `rewards` sections
+- qmethods.py: the checks of LoftQ on 4-bit bases, IEC and AdaMix (quantized.py: GGUF bases and QA-LoRA)
 - preference.py: the `kto`, `simpo` and `reward` sections; which data each preference objective reads
 - file.py: `load_recipe` (YAML with line numbers, key=value overrides, did-you-mean errors)
 - templates.py: the built-in chat templates

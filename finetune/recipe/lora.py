@@ -42,7 +42,8 @@ class LoraSection(Section):
         "default", description="Adapter initialisation: default (A Kaiming-uniform, B = 0), gaussian (A ~ "
         "N(0, 1/r), B = 0); pissa (B A = the top-r SVD of W), pissa_niter_N (randomised SVD, N iterations) "
         "and olora (QR of W) start from W's principal part and train on the residual W - s B A: full-precision "
-        "bases only, checkpoints converted to a rank-2r LoRA over the published base; loftq: refused.",
+        "bases only, checkpoints converted to a rank-2r LoRA over the published base; loftq (4-bit bases: "
+        "load_in_4bit true): B A starts as the rank-r fit of the quantization error W - Q(W) (loftq_iter).",
     )
     layers: Optional[Union[list[int], str]] = Field(
         None, description="Decoder layers to adapt: a list of indices [0, 5], a range \"0-11\" (both ends "
@@ -76,6 +77,19 @@ class LoraSection(Section):
         "every adapted layer's input size.",
     )
     # --- end QA-LoRA
+    # --- LoftQ on a 4-bit base, IR-QLoRA's elastic connection (model/loftq.py, model/iec.py; recipe/qmethods.py)
+    loftq_iter: int = Field(
+        1, ge=1, le=100, description="lora.init loftq: LoftQ's alternating steps T (PEFT's loftq_iter). 1: B A fits "
+        "the error of the recipe's quantization of the published weights, which stay the base; T >= 2 also moves "
+        "the quantized base (Q(W - s B A)), written beside the checkpoints as loftq_base/.",
+    )
+    use_iec: bool = Field(
+        False, description="IR-QLoRA's Information Elastic Connection (arXiv 2402.05445): A also receives the input "
+        "averaged over r groups and B's output gets its input repeated over out / r groups, each scaled by a "
+        "trained scalar (2 per layer, starting at 0). Linear, so checkpoints fold it into a plain LoRA. r must "
+        "divide every adapted layer's input and output sizes.",
+    )
+    # --- end LoftQ / IEC
 
     @field_validator("init")
     @classmethod
@@ -144,14 +158,18 @@ def check_lora_init(lora: LoraSection, load_in_4bit: bool) -> None:
     init = lora.init.split("_niter_")[0]
     if init not in RESIDUAL_INITS:
         return
+    if init == "loftq":  # the other LoftQ checks (gguf bases, DoRA, loftq_iter): recipe/qmethods.py
+        if not load_in_4bit:
+            raise ValueError("lora.init loftq fits the adapter to the quantization error of a 4-bit base, and "
+                             "quantization.load_in_4bit is false (no quantization error); set load_in_4bit true, "
+                             "or use lora.init default, gaussian, pissa or olora")
+        return
     if load_in_4bit:
         why = {
             "pissa": "PEFT computes PiSSA's SVD only on float weights and refuses 4-bit ones",
             "olora": "PEFT's OLoRA re-quantizes the residual W - s B A into new NF4 codes, so the adapter is "
                      "relative to weights that exist only inside the training process (neither the published "
                      "base nor its NF4 quantization): merge and plain PEFT could not rebuild the trained model",
-            "loftq": "LoftQ must quantize the full-precision model itself (its own NF4 fit of W - s B A), which "
-                     "conflicts with loading the base already quantized by bitsandbytes",
         }[init]
         raise ValueError(f"lora.init {lora.init} cannot be combined with quantization.load_in_4bit true: {why}. "
                          f"Use lora.init default or gaussian, or set quantization.load_in_4bit false")
@@ -161,13 +179,9 @@ def check_lora_init(lora: LoraSection, load_in_4bit: bool) -> None:
                (lora.use_rslora and bool(lora.rank_pattern or lora.alpha_pattern), "lora.use_rslora",
                 "PEFT cannot convert rsLoRA with rank/alpha patterns")]
     for clash, key, why in clashes:
-        if clash and init != "loftq":
+        if clash:
             raise ValueError(f"lora.init {lora.init} cannot be combined with {key}: checkpoints of a {init} adapter "
                              f"are converted to a plain LoRA relative to the published base weights, and {why}")
-    if init == "loftq":
-        raise ValueError("lora.init loftq only makes sense with quantization.load_in_4bit true (it fits the "
-                         "adapter to the quantization error), and that combination is refused; use lora.init "
-                         "default, gaussian, pissa or olora")
 
 
 # ------------------------------------------------------------------ mixture of experts (issue 34)

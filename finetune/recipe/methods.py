@@ -11,6 +11,8 @@ What each method trains (the frozen base W is never changed):
 - prompt_tuning: n trainable embeddings prepended to every input (arXiv 2104.08691)
 - prefix_tuning: n trainable key/value vectors prepended in every layer's attention (arXiv 2101.00190)
 - p_tuning:      n prepended embeddings produced by a small MLP or LSTM encoder (arXiv 2103.10385)
+- adamix:        M LoRA modules per layer (the lora section's shape), one A and one B drawn at random per forward
+                 in training, averaged into one LoRA for evaluation and checkpoints (arXiv 2205.12410)
 """
 
 from __future__ import annotations
@@ -21,17 +23,19 @@ from pydantic import Field, model_validator
 
 from finetune.recipe.section import KeyedError, Section
 
-METHODS = ("lora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "p_tuning")
+METHODS = ("lora", "ia3", "adalora", "prompt_tuning", "prefix_tuning", "p_tuning", "adamix")
 VIRTUAL_TOKEN_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")  # the adapter is extra input
-MERGEABLE_METHODS = ("lora", "ia3", "adalora")  # the adapter is a weight change
+MERGEABLE_METHODS = ("lora", "ia3", "adalora", "adamix")  # the adapter is a weight change
+LORA_SECTION_METHODS = ("lora", "adamix")  # the methods whose layers the lora section shapes
 Method = Literal[METHODS]  # type: ignore[valid-type]
 
 
 class AdapterSection(Section):
     method: Method = Field(
         "lora", description="PEFT method: lora (the lora section), ia3, adalora, prompt_tuning, prefix_tuning or "
-        "p_tuning (each its own section of the same name). ia3/adalora merge into the base like LoRA; the "
-        "virtual-token methods (prompt, prefix, p-tuning) are extra input, run unmerged by chat and eval.",
+        "p_tuning (each its own section of the same name), or adamix (a mixture of LoRA modules shaped by the lora "
+        "section, its adamix section). ia3/adalora/adamix merge into the base like LoRA; the virtual-token "
+        "methods (prompt, prefix, p-tuning) are extra input, run unmerged by chat and eval.",
     )
 
 
@@ -121,14 +125,27 @@ class PTuningSection(Section):
     encoder_hidden_size: int = Field(256, ge=1, description="Hidden width of the encoder.")
 
 
+# --- AdaMix (model/adamix.py; its checks across sections: recipe/qmethods.py)
+class AdaMixSection(Section):
+    num_adapters: int = Field(4, ge=2, le=32, description="LoRA modules (experts) per adapted layer, each of the lora "
+                              "section's rank: training draws one A and one B per forward, checkpoints average them.")
+    consistency_weight: float = Field(
+        1.0, ge=0, le=100, description="Weight of AdaMix's consistency term (training.objective sft): each micro "
+        "batch runs a second forward with other random routes and adds this times the symmetric KL divergence "
+        "of the two next-token distributions, per labelled token. 0 turns it off (and the second forward).",
+    )
+# --- end AdaMix
+
+
 METHOD_SECTIONS = {"lora": None, "ia3": IA3Section, "adalora": AdaLoraSection, "prompt_tuning": PromptTuningSection,
-                   "prefix_tuning": PrefixTuningSection, "p_tuning": PTuningSection}
+                   "prefix_tuning": PrefixTuningSection, "p_tuning": PTuningSection, "adamix": AdaMixSection}
 LORA_ONLY = {  # lora keys with no meaning for the other methods, and why
     "use_dora": "DoRA rescales the rows of W + s B A, a LoRA update",
     "use_rslora": "rsLoRA rescales a LoRA update by alpha / sqrt(r)",
     "init": "PiSSA/OLoRA/gaussian initialise LoRA's B and A",
     "rank_pattern": "per-module ranks are LoRA's", "alpha_pattern": "per-module alphas are LoRA's",
     "layers": "per-layer targeting is set in the method's own target_modules",
+    "use_iec": "IEC connects LoRA's A and B", "loftq_iter": "LoftQ initialises LoRA's B and A",
 }
 
 
@@ -138,7 +155,7 @@ def check_method(recipe) -> None:
     or a saved recipe.yaml) is not an error: it changes nothing."""
     method = recipe.adapter.method
     for other, cls in METHOD_SECTIONS.items():
-        if other == method:
+        if other == method or (other == "lora" and method in LORA_SECTION_METHODS):
             continue
         section = getattr(recipe, other)
         default = section.__class__()

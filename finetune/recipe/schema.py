@@ -21,52 +21,17 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from finetune.recipe.grpo import GRPOSection, RewardSpec, check_extractor, check_grpo
 from finetune.recipe.lora import LoraSection, check_experts, check_lora_init
+from finetune.recipe.qmethods import check_qmethods
+from finetune.recipe.model import DTYPE_ALIASES, PACKED_TYPES, ModelSection, QuantizationSection  # noqa: F401
 from finetune.recipe.quantized import check_quantized
 from finetune.recipe.section import PathText, Section
 from finetune.recipe.methods import (
-    METHOD_SECTIONS, AdaLoraSection, AdapterSection, IA3Section, PrefixTuningSection, PromptTuningSection,
+    LORA_SECTION_METHODS, METHOD_SECTIONS, AdaLoraSection, AdaMixSection, AdapterSection, IA3Section, PrefixTuningSection, PromptTuningSection,
     PTuningSection, check_method,
 )
 from finetune.recipe.preference import (
     FEEDBACK_OBJECTIVES, PAIR_OBJECTIVES, KTOSection, RewardSection, SimPOSection, check_preference,
 )
-
-
-class ModelSection(Section):
-    name_or_path: PathText = Field(description="Hub id or local directory of the base model.")
-    revision: Optional[str] = Field(None, description="Hub revision (branch, tag or commit).")
-    trust_remote_code: bool = Field(False, description="Run modelling code shipped with the model.")
-
-
-DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-
-
-class QuantizationSection(Section):
-    load_in_4bit: bool = Field(True, description="Quantize the frozen base to 4 bit (QLoRA); false = plain LoRA.")
-    quant_type: Literal["nf4", "fp4", "gguf"] = Field(
-        "nf4", description="4-bit data type; gguf (a .gguf model only): keep the file's own quantized tensors "
-        "(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) as the frozen base, dequantized per forward "
-        "(docs/quantized.md).")
-    double_quant: bool = Field(True, description="Also quantize the quantization constants (saves ~0.4 bit/param).")
-    compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Matmul dtype: auto = bf16 on capable CUDA, fp16 on older CUDA; on CPU bf16 where it has AVX512_BF16/AMX, else fp32."
-    )
-    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Dtype the packed 4-bit codes are stored in: auto = the compute dtype under FSDP or "
-        "DeepSpeed ZeRO-3 (so quantized weights shard), uint8 otherwise."
-    )
-
-    # --- GGUF base (quant_type gguf; finetune/model/gguf_base.py, docs/quantized.md)
-    cache_dequantized: Union[bool, Literal["auto"]] = Field(
-        "auto", description="quant_type gguf: keep each layer's dequantized weight between forwards (faster, the "
-        "memory of a float model); auto = where `finetune plan` predicts the run still fits with it (same numbers "
-        "either way).")
-    # --- end GGUF base
-
-    @field_validator("compute_dtype", "quant_storage", mode="before")
-    @classmethod
-    def _alias(cls, v: Any) -> Any:
-        return DTYPE_ALIASES.get(v, v) if isinstance(v, str) else v
 
 
 DATA_FORMATS = ("alpaca", "chat", "sharegpt", "completion", "text", "preference", "feedback")
@@ -359,6 +324,7 @@ class Recipe(Section):
     prompt_tuning: PromptTuningSection = Field(default_factory=PromptTuningSection)
     prefix_tuning: PrefixTuningSection = Field(default_factory=PrefixTuningSection)
     p_tuning: PTuningSection = Field(default_factory=PTuningSection)
+    adamix: AdaMixSection = Field(default_factory=AdaMixSection)
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     dpo: DPOSection = Field(default_factory=DPOSection)
@@ -380,6 +346,7 @@ class Recipe(Section):
         check_lora_init(self.lora, self.quantization.load_in_4bit)
         check_experts(self)
         check_quantized(self)
+        check_qmethods(self)
         if self.training.objective == "grpo" or self.rewards:
             check_grpo(self, formats)
         return self
@@ -390,6 +357,7 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         """The resolved recipe, with only the chosen method's section (a LoRA run's reads as before)."""
-        unused = {m for m in METHOD_SECTIONS if m != self.adapter.method} | ({"adapter"} if self.adapter.method ==
-                                                                             "lora" else set())
+        method = self.adapter.method
+        unused = {m for m in METHOD_SECTIONS if m != method and not (m == "lora" and method in LORA_SECTION_METHODS)} \
+            | ({"adapter"} if method == "lora" else set())
         return yaml.safe_dump(self.model_dump(mode="json", by_alias=True, exclude=unused), sort_keys=False)

@@ -89,7 +89,7 @@ def save(run: Run, name: str, eval_record: dict | None = None) -> Path:
         }
         trainer_state = {**asdict(state), "total_steps": run.total_steps, "recipe": run.recipe.name,
                          "epochs_done": round(state.epoch + state.micro_in_epoch / len(run.train_dl), 4)}
-        files = {"recipe.yaml": run.recipe.to_yaml(), "environment.json": run.env, "trainer_state.json": trainer_state,
+        files = {"recipe.yaml": records.checkpoint_recipe(run.recipe), "environment.json": run.env, "trainer_state.json": trainer_state,
                  "adapter_base.json": records.adapter_base(run.recipe)}
         with run.method.saving(final=name == "checkpoint-final"):
             ckpt.save_checkpoint(path, acc.unwrap_model(run.model), run.tokenizer, files, training_state, state_dict,

@@ -171,6 +171,13 @@ def plot_losses(metrics: Path, out: Path) -> Path | None:
     return out
 
 
+def checkpoint_recipe(recipe) -> str:
+    """The recipe.yaml a checkpoint holds: the run's, with the model the adapter is relative to (a LoftQ base)."""
+    from finetune.model import loftq_trained_section
+
+    return recipe.model_copy(update={"model": loftq_trained_section(recipe)}).to_yaml()
+
+
 def adapter_base(recipe) -> dict:
     """The checkpoint record that says which base weights the saved adapter is relative to."""
     lora, q = recipe.lora, recipe.quantization
@@ -179,6 +186,19 @@ def adapter_base(recipe) -> dict:
               if q.load_in_4bit else "the published weights"}
     if q.load_in_4bit and q.quant_type == "gguf":  # the published weights are the quantized ones
         record["trained_on"] = "the GGUF file's own quantized tensors, as published"
+    if lora.init == "loftq":
+        from finetune.model import loftq_base_dir
+
+        where = loftq_base_dir(recipe)
+        record["trained_on"] = record["trained_on"] + f" (LoftQ init, {lora.loftq_iter} step(s): B A starts as the " \
+            "rank-r fit of W - Q)"
+        if where is not None:
+            import hashlib
+
+            manifest = hashlib.sha256((where / "manifest.json").read_bytes()).hexdigest()
+            record.update(relative_to="loftq_base", base=str(where), base_manifest_sha256=manifest,
+                          trained_on=f"the recipe's 4-bit quantization of the LoftQ base {where} (Q_T, float32 "
+                          f"safetensors: LoftQ's {lora.loftq_iter} alternating steps quantize W - s B A)")
     if lora.init.startswith(("pissa", "olora")):
         record["trained_on"] = (f"the residual W - s B0 A0 of the published weights ({lora.init} init); "
                                 "adapter_model.safetensors is converted to a LoRA of twice the rank over the "

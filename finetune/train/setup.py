@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from rich.console import Console
 from torch.utils.data import DataLoader
 from transformers import get_scheduler
@@ -18,8 +18,8 @@ from finetune.data import (
 )
 from finetune.export import check_architecture
 from finetune.model import (
-    MethodRuntime, Placement, attach_lora, dtype_name, load_base_model, load_tokenizer, make_optimizer, resolve,
-    use_segmented_attention,
+    MethodRuntime, Placement, attach_lora, dtype_name, load_base_model, load_tokenizer, loftq_initialise,
+    make_optimizer, prepare_loftq_base, resolve, use_segmented_attention,
 )
 from finetune.objectives import make_objective
 from finetune.recipe import Recipe
@@ -49,8 +49,12 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     env = records.environment(accelerator.device, fingerprint(recipe.data, tokenizer))
     if resume_from:
         records.check_resume(resume_from, recipe, env, console if accelerator.is_main_process else None)
-    base = load_base_model(recipe.model, recipe.quantization, accelerator.device, placement, head=objective.head)
+    source = prepare_loftq_base(recipe, placement.compute_dtype, write=accelerator.is_main_process and not resume_from,
+                                resuming=bool(resume_from))  # T >= 2: the LoftQ base (model/loftq.py)
+    accelerator.wait_for_everyone()
+    base = load_base_model(source, recipe.quantization, accelerator.device, placement, head=objective.head)
     model = attach_lora(base, recipe, placement)
+    loftq = loftq_initialise(model, recipe) if recipe.lora.init == "loftq" and not resume_from else None
     cached = _cache_gguf_weights(recipe, model, accelerator.device, placement)
     if recipe.data.packing or t.padding_free:
         use_segmented_attention(model)  # each example of a row attends to itself only, at its own cost
@@ -86,8 +90,13 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     if run.main:
         _start_records(run, resume_from)
         console.print(_banner(run, counts, len(eval_set), stats, resume_from))
+        if loftq is not None:
+            console.print(f"LoftQ: ||W - Q||/||W|| {loftq['error_before']:.4f} -> ||W - Q - sBA||/||W|| "
+                          f"{loftq['error_after']:.4f} over the adapted layers")
         if cached is not None:
-            console.print(f"base: {Path(recipe.model.name_or_path).name}'s own quantized tensors, "
+            own = "ICQ-NF4 layers" if recipe.quantization.quant_type == "icq_nf4" else \
+                f"{Path(recipe.model.name_or_path).name}'s own quantized tensors"
+            console.print(f"base: {own}, "
                           + ("dequantized once and cached" if cached else "dequantized at every forward"))
     return run, rng
 
@@ -97,7 +106,7 @@ def _cache_gguf_weights(recipe: Recipe, model, device: torch.device, placement: 
     """quant_type gguf: keep the dequantized weights between forwards when quantization.cache_dequantized is true,
     or auto and `finetune plan` predicts the run fits with them (None: no GGUF base)."""
     q = recipe.quantization
-    if not (q.load_in_4bit and q.quant_type == "gguf"):
+    if not q.packed:
         return None
     on = q.cache_dequantized is True
     if q.cache_dequantized == "auto":
@@ -128,6 +137,9 @@ def _accelerator(recipe: Recipe, placement: Placement) -> Accelerator:
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
         log_with=t.report_to or None,
         project_dir=str(recipe.run_dir),
+        # AdaMix's routing leaves the experts not drawn in a step without gradients: DDP must not wait for them
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)]
+        if recipe.adapter.method == "adamix" else None,
         fsdp_plugin=plugin,
     )
     if cpu and plugin is not None:
