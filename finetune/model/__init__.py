@@ -1,6 +1,6 @@
 """Models: placement (compute dtype, 4-bit storage, strategy; resolved once), tokenizer and NF4 base loading, LoRA
 attachment (or another PEFT method's, with its training-loop hooks: methods.py) and the optimizer, the CPU
-dropout and per-example attention, tcmalloc for CPU training, GGUF models in, adapter checkpoints / models to
+dropout, fused LoRA forward, compiled norms and per-example attention, tcmalloc for CPU training, GGUF models in, adapter checkpoints / models to
 evaluate or chat with, and reward models (a score head; reward.py).
 
 Imports: errors, recipe, artifacts.
@@ -25,5 +25,6 @@ __all__, __getattr__ = lazy_exports(__name__, {
     ],
     "methods": ["MethodRuntime", "lora_config", "peft_config"],
     "attention": ["use_segmented_attention"],
+    "compile": ["use_compiled_norms"],
     "reward": ["check_reward_checkpoint", "load_reward_checkpoint", "score_module"],
 })

@@ -20,6 +20,7 @@ from transformers import (
 
 from finetune.errors import ModelError, first_line
 from finetune.model.dropout import use_cpu_dropout
+from finetune.model.fused import use_fused_lora
 from finetune.model.methods import peft_config
 from finetune.model.placement import Placement
 from finetune.recipe import ModelSection, QuantizationSection, Recipe
@@ -133,7 +134,8 @@ def attach_lora(base, recipe: Recipe, placement: Placement):
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     model = get_peft_model(base, peft_config(recipe, base))
-    use_cpu_dropout(model)
+    use_cpu_dropout(model)  # CPU: one cheap mask per adapter input
+    use_fused_lora(model)  # CPU: each LoRA layer as its two products, nothing elementwise around them
     return model
 
 
