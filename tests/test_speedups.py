@@ -84,3 +84,47 @@ def test_fused_forward_leaves_the_other_cases_to_peft(tiny_model_dir):
     assert torch.equal(layer(h), type(layer).forward(layer, h))  # peft casts to the adapter's float32 and back
     with plain.disable_adapter():
         assert torch.equal(layer(h), layer.base_layer(h))
+
+
+def _logits(model, batch, dtype: str) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    model.train()
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_norms_match_the_eager_ones(tiny_model_dir, dtype):
+    """finetune/model/compile.py: logits, loss and LoRA gradients of the eager model, within the dtype's rounding."""
+    from finetune.model.compile import use_compiled_norms
+
+    model = _model(tiny_model_dir, dtype, dropout=0.05)
+    batch = _batch()
+    ref_logits, (ref_loss, ref_grads) = _logits(model, batch, dtype), _loss_and_grads(model, batch, dtype)
+    assert use_compiled_norms(model) == "compiled (5 RMSNorm, torch.compile inductor)"  # 2 per layer + the final
+    logits, (loss, grads) = _logits(model, batch, dtype), _loss_and_grads(model, batch, dtype)
+    loss_tol, grad_tol = TOLERANCE[dtype]
+    assert (logits - ref_logits).norm() <= grad_tol * ref_logits.norm()
+    assert loss == pytest.approx(ref_loss, rel=loss_tol)
+    for name, g in grads.items():
+        assert (g - ref_grads[name]).norm() <= grad_tol * ref_grads[name].norm(), name
+
+
+def test_compiled_norms_fall_back_to_eager_and_say_why(tiny_model_dir, monkeypatch):
+    from finetune.model import compile as compiled
+
+    model = _model(tiny_model_dir, "float32")
+    monkeypatch.setattr(compiled, "_compiled", None)
+    monkeypatch.setenv("FINETUNE_COMPILE", "0")
+    assert compiled.use_compiled_norms(model) == "eager: FINETUNE_COMPILE=0"
+    monkeypatch.setattr(compiled, "_compiled", None)
+    monkeypatch.delenv("FINETUNE_COMPILE")
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler\nmore")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    assert compiled.use_compiled_norms(model) == "eager: torch.compile failed (RuntimeError: no C++ compiler)"
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert norms and all("forward" not in vars(m) for m in norms)  # the modules' own forward, untouched

@@ -18,7 +18,7 @@ from finetune.data import (
 )
 from finetune.model import (
     MethodRuntime, Placement, attach_lora, dtype_name, load_base_model, load_tokenizer, make_optimizer, resolve,
-    use_segmented_attention,
+    use_compiled_norms, use_segmented_attention,
 )
 from finetune.objectives import make_objective
 from finetune.recipe import Recipe
@@ -49,6 +49,7 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
         records.check_resume(resume_from, recipe, env, console if accelerator.is_main_process else None)
     base = load_base_model(recipe.model, recipe.quantization, accelerator.device, placement, head=objective.head)
     model = attach_lora(base, recipe, placement)
+    env["rms_norm"] = use_compiled_norms(model)  # CPU: one compiled kernel each way, or why the norms stay eager
     if recipe.data.packing or t.padding_free:
         use_segmented_attention(model)  # each example of a row attends to itself only, at its own cost
     collate = Collator(tokenizer.pad_token_id, padding_free=t.padding_free)
@@ -146,4 +147,5 @@ def _banner(run: Run, n_eval: int, stats, resume_from: Path | None) -> str:
         + (f", resuming from {resume_from} at step {run.state.step}" if resume_from else "")
         + f"\ntrainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), "
         f"objective {t.objective}, method {run.recipe.adapter.method}, compute dtype {dtype_name(run.placement.compute_dtype)}, device {acc.device}"
+        + (f", RMSNorm {run.env['rms_norm']}" if acc.device.type == "cpu" else "")
     )
