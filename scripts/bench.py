@@ -320,11 +320,11 @@ def run_finetune(spec: dict, variant: str, work: Path) -> dict:
     import yaml
     from rich.console import Console
 
-    from finetune.cli import _quiet_libraries
+    from finetune.progress import quiet_libraries
     from finetune.recipe.file import load_recipe
     from finetune.train.loop import train
 
-    _quiet_libraries()
+    quiet_libraries()
     run_dir = work / f"finetune-{variant}"
     if spec.get("objective") == "dpo":
         recipe = {
