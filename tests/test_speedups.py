@@ -73,11 +73,13 @@ def test_fused_lora_forward_matches_peft(tiny_model_dir, dtype, dropout):
 
 
 def test_fused_forward_leaves_the_other_cases_to_peft(tiny_model_dir):
-    """DoRA, an adapter switched off and a bf16 input outside autocast take peft's forward, unchanged."""
+    """DoRA, QA-LoRA, an adapter switched off and a bf16 input outside autocast take peft's forward, unchanged."""
     x = torch.randn(2, 5, 64)
-    dora = _model(tiny_model_dir, "float32", use_dora=True).eval()
-    layer = dora.base_model.model.model.layers[0].self_attn.q_proj
-    assert torch.equal(layer(x), type(layer).forward(layer, x))
+    for lora in ({"use_dora": True}, {"use_qalora": True, "qalora_group_size": 16}):
+        variant = _model(tiny_model_dir, "float32", **lora).eval()
+        layer = variant.base_model.model.model.layers[0].self_attn.q_proj
+        assert layer.forward.__func__ is fused_forward and layer.lora_variant  # installed, and steps aside
+        assert torch.equal(layer(x), type(layer).forward(layer, x))
     plain = _model(tiny_model_dir, "bfloat16").eval()
     layer = plain.base_model.model.model.layers[0].mlp.down_proj
     h = torch.randn(2, 5, 128, dtype=torch.bfloat16)

@@ -27,7 +27,8 @@ from finetune.model.dropout import CpuDropout
 
 
 def use_fused_lora(model) -> int:
-    """On CPU, give every LoRA `Linear` / `Linear4bit` layer of `model` the fused forward; returns how many."""
+    """On CPU, give every LoRA `Linear` / `Linear4bit` layer of `model` the fused forward; returns how many.
+    A QA-LoRA adapter (a peft variant) still takes peft's forward, per call."""
     from peft.tuners.lora import Linear as LoraLinear
     from peft.tuners.lora.bnb import Linear4bit
 
@@ -35,8 +36,9 @@ def use_fused_lora(model) -> int:
     if first is None or first.device.type != "cpu":
         return 0
     count = 0
-    for module in model.modules():
-        if type(module) in (LoraLinear, Linear4bit):
+    for module in model.modules():  # peft's classes or subclasses keeping their forward (finetune.quant's QA-LoRA)
+        if isinstance(module, (LoraLinear, Linear4bit)) and type(module).forward in (LoraLinear.forward,
+                                                                                     Linear4bit.forward):
             module.forward = types.MethodType(fused_forward, module)
             count += 1
     return count
