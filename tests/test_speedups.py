@@ -97,14 +97,18 @@ def _logits(model, batch, dtype: str) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_compiled_norms_match_the_eager_ones(tiny_model_dir, dtype):
-    """finetune/model/compile.py: logits, loss and LoRA gradients of the eager model, within the dtype's rounding."""
-    from finetune.model.compile import use_compiled_norms
+def test_compiled_norms_match_the_eager_ones(tiny_model_dir, dtype, monkeypatch):
+    """finetune/model/compile.py: logits, loss and LoRA gradients of the eager model, within the dtype's rounding;
+    compiling and probing leave the global generator (dropout's masks, exact resume) where it was."""
+    from finetune.model import compile as compiled
 
     model = _model(tiny_model_dir, dtype, dropout=0.05)
     batch = _batch()
     ref_logits, (ref_loss, ref_grads) = _logits(model, batch, dtype), _loss_and_grads(model, batch, dtype)
-    assert use_compiled_norms(model) == "compiled (5 RMSNorm, torch.compile inductor)"  # 2 per layer + the final
+    monkeypatch.setattr(compiled, "_compiled", None)  # compile and probe here (inductor's disk cache: quick)
+    state = torch.get_rng_state()
+    assert compiled.use_compiled_norms(model) == "compiled (5 RMSNorm, torch.compile inductor)"  # 2 a layer + final
+    assert torch.equal(torch.get_rng_state(), state)
     logits, (loss, grads) = _logits(model, batch, dtype), _loss_and_grads(model, batch, dtype)
     loss_tol, grad_tol = TOLERANCE[dtype]
     assert (logits - ref_logits).norm() <= grad_tol * ref_logits.norm()
