@@ -10,7 +10,6 @@ from pathlib import Path
 from transformers import PreTrainedTokenizerBase
 
 from finetune.errors import ModelError, first_line
-from finetune.model.fused import use_fused_lora
 from finetune.model.load import load_base_model, load_tokenizer
 from finetune.model.placement import compute_like_training, resolve, resolve_compute_dtype
 from finetune.recipe import ModelSection, QuantizationSection, Recipe
@@ -211,7 +210,6 @@ def load_adapters(net, adapters: list[str]):
             detail = " ".join(line.strip() for line in str(e).splitlines()[:2] if line.strip()).rstrip(".:")
             raise ModelError(f"The adapter {path} does not fit the base model {base}: {detail[:300]}. Was it "
                              "trained on another model? Pass the base it was trained on (--base / --model).") from None
-    use_fused_lora(net)  # on CPU the LoRA forward training ran (finetune/model/fused.py): the same rounding in bf16
     return net
 
 
