@@ -73,19 +73,25 @@ def test_fused_lora_forward_matches_peft(tiny_model_dir, dtype, dropout):
 
 
 def test_fused_forward_leaves_the_other_cases_to_peft(tiny_model_dir):
-    """DoRA, QA-LoRA, an adapter switched off and a bf16 input outside autocast take peft's forward, unchanged."""
+    """DoRA, QA-LoRA, an adapter switched off, a bf16 input outside autocast, and eval mode (every inference path,
+    so that they round alike in bf16) take peft's forward, unchanged."""
     x = torch.randn(2, 5, 64)
     for lora in ({"use_dora": True}, {"use_qalora": True, "qalora_group_size": 16}):
-        variant = _model(tiny_model_dir, "float32", **lora).eval()
+        variant = _model(tiny_model_dir, "float32", dropout=0.0, **lora)
         layer = variant.base_model.model.model.layers[0].self_attn.q_proj
         assert layer.forward.__func__ is fused_forward and layer.lora_variant  # installed, and steps aside
         assert torch.equal(layer(x), type(layer).forward(layer, x))
-    plain = _model(tiny_model_dir, "bfloat16").eval()
+    plain = _model(tiny_model_dir, "bfloat16", dropout=0.0)
     layer = plain.base_model.model.model.layers[0].mlp.down_proj
     h = torch.randn(2, 5, 128, dtype=torch.bfloat16)
     assert torch.equal(layer(h), type(layer).forward(layer, h))  # peft casts to the adapter's float32 and back
     with plain.disable_adapter():
         assert torch.equal(layer(h), layer.base_layer(h))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained = layer(h)
+        assert not torch.equal(trained, type(layer).forward(layer, h))  # in training: one addmm, its own rounding
+        plain.eval()
+        assert torch.equal(layer(h), type(layer).forward(layer, h))
 
 
 def _logits(model, batch, dtype: str) -> torch.Tensor:

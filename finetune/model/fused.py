@@ -12,7 +12,10 @@ zeroed input unscaled), so the only elementwise work left is zeroing the dropped
 Mathematically the same function as peft's (the scale is applied to the rank-r product instead of the input);
 numerically within the dtype's rounding (tests/test_speedups.py).
 
-Anything else keeps peft's own forward: DoRA and other variants, several active adapters, mixed-adapter batches,
+Only training steps take it: in eval mode (training's eval, eval, chat, serve's batches mixing adapters, which
+peft computes per adapter) peft's forward runs, so that every inference path rounds alike in bf16, where one
+addmm and peft's scale-then-add differ by a rounding. Anything else keeps peft's own forward too: DoRA and other
+variants, several active adapters, mixed-adapter batches,
 merged or disabled adapters, a bias on lora_B, an input whose dtype differs from the adapter's outside autocast.
 """
 
@@ -59,7 +62,7 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 def _plain_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
     """The one active adapter when it is plain LoRA this forward can compute; None for peft's own forward."""
-    if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+    if not self.training or args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
         return None
     name = self.active_adapters[0]
     if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
