@@ -50,8 +50,9 @@ def segmented_sdpa(module, query, key, value, attention_mask, dropout=0.0, scali
 
 
 def _causal(query, key, value, dropout: float, scale: float) -> torch.Tensor:
-    """Causal attention of one example: matrix products in float32 without dropout (faster on CPU, measured in
-    docs/performance.md), SDPA's fused kernel otherwise (bf16, where its float32 softmax is the accurate one)."""
+    """Causal attention of one example: matrix products in float32 without dropout (on an AVX2 CPU as fast as
+    SDPA's flash kernel within the noise, docs/performance.md; to be re-measured idle and on AVX512), SDPA's fused
+    kernel otherwise (bf16, where its float32 softmax is the accurate one)."""
     if query.dtype == torch.float32 and dropout == 0.0 and query.device.type == "cpu":
         return causal_attention_math(query, key, value, scale)
     return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scale,
