@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # no weight-loading progress bars in the output
 import statistics
 import subprocess
 import sys
@@ -44,10 +46,92 @@ KINDS = [  # (kind, substrings of profiler op names), first match wins
 ]
 
 
-def build(path: str, dropout: float = 0.05, model_dir: str | Path = MODEL):
+def _unshared_dropout(model) -> None:
+    """finetune.model.dropout.CpuDropout, but one instance (so one mask) per adapter, as peft draws them."""
+    from peft.tuners.lora import LoraLayer
+
+    from finetune.model.dropout import CpuDropout
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for name, d in module.lora_dropout.items():
+                if type(d) is torch_dropout() and d.p > 0:
+                    module.lora_dropout[name] = CpuDropout(d.p)
+
+
+def torch_dropout():
+    import torch
+
+    return torch.nn.Dropout
+
+
+def _sliced_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """finetune/model/attention.py's segmented attention as it was: SDPA on slices of the row (each slice's
+    backward allocates and zero-fills a gradient of the whole row), output transposed and copied after a cat."""
+    import torch
+    import torch.nn.functional as F
+
+    from finetune.model.attention import _segments
+
+    segments = _segments(kwargs["position_ids"], query.shape[0])
+    rows = []
+    for b, row in enumerate(segments):
+        parts = [F.scaled_dot_product_attention(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e],
+                                                value[b : b + 1, :, s:e], is_causal=True, scale=scaling,
+                                                enable_gqa=key.shape[1] != query.shape[1]) for s, e in row]
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _sdpa_segments(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Today's segmented attention with SDPA's kernel for every segment (instead of the float32 matrix products)."""
+    from finetune.model import attention
+
+    keep = attention._causal
+    attention._causal = lambda q, k, v, p, scale: attention.F.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    try:
+        return attention.segmented_sdpa(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    finally:
+        attention._causal = keep
+
+
+ATTENTION_LEVERS = {"attention=sliced": _sliced_sdpa, "attention=sdpa": _sdpa_segments}
+OTHER_LEVERS = ("norms=eager",)  # the RMSNorm modules left eager (finetune/model/compile.py not applied)
+
+
+def use_attention(model, levers: str) -> None:
+    """Segmented attention (finetune/model/attention.py) for `model`, or the form an attention lever names,
+    registered under its own name so that two builds in one process can differ."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    from finetune.model.attention import use_segmented_attention
+
+    use_segmented_attention(model)
+    for lever in (k for k in levers.split(",") if k in ATTENTION_LEVERS):
+        name = "bench_" + lever.replace("=", "_")
+        AttentionInterface.register(name, ATTENTION_LEVERS[lever])
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+        model.config._attn_implementation = name
+
+
+NOOP = lambda *a, **k: None  # noqa: E731
+LEVERS = {  # lever=setting -> (the function of finetune.model.load it replaces while the model is built, by what)
+    "dropout=torch": ("use_cpu_dropout", NOOP),  # torch's dropout, one mask per adapter (what peft does)
+    "dropout=unshared": ("use_cpu_dropout", _unshared_dropout),  # finetune's masks, but one per adapter
+    "lora=peft": ("use_fused_lora", NOOP),  # peft's LoRA forward (clone, scale, add; fp32 casts under CPU autocast)
+}
+
+
+def build(path: str, dropout: float = 0.05, model_dir: str | Path = MODEL, levers: str = "", layers: int = 0):
+    """The micro batch's model on `path`; `levers`: comma-separated LEVERS keys, each undoing one speedup;
+    `layers`: keep only the first this many decoder layers (a quicker A/B of per-layer work; 0: all)."""
     import torch
 
     import finetune.model.load as fm
+    from finetune.model import resolve
     from finetune.recipe.schema import Recipe
 
     dtype, cast = PATHS[path]
@@ -56,22 +140,29 @@ def build(path: str, dropout: float = 0.05, model_dir: str | Path = MODEL):
         "quantization": {"compute_dtype": dtype}, "lora": {"dropout": dropout},
         "training": {"gradient_checkpointing": False},
     })
-    from finetune.model import resolve
-
     placement = resolve(recipe.quantization)
-    keep, dropout = fm._frozen_floats_in_compute_dtype, getattr(fm, "use_cpu_dropout", None)
+    off = dict(LEVERS[k] for k in levers.split(",") if k and k not in ATTENTION_LEVERS and k not in OTHER_LEVERS)
     if not cast:
-        fm._frozen_floats_in_compute_dtype = lambda *a, **k: None
-    if os.environ.get("BENCH_TORCH_DROPOUT") and dropout:  # torch's dropout instead of finetune.model.dropout.CpuDropout
-        fm.use_cpu_dropout = lambda *a, **k: None
+        off["_frozen_floats_in_compute_dtype"] = NOOP
+    saved = {name: getattr(fm, name) for name in off}
+    for name, replacement in off.items():
+        setattr(fm, name, replacement)
     try:
         torch.manual_seed(0)
         base = fm.load_base_model(recipe.model, recipe.quantization, "cpu", placement)
+        if layers:
+            base.model.layers = base.model.layers[:layers]
+            base.config.num_hidden_layers = layers
+            if getattr(base.config, "layer_types", None):
+                base.config.layer_types = base.config.layer_types[:layers]
         model = fm.attach_lora(base, recipe, placement)
+        if "norms=eager" not in levers.split(","):  # as finetune/train/setup.py does
+            from finetune.model.compile import use_compiled_norms
+
+            print(f"norms: {use_compiled_norms(model)}", flush=True)
     finally:
-        fm._frozen_floats_in_compute_dtype = keep
-        if dropout:
-            fm.use_cpu_dropout = dropout
+        for name, fn in saved.items():
+            setattr(fm, name, fn)
     model.train()
     return model, getattr(torch, dtype)
 
@@ -123,6 +214,85 @@ def timed(fn, repeats: int, stat=statistics.median) -> float:
     return stat(times)
 
 
+HEAD_SCOPE = "finetune: LM head + loss"  # profiler scope around finetune/objectives/loss.py's chunked head + CE
+OPTIMIZER = "optimizer (a quarter of a step)"
+OVERHEAD = "Python / dispatch (outside any op)"
+
+
+def _scoped_loss():
+    """Wrap the chunked LM head + cross-entropy in a profiler scope, so its ops count as one kind."""
+    import torch
+
+    from finetune.objectives import loss
+
+    cls = loss.LabelledCrossEntropy
+    if getattr(cls, "_bench_scoped", False):
+        return
+    forward = cls.forward
+
+    def scoped(ctx, *a):
+        with torch.profiler.record_function(HEAD_SCOPE):
+            return forward(ctx, *a)
+
+    cls.forward, cls._bench_scoped = staticmethod(scoped), True
+
+
+def classify(events, seconds: float) -> dict[str, float]:
+    """Self time by kind of op (seconds), from the profiler's events of one micro batch: ops inside the LM head
+    scope count as that, the rest by name (KINDS); the step's time not inside any op is Python and dispatch."""
+    kinds: dict[str, float] = {}
+    in_ops = 0.0
+    for e in events:
+        if not e.name.startswith(("aten::", "bitsandbytes::", "mkldnn", "onednn", "inductor", "Torch-Compiled",
+                                  "CompiledFunction", "torch_compile")) and "::" not in e.name:
+            continue  # record_function scopes and autograd nodes: their self time is Python / dispatch
+        if e.name.startswith("autograd::"):
+            continue
+        parent, scoped = e.cpu_parent, False
+        while parent is not None:
+            if parent.name == HEAD_SCOPE:
+                scoped = True
+                break
+            parent = parent.cpu_parent
+        kind = HEAD_SCOPE.split(": ", 1)[1] if scoped else next(
+            (k for k, subs in KINDS if any(x in e.name for x in subs)), "other (elementwise, norms, ...)")
+        t = e.self_cpu_time_total / 1e6
+        kinds[kind] = kinds.get(kind, 0.0) + t
+        in_ops += t
+    kinds[OVERHEAD] = max(0.0, seconds - in_ops)
+    return kinds
+
+
+def optimizer_seconds(model, repeats: int) -> float:
+    """One paged AdamW (32-bit) step over the adapter's parameters with gradients set, as the bench job runs it."""
+    import bitsandbytes as bnb
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = bnb.optim.PagedAdamW32bit(params, lr=1e-6)
+
+    def one():
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return timed(one, repeats)
+
+
+def timed_both(fn, repeats: int) -> tuple[float, float]:
+    """(median wall seconds, median CPU seconds of this process) of `repeats` calls after a warm-up call. With
+    one thread on a shared machine the CPU seconds are the work done, without the time spent descheduled."""
+    fn()
+    wall, cpu = [], []
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(wall), statistics.median(cpu)
+
+
 def profile(args) -> dict:
     import torch
     from torch.profiler import ProfilerActivity
@@ -130,22 +300,22 @@ def profile(args) -> dict:
 
     from finetune.plan.flops import train_flops
 
+    _scoped_loss()
     peaks = gemm_peak(args.repeats, args.gemm_tokens)
-    out = {"peak_gflops": peaks}
+    out = {"peak_gflops": peaks, "load": os.getloadavg(), "threads": torch.get_num_threads()}
     for path in args.paths.split(","):
-        model, dtype = build(path, model_dir=args.model)
+        model, dtype = build(path, model_dir=args.model, levers=args.levers, layers=args.layers)
         batch = micro_batch(model.config.vocab_size, layout=args.layout)
-        if args.segmented:  # a candidate attention for padding-free rows (finetune/model/attention.py where present)
-            from finetune.model.attention import use_segmented_attention
-
-            use_segmented_attention(model)
-        seconds = timed(lambda m=model, b=batch, d=dtype: step(m, b, d), args.repeats)
+        if args.segmented:  # attention per example of a padding-free row (finetune/model/attention.py)
+            use_attention(model, args.levers)
+        seconds, cpu_seconds = timed_both(lambda m=model, b=batch, d=dtype: step(m, b, d), args.repeats)
+        opt_s = optimizer_seconds(model, args.repeats) / args.accumulation
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
             step(model, batch, dtype)
-        kinds: dict[str, float] = {}
-        for e in prof.key_averages():
-            kind = next((k for k, subs in KINDS if any(s in e.key for s in subs)), "other (elementwise, norms, ...)")
-            kinds[kind] = kinds.get(kind, 0.0) + e.self_cpu_time_total / 1e6
+            profiled = time.perf_counter() - start  # the shares are of this step's own time
+        kinds = classify(prof.events(), profiled)
+        kinds[OPTIMIZER] = opt_s * profiled / seconds
         total = sum(kinds.values())
         lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
         labelled = int((batch["labels"][:, 1:] != -100).sum())
@@ -154,16 +324,62 @@ def profile(args) -> dict:
         flops = train_flops(model.config, lengths, labelled, lora)
         peak = peaks["bf16" if dtype == torch.bfloat16 else "fp32"]
         out[path] = {
-            "seconds": round(seconds, 3), "tokens_per_s": round(batch["input_ids"].numel() / seconds, 1),
+            "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
+            "mfu_cpu_time_vs_own_dtype_peak": round(flops * torch.get_num_threads() / cpu_seconds / 1e9 / peak, 3),
+            "profiled_seconds": round(profiled, 3), "optimizer_s_per_micro_batch": round(opt_s, 4),
+            "tokens_per_s": round(batch["input_ids"].numel() / seconds, 1),
             "model_gflops": round(flops / 1e9, 1), "achieved_gflops": round(flops / seconds / 1e9, 1),
             "mfu_vs_own_dtype_peak": round(flops / seconds / 1e9 / peak, 3),
             "mfu_vs_bf16_peak": round(flops / seconds / 1e9 / peaks["bf16"], 3),
             "time_share": {k: round(v / total, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
             "top_ops": [(e.key, round(e.self_cpu_time_total / 1e6, 3)) for e in
-                        sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]],
+                        sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:15]],
+            "load_after": os.getloadavg()[0],
         }
         print(json.dumps({path: out[path]}, indent=1), flush=True)
         del model
+    return out
+
+
+def ab(args) -> dict:
+    """Two builds of the same path in one process, their micro batches interleaved (A, B, A, B, ...): the
+    ratio of medians is what a lever buys, robust to a machine whose load drifts. --a / --b: lever settings
+    (e.g. `dropout=torch` against the default); each build's loss and LoRA gradients are compared too."""
+    import torch
+
+    _scoped_loss()
+    builds = {}
+    for name, levers in (("A", args.a), ("B", args.b)):
+        model, dtype = build(args.paths.split(",")[0], model_dir=args.model, levers=levers, layers=args.layers)
+        if args.segmented:
+            use_attention(model, levers)
+        builds[name] = (model, dtype)
+    batch = micro_batch(builds["A"][0].config.vocab_size, layout=args.layout)
+    times: dict[str, list[float]] = {"A": [], "B": []}
+    cpu: dict[str, list[float]] = {"A": [], "B": []}
+    losses = {}
+    for name, (model, dtype) in builds.items():  # warm-up, from the same RNG state: the losses must agree
+        torch.manual_seed(0)
+        losses[name] = step(model, batch, dtype)
+    for i in range(args.repeats):
+        for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
+            model, dtype = builds[name]
+            start, start_cpu = time.perf_counter(), time.process_time()
+            step(model, batch, dtype)
+            times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
+    out = {"A": args.a, "B": args.b, "A_s": round(med["A"], 3), "B_s": round(med["B"], 3),
+           "speedup_B_over_A": round(med["A"] / med["B"], 3),
+           # CPU seconds: on a shared machine with one thread, the work done, without the time spent descheduled
+           "A_cpu_s": round(med_cpu["A"], 3), "B_cpu_s": round(med_cpu["B"], 3),
+           "cpu_speedup_B_over_A": round(med_cpu["A"] / med_cpu["B"], 3),
+           "paired_cpu_speedup": round(statistics.median(a / b for a, b in zip(cpu["A"], cpu["B"])), 3),
+           "losses": losses, "runs": {k: [round(t, 3) for t in v] for k, v in times.items()},
+           "cpu_runs": {k: [round(t, 3) for t in v] for k, v in cpu.items()},
+           "load": os.getloadavg(), "threads": torch.get_num_threads()}
+    print(json.dumps(out), flush=True)
     return out
 
 
@@ -231,30 +447,56 @@ def shared_a(args) -> dict:
 
 
 def attention(args) -> dict:
-    """A padding-free row of 4 examples (lengths of a GSM8K batch), SmolLM2's 9 query / 3 key-value heads of 64:
-    SDPA with the block-diagonal causal mask over the row (what transformers builds), SDPA per example, and flex
-    attention with a document mask (eager; compiled when --compile), forward + backward."""
+    """A padding-free row of 4 examples (lengths of a GSM8K batch), SmolLM2's 9 query / 3 key-value heads of 64,
+    laid out as the model hands them over (transposed views of (1, T, heads, 64) projections), forward + backward:
+    SDPA with the block-diagonal causal mask over the row (what transformers builds); per example SDPA on slices
+    (finetune/model/attention.py before), on split pieces, and as plain matrix products (finetune's `math` form);
+    flex attention with a document mask (eager; compiled when --compile)."""
     import torch
     import torch.nn.functional as F
 
+    from finetune.model.attention import causal_attention_math
+
     lengths = [188, 240, 301, 242]
     total = sum(lengths)
-    q = torch.randn(1, 9, total, 64, requires_grad=True)
-    k, v = (torch.randn(1, 3, total, 64, requires_grad=True) for _ in range(2))
+    leaves = [torch.randn(1, total, heads, 64, requires_grad=True) for heads in (9, 3, 3)]
     doc = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     pos = torch.arange(total)
     mask = (doc[:, None] == doc[None, :]) & (pos[:, None] >= pos[None, :])
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+
+    def qkv():
+        return [t.transpose(1, 2) for t in leaves]
 
     def masked():
+        q, k, v = qkv()
         F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True).sum().backward()
 
-    def per_example():
-        outs = [F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
-                for qs, ks, vs in zip(*(t.split(lengths, dim=2) for t in (q, k, v)))]
+    def sliced():
+        q, k, v = qkv()
+        outs = [F.scaled_dot_product_attention(q[:, :, s : s + n], k[:, :, s : s + n], v[:, :, s : s + n],
+                                               is_causal=True, enable_gqa=True) for s, n in zip(starts, lengths)]
         torch.cat(outs, dim=2).sum().backward()
 
-    out = {"masked_sdpa_ms": round(timed(masked, args.repeats) * 1e3, 1),
-           "per_example_sdpa_ms": round(timed(per_example, args.repeats) * 1e3, 1)}
+    def split():
+        outs = [F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+                for qs, ks, vs in zip(*(t.split(lengths, dim=2) for t in qkv()))]
+        torch.cat(outs, dim=2).sum().backward()
+
+    def math():
+        outs = [causal_attention_math(qs, ks, vs, 64**-0.5) for qs, ks, vs in zip(*(t.split(lengths, dim=2)
+                                                                                   for t in qkv()))]
+        torch.cat(outs, dim=2).sum().backward()
+
+    out = {}
+    for name, fn in (("masked_sdpa", masked), ("per_example_sliced_sdpa", sliced),
+                     ("per_example_split_sdpa", split), ("per_example_math", math)):
+        out[name + "_ms"] = round(timed(fn, args.repeats) * 1e3, 1)
+    q, k, v = qkv()
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = torch.cat([causal_attention_math(qs, ks, vs, 64**-0.5) for qs, ks, vs in
+                     zip(*(t.split(lengths, dim=2) for t in (q, k, v)))], dim=2)
+    out["math_max_abs_diff"] = float((ref - got).abs().max())
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -265,6 +507,7 @@ def attention(args) -> dict:
         fn = torch.compile(flex_attention) if args.compile else flex_attention
 
         def flex():
+            q, k, v = qkv()
             fn(q, k, v, block_mask=block, enable_gqa=True).sum().backward()
 
         out["flex_attention_ms" + ("_compiled" if args.compile else "")] = round(timed(flex, args.repeats) * 1e3, 1)
@@ -276,7 +519,7 @@ def attention(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("what", choices=["profile", "peak", "omp", "shared-a", "attention"])
+    p.add_argument("what", choices=["profile", "ab", "peak", "omp", "shared-a", "attention"])
     p.add_argument("--model", default=str(MODEL), help="The model directory (default: make fetch's SmolLM2).")
     p.add_argument("--gemm-tokens", type=int, default=1024, help="profile, peak: rows of the GEMM rate measurement")
     p.add_argument("--paths", default="fp32,bf16-autocast,bf16", help=f"profile: of {', '.join(PATHS)}")
@@ -284,9 +527,15 @@ def main(argv=None) -> int:
     p.add_argument("--layout", choices=["padded", "padfree"], default="padded", help="profile: the micro batch")
     p.add_argument("--segmented", action="store_true", help="profile: segmented attention (finetune/model/attention.py)")
     p.add_argument("--compile", action="store_true", help="attention: torch.compile the flex attention call")
+    p.add_argument("--levers", default="", help="profile: levers turned off, of "
+                   f"{', '.join([*LEVERS, *ATTENTION_LEVERS, *OTHER_LEVERS])}")
+    p.add_argument("--a", default="", help="ab: build A's levers (comma-separated, as --levers)")
+    p.add_argument("--b", default="", help="ab: build B's levers")
+    p.add_argument("--layers", type=int, default=0, help="profile, ab: the first N decoder layers only (0: all)")
+    p.add_argument("--accumulation", type=int, default=4, help="profile: micro batches per optimizer step")
     p.add_argument("--json", help="write the result here (- for the last line of stdout)")
     args = p.parse_args(argv)
-    result = {"profile": profile, "peak": lambda a: gemm_peak(a.repeats, a.gemm_tokens), "omp": omp,
+    result = {"profile": profile, "ab": ab, "peak": lambda a: gemm_peak(a.repeats, a.gemm_tokens), "omp": omp,
               "shared-a": shared_a, "attention": attention}[args.what](args)
     if args.json == "-":
         print(json.dumps(result))

@@ -73,6 +73,13 @@ def test_bench_step(tiny_model_dir, tmp_path):
     assert result["fp32"]["model_gflops"] > 0
     assert "matmul" in result["fp32"]["time_share"]
     assert sum(result["fp32"]["time_share"].values()) == pytest.approx(1, abs=0.01)
+    assert {"LM head + loss", "optimizer (a quarter of a step)"} <= set(result["fp32"]["time_share"])
+    # ab: peft's LoRA forward (A) against the fused one (B), interleaved; in float32 the same masks, the same loss
+    run_script("bench_step.py", "ab", "--model", tiny_model_dir, "--paths", "fp32", "--a", "lora=peft",
+               "--repeats", 2, "--layers", 1, "--json", out)
+    ab = json.loads(out.read_text())
+    assert len(ab["runs"]["A"]) == len(ab["runs"]["B"]) == 2 and ab["speedup_B_over_A"] > 0
+    assert ab["losses"]["A"] == pytest.approx(ab["losses"]["B"], rel=1e-5)
 
 
 def test_bench_memory(tiny_model_dir, tmp_path):

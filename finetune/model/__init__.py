@@ -1,9 +1,9 @@
 """Models: placement (compute dtype, 4-bit storage, strategy; resolved once), tokenizer and NF4 base loading, LoRA
 attachment (or another PEFT method's, with its training-loop hooks: methods.py; what it trains on a mixture of
-experts and the routers' load-balancing loss: moe.py) and the optimizer, the CPU dropout and per-example attention,
-tcmalloc for CPU training, GGUF models in (converted; or trained on their own quantized tensors: gguf_base.py),
-adapter checkpoints / models to
-evaluate or chat with, and reward models (a score head; reward.py).
+experts and the routers' load-balancing loss: moe.py; LoftQ, IEC and AdaMix: loftq.py, iec.py, adamix.py) and the
+optimizer, the CPU dropout, fused LoRA forward, compiled norms and per-example attention, tcmalloc for CPU
+training, GGUF models in (converted; or trained on their own quantized tensors: gguf_base.py), adapter checkpoints
+/ models to evaluate or chat with, and reward models (a score head; reward.py).
 
 Imports: errors, recipe, artifacts, quant.
 """
@@ -34,5 +34,6 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "variants": ["folds"],
     "icq_base": ["pack_icq_base"],
     "attention": ["use_segmented_attention"],
+    "compile": ["use_compiled_norms"],
     "reward": ["check_reward_checkpoint", "load_reward_checkpoint", "score_module"],
 })

@@ -8,8 +8,10 @@ path). Attention is causal within each example, so for examples of lengths l_1..
 work needed is about sum(l_i^2) / 2, not T^2: for a 512-token row of three examples,
 about a sixth.
 
-`segmented_sdpa` splits each row where its positions restart and runs causal SDPA on every
-segment: the same numbers as the masked form for every token. Anything else (a KV cache
+`segmented_sdpa` splits each row where its positions restart and runs causal attention on every
+segment: the same numbers as the masked form for every token (to the float rounding of another order of sums).
+Pieces are `split` (one concatenation in backward, where slices each allocated and zero-filled a gradient of the
+whole row) and written straight into the (batch, tokens, heads, width) layout transformers continues with. Anything else (a KV cache
 in generation, rows without restarts under a padding mask) goes to transformers' own SDPA
 unchanged. `use_segmented_attention(model)` switches a model that uses SDPA to it; the
 mask function stays SDPA's, so generation with left padding is still masked.
@@ -36,17 +38,40 @@ def segmented_sdpa(module, query, key, value, attention_mask, dropout=0.0, scali
     if attention_mask is not None and all(len(row) == 1 for row in segments):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    gqa = key.shape[1] != query.shape[1]
     p = dropout if module.training else 0.0
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     rows = []
     for b, row in enumerate(segments):
-        parts = [F.scaled_dot_product_attention(query[b : b + 1, :, s:e], key[b : b + 1, :, s:e],
-                                                value[b : b + 1, :, s:e], dropout_p=p, is_causal=True,
-                                                scale=scaling, enable_gqa=gqa)
-                 for s, e in row]
-        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
-    out = torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]
-    return out.transpose(1, 2).contiguous(), None
+        lengths = [e - s for s, e in row]
+        pieces = zip(*(t[b : b + 1].split(lengths, dim=2) for t in (query, key, value)))  # one cat in backward
+        outs = [_causal(q, k, v, p, scale).transpose(1, 2) for q, k, v in pieces]  # (1, length, heads, width)
+        rows.append(torch.cat(outs, dim=1) if len(outs) > 1 else outs[0].contiguous())
+    return (torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]), None
+
+
+def _causal(query, key, value, dropout: float, scale: float) -> torch.Tensor:
+    """Causal attention of one example: matrix products in float32 without dropout (on an AVX2 CPU as fast as
+    SDPA's flash kernel within the noise, docs/performance.md; to be re-measured idle and on AVX512), SDPA's fused
+    kernel otherwise (bf16, where its float32 softmax is the accurate one)."""
+    if query.dtype == torch.float32 and dropout == 0.0 and query.device.type == "cpu":
+        return causal_attention_math(query, key, value, scale)
+    return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scale,
+                                          enable_gqa=key.shape[1] != query.shape[1])
+
+
+def causal_attention_math(query, key, value, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + causal mask) v for (batch, heads, length, width) queries over (batch, kv heads,
+    length, width) keys and values, as two batched matrix products per key/value head: the g query heads that
+    share a key/value head (grouped-query attention, head h reads kv head h // g as transformers' repeat_kv
+    does) are stacked into one (g * length) x width operand, so keys and values are never copied per head."""
+    b, heads, n, width = query.shape
+    kv = key.shape[1]
+    g = heads // kv
+    q = (query * scale).reshape(b, kv, g * n, width)
+    scores = q @ key.transpose(-1, -2)  # (b, kv, g * n, n)
+    future = torch.ones(n, n, dtype=torch.bool, device=query.device).triu_(1)
+    scores = scores.masked_fill_(future.repeat(g, 1), float("-inf")).softmax(dim=-1)
+    return (scores @ value).view(b, heads, n, width)
 
 
 def _segments(positions: torch.Tensor, batch: int) -> list[list[tuple[int, int]]]:

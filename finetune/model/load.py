@@ -20,6 +20,7 @@ from transformers import (
 
 from finetune.errors import ModelError, first_line
 from finetune.model.dropout import use_cpu_dropout
+from finetune.model.fused import use_fused_lora
 from finetune.model.methods import install_variants, peft_config
 from finetune.model.placement import Placement, compute_like_training
 from finetune.recipe import ModelSection, QuantizationSection, Recipe
@@ -163,7 +164,8 @@ def attach_lora(base, recipe: Recipe, placement: Placement):
         base.enable_input_require_grads()
     model = get_peft_model(base, peft_config(recipe, base))
     install_variants(model, recipe)  # IEC, AdaMix (methods.py, variants.py)
-    use_cpu_dropout(model)
+    use_cpu_dropout(model)  # CPU: one cheap mask per adapter input
+    use_fused_lora(model)  # CPU: each LoRA layer as its two products, nothing elementwise around them
     return model
 
 

@@ -158,8 +158,8 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     trainable = [p for p in model.parameters() if p.requires_grad] + dora_magnitudes(model, recipe)
     n_trainable = sum(p.numel() for p in trainable)
     ckpt = t.gradient_checkpointing
-    used, other = (activation_bytes(model, recipe, batch, seq_length, width, checkpointing=c, stream=stream)
-                   for c in (ckpt, not ckpt))
+    used, other = (activation_bytes(model, recipe, batch, seq_length, width, checkpointing=c, stream=stream,
+                                    device=device) for c in (ckpt, not ckpt))
     config = model.config.get_text_config()
     vocab, hidden = config.vocab_size, config.hidden_size
     loss, loss_note = _loss_bytes(recipe, tokens, vocab, hidden, width)

@@ -145,11 +145,12 @@ def optimizer_bytes(params, optimizer: str) -> int:
 
 
 def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, checkpointing: bool,
-                     stream: int | None = None) -> int:
+                     stream: int | None = None, device: str = "cpu") -> int:
     """Bytes saved for backward by the decoder stack for one micro batch (Llama-style decoder).
     Layers differ when lora.layers or the rank pattern make them: each is counted with its own adapters.
-    LoRA dropout masks are booleans, one byte a value: finetune.model.dropout.CpuDropout's on CPU, torch's fused
-    dropout's on GPU. `stream`: bytes per value of the residual stream and what the layer computes from it
+    LoRA dropout masks are booleans, one byte a value: finetune.model.dropout.CpuDropout's on CPU (one mask and
+    one dropped input per input tensor, shared by the adapters reading it), torch's fused dropout's on GPU (one
+    per adapter). `stream`: bytes per value of the residual stream and what the layer computes from it
     (norms, rotated q/k, the MLP's intermediates; float32 on GPU QLoRA), `width` those of the adapters' inputs."""
     stream = stream or width
     c = model.config.get_text_config()
@@ -162,8 +163,8 @@ def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, ch
     moe = moe_token_bytes(c, stream)  # a mixture of experts' block instead of the dense MLP (plan/moe.py)
     expert_weights, expert_tokens = expert_lora_bytes(model, width)
     per_layer = [per_token_layer_bytes(adapted.get(i, []), recipe, h, 0 if moe else inter, heads, kv, head_dim, width,
-                                       stream) + (heads + 2) * 4 + (moe or 0) + expert_tokens * width
-                 for i in range(layers)]
+                                       stream, shared_masks=device == "cpu")
+                 + (heads + 2) * 4 + (moe or 0) + expert_tokens * width for i in range(layers)]
     rotary = 2 * seq * head_dim * width  # cos and sin, shared by the layers
     final = tokens * (h * stream + 4)  # the final norm's input and statistics
     prefix = recipe.prefix_tuning.num_virtual_tokens if recipe.adapter.method == "prefix_tuning" else 0
@@ -177,10 +178,10 @@ def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, ch
 
 
 def per_token_layer_bytes(adapted: list[tuple[str, int, int, int]], recipe: Recipe, h: int, inter: int,
-                          heads: int, kv: int, head_dim: int, width: int, stream: int) -> int:
+                          heads: int, kv: int, head_dim: int, width: int, stream: int, shared_masks: bool = True) -> int:
     """Bytes saved per token by one decoder layer (excluding the float32 statistics), given its adapters
     (short name, in_features, out_features, rank): the layer's own values of `stream` bytes, the adapters'
-    of `width`, dropout masks of one byte (booleans).
+    of `width`, dropout masks of one byte (booleans), with `shared_masks` one per input tensor (CPU).
     DoRA keeps, per adapter, the base output and the scaled adapter output (its magnitude's gradient needs
     both): 2 x out_features more."""
     attention_out = heads * head_dim
@@ -197,10 +198,11 @@ def per_token_layer_bytes(adapted: list[tuple[str, int, int, int]], recipe: Reci
             continue
         group, size, saved = inputs.get(name, (name, d_in, False))
         extra += r + (2 * d_out if dora else 0)
-        if dropout > 0:
-            extra += size  # the dropped input, one per adapter
+        if dropout > 0 and not (shared_masks and group in counted):
+            extra += size  # the dropped input: one per adapter, or one per input tensor with shared masks
             masks += size  # and its dropout mask
-        elif not saved and group not in counted:
+            counted.add(group)
+        elif dropout == 0 and not saved and group not in counted:
             extra += size  # the shared input, once
             counted.add(group)
     return base * stream + extra * width + masks

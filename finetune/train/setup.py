@@ -19,7 +19,7 @@ from finetune.data import (
 from finetune.export import check_architecture
 from finetune.model import (
     MethodRuntime, Placement, attach_lora, dtype_name, load_base_model, load_tokenizer, loftq_initialise,
-    make_optimizer, prepare_loftq_base, resolve, use_segmented_attention,
+    make_optimizer, prepare_loftq_base, resolve, use_compiled_norms, use_segmented_attention,
 )
 from finetune.objectives import make_objective
 from finetune.recipe import Recipe
@@ -55,6 +55,7 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     base = load_base_model(source, recipe.quantization, accelerator.device, placement, head=objective.head)
     model = attach_lora(base, recipe, placement)
     loftq = loftq_initialise(model, recipe) if recipe.lora.init == "loftq" and not resume_from else None
+    env["rms_norm"] = use_compiled_norms(model)  # CPU: one compiled kernel each way, or why the norms stay eager
     cached = _cache_gguf_weights(recipe, model, accelerator.device, placement)
     if recipe.data.packing or t.padding_free:
         use_segmented_attention(model)  # each example of a row attends to itself only, at its own cost
@@ -190,4 +191,5 @@ def _banner(run: Run, counts: tuple[int, int], n_eval: int, stats, resume_from: 
         + (f", resuming from {resume_from} at step {run.state.step}" if resume_from else "")
         + f"\ntrainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%), "
         f"objective {t.objective}, method {run.recipe.adapter.method}, compute dtype {dtype_name(run.placement.compute_dtype)}, device {acc.device}"
+        + (f", RMSNorm {run.env['rms_norm']}" if acc.device.type == "cpu" else "")
     )

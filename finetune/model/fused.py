@@ -1,0 +1,72 @@
+"""A LoRA linear layer on CPU as two matrix products and nothing else: y = base(x) + s * drop(x) A^T B^T.
+
+peft's forward for a plain LoRA adapter, `result.clone() + lora_B(lora_A(dropout(x))) * scaling`, spends four
+passes over memory around the two small products: the defensive clone of the base output, the dropout's
+rescaling of the input, the multiplication by `scaling`, and the addition. In a bf16 step on CPU it adds two
+more: it checks `torch.is_autocast_enabled()`, which asks about CUDA, so under CPU autocast it casts the input to
+float32 for the adapter and autocast casts it straight back to bf16 for lora_A.
+
+Here the base output takes the adapter's product in place of its own storage through one `addmm` (beta 1), whose
+alpha carries both `scaling` and the dropout's 1 / (1 - p) (finetune.model.dropout.CpuDropout hands over the
+zeroed input unscaled), so the only elementwise work left is zeroing the dropped inputs, once per input tensor.
+Mathematically the same function as peft's (the scale is applied to the rank-r product instead of the input);
+numerically within the dtype's rounding (tests/test_speedups.py).
+
+Only training steps take it: in eval mode (training's eval, eval, chat, serve's batches mixing adapters, which
+peft computes per adapter) peft's forward runs, so that every inference path rounds alike in bf16, where one
+addmm and peft's scale-then-add differ by a rounding. Anything else keeps peft's own forward too: DoRA and other
+variants, several active adapters, mixed-adapter batches,
+merged or disabled adapters, a bias on lora_B, an input whose dtype differs from the adapter's outside autocast.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+
+from finetune.model.dropout import CpuDropout
+
+
+def use_fused_lora(model) -> int:
+    """On CPU, give every LoRA `Linear` / `Linear4bit` layer of `model` the fused forward; returns how many.
+    A QA-LoRA adapter (a peft variant) still takes peft's forward, per call."""
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora.bnb import Linear4bit
+
+    first = next(model.parameters(), None)
+    if first is None or first.device.type != "cpu":
+        return 0
+    count = 0
+    for module in model.modules():  # peft's classes or subclasses keeping their forward (finetune.quant's QA-LoRA)
+        if isinstance(module, (LoraLinear, Linear4bit)) and type(module).forward in (LoraLinear.forward,
+                                                                                     Linear4bit.forward):
+            module.forward = types.MethodType(fused_forward, module)
+            count += 1
+    return count
+
+
+def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    name = _plain_adapter(self, x, args, kwargs)
+    if name is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    result = self.base_layer(x)
+    dropout = self.lora_dropout[name]
+    dropped, scale = dropout.dropped(x) if isinstance(dropout, CpuDropout) else (dropout(x), 1.0)
+    low = F.linear(dropped, self.lora_A[name].weight)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
+                      self.lora_B[name].weight.t(), alpha=self.scaling[name] * scale)
+    return out.view(result.shape)
+
+
+def _plain_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
+    """The one active adapter when it is plain LoRA this forward can compute; None for peft's own forward."""
+    if not self.training or args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
+        return None
+    name = self.active_adapters[0]
+    if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
+        return None
+    if x.dtype != self.lora_A[name].weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        return None  # peft casts the input to the adapter's dtype and back
+    return name
