@@ -177,6 +177,27 @@ def engine_tps(model_dir: str, adapters: dict[str, Path], names: list[str], stre
 _SERVING: dict[int, object] = {}
 
 
+def grpo_share(steps: int, work: Path) -> list[tuple[str, float, float, float]]:
+    """GRPO's generation share of a quickstart step (recipes/grpo_quickstart.yaml, `steps` steps after the first):
+    the lean decode step vs the model's own generate (FINETUNE_DECODE=model), alternating, each a fresh
+    `finetune train`. [(path, generation s per step, step s, load average)]."""
+    import json
+    import subprocess
+
+    out = []
+    for path, env in (("finetune", {}), ("model.generate", {"FINETUNE_DECODE": "model"})):
+        run = work / f"grpo-{path}"
+        cmd = [sys.executable, "-m", "finetune", "train", str(ROOT / "recipes/grpo_quickstart.yaml"),
+               f"training.max_steps={steps + 1}", f"output_dir={run}", "training.save_steps=1000", "--overwrite"]
+        subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, check=True, capture_output=True)
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in rows if "time/generation_s" in r][1:]  # the first step warms up
+        out.append((path, statistics.median(r["time/generation_s"] for r in rows),
+                    statistics.median(r["step_s"] for r in rows), os.getloadavg()[0]))
+        print(f"GRPO {path}: generation {out[-1][1]:.2f} s of a {out[-1][2]:.2f} s step", flush=True)
+    return out
+
+
 def run(args) -> list[tuple[str, dict[int, list[tuple[float, float]]]]]:
     """[(row label, {batch: [(tokens/s, load average), ...]})]."""
     work = Path(args.work)
@@ -266,6 +287,18 @@ def ratios(rows, streams: int) -> str:
     return "".join(f"- {line}\n" for line in out)
 
 
+def grpo_lines(grpo: list[tuple[str, float, float, float]]) -> str:
+    if not grpo:
+        return ""
+    lines = []
+    for path in ("finetune", "model.generate"):
+        got = [g for g in grpo if g[0] == path]
+        gen, step = statistics.median(g[1] for g in got), statistics.median(g[2] for g in got)
+        lines.append(f"- GRPO quickstart step, {path}: generation {gen:.2f} s of {step:.2f} s ({gen / step:.0%}; "
+                     f"load {', '.join(f'{g[3]:.1f}' for g in got)})")
+    return "".join(line + "\n" for line in lines)
+
+
 def write(out: Path, text: str) -> None:
     doc = out.read_text() if out.is_file() else ""
     block = f"{START}\n{text}{END}\n"
@@ -290,15 +323,20 @@ def main(argv=None) -> None:
                     help="adapters and GGUF exports, kept between runs")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/performance.md")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--grpo", type=int, default=0, metavar="STEPS", help="also GRPO's generation share of a "
+                    "quickstart step, lean step vs model.generate, over STEPS steps after the first (needs make data)")
     args = ap.parse_args(argv)
     rows, note = run(args)
+    grpo = []
+    for _ in range(args.repeats if args.grpo else 0):
+        grpo += grpo_share(args.grpo, Path(args.work))
     flags = _cpu_flags()
     text = (f"`python scripts/bench_generate.py --quantize {args.quantize} --batches "
             f"{' '.join(map(str, args.batches))} --max-new-tokens {args.max_new_tokens} --repeats {args.repeats}`, "
             f"{time.strftime('%Y-%m-%d')}, {Path(args.model).name}, CPU flags: {flags or 'n/a'}, "
             f"{torch.get_num_threads()} threads, compute dtype {os.environ.get('FINETUNE_CPU_DTYPE', 'auto')}."
             f"{' ' + note + '.' if note else ''}\n\n" + table(rows, args.batches, args.streams) + "\n" +
-            ratios(rows, args.streams))
+            ratios(rows, args.streams) + grpo_lines(grpo))
     print(text)
     if not args.no_write:
         write(args.out, text)

@@ -12,7 +12,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "session": ["ChatOptions", "Session", "chat", "load_session", "render_messages", "reply", "resolve_target"],
     "lean": ["LeanModel", "build_lean", "why_not_lean"],
     "batch": ["BASE", "LeanBatch", "ModelBatch"],
-    "decoder": ["Decoder", "Sequence", "lean_decoder", "lean_model", "say"],
+    "decoder": ["Decoder", "Sequence", "forced", "lean_decoder", "lean_model", "say"],
     "decode": [
         "GenerationOptions", "NUMBER", "generate", "generate_ids", "generation_kwargs", "generation_metrics",
         "last_number", "make_extractor", "normalize_number", "score_example"

@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from finetune.generate import (
-    BASE, Decoder, LeanBatch, LeanModel, ModelBatch, Sequence, build_lean, say, why_not_lean,
+    BASE, Decoder, LeanBatch, LeanModel, ModelBatch, Sequence, build_lean, forced, say, why_not_lean,
 )
 
 log = logging.getLogger("finetune.serve")
@@ -238,7 +238,7 @@ class Engine:
 
     def _base_reason(self) -> str | None:
         if self._lean_base == "":
-            self._lean_base = why_not_lean(self.model, [])
+            self._lean_base = forced() or why_not_lean(self.model, [])
             if self._lean_base is not None:
                 say(f"serving with the model's own forward: the lean decode step does not model {self._lean_base}")
         return self._lean_base
