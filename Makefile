@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 # CPU wheel on machines like the CI one; on a CUDA machine pass e.g. TORCH_SPEC="torch==2.13.0" with your index.
 TORCH_SPEC ?= torch==2.13.0
 MODEL_DIR := models/SmolLM2-135M-Instruct
+MODEL_GGUF := models/SmolLM2-135M-Instruct.Q4_1.gguf
 
 .PHONY: install demo test test-slow test-fuzz test-gpu bench fetch data clean
 
@@ -17,10 +18,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[test,export]"
 	touch $@
 
-fetch: install $(MODEL_DIR)/config.json
+# The float model and the Q4_1 GGUF it comes from (quantization.quant_type: gguf trains on the file as it is).
+fetch: install $(MODEL_DIR)/config.json $(MODEL_GGUF)
 
-$(MODEL_DIR)/config.json:
-	$(PY) scripts/fetch_model.py --out $(MODEL_DIR)
+$(MODEL_DIR)/config.json $(MODEL_GGUF):
+	$(PY) scripts/fetch_model.py --out $(MODEL_DIR) --gguf-out $(MODEL_GGUF)
 
 data: install
 	$(PY) scripts/make_quickstart_data.py

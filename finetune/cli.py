@@ -36,7 +36,7 @@ BaseWeights = Literal["auto", "dequantized", "original"]
 SaveDtype = Literal["auto", "bf16", "fp16", "fp32", "bfloat16", "float16", "float32"]
 Combination = Literal["linear", "cat", "ties"]
 Quantize = Literal["auto", "4bit", "none"]
-GgufType = Literal["f32", "f16", "bf16", "q8_0", "q4_0"]
+GgufType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_1"]
 NUMBER = re.compile(r"[-+]?((\d+\.?\d*|\.\d+)(e[-+]?\d+)?|nan|inf(inity)?)", re.I)  # --weights (nan: refused by merge)
 OverridesArg = typer.Argument(None, help="Recipe overrides, e.g. training.max_steps=10 data.max_length=256.")
 

@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                    "is installed, finetune/model/allocator.py), so that the table compares the tools, not allocators; "
                    "glibc: both without a preloaded allocator.")
     p.add_argument("--work", help="Scratch directory (data, runs, logs); default runs/bench (dpo: runs/bench-dpo).")
+    p.add_argument("--gemm-tokens", type=int, default=1024,
+                   help="Rows of the GEMM rate measurement (the MFU rows' denominator, scripts/bench_step.py peak).")
     p.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     p.add_argument("--variant", choices=VARIANTS + DPO_VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from finetune.model.allocator import find_tcmalloc, for_training
 
     preload = find_tcmalloc() if args.allocator == "auto" and for_training() == "tcmalloc" else None
-    machine = {**_machine(), "allocator": "tcmalloc" if preload else "glibc"}
+    machine = {**_machine(args.gemm_tokens), "allocator": "tcmalloc" if preload else "glibc"}
     print(f"machine: {machine['name']}, flags {' '.join(machine['flags']) or '-'}, allocator {machine['allocator']} "
           "(both tools); GEMM at the model's shapes: "
           + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in machine["gemm_gflops"].items()), flush=True)
@@ -320,11 +322,11 @@ def run_finetune(spec: dict, variant: str, work: Path) -> dict:
     import yaml
     from rich.console import Console
 
-    from finetune.cli import _quiet_libraries
+    from finetune.progress import quiet_libraries
     from finetune.recipe.file import load_recipe
     from finetune.train.loop import train
 
-    _quiet_libraries()
+    quiet_libraries()
     run_dir = work / f"finetune-{variant}"
     if spec.get("objective") == "dpo":
         recipe = {
@@ -519,7 +521,7 @@ def run_trl_dpo(spec: dict, variant: str, work: Path) -> dict:
             "losses": [h["loss"] for h in log], **_logps(log)}
 
 
-def _machine() -> dict:
+def _machine(gemm_tokens: int = 1024) -> dict:
     """The processor (or GPU), the CPU flags that decide bf16's speed, and the GEMM rate at the model's shapes in
     fp32 and bf16 (scripts/bench_step.py: the most these matrix products reach here, MFU's denominator)."""
     import torch
@@ -543,7 +545,7 @@ def _machine() -> dict:
     name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
                 caps.get("cpu_name", "?"))
     flags = [k for k in ("avx2", "avx512_f", "avx512_vnni", "avx512_bf16", "amx_bf16") if caps.get(k)]
-    return {"name": f"{name}, {os.cpu_count()} CPUs", "flags": flags, "gemm_gflops": gemm_peak()}
+    return {"name": f"{name}, {os.cpu_count()} CPUs", "flags": flags, "gemm_gflops": gemm_peak(tokens=gemm_tokens)}
 
 
 def _peak_cuda_gib() -> float | None:

@@ -50,17 +50,17 @@ def overrides(args, length: int, checkpointing: bool, out: Path) -> list[str]:
             "data.packing=true", "data.overlong=truncate", "data.eval_fraction=0", "training.micro_batch_size=1",
             "training.gradient_accumulation_steps=1", f"training.max_steps={args.steps}", "training.logging_steps=1",
             "training.eval_steps=null", "training.save_steps=null", f"training.gradient_checkpointing={checkpointing}",
-            f"quantization.compute_dtype={args.dtype}"]
+            f"quantization.compute_dtype={args.dtype}", *([f"model.name_or_path={args.model}"] if args.model else [])]
 
 
 def worker(args) -> int:
     from rich.console import Console
 
     import finetune.train.loop as ft
-    from finetune.cli import _quiet_libraries
+    from finetune.progress import quiet_libraries
     from finetune.recipe.file import load_recipe
 
-    _quiet_libraries()
+    quiet_libraries()
     if os.environ.get("BENCH_TRIM"):
         libc, step = ctypes.CDLL("libc.so.6"), ft.train_step
 
@@ -90,6 +90,7 @@ def predicted(args, length: int, checkpointing: bool, out: Path) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="The model directory (default: recipes/gsm8k.yaml's, make fetch's SmolLM2).")
     p.add_argument("--data", default=str(GSM8K))
     p.add_argument("--lengths", default="512,2048,4096")
     p.add_argument("--checkpointing", default="false,true")

@@ -44,7 +44,7 @@ KINDS = [  # (kind, substrings of profiler op names), first match wins
 ]
 
 
-def build(path: str, dropout: float = 0.05):
+def build(path: str, dropout: float = 0.05, model_dir: str | Path = MODEL):
     import torch
 
     import finetune.model.load as fm
@@ -52,7 +52,7 @@ def build(path: str, dropout: float = 0.05):
 
     dtype, cast = PATHS[path]
     recipe = Recipe.model_validate({
-        "model": {"name_or_path": str(MODEL)}, "data": {"train": ["unused.jsonl"]},
+        "model": {"name_or_path": str(model_dir)}, "data": {"train": ["unused.jsonl"]},
         "quantization": {"compute_dtype": dtype}, "lora": {"dropout": dropout},
         "training": {"gradient_checkpointing": False},
     })
@@ -130,10 +130,10 @@ def profile(args) -> dict:
 
     from finetune.plan.flops import train_flops
 
-    peaks = gemm_peak(args.repeats)
+    peaks = gemm_peak(args.repeats, args.gemm_tokens)
     out = {"peak_gflops": peaks}
     for path in args.paths.split(","):
-        model, dtype = build(path)
+        model, dtype = build(path, model_dir=args.model)
         batch = micro_batch(model.config.vocab_size, layout=args.layout)
         if args.segmented:  # a candidate attention for padding-free rows (finetune/model/attention.py where present)
             from finetune.model.attention import use_segmented_attention
@@ -198,7 +198,7 @@ def omp(args) -> dict:
             if policy != "unset":
                 env["OMP_WAIT_POLICY"] = policy
             cmd = [sys.executable, __file__, "profile", "--paths", args.paths.split(",")[-1], "--repeats", "3",
-                   "--json", "-"]
+                   "--model", str(args.model), "--gemm-tokens", str(args.gemm_tokens), "--json", "-"]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             seconds = json.loads(done.stdout.strip().splitlines()[-1])[args.paths.split(",")[-1]]["seconds"]
             runs.setdefault(policy, []).append(seconds)
@@ -277,6 +277,8 @@ def attention(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("what", choices=["profile", "peak", "omp", "shared-a", "attention"])
+    p.add_argument("--model", default=str(MODEL), help="The model directory (default: make fetch's SmolLM2).")
+    p.add_argument("--gemm-tokens", type=int, default=1024, help="profile, peak: rows of the GEMM rate measurement")
     p.add_argument("--paths", default="fp32,bf16-autocast,bf16", help=f"profile: of {', '.join(PATHS)}")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--layout", choices=["padded", "padfree"], default="padded", help="profile: the micro batch")
@@ -284,8 +286,8 @@ def main(argv=None) -> int:
     p.add_argument("--compile", action="store_true", help="attention: torch.compile the flex attention call")
     p.add_argument("--json", help="write the result here (- for the last line of stdout)")
     args = p.parse_args(argv)
-    result = {"profile": profile, "peak": lambda a: gemm_peak(a.repeats), "omp": omp, "shared-a": shared_a,
-              "attention": attention}[args.what](args)
+    result = {"profile": profile, "peak": lambda a: gemm_peak(a.repeats, a.gemm_tokens), "omp": omp,
+              "shared-a": shared_a, "attention": attention}[args.what](args)
     if args.json == "-":
         print(json.dumps(result))
     elif args.json:

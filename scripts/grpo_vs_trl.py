@@ -7,8 +7,10 @@
 2. Speed: `--steps N` optimizer steps of each (the same prompts per step, G, lengths, sampling settings):
    examples (prompts x G completions) per second, end to end.
 
-Needs TRL (`pip install trl`). Not part of CI. Run from the repository root:
+Needs TRL (`pip install trl`, the `bench` extra); `--tools finetune` runs finetune's side of 2. alone, as CI does on
+the tiny test model (tests/test_scripts.py). Run from the repository root:
     python scripts/grpo_vs_trl.py --steps 3
+    python scripts/grpo_vs_trl.py --steps 1 grpo.group_size=2 grpo.max_new_tokens=8   # recipe overrides
 """
 
 from __future__ import annotations
@@ -125,23 +127,25 @@ def equality(recipe, out: Path) -> dict:
             if "rewards" in inputs else None}
 
 
-def speed(recipe, steps: int, out: Path) -> dict:
+def speed(recipe, steps: int, out: Path, trl: bool = True) -> dict:
     from finetune.train.loop import train
 
     examples = steps * recipe.training.micro_batch_size * recipe.grpo.group_size
-    tok, model = build(recipe)
-    trainer = trl_trainer(recipe, model, tok, steps, out / "trl_speed")
-    started = time.perf_counter()
-    trainer.train()
-    trl_s = time.perf_counter() - started
+    trl_s = None
+    if trl:
+        tok, model = build(recipe)
+        trainer = trl_trainer(recipe, model, tok, steps, out / "trl_speed")
+        started = time.perf_counter()
+        trainer.train()
+        trl_s = time.perf_counter() - started
     ours = recipe.model_copy(update={"output_dir": str(out / "finetune_speed"),
                                      "training": recipe.training.model_copy(update={"max_steps": steps,
                                                                                     "save_steps": None})})
     train(ours, overwrite=True)
     ours_s = json.loads((out / "finetune_speed" / "summary.json").read_text())["wall_time_s"]  # the loop, no loading
-    return {"steps": steps, "examples": examples, "trl_s": round(trl_s, 1), "finetune_s": round(ours_s, 1),
-            "trl_examples_per_s": examples / trl_s, "finetune_examples_per_s": examples / ours_s,
-            "finetune_over_trl": trl_s / ours_s}
+    return {"steps": steps, "examples": examples, "trl_s": trl_s and round(trl_s, 1), "finetune_s": round(ours_s, 1),
+            "trl_examples_per_s": trl_s and examples / trl_s, "finetune_examples_per_s": examples / ours_s,
+            "finetune_over_trl": trl_s and trl_s / ours_s}
 
 
 def main() -> None:
@@ -150,13 +154,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", default="runs/grpo_vs_trl")
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("overrides", nargs="*", help="KEY=VALUE recipe overrides, as `finetune train` takes them "
+                   "(e.g. model.name_or_path=DIR grpo.max_new_tokens=8)")
+    p.add_argument("--tools", default="finetune,trl", help="finetune alone runs without TRL: no 1., its side of 2.")
     args = p.parse_args()
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
     out = Path(args.out)
-    report = {"equality": equality(recipe, out)}
+    trl = "trl" in args.tools.split(",")
+    report = {"equality": equality(recipe, out)} if trl else {}
     print(json.dumps(report, indent=2), flush=True)
     if not args.skip_speed:
-        report["speed"] = speed(recipe, args.steps, out)
+        report["speed"] = speed(recipe, args.steps, out, trl)
     print(json.dumps(report, indent=2))
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -12,7 +12,8 @@ special tokens), the answer with its end-of-turn token; for the reward model the
 KTO: both pair each example's prompt with the previous example's answer for the KL estimate (TRL rotates within
 its batch; with one batch of all N examples that is finetune's fixed pairing).
 
-Needs TRL (`pip install trl`); not part of CI. From the repository root:
+Needs TRL (`pip install trl`, the `bench` extra); `--tools finetune` runs finetune's side alone, as CI does on
+the tiny test model (tests/test_scripts.py). From the repository root:
     python scripts/pref_vs_trl.py --objective kto
     python scripts/pref_vs_trl.py --objective reward
 """
@@ -38,10 +39,10 @@ MODEL = "models/SmolLM2-135M-Instruct"
 DATA = {"kto": "data/quickstart/feedback_train.jsonl", "reward": "data/quickstart/preference_train.jsonl"}
 
 
-def recipe(objective: str, data: Path, n: int, steps: int, lr: float, out: Path) -> Recipe:
+def recipe(objective: str, data: Path, n: int, steps: int, lr: float, out: Path, model: str = MODEL) -> Recipe:
     return Recipe.model_validate({
         "name": f"{objective}_vs_trl", "output_dir": str(out / f"finetune_{objective}"),
-        "model": {"name_or_path": MODEL}, "quantization": {"load_in_4bit": False, "compute_dtype": "float32"},
+        "model": {"name_or_path": model}, "quantization": {"load_in_4bit": False, "compute_dtype": "float32"},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"train": [str(data)], "format": "feedback" if objective == "kto" else "preference",
                  "max_length": 256},
@@ -129,19 +130,22 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--out", default="runs/pref_vs_trl")
+    p.add_argument("--model", default=MODEL)
+    p.add_argument("--tools", default="finetune,trl", help="finetune alone runs without TRL (its side of the report)")
     args = p.parse_args()
+    trl = "trl" in args.tools.split(",")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = read_rows(DATA[args.objective])[0][: args.examples]
     data = out / f"{args.objective}.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for _, r in rows))
-    r = recipe(args.objective, data, args.examples, args.steps, args.lr, out)
+    r = recipe(args.objective, data, args.examples, args.steps, args.lr, out, args.model)
     tok = load_tokenizer(r.model)
     tokenize_all([normalize(x, r.data.format, {}) for _, x in rows], r.data, tok)  # the data renders
     model = build(r)
-    twin = copy.deepcopy(model)
+    twin = copy.deepcopy(model) if trl else None
     ours, ours_s = run_finetune(r, model)
-    theirs, trl_s = run_trl(r, twin, tok, out / f"trl_{args.objective}")
+    theirs, trl_s = run_trl(r, twin, tok, out / f"trl_{args.objective}") if trl else ([{}] * len(ours), None)
     report = {"objective": args.objective, "examples_per_step": args.examples, "steps": []}
     for a, b in zip(ours, theirs):
         step = {"step": a["step"]}
@@ -149,8 +153,8 @@ def main() -> None:
             step[mine] = {"finetune": a.get(mine), "trl": b.get(trl_key)}
         report["steps"].append(step)
     n = args.steps * args.examples
-    report["speed"] = {"finetune_examples_per_s": n / ours_s, "trl_examples_per_s": n / trl_s,
-                       "finetune_over_trl": trl_s / ours_s}
+    report["speed"] = {"finetune_examples_per_s": n / ours_s, "trl_examples_per_s": n / trl_s if trl else None,
+                       "finetune_over_trl": trl_s / ours_s if trl else None}
     print(json.dumps(report, indent=2))
     (out / f"{args.objective}_report.json").write_text(json.dumps(report, indent=2) + "\n")
 

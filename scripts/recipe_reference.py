@@ -1,12 +1,13 @@
-"""Write the recipe reference table into README.md from the schema itself.
+"""Write the recipe reference table into docs/recipes.md from the schema itself.
 
-The table lives between two marker comments in README.md; tests/test_recipe.py
+The table lives between two marker comments in docs/recipes.md; tests/test_recipe.py
 fails when it is out of date, so documentation cannot drift from the schema.
-Run: python scripts/recipe_reference.py   (rewrites README.md in place)
+Run: python scripts/recipe_reference.py   (rewrites docs/recipes.md in place; --file PATH: another file with the markers)
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import typing
 from pathlib import Path
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from finetune.recipe.schema import Recipe  # noqa: E402
 
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
 
 
 def _type_name(ann) -> str:
@@ -75,5 +76,8 @@ def render(readme: str) -> str:
 
 
 if __name__ == "__main__":
-    README.write_text(render(README.read_text()))
-    print(f"updated the recipe reference in {README}")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--file", type=Path, default=PAGE, help="The file whose table to rewrite (default: docs/recipes.md).")
+    path = ap.parse_args().file
+    path.write_text(render(path.read_text()))
+    print(f"updated the recipe reference in {path}")

@@ -153,3 +153,112 @@ def load_base(model, quantization, device="cpu"):
     from finetune.model import load_base_model, resolve
 
     return load_base_model(model, quantization, device, resolve(quantization))
+
+
+# ------------------------------------------------------------------ the one recipe and data builder
+# Every test that trains through the CLI builds its recipe here: the defaults below, then what the test changes.
+
+FORMATS = {"sft": "alpaca", "grpo": "alpaca", "dpo": "preference", "orpo": "preference", "simpo": "preference",
+           "reward": "preference", "kto": "feedback"}
+
+
+def alpaca_rows(n: int) -> list[dict]:
+    """Repeat-a-word instructions, 16 words x 4 counts (see toy_alpaca_rows)."""
+    rows = [{"instruction": f"Repeat the word {times}.", "input": word, "output": " ".join([word] * k)}
+            for word in TOY_WORDS for times, k in TOY_COUNTS.items()]
+    return [rows[i % len(rows)] for i in range(n)]
+
+
+def prompt_rows(n: int) -> list[dict]:
+    """GRPO's prompts: say a word twice (the output is the reference the rewards compare with)."""
+    return [{"instruction": "Say the word twice.", "input": TOY_WORDS[i % 16],
+             "output": f"{TOY_WORDS[i % 16]} {TOY_WORDS[i % 16]}"} for i in range(n)]
+
+
+def preference_rows(n: int) -> list[dict]:
+    """Repeat-a-word pairs: chosen repeats it, rejected names another word. Three record shapes."""
+    rows = []
+    for i in range(n):
+        word, other = TOY_WORDS[i % 16], TOY_WORDS[(i + 5) % 16]
+        prompt, chosen, rejected = f"Repeat the word twice. {word}", f"{word} {word}", f"{other}"
+        if i % 3 == 0:
+            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        elif i % 3 == 1:
+            rows.append({"prompt": [{"role": "user", "content": prompt}],
+                         "chosen": [{"role": "assistant", "content": chosen}],
+                         "rejected": [{"role": "assistant", "content": rejected}]})
+        else:  # full conversations sharing the prompt turn
+            user = {"role": "user", "content": prompt}
+            rows.append({"chosen": [user, {"role": "assistant", "content": chosen}],
+                         "rejected": [user, {"role": "assistant", "content": rejected}]})
+    return rows
+
+
+def feedback_rows(n: int) -> list[dict]:
+    """Repeat-a-word answers: the desirable one repeats the word, the undesirable one names another word."""
+    rows = []
+    for i in range(n):
+        word, other = TOY_WORDS[i % 16], TOY_WORDS[(i + 5) % 16]
+        good = i % 2 == 0
+        prompt = f"Repeat the word twice. {word}"
+        if i % 4 == 1:
+            prompt = [{"role": "user", "content": prompt}]
+        rows.append({"prompt": prompt, "completion": f"{word} {word}" if good else other, "label": good})
+    return rows
+
+
+ROWS = {"sft": alpaca_rows, "grpo": prompt_rows, "preference": preference_rows, "feedback": feedback_rows}
+
+
+def task_data(directory, objective: str = "sft", train: int = 24, eval: int = 6) -> Path:
+    """`directory` with train.jsonl and eval.jsonl of the data `objective` trains on."""
+    rows = ROWS.get(objective) or ROWS[FORMATS.get(objective, "sft")]
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_jsonl(directory / "train.jsonl", rows(train))
+    write_jsonl(directory / "eval.jsonl", rows(eval))
+    return directory
+
+
+GRPO_DEFAULTS = {"group_size": 4, "max_new_tokens": 8, "generation_batch_size": 3, "samples_steps": 2}
+GRPO_REWARDS = [{"function": "contains", "weight": 1.0}, {"function": "format", "pattern": r"regex:\w+ \w+",
+                                                        "weight": 0.5}]
+
+
+def recipe_file(directory, model_dir, data_dir, name: str = "run", objective: str = "sft", *, method: str = "lora",
+                quantization: dict | None = None, lora: dict | None = None, data: dict | None = None,
+                sections: dict | None = None, **training) -> Path:
+    """A recipe (JSON is YAML) for a few-step run of `objective` with adapter `method` on `model_dir`, written to
+    `directory/<name>.yaml`, output in `directory/runs/<name>`. Defaults: a float base (compute dtype auto: the
+    dtype leg decides), LoRA r 4 on q/v with dropout, 32-token alpaca rows or 48-token pairs, 6 steps of 4 x 2
+    (2 x 2 for pairs), lr 1e-2, AdamW. `quantization`, `lora`, `data` update their sections, `sections` adds
+    others (kto, simpo, grpo, rewards, a method's own section), keyword arguments update `training`."""
+    directory = Path(directory)
+    fmt = FORMATS.get(objective, "alpaca")  # (a toy objective of test_objectives trains on alpaca rows)
+    pairs = fmt != "alpaca"
+    run = {"objective": objective, "max_steps": 6, "micro_batch_size": 2 if pairs else 4,
+           "gradient_accumulation_steps": 2, "learning_rate": 1e-2, "warmup_steps": 1, "logging_steps": 1,
+           "optimizer": "adamw_torch", "gradient_checkpointing": False, "seed": 7}
+    if objective == "grpo":  # a step is one generation batch of prompts x group_size answers
+        run.update(micro_batch_size=2, gradient_accumulation_steps=1, max_steps=4)
+    body = {
+        "name": name,
+        "output_dir": str(directory / "runs" / name),
+        "model": {"name_or_path": str(model_dir)},
+        "quantization": {"load_in_4bit": False, **(quantization or {})},
+        "data": {"train": str(Path(data_dir) / "train.jsonl"), "eval": str(Path(data_dir) / "eval.jsonl"),
+                 "format": fmt, "max_length": 48 if pairs else 32, **(data or {})},
+        "training": {**run, **training},
+    }
+    if method == "lora":
+        body["lora"] = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"], **(lora or {})}
+    else:
+        body["adapter"] = {"method": method}
+    if objective == "grpo":
+        body["grpo"], body["rewards"] = dict(GRPO_DEFAULTS), GRPO_REWARDS
+    for key, value in (sections or {}).items():
+        body[key] = {**body[key], **value} if isinstance(body.get(key), dict) else value
+    path = directory / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(body))
+    return path

@@ -312,6 +312,20 @@ def by_css(driver, css):
     return driver.find_elements(By.CSS_SELECTOR, css)
 
 
+CLICK_WHEN_READY = """
+const e = document.querySelector(arguments[0]);
+if (!e || e.disabled || e.getClientRects().length === 0) return false;
+e.click();
+return true;
+"""
+
+
+def click(driver, css: str, what: str, timeout: float = 60) -> None:
+    """Click the element `css` selects once it is present, enabled and shown: the page's table is redrawn every
+    refresh, so finding the element and clicking it happen in one script (nothing of the page runs between)."""
+    wait_for(lambda: driver.execute_script(CLICK_WHEN_READY, css), what, timeout)
+
+
 def table_rows(driver) -> dict[str, str]:
     return {tr.get_attribute("data-run"): tr.find_elements("css selector", ".status")[0].text
             for tr in by_css(driver, "#runs-table tbody tr[data-run]")}
@@ -325,7 +339,7 @@ def chart_y(driver, key: str, trace: str) -> list:
 
 
 def tab(driver, name):
-    by_css(driver, f'button.tab[data-tab="{name}"]')[0].click()
+    click(driver, f'button.tab[data-tab="{name}"]', f"the {name} tab")
 
 
 def test_page_lists_runs_sorts_filters_and_draws_their_curves(browser, world):
@@ -338,13 +352,13 @@ def test_page_lists_runs_sorts_filters_and_draws_their_curves(browser, world):
         assert wait_for(lambda: chart_y(browser, "loss", run), f"{run}'s loss curve") == want
         evals = [[m["step"] for m in lines if "eval_loss" in m], [m["eval_loss"] for m in lines if "eval_loss" in m]]
         assert chart_y(browser, "eval_loss", run) == evals
-    by_css(browser, 'input[name=xaxis][value=time]')[0].click()
+    click(browser, 'input[name=xaxis][value=time]', "the time axis")
     lines = metrics_lines(world["runs"] / "alpha")
     want = [m["time"] - lines[0]["time"] for m in lines if "loss" in m]
     got = wait_for(lambda: (c := chart_y(browser, "loss", "alpha")) and c[0][0] != 1 and c[0], "x by time")
     assert got == pytest.approx(want, abs=1e-6)
-    by_css(browser, 'input[name=xaxis][value=step]')[0].click()
-    by_css(browser, '#runs-table th[data-key="name"]')[0].click()  # ascending by name
+    click(browser, 'input[name=xaxis][value=step]', "the step axis")
+    click(browser, '#runs-table th[data-key="name"]', "the name column")  # ascending by name
     names = [tr.get_attribute("data-run") for tr in by_css(browser, "#runs-table tbody tr[data-run]")]
     assert names.index("alpha") < names.index("beta") < names.index("broken")
     by_css(browser, "#filter")[0].send_keys("bet")
@@ -365,7 +379,7 @@ def test_a_running_runs_new_point_appears_without_reload(browser, world):
     lines = metrics_lines(run)
     with hold(run, "finetune train"):  # what a live `finetune train` holds
         wait_for(lambda: table_rows(browser).get("live") == "running", "the live run in the table")
-        browser.execute_script("document.querySelector('tr[data-run=\"live\"] .pick').click()")
+        click(browser, 'tr[data-run="live"] .pick', "the live run's pick box")
         wait_for(lambda: chart_y(browser, "loss", "live"), "the live run's curve")
         handle = browser.execute_script("window.marker = 42; return window.marker")  # gone on a reload
         new = {**lines[-2], "step": 5, "loss": 0.125, "time": time.time()}
@@ -380,7 +394,7 @@ def test_a_running_runs_new_point_appears_without_reload(browser, world):
 
 def test_run_page_shows_checkpoints_evals_samples_and_recipe(browser, world):
     tab(browser, "curves")
-    by_css(browser, 'tr[data-run="alpha"] a.run-link')[0].click()
+    click(browser, 'tr[data-run="alpha"] a.run-link', "alpha's run link")
     body = wait_for(lambda: by_css(browser, "#run-recipe") and by_css(browser, "#run-body")[0].text, "the run page")
     assert by_css(browser, "#run-recipe")[0].text == (world["runs"] / "alpha" / "recipe.yaml").read_text().strip()
     assert body.count("intact (") == 2 and "eval eval.json (4 examples" in body
@@ -394,7 +408,7 @@ def test_recipe_diff_shows_only_the_differing_keys(browser):
     tab(browser, "compare")
     Select(by_css(browser, "#diff-a")[0]).select_by_visible_text("alpha")
     Select(by_css(browser, "#diff-b")[0]).select_by_visible_text("beta")
-    by_css(browser, "#diff-go")[0].click()
+    click(browser, "#diff-go", "the diff button")
     keys = wait_for(lambda: [td.text for td in by_css(browser, "#diff-table td.diff-key")], "the diff")
     assert keys == ["name", "output_dir", "training.learning_rate"]
     assert [td.text for td in by_css(browser, "#diff-table tbody tr")[2].find_elements("css selector", "td")] == [
@@ -403,7 +417,7 @@ def test_recipe_diff_shows_only_the_differing_keys(browser):
 
 def set_overrides(driver, pairs):
     while len(by_css(driver, "#overrides tbody tr")) < len(pairs):
-        by_css(driver, "#add-override")[0].click()
+        click(driver, "#add-override", "the add-override button")
     for tr, (key, value) in zip(by_css(driver, "#overrides tbody tr"), pairs):
         for css, text in ((".ov-key", key), (".ov-value", value)):
             box = tr.find_elements("css selector", css)[0]
@@ -426,14 +440,14 @@ def test_launch_form_refuses_a_bad_override_then_runs_a_3_step_run(browser, serv
     Select(by_css(browser, "#launch-recipe")[0]).select_by_visible_text("recipes/tiny.yaml")
     assert "not available" in by_css(browser, "#sweep-note")[0].text or by_css(browser, "#sweep-option")[0].is_enabled()
     set_overrides(browser, [("training.max_steps", "three"), ("name", "tiny3")])
-    by_css(browser, "#launch-go")[0].click()
+    click(browser, "#launch-go", "the launch button")
     error = wait_for(lambda: by_css(browser, "#overrides tbody tr")[0].find_elements("css selector", ".ov-error")[0].text,
                      "the error next to the key")
     assert "training.max_steps" in error and "valid integer" in error
     assert by_css(browser, "#overrides tbody tr")[1].find_elements("css selector", ".ov-error")[0].text == ""
     assert server["app"].state.board.jobs.jobs == {} and not (world["runs"] / "tiny3").exists()
     set_overrides(browser, [("training.max_steps", "3"), ("name", "tiny3")])
-    by_css(browser, "#launch-go")[0].click()
+    click(browser, "#launch-go", "the launch button")
     assert wait_for(lambda: ended(browser), "the run to end", 180) == "exit 0", \
         by_css(browser, "#job-log")[0].text
     assert "done in" in by_css(browser, "#job-log")[0].text
@@ -445,20 +459,20 @@ def test_launch_form_refuses_a_bad_override_then_runs_a_3_step_run(browser, serv
 def test_stop_writes_a_checkpoint_and_resume_continues(browser, world):
     tab(browser, "launch")
     set_overrides(browser, [("training.max_steps", "100000"), ("name", "long"), ("training.eval_steps", "null")])
-    by_css(browser, "#launch-go")[0].click()
+    click(browser, "#launch-go", "the launch button")
     run = world["runs"] / "long"
     wait_for(lambda: table_rows(browser).get("long") == "running" and (run / "metrics.jsonl").stat().st_size,
              "the long run to train", 180)
-    browser.execute_script("document.querySelector('tr[data-run=\"long\"] button.stop').click()")
+    click(browser, 'tr[data-run="long"] button.stop', "the long run's stop button")
     assert wait_for(lambda: ended(browser), "the run to stop", 120) == "exit 143"
     stopped = max(m["step"] for m in metrics_lines(run) if "loss" in m)
     assert (run / f"checkpoint-{stopped}" / "training_state.pt").is_file()
     wait_for(lambda: table_rows(browser).get("long") == "interrupted", "interrupted in the table")
-    browser.execute_script("document.querySelector('tr[data-run=\"long\"] button.resume').click()")
+    click(browser, 'tr[data-run="long"] button.resume', "the long run's resume button")
     wait_for(lambda: max(m["step"] for m in metrics_lines(run)) > stopped + 1, "the resumed run to train", 180)
     said = f"resuming from {run / f'checkpoint-{stopped}'} at step {stopped}".replace(" ", "")
     wait_for(lambda: said in "".join(by_css(browser, "#job-log")[0].text.split()), "the resume in the log")
-    browser.execute_script("document.querySelector('tr[data-run=\"long\"] button.stop').click()")
+    click(browser, 'tr[data-run="long"] button.stop', "the resumed run's stop button", 120)
     assert wait_for(lambda: ended(browser), "the resumed run to stop", 120) == "exit 143"
     steps = [m["step"] for m in metrics_lines(run) if "loss" in m]
     assert steps == list(range(1, max(steps) + 1))  # resumed where it stopped: each step once
@@ -479,7 +493,7 @@ def test_chat_panel_streams_the_reply_finetune_chat_gives(browser, world):
     box.clear()
     box.send_keys("12")
     by_css(browser, "#chat-input")[0].send_keys(PROMPT)
-    by_css(browser, "#chat-send")[0].click()
+    click(browser, "#chat-send", "the chat send button")
     replies = wait_for(lambda: len(d := by_css(browser, ".chat-log .assistant.done")) == 2 and [x.text for x in d],
                        "both replies", 120)
     assert replies[0] == result.stdout.strip()

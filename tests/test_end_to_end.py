@@ -10,26 +10,18 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.recipe.schema import QuantizationSection
 
-from conftest import load_base, write_jsonl
+from conftest import load_base, recipe_file, write_jsonl
 
 runner = CliRunner()
 
 
-def make_recipe(tmp_path, model_dir, train, eval_file, **training):
-    steps = {"max_steps": 30, "micro_batch_size": 8, "gradient_accumulation_steps": 2, "learning_rate": 5e-3,
-             "logging_steps": 5, "eval_steps": 15, "save_steps": 15, "warmup_steps": 3, **training}
-    body = {
-        "name": "tiny",
-        "output_dir": str(tmp_path / "runs" / "tiny"),
-        "model": {"name_or_path": str(model_dir)},
-        "quantization": {"load_in_4bit": True, "compute_dtype": "float32"},  # exact equalities; bf16: test_bf16.py
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train": str(train), "eval": str(eval_file), "format": "alpaca", "max_length": 64},
-        "training": {**steps, "gradient_checkpointing": False},
-    }
-    path = tmp_path / "tiny.yaml"
-    path.write_text(json.dumps(body))  # JSON is YAML
-    return path
+def make_recipe(tmp_path, model_dir, **training):
+    return recipe_file(tmp_path, model_dir, tmp_path, "tiny", data={"max_length": 64},
+                       quantization={"load_in_4bit": True, "compute_dtype": "float32"},  # exact equalities
+                       lora={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+                       **{"max_steps": 30, "micro_batch_size": 8, "gradient_accumulation_steps": 2,
+                          "learning_rate": 5e-3, "logging_steps": 5, "eval_steps": 15, "save_steps": 15,
+                          "warmup_steps": 3, "optimizer": "paged_adamw_32bit", "seed": 42, **training})
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +29,7 @@ def run(tmp_path_factory, tiny_model_dir, toy_alpaca_rows):
     tmp = tmp_path_factory.mktemp("e2e")
     write_jsonl(tmp / "train.jsonl", toy_alpaca_rows)
     write_jsonl(tmp / "eval.jsonl", toy_alpaca_rows[:16])
-    recipe = make_recipe(tmp, tiny_model_dir, tmp / "train.jsonl", tmp / "eval.jsonl")
+    recipe = make_recipe(tmp, tiny_model_dir)
     result = runner.invoke(app, ["train", str(recipe)])
     assert result.exit_code == 0, result.output
     return {"tmp": tmp, "recipe": recipe, "dir": tmp / "runs" / "tiny", "output": result.output}

@@ -483,7 +483,7 @@ def two_gpu_recipe(tmp, model_dir, name, **training):
     differ between one and two processes): 64 rows, 6 steps, eval and a checkpoint at step 3."""
     from test_distributed import recipe
 
-    return recipe(tmp, model_dir, name, dropout=0.0, **training)
+    return recipe(tmp, model_dir, name, dropout=0.0, compute_dtype="auto", **training)
 
 
 @pytest.fixture(scope="module")
@@ -549,10 +549,11 @@ def test_ddp_on_two_gpus_matches_one_process_and_saves_a_plain_peft_adapter(one_
 
 @two_gpus
 def test_fsdp_qlora_on_two_gpus_trains_and_saves_a_plain_peft_adapter(one_gpu_run, tiny_model_dir):
-    """The 4-bit base sharded: codes stored in bf16 (quant_storage auto), PEFT's wrap policy, the adapter gathered
-    on save. FSDP computes the logits itself (no labelled-rows head) and may cast to bf16: a looser first loss."""
+    """The 4-bit base sharded (FSDP2): codes stored in bf16 (quant_storage auto), one unit per decoder layer, the
+    adapter gathered on save; AdamW from torch (bitsandbytes' has no DTensor rule). FSDP computes the logits
+    itself (no labelled-rows head) and casts the adapter to bf16 for compute: a looser first loss."""
     tmp = one_gpu_run
-    path = two_gpu_recipe(tmp, tiny_model_dir, "fsdp")
+    path = two_gpu_recipe(tmp, tiny_model_dir, "fsdp", optimizer="adamw_torch")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "recipes" / "accelerate" / "fsdp_qlora.yaml"), "--num_processes", "2",
            "--main_process_port", "29531", "-m", "finetune", "train", str(path)]

@@ -13,8 +13,8 @@ from finetune.objectives.grpo import GRPO, group_advantages
 from finetune.recipe.schema import Recipe
 from finetune.objectives.rewards import RewardError, load_rewards, score
 
-from conftest import TOY_WORDS, training_model, write_jsonl
-from test_training import adapter, make_recipe, metrics, stop_after_save, train
+from conftest import TOY_WORDS, prompt_rows, recipe_file, task_data, training_model  # noqa: F401
+from test_training import adapter, metrics, stop_after_save, train
 
 EXACT = [{"function": "exact_match"}]
 
@@ -202,29 +202,14 @@ def plain_logps(model, prompt, completion) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ through the CLI
 
 
-def prompt_rows(n):
-    return [{"instruction": "Say the word twice.", "input": TOY_WORDS[i % 16],
-             "output": f"{TOY_WORDS[i % 16]} {TOY_WORDS[i % 16]}"} for i in range(n)]
-
-
 @pytest.fixture(scope="module")
 def grpo_data(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("grpo_data")
-    write_jsonl(tmp / "train.jsonl", prompt_rows(12))
-    write_jsonl(tmp / "eval.jsonl", prompt_rows(4))
-    return tmp
+    return task_data(tmp_path_factory.mktemp("grpo_data"), "grpo", train=12, eval=4)
 
 
 def grpo_recipe(tmp_path, model_dir, data_dir, name="grpo", rewards=None, grpo=None, **training):
-    path = make_recipe(tmp_path, model_dir, data_dir, name=name, objective="grpo",
-                       **{"micro_batch_size": 2, "gradient_accumulation_steps": 1, "max_steps": 4, **training})
-    body = json.loads(path.read_text())
-    body["grpo"] = {"group_size": 4, "max_new_tokens": 8, "generation_batch_size": 3, "samples_steps": 2,
-                    **(grpo or {})}
-    body["rewards"] = rewards or [{"function": "contains", "weight": 1.0},
-                                  {"function": "format", "pattern": r"regex:\w+ \w+", "weight": 0.5}]
-    path.write_text(json.dumps(body))
-    return path
+    return recipe_file(tmp_path, model_dir, data_dir, name, "grpo",
+                       sections={"grpo": grpo or {}, **({"rewards": rewards} if rewards else {})}, **training)
 
 
 def test_grpo_trains_through_the_cli_and_logs_rewards_and_samples(tmp_path, tiny_model_dir, grpo_data):

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from conftest import TOY_WORDS, training_model, write_jsonl
+from conftest import feedback_rows, recipe_file, task_data, training_model, write_jsonl  # noqa: F401
 from finetune.data import IGNORE, Collator, Feedback, FeedbackCollator
 from finetune.objectives.kto import KTO
 from finetune.recipe.schema import Recipe
 from test_preference import example, plain_logp
-from test_training import adapter, flat, make_recipe, metrics, runner, stop_after_save, train
+from test_training import adapter, flat, metrics, runner, stop_after_save, train
 
 
 def recipe_for(model_dir, **kto) -> Recipe:
@@ -83,8 +83,12 @@ def test_kto_loss_is_the_paper_formula(model, tiny_model_dir):
     assert z0.item() > 1  # a real reference point (it is clamped at 0)
     assert out.total.item() == pytest.approx(expected.sum().item(), rel=1e-5)
     assert out.metrics["kl"].item() / 5 == pytest.approx(z0.item(), rel=1e-5)
-    assert out.metrics["rewards/desirable"].item() / 5 == pytest.approx((beta * h[d]).mean().item(), rel=1e-4)
-    assert out.metrics["rewards/undesirable"].item() / 5 == pytest.approx((beta * h[~d]).mean().item(), rel=1e-4)
+    # h = policy - ref cancels two log-probabilities of |policy| ~ tens: float32 leaves ~1e-7 of that magnitude,
+    # which a relative tolerance on a near-zero h would not allow (it failed after other modules' float work)
+    tol = 1e-6 * policy.abs().max().item()
+    assert out.metrics["rewards/desirable"].item() / 5 == pytest.approx((beta * h[d]).mean().item(), rel=1e-4, abs=tol)
+    assert out.metrics["rewards/undesirable"].item() / 5 == pytest.approx((beta * h[~d]).mean().item(), rel=1e-4,
+                                                                           abs=tol)
     assert objective.units(batch) == 5
 
 
@@ -125,35 +129,14 @@ def test_accumulation_and_padding_do_not_change_the_step(model, tiny_model_dir):
 # ------------------------------------------------------------------------ data and the CLI
 
 
-def feedback_rows(n: int) -> list[dict]:
-    """Repeat-a-word answers: the desirable one repeats the word, the undesirable one names another word."""
-    rows = []
-    for i in range(n):
-        word, other = TOY_WORDS[i % 16], TOY_WORDS[(i + 5) % 16]
-        good = i % 2 == 0
-        prompt = f"Repeat the word twice. {word}"
-        if i % 4 == 1:
-            prompt = [{"role": "user", "content": prompt}]
-        rows.append({"prompt": prompt, "completion": f"{word} {word}" if good else other, "label": good})
-    return rows
-
-
 @pytest.fixture
 def kto_data(tmp_path):
-    write_jsonl(tmp_path / "train.jsonl", feedback_rows(24))
-    write_jsonl(tmp_path / "eval.jsonl", feedback_rows(6))
-    return tmp_path
+    return task_data(tmp_path, "kto")
 
 
 def kto_recipe(tmp_path, model_dir, data_dir, name="kto", kto=None, **training):
-    path = make_recipe(tmp_path, model_dir, data_dir, name=name, objective="kto", **training)
-    body = json.loads(path.read_text())
-    body["data"].update(format="feedback", max_length=48)
-    body["training"]["micro_batch_size"] = 2
-    body["lora"]["dropout"] = 0.0
-    body["kto"] = kto or {}
-    path.write_text(json.dumps(body))
-    return path
+    return recipe_file(tmp_path, model_dir, data_dir, name, "kto", lora={"dropout": 0.0}, sections={"kto": kto or {}},
+                       **training)
 
 
 def test_kto_trains_through_the_cli_from_one_half(tmp_path, tiny_model_dir, kto_data):
@@ -249,21 +232,13 @@ def test_two_processes_give_the_same_losses_as_one(tmp_path, tiny_model_dir, obj
     KTO's z0 the step's, over every process (the reference and KL forwards included)."""
     import sys
 
-    from test_distributed import launch, losses, recipe
-    from test_preference import preference_rows
+    from test_distributed import launch, losses
 
-    rows = feedback_rows(32) if objective == "kto" else preference_rows(32)
-    write_jsonl(tmp_path / "train.jsonl", rows)
-    write_jsonl(tmp_path / "eval.jsonl", rows[:6])
-    paths = {}
-    for name, accumulation in (("one", 4), ("two", 2)):
-        path = recipe(tmp_path, tiny_model_dir, name, max_steps=3, micro_batch_size=2, eval_steps=3, save_steps=3,
-                      gradient_accumulation_steps=accumulation, objective=objective)
-        body = json.loads(path.read_text())
-        body["lora"]["dropout"] = 0.0
-        body["data"]["format"] = "feedback" if objective == "kto" else "preference"
-        path.write_text(json.dumps(body))
-        paths[name] = path
+    task_data(tmp_path, objective, train=32)
+    paths = {name: recipe_file(tmp_path, tiny_model_dir, tmp_path, name, objective, quantization={"load_in_4bit": True},
+                               lora={"dropout": 0.0, "target_modules": "all-linear"}, learning_rate=5e-3, max_steps=3,
+                               eval_steps=3, save_steps=3, gradient_accumulation_steps=accumulation)
+             for name, accumulation in (("one", 4), ("two", 2))}
     result = runner.invoke(app_(), ["train", str(paths["one"])])
     assert result.exit_code == 0, result.output
     launch([sys.executable, "-m", "finetune", "train", str(paths["two"]), "--nproc", "2"], cwd=tmp_path)

@@ -23,7 +23,7 @@ from finetune.evaluate import eval_objective
 from finetune.recipe.file import load_recipe
 from finetune.recipe.schema import QuantizationSection
 
-from conftest import load_base, write_jsonl
+from conftest import load_base, recipe_file, write_jsonl
 from test_training import adapter, losses, metrics, one_thread, stop_after_save, train  # noqa: F401
 
 runner = CliRunner()
@@ -50,20 +50,9 @@ def data(tmp_path_factory, toy_alpaca_rows):
 
 def method_recipe(tmp, model_dir, data_dir, method, name="run", load_in_4bit=True, **training):
     section, lr = METHODS[method]
-    body = {
-        "name": name, "output_dir": str(tmp / "runs" / name), "model": {"name_or_path": str(model_dir)},
-        "quantization": {"load_in_4bit": load_in_4bit, "compute_dtype": "float32"},
-        "adapter": {"method": method}, method: section,
-        "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl"), "format": "alpaca",
-                 "max_length": 32},
-        "training": {"max_steps": STEPS, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
-                     "learning_rate": lr, "warmup_steps": 0, "logging_steps": 1, "optimizer": "adamw_torch",
-                     "gradient_checkpointing": False, "seed": 7, "eval_steps": 1, **training},
-    }
-    path = tmp / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(body))
-    return path
+    return recipe_file(tmp, model_dir, data_dir, name, method=method, sections={method: section},
+                       quantization={"load_in_4bit": load_in_4bit, "compute_dtype": "float32"},
+                       **{"max_steps": STEPS, "learning_rate": lr, "warmup_steps": 0, "eval_steps": 1, **training})
 
 
 @pytest.fixture(scope="module", params=list(METHODS))

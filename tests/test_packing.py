@@ -17,7 +17,7 @@ from finetune.model.load import load_tokenizer
 from finetune.plan.data_summary import render_example
 from finetune.recipe.schema import DataSection
 
-from conftest import write_jsonl
+from conftest import recipe_file, write_jsonl
 
 runner = CliRunner()
 
@@ -132,18 +132,10 @@ def test_padding_free_batch_has_the_padded_batchs_loss_and_gradients(tiny_model_
 
 def make_recipe(tmp_path, model_dir, rows, **data):
     write_jsonl(tmp_path / "train.jsonl", rows)
-    body = {
-        "name": "packed", "output_dir": str(tmp_path / "runs" / "packed"),
-        "model": {"name_or_path": str(model_dir)},
-        "quantization": {"load_in_4bit": False, "compute_dtype": "float32"},  # equal losses to float precision
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-        "data": {"train": str(tmp_path / "train.jsonl"), "max_length": 64, "packing": True, **data},
-        "training": {"max_steps": 2, "micro_batch_size": 2, "gradient_accumulation_steps": 1, "logging_steps": 1,
-                     "gradient_checkpointing": False, "optimizer": "adamw_torch", "learning_rate": 1e-3},
-    }
-    path = tmp_path / "r.yaml"
-    path.write_text(json.dumps(body))
-    return path
+    return recipe_file(tmp_path, model_dir, tmp_path, "packed", quantization={"compute_dtype": "float32"},  # exact
+                       lora={"dropout": 0.0, "target_modules": "all-linear"},
+                       data={"eval": None, "max_length": 64, "packing": True, **data}, max_steps=2,
+                       micro_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3)
 
 
 def test_prepare_prints_summary_and_examples_without_model_weights(tmp_path, tiny_tokenizer_dir, toy_alpaca_rows):

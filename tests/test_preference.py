@@ -151,43 +151,17 @@ def test_flatten_keeps_pairs_in_order():
 
 # ------------------------------------------------------------------------ data and the CLI
 
-from conftest import TOY_WORDS, training_model, write_jsonl  # noqa: E402
-from test_training import adapter, flat, make_recipe, metrics, stop_after_save, train  # noqa: E402
-
-
-def preference_rows(n: int) -> list[dict]:
-    """Repeat-a-word pairs: chosen repeats it, rejected names another word. Three record shapes."""
-    rows = []
-    for i in range(n):
-        word, other = TOY_WORDS[i % 16], TOY_WORDS[(i + 5) % 16]
-        prompt, chosen, rejected = f"Repeat the word twice. {word}", f"{word} {word}", f"{other}"
-        if i % 3 == 0:
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-        elif i % 3 == 1:
-            rows.append({"prompt": [{"role": "user", "content": prompt}],
-                         "chosen": [{"role": "assistant", "content": chosen}],
-                         "rejected": [{"role": "assistant", "content": rejected}]})
-        else:  # full conversations sharing the prompt turn
-            user = {"role": "user", "content": prompt}
-            rows.append({"chosen": [user, {"role": "assistant", "content": chosen}],
-                         "rejected": [user, {"role": "assistant", "content": rejected}]})
-    return rows
+from conftest import preference_rows, recipe_file, task_data, training_model, write_jsonl  # noqa: E402, F401
+from test_training import adapter, flat, metrics, stop_after_save, train  # noqa: E402
 
 
 @pytest.fixture
 def pref_data(tmp_path):
-    write_jsonl(tmp_path / "train.jsonl", preference_rows(24))
-    write_jsonl(tmp_path / "eval.jsonl", preference_rows(6))
-    return tmp_path
+    return task_data(tmp_path, "dpo")
 
 
 def pref_recipe(tmp_path, model_dir, data_dir, name="dpo", objective="dpo", **training):
-    path = make_recipe(tmp_path, model_dir, data_dir, name=name, objective=objective, **training)
-    body = json.loads(path.read_text())
-    body["data"].update(format="preference", max_length=48)
-    body["training"]["micro_batch_size"] = 2
-    path.write_text(json.dumps(body))
-    return path
+    return recipe_file(tmp_path, model_dir, data_dir, name, objective, **training)
 
 
 def test_the_three_record_shapes_render_the_same_tokens(tiny_tokenizer_dir):

@@ -127,12 +127,12 @@ def test_bad_recipe_writes_nothing_and_loads_no_torch(tmp_path):
 
 
 def test_readme_recipe_reference_matches_the_schema():
-    """The README's key table is generated from the schema; a stale table misleads users."""
+    """docs/recipes.md's key table is generated from the schema; a stale table misleads users."""
     import importlib.util
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("recipe_reference", root / "scripts" / "recipe_reference.py")
     ref = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ref)
-    readme = (root / "README.md").read_text()
-    assert ref.render(readme) == readme, "README recipe table is stale: run python scripts/recipe_reference.py"
+    readme = (root / "docs" / "recipes.md").read_text()
+    assert ref.render(readme) == readme, "docs/recipes.md's table is stale: run python scripts/recipe_reference.py"

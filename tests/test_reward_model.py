@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from finetune.objectives.reward import RewardModel, sequence_scores
 from finetune.recipe.schema import Recipe
-from test_preference import collate, pairs, pref_data, pref_recipe, preference_rows  # noqa: F401
+from conftest import preference_rows, recipe_file, task_data
+from test_preference import collate, pairs, pref_data  # noqa: F401
 from test_training import adapter, metrics, runner, stop_after_save, train
 
 
@@ -89,22 +90,15 @@ def test_scores_do_not_depend_on_padding_or_company_and_accumulation_is_exact(mo
 
 
 def reward_recipe(tmp_path, model_dir, data_dir, **training):
-    path = pref_recipe(tmp_path, model_dir, data_dir, name="reward", objective="reward",
+    return recipe_file(tmp_path, model_dir, data_dir, "reward", "reward", lora={"dropout": 0.0},
+                       quantization={"compute_dtype": "float32"},  # scores compared with plain float32 PEFT
                        **{"learning_rate": 5e-3, **training})
-    body = json.loads(path.read_text())
-    body["lora"]["dropout"] = 0.0
-    path.write_text(json.dumps(body))
-    return path
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir):
     """One reward model trained 6 steps, with its recipe and run directory."""
-    tmp = tmp_path_factory.mktemp("reward")
-    from conftest import write_jsonl
-
-    write_jsonl(tmp / "train.jsonl", preference_rows(24))
-    write_jsonl(tmp / "eval.jsonl", preference_rows(6))
+    tmp = task_data(tmp_path_factory.mktemp("reward"), "reward")
     recipe = reward_recipe(tmp, tiny_model_dir, tmp, max_steps=6, eval_steps=3)
     result = train(recipe)
     assert result.exit_code == 0, result.output
@@ -202,11 +196,9 @@ def test_grpo_reward_model_scores_prompt_and_completion_like_plain_peft(trained,
 
 
 def test_a_grpo_reward_model_must_be_a_reward_checkpoint(tmp_path, tiny_model_dir, trained):
-    from conftest import write_jsonl
-    from test_grpo import grpo_recipe, prompt_rows
+    from test_grpo import grpo_recipe
 
-    write_jsonl(tmp_path / "train.jsonl", prompt_rows(4))
-    write_jsonl(tmp_path / "eval.jsonl", prompt_rows(2))
+    task_data(tmp_path, "grpo", train=4, eval=2)
     for reward, message in [({"function": "reward_model"}, "reward reward_model needs path"),
                             ({"function": "reward_model", "path": str(tmp_path)}, "is not an adapter directory")]:
         result = train(grpo_recipe(tmp_path, tiny_model_dir, tmp_path, rewards=[reward]))

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from finetune.objectives.simpo import SimPO
-from test_preference import collate, pairs, plain_terms, pref_data, pref_recipe, recipe_for  # noqa: F401
+from conftest import recipe_file
+from test_preference import collate, pairs, plain_terms, pref_data, recipe_for  # noqa: F401
 from test_training import adapter, metrics, runner, stop_after_save, train
 
 
@@ -67,11 +68,7 @@ def test_gradient_accumulation_1x4_equals_4x1(model, tiny_model_dir):
 
 
 def simpo_recipe(tmp_path, model_dir, data_dir, simpo=None, **training):
-    path = pref_recipe(tmp_path, model_dir, data_dir, name="simpo", objective="simpo", **training)
-    body = json.loads(path.read_text())
-    body["simpo"] = simpo or {}
-    path.write_text(json.dumps(body))
-    return path
+    return recipe_file(tmp_path, model_dir, data_dir, "simpo", "simpo", sections={"simpo": simpo or {}}, **training)
 
 
 def test_simpo_trains_through_the_cli_and_lowers_the_loss(tmp_path, tiny_model_dir, pref_data):  # noqa: F811

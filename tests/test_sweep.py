@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.sweep.space import Point, name_points, parse_space, split_values
 
-from conftest import write_jsonl
+from conftest import recipe_file, write_jsonl
 
 runner = CliRunner()
 GRID = ["lora.r=2,4", "training.learning_rate=1e-3,2e-3"]
@@ -38,21 +38,8 @@ def data(tmp_path_factory, toy_alpaca_rows):
 
 
 def make_recipe(tmp_path: Path, model_dir: Path, data_dir: Path, **training) -> Path:
-    body = {
-        "name": "grid",
-        "output_dir": str(tmp_path / "runs" / "grid"),
-        "model": {"name_or_path": str(model_dir)},
-        "quantization": {"load_in_4bit": False},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl"), "format": "alpaca",
-                 "max_length": 32},
-        "training": {"max_steps": 4, "micro_batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-2,
-                     "warmup_steps": 1, "logging_steps": 1, "eval_steps": 2, "optimizer": "adamw_torch",
-                     "gradient_checkpointing": False, "seed": 7, **training},
-    }
-    path = tmp_path / "grid.yaml"
-    path.write_text(json.dumps(body))
-    return path
+    return recipe_file(tmp_path, model_dir, data_dir, "grid", lora={"dropout": 0.0},
+                       **{"max_steps": 4, "gradient_accumulation_steps": 1, "eval_steps": 2, **training})
 
 
 def sweep(*args: str):

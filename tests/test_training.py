@@ -31,7 +31,7 @@ from finetune.train.checkpoint import find_resume_checkpoint
 from finetune.cli import app
 from finetune.artifacts.manifest import write_manifest
 
-from conftest import write_jsonl
+from conftest import recipe_file, write_jsonl
 
 runner = CliRunner()
 STEPS = 6
@@ -57,22 +57,7 @@ def data(tmp_path_factory, toy_alpaca_rows):
 
 def make_recipe(tmp_path: Path, model_dir, data_dir, name="run", quantization=None, **training) -> Path:
     """A recipe for a few-step run with dropout, shuffling, accumulation and a per-step metrics line."""
-    body = {
-        "name": name,
-        "output_dir": str(tmp_path / "runs" / name),
-        "model": {"name_or_path": str(model_dir)},
-        "quantization": {"load_in_4bit": False, **(quantization or {})},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train": str(data_dir / "train.jsonl"), "eval": str(data_dir / "eval.jsonl"),
-                 "format": "alpaca", "max_length": 32},
-        "training": {"max_steps": STEPS, "micro_batch_size": 4, "gradient_accumulation_steps": 2,
-                     "learning_rate": 1e-2, "warmup_steps": 1, "logging_steps": 1, "optimizer": "adamw_torch",
-                     "gradient_checkpointing": False, "seed": 7, **training},
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(body))  # JSON is YAML
-    return path
+    return recipe_file(tmp_path, model_dir, data_dir, name, quantization=quantization, **{"max_steps": STEPS, **training})
 
 
 def train(recipe: Path, *args: str):

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.table import Table
 from torch.utils.data import DataLoader
 
 from finetune.data import Collator, split_records, tokenize_all
@@ -30,7 +29,10 @@ from finetune.generate import (  # noqa: F401  (re-exported: eval's public names
     GenerationOptions, generate, generation_kwargs, generation_metrics, last_number, make_extractor,
     normalize_number, score_example,
 )
-from finetune.model import adapter_labels, check_adapter_dir, eval_quantization, load_eval_model, load_tokenizer
+from finetune.model import (
+    adapter_labels, check_adapter_dir, compute_like_training, eval_quantization, load_adapters, load_eval_model,
+    load_tokenizer, resolve_compute_dtype,
+)
 from finetune.progress import track
 from finetune.recipe import DataSection, ModelSection, QuantizationSection, Recipe
 
@@ -191,9 +193,7 @@ def evaluate(
     if not adapters:
         _measure(run, Candidate("model" if model else "base", source, None, _describe(quant)), net)
         return run.report
-    from finetune.model import load_adapters
-
-    net = load_adapters(net, adapters).eval()
+    net = compute_like_training(load_adapters(net, adapters).eval(), resolve_compute_dtype(quant.compute_dtype))
     if compare:
         with net.disable_adapter():
             _measure(run, Candidate("base", source, None, _describe(quant)), net)
@@ -320,34 +320,6 @@ def run_harness(model, tok, tasks: list[str], *, limit: int | None = None, inclu
 
 
 # ---------------------------------------------------------------- output
-
-_ORDER = ["loss", "perplexity", "exact_match", "contains", "chrf", "bleu"]
-
-
-def print_report(report: EvalReport, console: Console, show_samples: int = 3) -> None:
-    """A few samples (every model's answer side by side), then the models x metrics table."""
-    by_index: dict[int, list[dict]] = {}
-    for s in report.samples:
-        by_index.setdefault(s["index"], []).append(s)
-    for i in sorted(by_index)[:show_samples]:
-        first = by_index[i][0]
-        console.rule(f"sample {i + 1}")
-        console.print(f"[dim]{first['prompt'][-300:]}[/]", highlight=False)
-        console.print(f"[bold]reference:[/] {first['reference']}", highlight=False)
-        for s in by_index[i]:
-            mark = "[green]✓[/]" if s["correct"] else "[red]✗[/]"
-            console.print(f"[bold]{s['model']}:[/] {mark} {s['prediction']}", highlight=False)
-    generated = f", {report.generated} generated" if report.generated else ""
-    table = Table(title=f"eval on {report.data} ({report.examples} examples{generated})")
-    table.add_column("model")
-    names = {k for m in report.models.values() for k in m["metrics"]}
-    columns = sorted(names, key=lambda c: (_ORDER.index(c) if c in _ORDER else len(_ORDER), c))
-    for c in columns:
-        table.add_column(c, justify="right")
-    for label, entry in report.models.items():
-        m = entry["metrics"]
-        table.add_row(label, *(f"{m[c]:.4f}" if c in m else "-" for c in columns))
-    console.print(table)
 
 
 def write_report(report: EvalReport, path: str | Path) -> None:

@@ -36,7 +36,7 @@ from finetune.export.metadata import rope_permute
 from finetune.merge import peak_rss_mib
 from finetune.progress import track
 
-TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_1")
 REPORT_FILE = "export_report.json"
 # Strings whose token ids must survive the trip: specials, non-ASCII, digits, whitespace runs.
 TOKENIZER_PROBES = [
@@ -65,6 +65,8 @@ class ExportReport:
     tokenizer_agreement: dict | None = None  # string -> same ids as the source tokenizer
     merge_fidelity: dict | None = None
     notes: list[str] = field(default_factory=list)
+    fold: dict | None = None  # QA-LoRA folded into the base GGUF's blocks (export/fold.py)
+    fidelity_parts: dict | None = None  # the fold's logit difference split: float arithmetic, fp16 rounding
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -84,6 +86,18 @@ def export(source: str | Path, out: str | Path, *, type: str = "f16", base: str 
     rss_before = peak_rss_mib()
     if adapter_only:
         return _export_adapter(source, out, type, started, rss_before, console)
+    fold_note = None
+    if (source / "adapter_config.json").is_file():  # QA-LoRA on a GGUF base: its update folds into the blocks
+        from finetune.export.fold import exact_fold, export_folded
+
+        exact, fold_note = exact_fold(source, type)
+        if exact:
+            report = ExportReport(out=str(out), source=str(source), type=type, merged_from=None, peak_rss_mib=0.0,
+                                  rss_before_mib=rss_before, wall_time_s=0.0,
+                                  **export_folded(source, out, type, TOKENIZER_PROBES))
+            report.peak_rss_mib, report.wall_time_s = peak_rss_mib(), round(time.perf_counter() - started, 2)
+            write_text_atomic(out.parent / REPORT_FILE, json.dumps(report.to_json(), indent=2) + "\n")
+            return report
     with tempfile.TemporaryDirectory(prefix=".export-", dir=out.parent) as scratch:
         merged_from, merge_report = None, None
         model_dir = source
@@ -104,7 +118,7 @@ def export(source: str | Path, out: str | Path, *, type: str = "f16", base: str 
                 tokenizer=info["tokenizer"], tensors=info["tensors"], size_bytes=partial.stat().st_size,
                 rss_before_mib=rss_before, write_peak_rss_mib=write_peak, peak_rss_mib=0.0, wall_time_s=0.0,
                 merge_fidelity=merge_report.chosen if merge_report else None,
-                notes=info["notes"] + (merge_report.notes if merge_report else []),
+                notes=info["notes"] + (merge_report.notes if merge_report else []) + ([fold_note] if fold_note else []),
             )
             _prove(report, model_dir, partial)
     report.peak_rss_mib = peak_rss_mib()
@@ -225,7 +239,8 @@ def _plan(config, handles, name_map, qtype):
     from finetune.export.metadata import tensor_name
 
     plan, fallback = [], []
-    blocked = {gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0}
+    low = {gguf.GGMLQuantizationType[t] for t in ("Q4_0", "Q4_1", "Q5_1")}
+    blocked = {gguf.GGMLQuantizationType.Q8_0} | low
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for handle in handles:
         for key in handle.keys():
@@ -238,7 +253,7 @@ def _plan(config, handles, name_map, qtype):
             t = qtype
             if len(shape) == 1:
                 t = gguf.GGMLQuantizationType.F32
-            elif qtype == gguf.GGMLQuantizationType.Q4_0 and name in ("output.weight", "token_embd.weight"):
+            elif qtype in low and name in ("output.weight", "token_embd.weight"):
                 t = gguf.GGMLQuantizationType.Q8_0  # the LM head (tied: the embedding) decides every token
             elif qtype in blocked and shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
                 t = gguf.GGMLQuantizationType.F16
@@ -298,7 +313,7 @@ def _prove(report: ExportReport, model_dir: Path, gguf_path: Path) -> None:
 
 
 _UINT8 = np.uint8
-_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "bf16": 32}  # gguf.LlamaFileType values
+_FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_1": 9, "bf16": 32}  # gguf.LlamaFileType values
 
 
 def print_export_report(rep, console, adapter_only: bool = False) -> None:

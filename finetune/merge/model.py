@@ -295,6 +295,8 @@ def _is_residual(adapter_dirs, weights) -> bool:
 def _describe_reference(quant: QuantizationSection) -> str:
     if not quant.load_in_4bit:
         return "base + adapter (no quantization), on CPU"
+    if quant.quant_type == "gguf":
+        return "base: the GGUF file's own quantized tensors + adapter, as trained, on CPU"
     dq = ", double quant" if quant.double_quant else ""
     return f"base in 4-bit {quant.quant_type}{dq} + adapter, as trained, on CPU"
 

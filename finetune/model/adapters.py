@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from finetune.errors import ModelError, first_line
 from finetune.model.load import load_base_model, load_tokenizer
-from finetune.model.placement import resolve, resolve_compute_dtype
+from finetune.model.placement import compute_like_training, resolve, resolve_compute_dtype
 from finetune.recipe import ModelSection, QuantizationSection, Recipe
 
 
@@ -152,7 +152,12 @@ def load_eval_model(section: ModelSection, quant: QuantizationSection, device, h
     """A model from a hub id, a directory or a GGUF file (dequantized by transformers on load); `head` as for
     `load_base_model` (score: a reward model's)."""
     if not section.name_or_path.endswith(".gguf") or quant.load_in_4bit or head != "lm":  # via safetensors
-        return load_base_model(section, quant, device, resolve(quant), head=head)
+        model = load_base_model(section, quant, device, resolve(quant), head=head)
+        if quant.load_in_4bit and quant.quant_type == "gguf":  # the file's own blocks: cached where memory allows
+            from finetune.model.gguf_base import cache_for_inference
+
+            cache_for_inference(model, quant.cache_dequantized)
+        return model
     from transformers import AutoModelForCausalLM
 
     from finetune.model.gguf_in import check_gguf
@@ -164,7 +169,7 @@ def load_eval_model(section: ModelSection, quant: QuantizationSection, device, h
                                                      dtype=resolve_compute_dtype(quant.compute_dtype))
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot load the GGUF model {path}: {first_line(e)}") from None
-    return model.to(device)
+    return compute_like_training(model.to(device), resolve_compute_dtype(quant.compute_dtype))
 
 
 def eval_quantization(quantize: str, recipe: Recipe | None, source: str, adapters: list[str]) -> QuantizationSection:
@@ -197,18 +202,32 @@ def load_adapters(net, adapters: list[str]):
     """`net` (a base model) with each adapter loaded by PEFT as a named adapter a0, a1, ... (eval, chat, merge): the
     errors PEFT raises for an adapter that does not fit this base (target modules it lacks, tensors of other
     shapes: an adapter trained on another model) become one ModelError naming the adapter and the base."""
-    from peft import PeftModel
-
     base = getattr(getattr(net, "config", None), "_name_or_path", "the base model")
     for i, path in enumerate(adapters):
         try:
-            if i == 0:
-                net = PeftModel.from_pretrained(net, str(path), adapter_name="a0")
-            else:
-                net.load_adapter(str(path), adapter_name=f"a{i}")
+            net = attach_saved_adapter(net, path, f"a{i}")
         except (ValueError, RuntimeError, KeyError, TypeError) as e:
             detail = " ".join(line.strip() for line in str(e).splitlines()[:2] if line.strip()).rstrip(".:")
             raise ModelError(f"The adapter {path} does not fit the base model {base}: {detail[:300]}. Was it "
                              "trained on another model? Pass the base it was trained on (--base / --model).") from None
     return net
 
+
+
+def attach_saved_adapter(net, path: str | Path, name: str):
+    """`net` with the saved adapter at `path` loaded as `name` (PeftModel.from_pretrained for a plain model). Its
+    config goes through finetune.quant.wire first: a QA-LoRA adapter needs its layers registered on the config
+    object, which adapter_config.json cannot hold."""
+    from peft import PeftConfig, PeftModel
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from finetune.quant import wire
+
+    config = wire(PEFT_TYPE_TO_CONFIG_MAPPING[PeftConfig._get_peft_type(str(path))].from_pretrained(str(path)))
+    if not isinstance(net, PeftModel):
+        return PeftModel.from_pretrained(net, str(path), adapter_name=name, config=config)
+    if getattr(config, "use_qalora", False):  # load_adapter would read the config again, without the layers
+        config.inference_mode = True
+        net.add_adapter(name, config)
+    net.load_adapter(str(path), adapter_name=name)
+    return net

@@ -88,6 +88,12 @@ def source_note(model_dir: str | os.PathLike) -> str | None:
     return f"the base weights were dequantized from a {data['weight_type']} GGUF ({data['gguf']})"
 
 
+def source_file(model_dir: str | os.PathLike) -> str | None:
+    """The GGUF file a converted directory came from (None for any other directory)."""
+    info = Path(model_dir) / INFO_FILE
+    return json.loads(info.read_text())["gguf"] if info.is_file() else None
+
+
 def _convert(path: Path, staging: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,7 +106,8 @@ def _convert(path: Path, staging: Path) -> None:
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # its random init must not move the seeded RNG of the run converting it
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
     del loaded

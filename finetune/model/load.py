@@ -21,7 +21,7 @@ from transformers import (
 from finetune.errors import ModelError, first_line
 from finetune.model.dropout import use_cpu_dropout
 from finetune.model.methods import peft_config
-from finetune.model.placement import Placement
+from finetune.model.placement import Placement, compute_like_training
 from finetune.recipe import ModelSection, QuantizationSection, Recipe
 
 # ChatML, for tokenizers that ship no chat template.
@@ -52,7 +52,7 @@ def load_tokenizer(model: ModelSection | str, chat_template: str | None = None) 
 
 
 def quantization_config(q: QuantizationSection, placement: Placement) -> BitsAndBytesConfig | None:
-    if not q.load_in_4bit:
+    if not q.load_in_4bit or q.quant_type == "gguf":  # gguf: the file's own blocks (gguf_base.py), not bitsandbytes
         return None
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -68,10 +68,7 @@ def load_base_model(model: ModelSection | str, q: QuantizationSection, device: t
     """The base model on `device`, quantized to 4 bit when the recipe says so, as `placement` (resolved once by
     the caller) puts it. `head`: lm (a causal LM), or score (a scalar sequence score for reward models; reward.py)."""
     name, revision, trust = _source(model)
-    if name.endswith(".gguf"):  # dequantized once into a cached transformers directory, then loaded as any other
-        from finetune.model.gguf_in import as_transformers_dir
-
-        name = str(as_transformers_dir(name))
+    name, gguf_file = _gguf_source(name, q, placement)
     device = torch.device(device)
     device_map = {"": device.index if device.type == "cuda" and device.index is not None else device.type}
     # Under FSDP / ZeRO-3 the launcher places (and shards) the weights; every parameter, the 4-bit codes
@@ -91,13 +88,35 @@ def load_base_model(model: ModelSection | str, q: QuantizationSection, device: t
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot load the model '{name}': {first_line(e)}") from None
     base.config.use_cache = False
+    if gguf_file and q.load_in_4bit and q.quant_type == "gguf":  # the file's own tensors: the frozen linear weights
+        from finetune.model.gguf_base import pack_gguf_base
+
+        pack_gguf_base(base, gguf_file, placement.compute_dtype)
     _keep_one_cpu_4bit_path(base)
+    compute_like_training(base, placement.compute_dtype)
     if head == "score":  # a zero score head: every reward starts at 0 (the first Bradley-Terry loss is log 2)
         torch.nn.init.zeros_(base.score.weight)
         if base.config.pad_token_id is None:  # its pooling needs one (finetune reads the last token itself)
             eos = base.config.eos_token_id
             base.config.pad_token_id = eos[0] if isinstance(eos, (list, tuple)) else eos
     return base
+
+
+def _gguf_source(name: str, q: QuantizationSection, placement: Placement) -> tuple[str, str | None]:
+    """(what to load: a .gguf file's cached transformers conversion, the GGUF file it comes from, or None)."""
+    from finetune.model.gguf_in import as_transformers_dir, source_file
+
+    packs = q.load_in_4bit and q.quant_type == "gguf"
+    if name.endswith(".gguf"):  # dequantized once into a cached transformers directory, then loaded as any other
+        gguf_file, name = name, str(as_transformers_dir(name))
+    else:  # the conversion itself (e.g. merge's base) still trains on the file's own tensors
+        gguf_file = source_file(name) if packs else None
+    if packs and gguf_file is None:
+        raise ModelError(f"quantization.quant_type gguf needs a .gguf model ('{name}' is not one).")
+    if packs and placement.shards_parameters:
+        raise ModelError("quantization.quant_type gguf does not shard (FSDP / ZeRO-3): run one process per device "
+                         "(DDP) or use quant_type nf4.")
+    return name, gguf_file
 
 
 def _keep_one_cpu_4bit_path(model) -> None:
@@ -121,7 +140,8 @@ def attach_lora(base, recipe: Recipe, placement: Placement):
     # Under FSDP / ZeRO-3 every weight of a wrapped unit must keep the one storage dtype, and
     # prepare_model_for_kbit_training would upcast the norms and embeddings to float32 beside the 4-bit
     # codes stored in bf16: sharded QLoRA skips it (as TRL does) and only enables checkpointing.
-    if recipe.quantization.load_in_4bit and not placement.shards_parameters:
+    q = recipe.quantization
+    if q.load_in_4bit and q.quant_type != "gguf" and not placement.shards_parameters:  # gguf: frozen as a float base
         base = prepare_model_for_kbit_training(
             base,
             use_gradient_checkpointing=checkpointing,

@@ -177,7 +177,9 @@ def lora_config(recipe: Recipe, model):
     if layers is not None and targets == "all-linear":  # PEFT takes layers_to_transform only with a list
         targets = _linear_layer_names(model)
     init = {"default": True, "gaussian": "gaussian"}.get(lora.init, lora.init)
-    return LoraConfig(
+    if lora.use_qalora:
+        _check_qalora_groups(model, lora.qalora_group_size, targets, layers)
+    config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
@@ -191,7 +193,30 @@ def lora_config(recipe: Recipe, model):
         rank_pattern=dict(lora.rank_pattern),
         alpha_pattern=dict(lora.alpha_pattern),
         task_type="SEQ_CLS" if recipe.training.objective == "reward" else "CAUSAL_LM",  # SEQ_CLS trains `score`
+        use_qalora=lora.use_qalora,
+        qalora_group_size=lora.qalora_group_size,
     )
+    from finetune.quant import wire
+
+    return wire(config)  # QA-LoRA's layers (finetune/quant/peft_layers.py)
+
+
+def _check_qalora_groups(model, n: int, targets, layers) -> None:
+    """QA-LoRA pools groups of n inputs: refuse, naming the layer, a targeted layer whose input size n does not divide."""
+    for name, m in model.named_modules():
+        if not isinstance(m, torch.nn.Linear):
+            continue
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        if targets == "all-linear":
+            hit = layer is not None
+        elif isinstance(targets, str):
+            hit = re.fullmatch(targets, name) is not None
+        else:
+            hit = name.rsplit(".", 1)[-1] in targets
+        if hit and (layers is None or (layer is not None and int(layer.group(1)) in layers)) and m.in_features % n:
+            raise RecipeError(f"lora.qalora_group_size {n} does not divide the input size {m.in_features} of {name}; "
+                              "QA-LoRA pools groups of that many inputs: pick a divisor of every adapted layer's "
+                              "input size (or leave that layer out of lora.target_modules).")
 
 
 def _linear_layer_names(model) -> list[str]:

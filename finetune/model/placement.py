@@ -24,6 +24,7 @@ class Placement:
     quant_storage: torch.dtype  # dtype the packed 4-bit codes are stored in
     strategy: str  # single | ddp | fsdp | deepspeed
     shards_parameters: bool  # FSDP or ZeRO-3: the launcher places and shards the weights
+    fsdp_version: int | None = None  # under FSDP: 1 (FlatParameter wrappers) or 2 (per-parameter DTensor shards)
 
     @property
     def mixed_precision(self) -> str:
@@ -39,7 +40,8 @@ def resolve(q: QuantizationSection) -> Placement:
     # FSDP and ZeRO-3 can only shard float tensors, and every parameter of a wrapped unit must share one
     # dtype, so there the 4-bit codes are stored in the compute dtype.
     storage = q.quant_storage if q.quant_storage != "auto" else ("compute" if shards else "uint8")
-    return Placement(compute, compute if storage == "compute" else getattr(torch, storage), s, shards)
+    version = int(os.environ.get("FSDP_VERSION", "1")) if s == "fsdp" else None  # accelerate's fsdp_version
+    return Placement(compute, compute if storage == "compute" else getattr(torch, storage), s, shards, version)
 
 
 def strategy() -> str:
@@ -111,6 +113,21 @@ def cpu_has_native_bf16() -> bool:
     """AVX512_BF16 or AMX-BF16 instructions (as PyTorch's CPU dispatch sees them)."""
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def compute_like_training(model, dtype: torch.dtype):
+    """`model` with its forward under autocast in the compute dtype, as accelerate runs the trained model's
+    forward. Done to the transformers model as it loads (load_base_model), so float32 adapter weights (LoRA, IA3's
+    vectors) meet the bf16 activations as in training in eval, chat, serve and every generation (PEFT's generate
+    calls that forward), and a float32 vector scaling bf16 keys cannot leave attention with mixed dtypes; and to
+    the adapter-wrapped model whose loss eval measures, so what PEFT computes outside the base model (a prompt
+    encoder's virtual tokens) runs as in training too. A float32 model is returned as it is."""
+    if dtype == torch.float32 or model.__dict__.get("_finetune_autocast") == dtype:  # (not a wrapped module's)
+        return model
+    device = next(model.parameters()).device.type
+    model.forward = torch.autocast(device, dtype=dtype)(model.forward)
+    model._finetune_autocast = dtype
+    return model
 
 
 def dtype_name(dtype: torch.dtype) -> str:

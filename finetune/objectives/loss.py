@@ -61,6 +61,9 @@ def token_losses(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Te
     hidden = captured.get("hidden")
     if hidden is None or hidden.dim() != 3 or out.logits.shape[:2] != (hidden.shape[0], 1):
         return _full_logits_losses(out.logits, labels)  # the output layer was not used as expected
+    # The head multiplies in its weight's dtype, as autocast has it do inside the forward: a float32 adapter
+    # (IA3's scaling vectors) can leave the residual stream in float32 beside a bf16 head.
+    hidden = hidden.to(head.weight.dtype)
     if not torch.allclose(out.logits[:, 0].float(), head(hidden[:, 0].detach()).float(), rtol=1e-3, atol=1e-3):
         warnings.warn(f"{type(model).__name__} transforms its logits; computing the loss over all positions.")
         return _full_logits_losses(model(**inputs, use_cache=False).logits / temperature, labels)

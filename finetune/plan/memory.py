@@ -123,7 +123,6 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     import dataclasses
 
     import torch
-
     from finetune.model import DeviceFacts, auto_compute_dtype, resolve
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,8 +135,9 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     # On GPU, prepare_model_for_kbit_training keeps embeddings, norms and head in float32, so the residual
     # stream runs in float32 too (4-bit layers cast their output back to their input's dtype); on CPU they are
     # cast back to the compute dtype (finetune.model.load._frozen_floats_in_compute_dtype); sharded runs skip it.
-    upcast = recipe.quantization.load_in_4bit and device != "cpu" and not placement.shards_parameters
-    stream = 4 if upcast else width
+    gguf = recipe.quantization.load_in_4bit and recipe.quantization.quant_type == "gguf"  # the file's own blocks
+    stream = 4 if recipe.quantization.load_in_4bit and not gguf and device != "cpu" and \
+        not placement.shards_parameters else width
     model, stored_dtype = meta_model(recipe, placement)
     t, method = recipe.training, recipe.adapter.method
     if seq_length is None:
@@ -161,11 +161,11 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     config = model.config.get_text_config()
     vocab, hidden = config.vocab_size, config.hidden_size
     loss, loss_note = _loss_bytes(recipe, tokens, vocab, hidden, width)
-    mapped = checkpoint_bytes(recipe) if device == "cpu" else 0
+    mapped = checkpoint_bytes(recipe) if device == "cpu" and not gguf else 0  # gguf: copied out of the map
     in_place = bool(mapped) and stored_dtype == dtype  # CPU uses such weights in place from the mapped file
 
     terms = [
-        Term("4-bit base weights", quantized, "NF4 codes + quantization constants" if quantized else "not quantized"),
+        Term("4-bit base weights", quantized, _weights_note(quantized, gguf)),
         Term("weights in compute dtype", kept, f"embeddings, norms, biases, untied head ({_dtype(dtype)})"
              + (", inside the mapped checkpoint" if in_place else ""), counted=not in_place),
         Term(f"{'LoRA' if method == 'lora' else method} parameters", 4 * n_trainable, f"{n_trainable:,} trainable"),
@@ -192,10 +192,33 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
             Term("mapped checkpoint", mapped, "weight files read via mmap stay resident"),
             Term("allocator slack", slack, note),
         ]
+    terms += [_cache_term(recipe, model, dtype, terms, device, device_memory)] if gguf else []  # last: it fits or not
     result = MemoryPlan(recipe=recipe.name or "recipe", device=device, seq_length=seq_length, seq_note=seq_note,
                         terms=terms, trainable_parameters=n_trainable)
     result.available, result.available_note = _available(device, device_memory)
     return result
+
+
+CACHE_TERM = "dequantized weight cache"
+
+
+def _weights_note(quantized: int, gguf: bool) -> str:
+    return "not quantized" if not quantized else "the GGUF file's blocks" if gguf else \
+        "NF4 codes + quantization constants"
+
+
+def _cache_term(recipe: Recipe, model, dtype, terms: list[Term], device: str, device_memory: int | None) -> Term:
+    """quantization.cache_dequantized: the GGUF layers' dequantized weights kept between forwards, counted when
+    on, or auto and the run predicted so far plus the cache stays within 90% of the memory available (what
+    `finetune train` follows)."""
+    from finetune.model import dequantized_bytes
+
+    size, choice = dequantized_bytes(model, dtype), recipe.quantization.cache_dequantized
+    available = _available(device, device_memory)[0]
+    fits = available is not None and sum(t.bytes for t in terms if t.counted) + size <= 0.9 * available
+    on = choice is True or (choice == "auto" and fits)
+    why = "set" if choice != "auto" else ("auto: fits" if fits else "auto: off, would not fit")
+    return Term(CACHE_TERM, size, f"quantization.cache_dequantized {why} (same numbers either way)", counted=on)
 
 
 def _sequences_per_item(recipe: Recipe) -> int:

@@ -38,7 +38,7 @@ def meta_model(recipe: Recipe, placement):
         raise FinetuneError(f"Cannot read the config of '{m.name_or_path}': {first_line(e)}") from None
     stored = getattr(config, "dtype", None)
     stored = getattr(torch, stored) if isinstance(stored, str) else stored
-    if gguf:  # trained from its float32 conversion (finetune/model/gguf_in.py), not from the GGUF's own quantization
+    if gguf:  # its float32 conversion (finetune/model/gguf_in.py), and with quant_type gguf the file's own blocks
         config.__dict__.pop("quantization_config", None)
         stored = torch.float32
     auto = AutoModelForCausalLM
@@ -49,6 +49,10 @@ def meta_model(recipe: Recipe, placement):
     with init_empty_weights():
         model = auto.from_config(config, dtype=placement.compute_dtype, trust_remote_code=m.trust_remote_code)
     model.tie_weights()  # from_config leaves tied embeddings as two tensors on the meta device
+    if gguf and recipe.quantization.load_in_4bit and recipe.quantization.quant_type == "gguf":
+        from finetune.model import pack_gguf_base
+
+        pack_gguf_base(model, recipe.model.name_or_path, placement.compute_dtype)  # shapes and formats only
     q = quantization_config(recipe.quantization, placement)
     if q is not None:
         from transformers.integrations.bitsandbytes import replace_with_bnb_linear
@@ -87,12 +91,17 @@ def dora_magnitudes(model, recipe: Recipe) -> list:
 
 
 def weight_bytes(model, width: int) -> tuple[int, int]:
-    """(bytes of 4-bit layers with their quantization constants, bytes of every other base weight)."""
+    """(bytes of 4-bit layers with their quantization constants (GGUF layers: their blocks), bytes of every other
+    base weight)."""
     import bitsandbytes as bnb
+
+    from finetune.quant import QuantLinear
 
     quantized, kept, seen = 0, 0, set()
     for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, QuantLinear):
+            quantized += module.packed_bytes()
+        elif isinstance(module, bnb.nn.Linear4bit):
             quantized += nf4_bytes(module.in_features * module.out_features, module.weight.compress_statistics)
             seen.add(id(module.weight))
     for name, p in model.named_parameters(remove_duplicate=True):
@@ -222,9 +231,11 @@ def working_bytes(model, tokens: int, width: int, dora: bool = False) -> int:
     for its weight norm (and B A for it) while a layer runs."""
     import bitsandbytes as bnb
 
+    from finetune.quant import QuantLinear
+
     c = model.config.get_text_config()
-    largest = max((m.in_features * m.out_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)),
-                  default=0)
+    largest = max((m.in_features * m.out_features for m in model.modules()
+                   if isinstance(m, (bnb.nn.Linear4bit, QuantLinear))), default=0)
     return largest * width + 2 * tokens * max(c.hidden_size, c.intermediate_size) * width + dora * 2 * largest * 4
 
 

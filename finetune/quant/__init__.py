@@ -9,11 +9,16 @@
 Training over a packed base (ModuLoRA: LoRA through any quantizer's dequantization), export of folded blocks,
 and the quantization-error reports all go through this table, so a new format is one module here.
 
+Modules: format.py (the interface, the table), gguf_blocks.py (GGUF's block formats), linear.py (`QuantLinear`, a
+frozen linear layer over a packed weight), peft_layers.py (LoRA on it; QA-LoRA on every kind of base layer).
+
 Imports: errors.
 """
 
 from finetune import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
-    "format": ["FORMATS", "FoldError", "Packed", "QuantFormat", "get_format", "register"],
+    "format": ["FORMATS", "FoldError", "Packed", "QuantFormat", "get_format", "load_formats", "register"],
+    "linear": ["QuantLinear", "quant_linears"],
+    "peft_layers": ["QALoraVariant", "block_delta", "is_qalora", "wire"],
 })

@@ -59,6 +59,9 @@ class QuantFormat(ABC):
 
 
 FORMATS: dict[str, QuantFormat] = {}
+# The modules that register formats, imported on the first lookup so that callers need not import them (a module
+# not written yet is skipped; an error inside one that exists is raised).
+FORMAT_MODULES = ("gguf_blocks", "nf4", "icq")
 
 
 def register(fmt: QuantFormat) -> QuantFormat:
@@ -66,8 +69,21 @@ def register(fmt: QuantFormat) -> QuantFormat:
     return fmt
 
 
+def load_formats() -> dict[str, QuantFormat]:
+    """FORMATS with every format module imported."""
+    import importlib
+    import importlib.util
+
+    for module in FORMAT_MODULES:
+        if importlib.util.find_spec(f"{__package__}.{module}") is not None:
+            importlib.import_module(f"{__package__}.{module}")
+    return FORMATS
+
+
 def get_format(name: str) -> QuantFormat:
     """The format called `name`; ModelError naming the known ones otherwise."""
+    if name not in FORMATS:
+        load_formats()
     if name not in FORMATS:
         raise ModelError(f"Unknown quantized format '{name}': known are {', '.join(sorted(FORMATS)) or 'none'}.")
     return FORMATS[name]

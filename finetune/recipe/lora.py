@@ -53,6 +53,17 @@ class LoraSection(Section):
     alpha_pattern: dict[str, float] = Field(
         default_factory=dict, description="Module-name pattern -> alpha for those modules (as rank_pattern).",
     )
+    # --- QA-LoRA (docs/quantized.md; finetune/quant/peft_layers.py; checks in recipe/quantized.py)
+    use_qalora: bool = Field(
+        False, description="QA-LoRA (arXiv 2309.14717, PEFT's use_qalora): the adapter's input is average-pooled "
+        "over groups of qalora_group_size inputs before A, so the update is constant within each group: with a "
+        "group a multiple of a GGUF Q4_1/Q5_1 block, export folds it exactly into the blocks' offsets.",
+    )
+    qalora_group_size: int = Field(
+        32, ge=1, description="QA-LoRA's group of inputs (PEFT's default is 16; 32 is one GGUF block). Must divide "
+        "every adapted layer's input size.",
+    )
+    # --- end QA-LoRA
 
     @field_validator("init")
     @classmethod

@@ -21,6 +21,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from finetune.recipe.grpo import GRPOSection, RewardSpec, check_extractor, check_grpo
 from finetune.recipe.lora import LoraSection, check_lora_init
+from finetune.recipe.quantized import check_quantized
 from finetune.recipe.section import PathText, Section
 from finetune.recipe.methods import (
     METHOD_SECTIONS, AdaLoraSection, AdapterSection, IA3Section, PrefixTuningSection, PromptTuningSection,
@@ -42,7 +43,10 @@ DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32
 
 class QuantizationSection(Section):
     load_in_4bit: bool = Field(True, description="Quantize the frozen base to 4 bit (QLoRA); false = plain LoRA.")
-    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    quant_type: Literal["nf4", "fp4", "gguf"] = Field(
+        "nf4", description="4-bit data type; gguf (a .gguf model only): keep the file's own quantized tensors "
+        "(Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) as the frozen base, dequantized per forward "
+        "(docs/quantized.md).")
     double_quant: bool = Field(True, description="Also quantize the quantization constants (saves ~0.4 bit/param).")
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Matmul dtype: auto = bf16 on capable CUDA, fp16 on older CUDA; on CPU bf16 where it has AVX512_BF16/AMX, else fp32."
@@ -51,6 +55,13 @@ class QuantizationSection(Section):
         "auto", description="Dtype the packed 4-bit codes are stored in: auto = the compute dtype under FSDP or "
         "DeepSpeed ZeRO-3 (so quantized weights shard), uint8 otherwise."
     )
+
+    # --- GGUF base (quant_type gguf; finetune/model/gguf_base.py, docs/quantized.md)
+    cache_dequantized: Union[bool, Literal["auto"]] = Field(
+        "auto", description="quant_type gguf: keep each layer's dequantized weight between forwards (faster, the "
+        "memory of a float model); auto = where `finetune plan` predicts the run still fits with it (same numbers "
+        "either way).")
+    # --- end GGUF base
 
     @field_validator("compute_dtype", "quant_storage", mode="before")
     @classmethod
@@ -362,6 +373,7 @@ class Recipe(Section):
         check_preference(self, formats)
         check_method(self)
         check_lora_init(self.lora, self.quantization.load_in_4bit)
+        check_quantized(self)
         if self.training.objective == "grpo" or self.rewards:
             check_grpo(self, formats)
         return self

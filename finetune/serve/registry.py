@@ -107,15 +107,12 @@ class Registry:
 
     def _load(self, adapter_dir: Path, peft_name: str) -> None:
         """Attach the adapter under the engine's lock (between two decoding steps)."""
-        from peft import PeftModel
+        from finetune.model import attach_saved_adapter
 
         engine = self.engine
         with engine.lock:
             try:
-                if getattr(engine.model, "peft_config", None) is None:
-                    engine.model = PeftModel.from_pretrained(engine.model, str(adapter_dir), adapter_name=peft_name)
-                else:
-                    engine.model.load_adapter(str(adapter_dir), adapter_name=peft_name)
+                engine.model = attach_saved_adapter(engine.model, adapter_dir, peft_name)
             except Exception as e:  # a shape mismatch, a missing tensor: the reason, and serving goes on
                 if peft_name in (getattr(engine.model, "peft_config", None) or {}):
                     engine.model.delete_adapter(peft_name)

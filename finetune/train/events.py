@@ -15,6 +15,7 @@ from finetune.errors import TrainingInterrupted
 from finetune.evaluate import eval_objective
 from finetune.generate import GenerationOptions, generation_metrics
 from finetune.train import checkpoint as ckpt, records
+from finetune.train.distributed import gathered_weights, optimizer_state
 from finetune.train.interrupt import StopOnSignal, agreed_signal
 from finetune.train.run import Run
 from finetune.train.setup import initial_adapter
@@ -75,14 +76,14 @@ def save(run: Run, name: str, eval_record: dict | None = None) -> Path:
     path = run.recipe.run_dir / name
     if eval_record and (state.best_eval_loss is None or eval_record["eval_loss"] < state.best_eval_loss):
         state.best_eval_loss, state.best_checkpoint = eval_record["eval_loss"], str(path)
-    # Sharded (FSDP/ZeRO-3) weights are gathered by every process; DDP replicas are whole already.
-    state_dict = acc.get_state_dict(run.model) if run.placement.shards_parameters else None
+    # Sharded (FSDP/ZeRO-3) weights and optimizer state are gathered by every process; DDP replicas are whole.
+    state_dict, optimizer = gathered_weights(run), optimizer_state(run)
     rng = gather_object([ckpt.rng_state()]) if acc.num_processes > 1 else [ckpt.rng_state()]  # one per process
     objective = [run.objective.state_dict()]  # e.g. GRPO's generation batch being reused, one per process
     objective = gather_object(objective) if acc.num_processes > 1 else objective
     if run.main:
         training_state = {
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "optimizer": optimizer, "scheduler": run.scheduler.state_dict(),
             "rng": rng, "window": asdict(run.window), "objective": objective,
             "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "method": run.method.state_dict(),
         }

@@ -177,6 +177,8 @@ def adapter_base(recipe) -> dict:
     record = {"base": recipe.model.name_or_path, "revision": recipe.model.revision, "init": lora.init,
               "relative_to": "published", "trained_on": f"4-bit {q.quant_type} quantization of the published weights"
               if q.load_in_4bit else "the published weights"}
+    if q.load_in_4bit and q.quant_type == "gguf":  # the published weights are the quantized ones
+        record["trained_on"] = "the GGUF file's own quantized tensors, as published"
     if lora.init.startswith(("pissa", "olora")):
         record["trained_on"] = (f"the residual W - s B0 A0 of the published weights ({lora.init} init); "
                                 "adapter_model.safetensors is converted to a LoRA of twice the rank over the "

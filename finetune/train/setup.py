@@ -23,7 +23,7 @@ from finetune.model import (
 from finetune.objectives import make_objective
 from finetune.recipe import Recipe
 from finetune.train import checkpoint as ckpt, records
-from finetune.train.distributed import check_strategy
+from finetune.train.distributed import check_launch, check_strategy, fsdp_plugin, load_optimizer_state, shard_on_cpu
 from finetune.train.records import MetricsLog
 from finetune.train.run import LoopState, Run, Window
 
@@ -49,6 +49,7 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
         records.check_resume(resume_from, recipe, env, console if accelerator.is_main_process else None)
     base = load_base_model(recipe.model, recipe.quantization, accelerator.device, placement, head=objective.head)
     model = attach_lora(base, recipe, placement)
+    cached = _cache_gguf_weights(recipe, model, accelerator.device, placement)
     if recipe.data.packing or t.padding_free:
         use_segmented_attention(model)  # each example of a row attends to itself only, at its own cost
     collate = Collator(tokenizer.pad_token_id, padding_free=t.padding_free)
@@ -59,11 +60,12 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     train_dl = DataLoader(train_set, batch_size=t.micro_batch_size, shuffle=True, collate_fn=collate,
                           generator=torch.Generator().manual_seed(t.seed))
     eval_dl = DataLoader(eval_set, batch_size=t.micro_batch_size, collate_fn=collate) if eval_set else None
-    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
-        from peft.utils.other import fsdp_auto_wrap_policy  # frozen and trainable weights in separate units
+    if getattr(accelerator.state, "fsdp_plugin", None) is not None and not accelerator.is_fsdp2:
+        from peft.utils.other import fsdp_auto_wrap_policy  # FSDP1: frozen and trainable weights in separate units
 
         accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
     optimizer = make_optimizer(model, t)
+    counts = model.get_nb_trainable_parameters()  # before sharding (PEFT counts a 4-bit shard as a float tensor)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     eval_dl = accelerator.prepare(eval_dl) if eval_dl is not None else None
     total_steps = t.max_steps or t.epochs * math.ceil(len(train_dl) / t.gradient_accumulation_steps)
@@ -81,9 +83,30 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
         run.generation_records = prompted[: t.eval_generate_examples]
     if run.main:
         _start_records(run, resume_from)
-        console.print(_banner(run, len(eval_set), stats, resume_from))
+        console.print(_banner(run, counts, len(eval_set), stats, resume_from))
+        if cached is not None:
+            console.print(f"base: {Path(recipe.model.name_or_path).name}'s own quantized tensors, "
+                          + ("dequantized once and cached" if cached else "dequantized at every forward"))
     return run, rng
 
+
+
+def _cache_gguf_weights(recipe: Recipe, model, device: torch.device, placement: Placement) -> bool | None:
+    """quant_type gguf: keep the dequantized weights between forwards when quantization.cache_dequantized is true,
+    or auto and `finetune plan` predicts the run fits with them (None: no GGUF base)."""
+    q = recipe.quantization
+    if not (q.load_in_4bit and q.quant_type == "gguf"):
+        return None
+    on = q.cache_dequantized is True
+    if q.cache_dequantized == "auto":
+        from finetune.plan import CACHE_TERM, plan
+
+        on = plan(recipe, device=device.type).term(CACHE_TERM).counted
+    if on:
+        from finetune.model import cache_weights
+
+        cache_weights(model, placement.compute_dtype)
+    return on
 
 
 def initial_adapter(recipe: Recipe) -> Path | None:
@@ -94,13 +117,20 @@ def initial_adapter(recipe: Recipe) -> Path | None:
 
 def _accelerator(recipe: Recipe, placement: Placement) -> Accelerator:
     t = recipe.training
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),  # without it, torchrun on CPU would start N independent runs, not gloo DDP
+    cpu = not torch.cuda.is_available()  # without it, torchrun on CPU would start N independent runs, not gloo DDP
+    check_launch(placement, cpu)
+    plugin = fsdp_plugin(placement)
+    accelerator = Accelerator(
+        cpu=cpu,
         mixed_precision=placement.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
         log_with=t.report_to or None,
         project_dir=str(recipe.run_dir),
+        fsdp_plugin=plugin,
     )
+    if cpu and plugin is not None:
+        shard_on_cpu(accelerator, plugin)
+    return accelerator
 
 
 
@@ -113,7 +143,7 @@ def _restore(run: Run, path: Path) -> dict:
     run.window = Window(**window)
     if not run.method.restores_weights:  # P-tuning / prefix projection: the saved adapter is the encoder's output
         ckpt.load_adapter_weights(run.accelerator.unwrap_model(run.model), path)
-    run.optimizer.load_state_dict(saved["optimizer"])
+    load_optimizer_state(run, saved["optimizer"])  # under FSDP, this process's shards of it
     run.scheduler.load_state_dict(saved["scheduler"])
     if run.accelerator.scaler is not None and saved.get("scaler"):
         run.accelerator.scaler.load_state_dict(saved["scaler"])
@@ -135,9 +165,9 @@ def _start_records(run: Run, resume_from: Path | None) -> None:
 
 
 
-def _banner(run: Run, n_eval: int, stats, resume_from: Path | None) -> str:
+def _banner(run: Run, counts: tuple[int, int], n_eval: int, stats, resume_from: Path | None) -> str:
     t, acc = run.recipe.training, run.accelerator
-    trainable, total = acc.unwrap_model(run.model).get_nb_trainable_parameters()
+    trainable, total = counts
     return (
         f"[bold]{run.recipe.name}[/]: {run.train_examples} train / {n_eval} eval "
         f"{'pairs' if run.objective.unit == 'pair' else 'examples'} "
