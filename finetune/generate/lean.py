@@ -6,10 +6,12 @@ per-adapter dispatch, bitsandbytes dequantizing every 4-bit weight again) is gon
 - a 4-bit base is dequantized once, to the compute dtype, with the op bitsandbytes' own CPU matmul uses, so its
   products are the same numbers (kept per weight while the model lives, when memory allows: `dense_weight`);
 - one adapter decoded alone is folded into the weights (W + s B A, as PEFT merges) in float32 compute; in bf16 it
-  stays beside them, computed as PEFT computes it (B(A x)) s), since folding would round the sum to bf16;
+  stays beside them, computed as PEFT computes it under training's autocast (finetune.model.compute_like_training:
+  the float32 A and B meet the bf16 activations as bf16, (B(A x)) s in bf16), since folding would round the sum;
 - several adapters are one batched op per layer (punica's idea, without its kernel): every adapter's A stacked into
-  one matrix, one product for all rows, each row's columns kept and scaled by a [rows, columns] mask, one product
-  with the stacked B. A batch whose rows share one adapter takes that adapter's own A and B.
+  one matrix, one product for all rows, each row's columns kept by a [rows, columns] 0/1 mask, one product with the
+  stacked B, then each row scaled by its adapter's scaling (after B, as PEFT scales). A batch whose rows share one
+  adapter takes that adapter's own A and B.
 
 Anything this step does not model (another architecture, a LoRA variant such as DoRA, other PEFT methods, trained
 copies of whole modules, sliding-window attention) is named by `why_not_lean`; callers then use the model's forward.
@@ -35,7 +37,7 @@ class Lora:
     a: torch.Tensor
     b: torch.Tensor
     owner: torch.Tensor  # [R] long: index into LeanModel.adapters
-    scale: torch.Tensor  # [R] float32
+    scale: torch.Tensor  # [len(LeanModel.adapters) + 1] float32: each adapter's scaling, 0 last (the base's, -1)
     parts: dict[int, tuple[torch.Tensor, torch.Tensor, float]]
     layout: tuple  # equal for projections with the same adapters and ranks: their masks are shared in a step
 
@@ -125,8 +127,11 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None) -> Lean
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     adapters = [a for a in adapters if a != fold]
     keep = fits_in_memory(dense_bytes(model))
+    # the dtype the model's forward autocasts to (finetune.model.compute_like_training): float32 adapter weights
+    # meet the activations in it, so they are kept in it here (None: no autocast, as they are)
+    autocast = base.__dict__.get("_finetune_autocast")
     layers = [Layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                    {p: _linear(_projection(layer, p), adapters, fold, keep) for p in PROJECTIONS})
+                    {p: _linear(_projection(layer, p), adapters, fold, keep, autocast) for p in PROJECTIONS})
               for layer in inner.layers]
     dtype = inner.embed_tokens.weight.dtype
     any_4bit = any(type(getattr(getattr(m, "base_layer", m), "weight", None)).__name__ == "Params4bit"
@@ -141,8 +146,9 @@ def _projection(layer, name: str):
     return getattr(layer.self_attn if name in PROJECTIONS[:4] else layer.mlp, name)
 
 
-def _linear(module, adapters: list[str], fold: str | None, keep: bool) -> Linear:
-    """A projection as the step runs it; a 4-bit one that is not kept dequantized is dequantized at every use."""
+def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast: torch.dtype | None = None) -> Linear:
+    """A projection as the step runs it; a 4-bit one that is not kept dequantized is dequantized at every use; its
+    adapters' A and B in `autocast` (their own dtype where None)."""
     base = getattr(module, "base_layer", module)
     weight = dense_weight(base) if keep or fold else None
     bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
@@ -152,14 +158,18 @@ def _linear(module, adapters: list[str], fold: str | None, keep: bool) -> Linear
     found = [(i, name) for i, name in enumerate(adapters) if name in getattr(module, "lora_A", {})]
     if not found:
         return Linear(weight, bias, quantized=None if weight is not None else base)
-    parts = {i: (module.lora_A[n].weight.detach(), module.lora_B[n].weight.detach(), float(module.scaling[n]))
-             for i, n in found}
+    parts = {i: (_as(module.lora_A[n].weight, autocast), _as(module.lora_B[n].weight, autocast),
+                 float(module.scaling[n])) for i, n in found}
     owner = torch.cat([torch.full((parts[i][0].shape[0],), i) for i, _ in found])
-    scale = torch.cat([torch.full((parts[i][0].shape[0],), parts[i][2]) for i, _ in found])
+    scale = torch.tensor([parts[i][2] if i in parts else 0.0 for i in range(len(adapters))] + [0.0])
     layout = tuple((i, parts[i][0].shape[0], parts[i][2]) for i, _ in found)
     lora = Lora(torch.cat([parts[i][0] for i, _ in found]), torch.cat([parts[i][1] for i, _ in found], dim=1),
                 owner, scale, parts, layout)
     return Linear(weight, bias, lora, quantized=None if weight is not None else base)
+
+
+def _as(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return weight.detach() if dtype is None else weight.detach().to(dtype)
 
 
 def dense_weight(layer, keep: bool = True) -> torch.Tensor:
@@ -270,21 +280,22 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class _Masks:
-    """Per forward pass: the adapter every row uses (`uniform`; -1: none), else the [rows, R] column masks, scaling
-    included, built once per layout."""
+    """Per forward pass: the adapter every row uses (`uniform`; -1: none), else the [rows, R] 0/1 column masks and
+    the [rows, 1] scalings, built once per layout."""
 
     def __init__(self, lm: LeanModel, adapters: int | torch.Tensor):
         self.cache = {}
         self.uniform, self.adapters = (adapters, None) if isinstance(adapters, int) else (None, adapters)
 
-    def get(self, lora: Lora, tokens: int) -> torch.Tensor:
-        """[rows * tokens, R]: each token's row's columns, scaled."""
-        mask = self.cache.get(lora.layout)
-        if mask is None:
-            mask = (self.adapters[:, None] == lora.owner[None, :]).to(lora.a.dtype) * lora.scale.to(lora.a.dtype)
-            mask = mask.repeat_interleave(tokens // len(self.adapters), dim=0)
-            self.cache[lora.layout] = mask
-        return mask
+    def get(self, lora: Lora, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([rows * tokens, R] each token's row's columns, [rows * tokens, 1] its row's adapter's scaling)."""
+        got = self.cache.get(lora.layout)
+        if got is None:
+            each = tokens // len(self.adapters)
+            mask = (self.adapters[:, None] == lora.owner[None, :]).to(lora.a.dtype).repeat_interleave(each, dim=0)
+            scale = lora.scale[self.adapters][:, None].repeat_interleave(each, dim=0)  # float32, as PEFT's float
+            got = self.cache[lora.layout] = mask, scale
+        return got
 
 
 def _proj(x: torch.Tensor, lin: Linear, masks: _Masks, lm: LeanModel) -> torch.Tensor:
@@ -300,6 +311,6 @@ def _proj(x: torch.Tensor, lin: Linear, masks: _Masks, lm: LeanModel) -> torch.T
         a, b, s = part
         y = F.linear(F.linear(x.to(a.dtype), a), b) * s
     else:
-        xa = F.linear(x.to(lora.a.dtype), lora.a) * masks.get(lora, len(x))
-        y = F.linear(xa, lora.b)
+        mask, scale = masks.get(lora, len(x))
+        y = (F.linear(F.linear(x.to(lora.a.dtype), lora.a) * mask, lora.b) * scale).to(lora.a.dtype)
     return out + y.to(out.dtype) if lm.cast_before_add else (out + y).to(out.dtype)
