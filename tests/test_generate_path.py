@@ -3,7 +3,7 @@ against the path it replaced, `model.generate`, on the 2-layer Llama in the comp
 greedy token ids equal for a float base, a 4-bit base with an adapter (dequantized once) and its fold in float32;
 rows of different adapters in one batched-LoRA pass answer as each adapter alone; what the lean step does not model
 (DoRA) and a compile that fails fall back, named in the log, to the same answers; sampling does not depend on the
-batch; scripts/bench_generate.py runs in its smallest form.
+batch (scripts/bench_generate.py is run by tests/test_scripts.py).
 
 Batched greedy equality is asserted in float32 only: in bf16 a row's products depend on the batch's size (the bf16
 GEMM kernels block by it), so `model.generate` itself answers differently batched and alone there; at batch 1 the
@@ -11,8 +11,6 @@ lean step is exact in both dtypes.
 """
 
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,7 +28,6 @@ from finetune.generate.decode import GenerationOptions
 from finetune.generate.decoder import lean_decoder, lean_model
 from finetune.recipe.schema import QuantizationSection
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Say hi.", "A cat and a dog sat under the tree in the rain", "Name a color", "Repeat the word twice.",
          "The quick brown fox"]
 TOKENS = 16
@@ -171,19 +168,3 @@ def test_sampling_is_seeded_per_prompt_not_per_batch(float_base, tok, prompts):
     other = ev.generate_ids(float_base, tok, prompts, GenerationOptions(**{**vars(hot), "seed": 4}))
     assert other != one
 
-
-def test_bench_generate_runs_in_its_smallest_form(tiny_model_dir, tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import bench_generate
-
-    out = tmp_path / "performance.md"
-    out.write_text("# Performance\n")
-    bench_generate.main(["--model", str(tiny_model_dir), "--batches", "1", "2", "--max-new-tokens", "3",
-                         "--repeats", "1", "--streams", "4", "--no-llamacpp", "--work", str(tmp_path / "work"),
-                         "--out", str(out)])
-    text = out.read_text()
-    assert text.startswith("# Performance\n") and bench_generate.START in text and bench_generate.END in text
-    for row in ("| finetune |", "| transformers generate |", "| serve engine, 1 adapter |",
-                "| serve engine, 4 mixed adapters |", "four mixed adapters / one adapter",
-                "finetune / transformers generate at batch 2"):
-        assert row in text, row

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "data" / "quickstart"
 HAS_TRL = importlib.util.find_spec("trl") is not None
 TOOLS = "finetune,trl" if HAS_TRL else "finetune"
-COVERED_ELSEWHERE = {"fetch_model": "make demo"}
+COVERED_ELSEWHERE = {"fetch_model": "make demo", "qalora_export": "tests/test_qalora.py"}
 
 
 def run_script(name: str, *args) -> subprocess.CompletedProcess:
@@ -101,6 +101,20 @@ def test_bench_serve(tiny_model_dir, tmp_path):
     assert [(r[0], r[1], r[2]) for r in rows] == [("1", "one at a time (`generate`)", "1"), ("1", "1", "1"),
                                                   ("4 mixed", "one at a time (`generate`)", "1"), ("4 mixed", "1", "1")]
     assert all(float(r[4]) > 0 for r in rows)  # tokens were generated in every configuration
+
+
+
+def test_bench_generate(tiny_model_dir, tmp_path):
+    out = tmp_path / "performance.md"
+    out.write_text("# Performance\n")
+    run_script("bench_generate.py", "--model", tiny_model_dir, "--batches", 1, 2, "--max-new-tokens", 3, "--repeats",
+               1, "--streams", 4, "--no-llamacpp", "--work", tmp_path / "work", "--out", out)
+    text = out.read_text()
+    assert text.startswith("# Performance\n") and "<!-- bench_generate:start -->" in text
+    for row in ("| finetune |", "| transformers generate |", "| serve engine, 1 adapter |",
+                "| serve engine, 4 mixed adapters |", "four mixed adapters / one adapter",
+                "finetune / transformers generate at batch 2"):
+        assert row in text, row
 
 
 @pytest.mark.parametrize("objective", ["kto", "reward"])
