@@ -159,7 +159,7 @@ def baseline(serving, models: list[str], requests: int, max_tokens: int, seconds
         row = out[0, len(ids):].tolist()
         n = next((k + 1 for k, t in enumerate(row) if t in served.eos), len(row))
         results.append((time.perf_counter() - t0, None, n))
-    serving.engine.active = None  # the engine sets its adapter again
+    serving.engine.adapters_changed()  # the engine sets its adapter again
     return summary(results, time.perf_counter() - start)
 
 

@@ -110,6 +110,20 @@ def test_bench_serve(tiny_model_dir, tmp_path):
     assert all(float(r[4]) > 0 for r in rows)  # tokens were generated in every configuration
 
 
+
+def test_bench_generate(tiny_model_dir, tmp_path):
+    out = tmp_path / "performance.md"
+    out.write_text("# Performance\n")
+    run_script("bench_generate.py", "--model", tiny_model_dir, "--batches", 1, 2, "--max-new-tokens", 3, "--repeats",
+               1, "--streams", 4, "--no-llamacpp", "--work", tmp_path / "work", "--out", out)
+    text = out.read_text()
+    assert text.startswith("# Performance\n") and "<!-- bench_generate:start -->" in text
+    for row in ("| finetune |", "| transformers generate |", "| serve engine, 1 adapter |",
+                "| serve engine, 4 mixed adapters |", "four mixed adapters / one adapter",
+                "finetune / transformers generate at batch 2"):
+        assert row in text, row
+
+
 @pytest.mark.parametrize("objective", ["kto", "reward"])
 def test_pref_vs_trl(objective, tiny_model_dir, tmp_path):
     run_script("pref_vs_trl.py", "--objective", objective, "--model", tiny_model_dir, "--examples", 2, "--steps", 1,

@@ -1,5 +1,7 @@
-"""Decoding and what is done with it: batched greedy or sampled generation and answer scoring (eval, training,
-GRPO), and `finetune chat` sessions.
+"""Decoding and what is done with it: the one decoding path (lean.py: the decode step over a static KV cache;
+batch.py: its rows; decoder.py: the loop with sampling and stop checks) used by `finetune chat`, `eval --generate`,
+training's generation metrics, GRPO's rollouts and `finetune serve`; batched greedy or sampled generation and answer
+scoring (decode.py), and `finetune chat` sessions.
 
 Imports: errors, progress, recipe, data, model.
 """
@@ -8,6 +10,9 @@ from finetune import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "session": ["ChatOptions", "Session", "chat", "load_session", "render_messages", "reply", "resolve_target"],
+    "lean": ["LeanModel", "build_lean", "why_not_lean"],
+    "batch": ["BASE", "LeanBatch", "ModelBatch"],
+    "decoder": ["Decoder", "Sequence", "forced", "lean_decoder", "lean_model", "say"],
     "decode": [
         "GenerationOptions", "NUMBER", "generate", "generate_ids", "generation_kwargs", "generation_metrics",
         "last_number", "make_extractor", "normalize_number", "score_example"

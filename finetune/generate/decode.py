@@ -134,15 +134,50 @@ def generate(model, tok, prompts: list[list[int]], options: GenerationOptions = 
 
 @torch.no_grad()
 def generate_ids(model, tok, prompts: list[list[int]], options: GenerationOptions = GenerationOptions(),
-                 on_chunk=None, top_k: int | None = None) -> list[list[int]]:
+                 on_chunk=None, top_k: int | None = None, stream: Callable[[int], None] | None = None) -> list[list[int]]:
     """The completion token ids of each prompt, up to and including the first end-of-sequence token (all
-    `max_new_tokens` of them when there is none), with KV cache, batched, in eval mode (no dropout).
+    `max_new_tokens` of them when there is none), as the model in eval mode (no dropout) gives them.
     `top_k` overrides the model's generation config when sampling (0: no top-k cut; None: its default, often 50).
-    Seeds the global RNG with `options.seed` first: callers fork it (torch.random.fork_rng) to keep theirs."""
-    device = next(model.parameters()).device
+    `stream(token)` sees each generated token as it comes (one prompt: `finetune chat`).
+
+    Decodes through the lean decode step (decoder.py) with up to `options.batch_size` sequences in flight, a
+    finished one's row taken by the next prompt at once; sampled prompt i draws from its own generator seeded by
+    (options.seed, i), so completions do not depend on the batch size. Models the lean step does not model go
+    through `model.generate` as before (left-padded batches; sampling seeds the global RNG with options.seed:
+    callers fork it, torch.random.fork_rng, to keep theirs)."""
+    from finetune.generate.decoder import Sequence, lean_decoder
+
     kwargs = generation_kwargs(model, tok, options)
-    if top_k is not None and kwargs["do_sample"]:
+    if kwargs["do_sample"] and top_k is not None:
         kwargs["top_k"] = top_k
+    decoder = lean_decoder(model)
+    if decoder is None:
+        return _generate_with_model(model, prompts, options, kwargs, on_chunk, stream)
+    eos, top_k = frozenset(kwargs["eos_token_id"]), kwargs.get("top_k") or 0
+    outputs: list[list[int] | None] = [None] * len(prompts)
+    waiting = list(enumerate(prompts))[::-1]
+    while waiting or decoder.rows:
+        groups = []
+        while waiting and len(decoder.rows) + len(groups) < options.batch_size:
+            i, prompt = waiting.pop()
+            generator = None
+            if options.temperature > 0:
+                generator = torch.Generator().manual_seed((options.seed * 1_000_003 + i) % 2**63)
+            groups.append([Sequence(list(prompt), options.max_new_tokens, eos, decoder.adapter,
+                                    temperature=options.temperature,
+                                    top_p=options.top_p, top_k=top_k, generator=generator, index=i,
+                                    emit=None if stream is None else _streaming(stream))])
+        finished = decoder.admit(groups) + decoder.step()
+        for s in finished:
+            outputs[s.index] = s.tokens
+        if on_chunk is not None and finished:
+            on_chunk(len(finished), tokens=sum(len(s.tokens) for s in finished))
+    return outputs
+
+
+def _generate_with_model(model, prompts, options: GenerationOptions, kwargs: dict, on_chunk, stream) -> list[list[int]]:
+    """`model.generate` on left-padded batches of `options.batch_size` (what the lean step does not model)."""
+    device = next(model.parameters()).device
     pad, eos = kwargs["pad_token_id"], set(kwargs["eos_token_id"])
     torch.manual_seed(options.seed)
     was_training = model.training
@@ -156,7 +191,8 @@ def generate_ids(model, tok, prompts: list[list[int]], options: GenerationOption
         for i, p in enumerate(chunk):
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **kwargs)
+        streamer = None if stream is None else _TokenStreamer(stream)
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), streamer=streamer, **kwargs)
         for row in out[:, width:].tolist():
             end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
             outputs.append(row[:end])
@@ -164,6 +200,31 @@ def generate_ids(model, tok, prompts: list[list[int]], options: GenerationOption
             on_chunk(len(chunk), tokens=int((out[:, width:] != pad).sum()))
     model.train(was_training)
     return outputs
+
+
+def _streaming(stream):
+    def emit(token: int) -> bool:  # a stream only watches: it never ends a sequence
+        stream(token)
+        return False
+
+    return emit
+
+
+class _TokenStreamer:
+    """A transformers streamer passing each generated token id (not the prompt) to `stream`."""
+
+    def __init__(self, stream):
+        self.stream, self.prompt_seen = stream, False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:  # generate() first passes the prompt
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.stream(token)
+
+    def end(self) -> None:
+        pass
 
 
 def generation_metrics(model, tok, records: list, options: GenerationOptions, on_chunk=None) -> tuple[dict, list[dict]]:

@@ -2,8 +2,8 @@
 
 The model is loaded the way `finetune eval` loads it (4-bit base + adapters as trained, a directory, or a
 dequantized GGUF), the prompt is rendered with the checkpoint's (else the model's) chat template the way
-the data pipeline renders prompts, and generation goes through `evaluate.generation_kwargs`: with
-temperature 0 a one-shot reply is exactly what `finetune eval --generate` produces for the same prompt.
+the data pipeline renders prompts, and generation goes through `generate_ids`, the decoding path of `finetune eval
+--generate`: with temperature 0 a one-shot reply is exactly what eval produces for the same prompt.
 
 Several adapters load onto one base as PEFT named adapters; `/adapter NAME` switches between them (no
 reload) and `/base` answers with adapters disabled. Interactive replies stream token by token; Ctrl-C
@@ -158,29 +158,20 @@ def render_messages(tok, messages: list[dict], source: str) -> list[int]:
 def reply(session: Session, user: str, options: ChatOptions, stream=None) -> str:
     """The model's reply to `user` (added to the conversation with it); `stream(text)` receives pieces as
     they are generated. Ctrl-C stops the reply early (KeyboardInterrupt is re-raised after recording it)."""
-    from finetune.generate.decode import GenerationOptions, generate, generation_kwargs
+    from finetune.generate.decode import GenerationOptions, generate_ids
 
     ids = prompt_ids(session, user)
     gen = GenerationOptions(max_new_tokens=options.max_new_tokens, temperature=options.temperature,
                             top_p=options.top_p, batch_size=1, seed=options.seed)
+    printer = _Streamer(session.tok, stream or (lambda text: None))
     with _adapter_state(session):
-        if stream is None:
-            text = generate(session.model, session.tok, [ids], gen)[0]
-        else:
-            printer = _Streamer(session.tok, stream)
-            torch.manual_seed(options.seed)
-            try:
-                with torch.no_grad():
-                    session.model.generate(input_ids=torch.tensor([ids], device=session.model.device),
-                                           attention_mask=torch.ones(1, len(ids), dtype=torch.long,
-                                                                     device=session.model.device),
-                                           streamer=printer, **generation_kwargs(session.model, session.tok, gen))
-            finally:
-                session.messages += [{"role": "user", "content": user},
-                                     {"role": "assistant", "content": printer.text().strip()}]
-            return printer.text().strip()
-    session.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
-    return text
+        try:
+            generate_ids(session.model, session.tok, [ids], gen, stream=printer.put)
+            printer.end()
+        finally:
+            session.messages += [{"role": "user", "content": user},
+                                 {"role": "assistant", "content": printer.text().strip()}]
+    return printer.text().strip()
 
 
 class _adapter_state:
@@ -203,16 +194,13 @@ class _adapter_state:
 
 
 class _Streamer:
-    """A transformers streamer: decodes the new tokens so far and passes on the text not yet shown."""
+    """Decodes the new tokens so far and passes on the text not yet shown."""
 
     def __init__(self, tok, write):
-        self.tok, self.write, self.ids, self.shown, self.prompt_seen = tok, write, [], 0, False
+        self.tok, self.write, self.ids, self.shown = tok, write, [], 0
 
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # generate() first passes the prompt
-            self.prompt_seen = True
-            return
-        self.ids += value.reshape(-1).tolist()
+    def put(self, token: int) -> None:
+        self.ids.append(token)
         text = self.text().lstrip()
         if text and not text.endswith("\ufffd"):  # a half multi-byte character waits for the rest
             self.write(text[self.shown:])

@@ -1,24 +1,25 @@
-"""Continuous batching at the token level on one background thread.
+"""Continuous batching at the token level on one background thread, over the decoding path of `finetune chat` and
+`finetune eval --generate` (finetune.generate's Decoder).
 
 A job (one request: a prompt, its adapter, n choices) waits in a bounded queue. Each `step()`:
 1. drops cancelled jobs (a client that disconnected) and deletes adapters removed while they were in use;
-2. admits waiting jobs while the batch has room: each is prefilled alone (batch 1, no padding, exactly the forward
-   `model.generate` runs first), its KV cache copied n times, its first token chosen, and its rows joined to the
-   running batch (the shorter of the two caches left-padded with masked zeros);
-3. decodes one token for every running row in one forward pass: input = each row's last token, position = its own
-   length, attention mask = its real tokens; rows whose jobs name different adapters share that pass through PEFT's
-   mixed-adapter batch (`adapter_names=` per row; "__base__" for the base model). A batch of one adapter uses the
-   plain path (`set_adapter`), which costs no per-row routing. PEFT does not mix DoRA adapters, nor adapters that
-   train a mixture of experts' routers (its per-row split does not reach a router's flattened tokens): a job for
-   one joins only a batch of its own adapter (and waits, first in line, until the batch drains otherwise); while
-   an adapter on MoE experts (PEFT's target_parameters) is loaded no batch mixes adapters;
-4. retires rows that ended (an end-of-sequence id, the job's stop condition, max_tokens, the context): their cache
-   rows are cut out and fully padded columns trimmed, so a waiting job can join at the next step.
+2. admits waiting jobs while the batch has room, first come first served: their prompts are prefilled together in one
+   batched pass (a job's n choices share its prefill), each choice's first token chosen, and their rows join the
+   running batch;
+3. decodes one token for every running row in one forward pass, each row at its own position. On the lean decode
+   step (static KV cache) rows of different adapters share that pass through batched LoRA: one product with every
+   adapter's A stacked, each row's columns kept by a mask, one with the stacked B (generate/lean.py). An adapter the
+   lean step does not model (DoRA) runs on the model's own forward (PEFT) and shares a batch only with itself (its
+   job waits, first in line, until the batch drains); so does every adapter when the lean step does not model the
+   base (another architecture, a mixture of experts), through PEFT's mixed-adapter batch. PEFT's per-row split
+   does not reach a mixture of experts' routers (an adapter training them shares a batch only with itself) nor its
+   fused experts (while an adapter on them is loaded, no batch mixes adapters);
+4. retires rows that ended (an end-of-sequence id, the job's stop condition, max_tokens, the context): their rows are
+   taken by others, so a waiting job can join at the next step.
 
-Greedy choice is argmax of the float32 logits as in `model.generate`; padding is masked to exact zeros in
-attention, so a reply equals one-by-one generation token for token (up to floating-point summation order in the
-batched kernels, which has not changed an argmax in the tests). Sampling draws from softmax(logits / T) cut to the
-top-p nucleus with one torch.Generator per choice, seeded by the request: a seeded request gets the same
+Greedy choice is argmax of the float32 logits as in `model.generate`, so a reply equals one-by-one generation token
+for token (up to floating-point summation order in the batched kernels). Sampling draws from softmax(logits / T)
+cut to the top-p nucleus with one torch.Generator per choice, seeded by the request: a seeded request gets the same
 tokens whatever else shares its batch.
 """
 
@@ -33,8 +34,12 @@ from typing import Callable
 
 import torch
 
+from finetune.generate import (
+    BASE, Decoder, LeanBatch, LeanModel, ModelBatch, Sequence, build_lean, forced, say, why_not_lean,
+)
+
 log = logging.getLogger("finetune.serve")
-BASE = "__base__"  # PEFT's name, in a mixed batch, for rows answered by the base model
+__all__ = ["BASE", "Engine", "Job", "QueueFull"]
 
 
 class QueueFull(Exception):
@@ -66,23 +71,12 @@ class Job:
 
 
 @dataclass
-class _Row:
-    job: Job
-    index: int
-    length: int  # real tokens in the cache
-    last: int = -1  # the token to feed next
-    generated: int = 0
-    generator: torch.Generator | None = None
-    done: str | None = None
-
-
-@dataclass
 class Stats:
     steps: int = 0  # decode forward passes
-    mixed_steps: int = 0  # of them, through PEFT's mixed-adapter batch
+    mixed_steps: int = 0  # of them, over rows of more than one adapter
     max_batch: int = 0  # most rows decoded in one pass
     joined: int = 0  # jobs admitted while other rows were running
-    prefills: int = 0
+    prefills: int = 0  # jobs prefilled
     cancelled: int = 0
     tokens: int = 0
 
@@ -98,15 +92,19 @@ class Engine:
 
     def __post_init__(self):
         self.waiting: collections.deque[Job] = collections.deque()
-        self.rows: list[_Row] = []
-        self.cache, self.mask = None, None
-        self.active: str | None = None  # adapter set on the model for the plain path (None: unknown)
+        self.decoder: Decoder | None = None
         self.retired: set[str] = set()  # adapters to delete once no row uses them
         self.solo: set[str] = set()  # adapters PEFT cannot mix with others in one batch (DoRA, MoE routers)
         self.unmixed: set[str] = set()  # loaded adapters on MoE experts: while any is, PEFT mixes no batch at all
         self.wakeup = threading.Condition()
         self.stopping, self.thread = False, None
-        self.device = next(self.model.parameters()).device
+        self._lean: LeanModel | None = None
+        self._unmodelled: set[str] | None = None  # adapters the lean step does not model
+        self._lean_base: str | None = ""  # why the lean step cannot run the base ("": not asked yet)
+
+    @property
+    def rows(self) -> list[Sequence]:
+        return self.decoder.rows if self.decoder is not None else []
 
     # ------------------------------------------------------------------ outside the engine thread
 
@@ -122,6 +120,13 @@ class Engine:
         with self.wakeup:
             self.retired.add(name)
             self.wakeup.notify()
+
+    def adapters_changed(self) -> None:
+        """The model's adapters (or the model object) changed: the lean step reads them again at its next use."""
+        with self.lock:
+            self._lean, self._unmodelled = None, None
+            if self.decoder is not None and isinstance(self.decoder.batch, ModelBatch):
+                self.decoder.batch.model, self.decoder.batch.active = self.model, None
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="finetune-serve-engine", daemon=True)
@@ -154,7 +159,7 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One iteration (see the module docstring). A failing prefill ends its job with `error`, a failing
+        """One iteration (see the module docstring). A failing prefill ends its jobs with `error`, a failing
         decoding pass the jobs in the batch; the engine goes on serving."""
         with self.lock:
             try:
@@ -164,18 +169,19 @@ class Engine:
                     self.retired.discard(name)
                     self.solo.discard(name)
                     self.unmixed.discard(name)
-                    self.active = None
+                    self.adapters_changed()
                 self._admit()
                 if self.rows:
                     self._decode()
             except Exception:
                 for row in self.rows:
                     row.done = row.done or "error"
-                self._retire()
+                if self.rows:
+                    self._finish(self.decoder.drop())
                 raise
 
     def _deletable(self) -> list[str]:
-        used = {r.job.adapter for r in self.rows} | {j.adapter for j in self.waiting}
+        used = {r.adapter for r in self.rows} | {j.adapter for j in self.waiting}
         return sorted(self.retired - used)
 
     def _drop_cancelled(self) -> None:
@@ -192,154 +198,97 @@ class Engine:
                 row.done = "cancelled"
         if any(r.done for r in self.rows):
             self.stats.cancelled += len({id(r.job) for r in self.rows if r.done == "cancelled"})
-            self._retire()
+            self._finish(self.decoder.drop())
 
     def _admit(self) -> None:
-        while True:
-            with self.wakeup:
-                if not self.waiting or not self._fits(self.waiting[0]):
-                    return  # first come, first served: the head waits for room, so no job starves
-                job = self.waiting.popleft()
-            try:
-                self._prefill(job)
-            except Exception:  # this job fails alone; the running rows go on
-                log.exception("a prefill failed")
+        jobs = []
+        with self.wakeup:
+            while self.waiting and self._fits(self.waiting[0], jobs):
+                jobs.append(self.waiting.popleft())  # first come, first served: the head waits for room
+        if not jobs:
+            return
+        running = len(self.rows)
+        if not running:
+            self.decoder = self._decoder(jobs[0].adapter)
+        groups = [self._sequences(job) for job in jobs]
+        try:
+            finished = self.decoder.admit(groups)
+        except Exception:  # these jobs fail; the running rows go on
+            log.exception("a prefill failed")
+            for job in jobs:
                 for i in range(job.n):
                     job.finish(i, "error", 0)
-
-    def _fits(self, job: Job) -> bool:
-        """Room in the batch, and an adapter that may share it (a DoRA adapter only shares with itself; while an
-        adapter on MoE experts is loaded, every batch holds one adapter: PEFT's expert wrapper refuses mixed ones)."""
-        names = {r.job.adapter for r in self.rows} | {job.adapter}
-        mixable = not (names & self.solo or self.unmixed)
-        return len(self.rows) + job.n <= self.max_batch and (len(names) == 1 or mixable)
-
-    def _prefill(self, job: Job) -> None:
-        from transformers import DynamicCache
-
-        ids = torch.tensor([job.prompt], device=self.device)
-        cache = DynamicCache()
-        out = self._forward(ids, torch.ones_like(ids), None, cache, [job.adapter])
-        self.stats.prefills += 1
-        seed = job.seed if job.seed is not None else random.getrandbits(62)
-        rows = []
-        for i in range(job.n):
-            generator = None
-            if job.temperature > 0:
-                generator = torch.Generator(device=self.device).manual_seed(seed + i)
-            rows.append(_Row(job, i, len(job.prompt), generator=generator))
-        self._accept(rows, out.logits[:, -1].expand(job.n, -1))
-        if job.n > 1:
-            cache.batch_repeat_interleave(job.n)
-        live = [r for r in rows if r.done is None]
-        if not live:
             return
-        if len(live) < len(rows):
-            cache.batch_select_indices(torch.tensor([r.index for r in live], device=self.device))
-        mask = torch.ones(len(live), len(job.prompt), dtype=torch.long, device=self.device)
-        if self.rows:
-            self.stats.joined += 1
-        self._join(live, cache, mask)
+        self.stats.prefills += len(jobs)
+        self.stats.joined += len(jobs) if running else 0
+        self.stats.tokens += sum(map(len, groups))
+        self._finish(finished)
+
+    def _fits(self, job: Job, admitting: list[Job]) -> bool:
+        """Room in the batch, and an adapter that may share it (one the lean step does not model only shares a
+        batch with itself; while an adapter on MoE experts is loaded, every batch holds one adapter)."""
+        rows = len(self.rows) + sum(j.n for j in admitting) + job.n
+        names = {r.adapter for r in self.rows} | {j.adapter for j in admitting} | {job.adapter}
+        return rows <= self.max_batch and (len(names) == 1 or not (names & self._alone() or self.unmixed))
+
+    def _alone(self) -> set[str]:
+        """Adapters that never share a batch with another: DoRA (PEFT does not mix it) and, while the lean step
+        runs the base, the adapters it does not model."""
+        if self._base_reason() is not None:
+            return set(self.solo)
+        if self._unmodelled is None:
+            names = getattr(self.model, "peft_config", None) or {}
+            self._unmodelled = {n for n in names if why_not_lean(self.model, [n]) is not None}
+        return set(self.solo) | self._unmodelled
+
+    def _base_reason(self) -> str | None:
+        if self._lean_base == "":
+            self._lean_base = forced() or why_not_lean(self.model, [])
+            if self._lean_base is not None:
+                say(f"serving with the model's own forward: the lean decode step does not model {self._lean_base}")
+        return self._lean_base
+
+    def _decoder(self, adapter: str) -> Decoder:
+        """A decoder for a batch starting with `adapter`: the lean step, or the model's forward for what it does not
+        model."""
+        call = lambda fn, *args: self._forward(fn, *args)  # noqa: E731  (tests replace _forward)
+        if self._base_reason() is not None or adapter in self._alone():
+            return Decoder(ModelBatch(self.model), self.context, call)
+        return Decoder(LeanBatch(self._lean_model()), self.context, call)
+
+    def _lean_model(self) -> LeanModel:
+        """The lean step's view of the model with every adapter it models stacked (read again after a change)."""
+        if self._lean is None:
+            alone = self._alone()
+            self._lean = build_lean(self.model, [n for n in getattr(self.model, "peft_config", None) or {}
+                                                 if n not in alone])
+        return self._lean
+
+    def _forward(self, fn, *args):
+        """One forward pass of the batch (`fn`: its prefill or decode)."""
+        return fn(*args)
+
+    def _sequences(self, job: Job) -> list[Sequence]:
+        seed = job.seed if job.seed is not None else random.getrandbits(62)
+        out = []
+        for i in range(job.n):
+            generator = torch.Generator().manual_seed(seed + i) if job.temperature > 0 else None
+            emit = (lambda token, i=i: job.emit(i, token))
+            out.append(Sequence(job.prompt, job.max_tokens, job.eos, job.adapter, temperature=job.temperature,
+                                top_p=job.top_p, generator=generator, emit=emit, job=job, index=i))
+        return out
 
     def _decode(self) -> None:
-        ids = torch.tensor([[r.last] for r in self.rows], device=self.device)
-        positions = torch.tensor([[r.length] for r in self.rows], device=self.device)
-        self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
-        out = self._forward(ids, self.mask, positions, self.cache, [r.job.adapter for r in self.rows])
+        if isinstance(self.decoder.batch, LeanBatch):
+            self.decoder.batch.lm = self._lean_model()  # read again if the adapters changed since the last step
+        n = len(self.rows)
+        self.stats.mixed_steps += n > 1 and self.decoder.mixed()
+        finished = self.decoder.step()
         self.stats.steps += 1
-        self.stats.max_batch = max(self.stats.max_batch, len(self.rows))
-        for r in self.rows:
-            r.length += 1
-        self._accept(self.rows, out.logits[:, -1])
-        self._retire()
+        self.stats.max_batch = max(self.stats.max_batch, n)
+        self.stats.tokens += n
+        self._finish(finished)
 
-    def _forward(self, ids, mask, positions, cache, adapters: list[str]):
-        """One forward pass; `adapters` names each row's adapter (BASE: none)."""
-        kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "cache": cache,
-                  "use_cache": True, "logits_to_keep": 1}
-        names = set(adapters)
-        if not hasattr(self.model, "peft_config"):
-            return self.model(**kwargs)
-        if not self.model.peft_config:  # every adapter removed: PeftModel.forward wants an active one
-            return self.model.base_model.model(**kwargs)
-        if len(names) > 1:
-            self.stats.mixed_steps += len(ids) > 1
-            return self.model(**kwargs, adapter_names=adapters)
-        if adapters[0] == BASE:
-            with self.model.disable_adapter():
-                return self.model(**kwargs)
-        if self.active != adapters[0]:
-            self.model.set_adapter(adapters[0])
-            self.active = adapters[0]
-        return self.model(**kwargs)
-
-    def _accept(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Choose each row's next token from its logits and hand it to its job; mark rows that ended."""
-        logits = logits.float()
-        greedy = logits.argmax(dim=-1).tolist()
-        for i, row in enumerate(rows):
-            job = row.job
-            token = greedy[i] if row.generator is None else _sample(logits[i], job.temperature, job.top_p,
-                                                                   row.generator)
-            row.generated += 1
-            self.stats.tokens += 1
-            if token in job.eos:
-                row.done = "stop"
-            elif job.emit(row.index, token):
-                row.done = "stop"
-            elif row.generated >= job.max_tokens or row.length >= self.context:  # no position left to feed it
-                row.done = "length"
-            row.last = token
-            if row.done:
-                job.finish(row.index, row.done, row.generated)
-
-    def _join(self, rows: list[_Row], cache, mask: torch.Tensor) -> None:
-        """Add prefilled rows (their cache and mask) to the running batch, left-padding the shorter side."""
-        if not self.rows:
-            self.rows, self.cache, self.mask = rows, cache, mask
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, cache.layers):
-            mine.keys = torch.cat([_pad_left(mine.keys, width, -2), _pad_left(theirs.keys, width, -2)])
-            mine.values = torch.cat([_pad_left(mine.values, width, -2), _pad_left(theirs.values, width, -2)])
-        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(mask, width, 1)])
-        self.rows = self.rows + rows
-
-    def _retire(self) -> None:
-        """Cut finished rows out of the batch and trim the columns no remaining row attends to."""
-        keep = [i for i, r in enumerate(self.rows) if r.done is None]
-        if len(keep) == len(self.rows):
-            return
-        for i, r in enumerate(self.rows):
-            if r.done == "cancelled" or r.done == "error":
-                r.job.finish(r.index, r.done, r.generated)
-        self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.cache = self.mask = None
-            return
-        index = torch.tensor(keep, device=self.device)
-        self.mask = self.mask[index]
-        start = int(self.mask.any(dim=0).nonzero()[0])
-        self.mask = self.mask[:, start:]
-        for layer in self.cache.layers:
-            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
-
-
-def _pad_left(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - t.shape[dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """One draw from softmax(logits / temperature), restricted to the smallest set of tokens whose probability
-    reaches top_p (the most likely token always stays)."""
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        probs, order = probs.sort(descending=True)
-        probs[(probs.cumsum(0) - probs) > top_p] = 0.0
-        return int(order[torch.multinomial(probs, 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    def _finish(self, sequences: list[Sequence]) -> None:
+        for s in sequences:
+            s.job.finish(s.index, s.done, len(s.tokens))

@@ -121,7 +121,7 @@ class Registry:
                 raise APIError(400, f"Cannot load the adapter {adapter_dir}: {first_line(e)}", param="path",
                                code="invalid_adapter") from None
             finally:
-                engine.active = None
+                engine.adapters_changed()
             engine.model.eval()
 
     def _eos(self, tok) -> frozenset[int]:

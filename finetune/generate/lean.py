@@ -1,0 +1,316 @@
+"""The decode step as plain tensors: a Llama-family causal LM (llama, mistral, qwen2) read out of its transformers
+(and PEFT) modules once, then run by one function per forward pass over a static KV cache.
+
+What the model's own forward costs per token beyond the matrix products (module calls, hooks, mask building, PEFT's
+per-adapter dispatch, bitsandbytes dequantizing every 4-bit weight again) is gone:
+- a 4-bit base is dequantized once, to the compute dtype, with the op bitsandbytes' own CPU matmul uses, so its
+  products are the same numbers (kept per weight while the model lives, when memory allows: `dense_weight`);
+- one adapter decoded alone is folded into the weights (W + s B A, as PEFT merges) in float32 compute; in bf16 it
+  stays beside them, computed as PEFT computes it under training's autocast (finetune.model.compute_like_training:
+  the float32 A and B meet the bf16 activations as bf16, (B(A x)) s in bf16), since folding would round the sum;
+- several adapters are one batched op per layer (punica's idea, without its kernel): every adapter's A stacked into
+  one matrix, one product for all rows, each row's columns kept by a [rows, columns] 0/1 mask, one product with the
+  stacked B, then each row scaled by its adapter's scaling (after B, as PEFT scales). A batch whose rows share one
+  adapter takes that adapter's own A and B.
+
+Anything this step does not model (another architecture, a LoRA variant such as DoRA, other PEFT methods, trained
+copies of whole modules, sliding-window attention) is named by `why_not_lean`; callers then use the model's forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+FAMILIES = ("llama", "mistral", "qwen2")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DENSE = "_finetune_dense"  # the attribute of a 4-bit parameter holding its dequantized weight
+
+
+@dataclass
+class Lora:
+    """One projection's adapters: their A stacked ([R, in], R = sum of ranks) and B side by side ([out, R]), which
+    adapter owns each column, with its scaling; and each adapter's own (A, B, scaling) for uniform batches."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    owner: torch.Tensor  # [R] long: index into LeanModel.adapters
+    scale: torch.Tensor  # [len(LeanModel.adapters) + 1] float32: each adapter's scaling, 0 last (the base's, -1)
+    parts: dict[int, tuple[torch.Tensor, torch.Tensor, float]]
+    layout: tuple  # equal for projections with the same adapters and ranks: their masks are shared in a step
+
+
+@dataclass
+class Linear:
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None = None
+    lora: Lora | None = None
+    quantized: torch.nn.Module | None = None  # a 4-bit layer dequantized at every use (memory did not allow more)
+
+
+@dataclass
+class Layer:
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+    proj: dict[str, Linear]
+
+
+@dataclass
+class LeanModel:
+    layers: list[Layer]
+    embed: torch.Tensor
+    norm: torch.Tensor
+    head: Linear
+    rotary: torch.nn.Module  # the model's own rotary embedding (every rope type it supports)
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    dtype: torch.dtype
+    adapters: list[str] = field(default_factory=list)  # adapters with LoRA columns; index = Lora.owner
+    folded: str | None = None  # the adapter folded into the weights
+    cast_before_add: bool = False  # bitsandbytes' LoRA layers cast the LoRA output to the result dtype, then add
+
+    def index(self, adapter: str | None) -> int:
+        """The adapter's index, -1 for the base (or the folded adapter: it is in the weights)."""
+        return -1 if adapter is None or adapter == self.folded or adapter not in self.adapters else \
+            self.adapters.index(adapter)
+
+
+# ----------------------------------------------------------------------------------------------- reading a model
+
+
+def base_model(model):
+    """The transformers model under PEFT's wrappers (also once every adapter is deleted)."""
+    if not hasattr(model, "peft_config"):
+        return model
+    return getattr(model.base_model, "model", model.base_model)
+
+
+def why_not_lean(model, adapters: list[str] | None = None) -> str | None:
+    """Why this step cannot decode `model` with `adapters` (None: every adapter it holds) active; None: it can."""
+    base = base_model(model)
+    config = getattr(base, "config", None)
+    for name, cfg in (getattr(model, "peft_config", None) or {}).items():
+        if adapters is not None and name not in adapters:
+            continue
+        method = str(getattr(cfg.peft_type, "value", cfg.peft_type))
+        if method != "LORA":
+            return f"a {method} adapter"
+        if getattr(cfg, "use_dora", False) or getattr(cfg, "lora_bias", False) or cfg.bias != "none":
+            return f"adapter {name}: a LoRA variant (DoRA or LoRA biases)"
+        if getattr(cfg, "modules_to_save", None) or getattr(cfg, "trainable_token_indices", None):
+            return f"adapter {name}: trained copies of whole modules"
+        for module in base.modules():
+            if name in getattr(module, "lora_variant", {}) or name in getattr(module, "lora_embedding_A", {}):
+                return f"adapter {name}: a LoRA variant or an embedding adapter"
+    kind = getattr(config, "model_type", None)
+    if kind not in FAMILIES:
+        return f"model type {kind!r} (the decode step knows {', '.join(FAMILIES)})"
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        return "sliding-window attention"
+    if not hasattr(getattr(base, "model", None), "layers") or not hasattr(base.model, "rotary_emb"):
+        return "an unfamiliar module layout"
+    if adapters is None and getattr(model, "peft_config", None) and len(model.active_adapters) > 1:
+        return "several adapters active at once"
+    return None
+
+
+def build_lean(model, adapters: list[str] = (), fold: str | None = None) -> LeanModel:
+    """The step's view of `model` (checked by `why_not_lean` first): `adapters` get stacked LoRA columns; `fold` (one
+    adapter) is folded into the weights instead."""
+    base = base_model(model)
+    config, inner = base.config, base.model
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    adapters = [a for a in adapters if a != fold]
+    keep = fits_in_memory(dense_bytes(model))
+    # the dtype the model's forward autocasts to (finetune.model.compute_like_training): float32 adapter weights
+    # meet the activations in it, so they are kept in it here (None: no autocast, as they are)
+    autocast = base.__dict__.get("_finetune_autocast")
+    layers = [Layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                    {p: _linear(_projection(layer, p), adapters, fold, keep, autocast) for p in PROJECTIONS})
+              for layer in inner.layers]
+    dtype = inner.embed_tokens.weight.dtype
+    any_4bit = any(type(getattr(getattr(m, "base_layer", m), "weight", None)).__name__ == "Params4bit"
+                   for m in base.modules())
+    return LeanModel(layers, inner.embed_tokens.weight.detach(), inner.norm.weight.detach(),
+                     _linear(base.lm_head, (), None, keep), inner.rotary_emb, text.num_attention_heads,
+                     text.num_key_value_heads, head_dim, text.rms_norm_eps, dtype, list(adapters), fold,
+                     cast_before_add=any_4bit)
+
+
+def _projection(layer, name: str):
+    return getattr(layer.self_attn if name in PROJECTIONS[:4] else layer.mlp, name)
+
+
+def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast: torch.dtype | None = None) -> Linear:
+    """A projection as the step runs it; a 4-bit one that is not kept dequantized is dequantized at every use; its
+    adapters' A and B in `autocast` (their own dtype where None)."""
+    base = getattr(module, "base_layer", module)
+    weight = dense_weight(base) if keep or fold else None
+    bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
+    if fold is not None and fold in getattr(module, "lora_A", {}):
+        a, b = module.lora_A[fold].weight.detach(), module.lora_B[fold].weight.detach()
+        weight = (weight.float() + (b.float() @ a.float()) * module.scaling[fold]).to(weight.dtype)
+    found = [(i, name) for i, name in enumerate(adapters) if name in getattr(module, "lora_A", {})]
+    if not found:
+        return Linear(weight, bias, quantized=None if weight is not None else base)
+    parts = {i: (_as(module.lora_A[n].weight, autocast), _as(module.lora_B[n].weight, autocast),
+                 float(module.scaling[n])) for i, n in found}
+    owner = torch.cat([torch.full((parts[i][0].shape[0],), i) for i, _ in found])
+    scale = torch.tensor([parts[i][2] if i in parts else 0.0 for i in range(len(adapters))] + [0.0])
+    layout = tuple((i, parts[i][0].shape[0], parts[i][2]) for i, _ in found)
+    lora = Lora(torch.cat([parts[i][0] for i, _ in found]), torch.cat([parts[i][1] for i, _ in found], dim=1),
+                owner, scale, parts, layout)
+    return Linear(weight, bias, lora, quantized=None if weight is not None else base)
+
+
+def _as(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return weight.detach() if dtype is None else weight.detach().to(dtype)
+
+
+def dense_weight(layer, keep: bool = True) -> torch.Tensor:
+    """The layer's weight in its compute dtype: a bitsandbytes 4-bit weight dequantized (what its CPU matmul
+    dequantizes on every call), kept while the parameter lives when `keep`; a float weight as it is."""
+    weight = layer.weight
+    if type(weight).__name__ != "Params4bit":
+        return weight.detach()
+    dense = getattr(weight, DENSE, None)
+    if dense is None:
+        import bitsandbytes.functional as bnbf
+
+        dense = bnbf.dequantize_4bit(weight.data, weight.quant_state).to(layer.compute_dtype or torch.float32)
+        if keep:
+            setattr(weight, DENSE, dense)
+    return dense
+
+
+def compute_dtype(model) -> torch.dtype:
+    base = base_model(model)
+    return base.get_input_embeddings().weight.dtype
+
+
+def dense_bytes(model) -> int:
+    """Bytes the 4-bit weights of `model` not yet kept dequantized take once dequantized (0: none)."""
+    size = torch.empty((), dtype=compute_dtype(model)).element_size()
+    return sum(m.weight.quant_state.shape.numel() * size for m in model.modules()
+               if type(getattr(m, "weight", None)).__name__ == "Params4bit" and not hasattr(m.weight, DENSE))
+
+
+def fold_bytes(model) -> int:
+    """Bytes of the projections' weights in the compute dtype: what folding an adapter into them copies."""
+    size = torch.empty((), dtype=compute_dtype(model)).element_size()
+    total = 0
+    for module in model.modules():
+        if type(module).__name__ in ("Linear", "Linear4bit") and hasattr(module, "lora_A"):
+            total += module.in_features * module.out_features * size
+    return total
+
+
+def fits_in_memory(nbytes: int) -> bool:
+    """Whether `nbytes` more fit in half the memory available now (the rest is the caches', and others')."""
+    if nbytes == 0:
+        return True
+    try:
+        import psutil
+    except ImportError:
+        return False
+    return nbytes <= psutil.virtual_memory().available // 2
+
+
+# ----------------------------------------------------------------------------------------------- the forward pass
+
+
+@dataclass
+class Cache:
+    """Keys and values per layer, [rows, kv heads, positions, head dim]; row r holds one sequence from position 0."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+def forward(lm: LeanModel, cache: Cache, ids: torch.Tensor, positions: torch.Tensor, start: int, span: int,
+            adapters: int | torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 logits [n, vocab] for cache rows start..start+n-1: `ids`/`positions` [n, T]. T = 1 decodes one token per
+    row at its position; T > 1 prefills rows from position 0 (right-padded; `last` [n]: each row's last real index).
+    Attention reads the first `span` positions of each row. `adapters`: the adapter index (`LeanModel.index`) every
+    row uses (-1: none), or a tensor [n] of each row's."""
+    n, t = ids.shape
+    x = F.embedding(ids.reshape(-1), lm.embed)  # [n * t, hidden]: 2-D products (a 3-D input takes a slower path)
+    cos, sin = lm.rotary(x, positions)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    mask = (torch.arange(span, device=ids.device)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+    masks = _Masks(lm, adapters)
+    rows = torch.arange(start, start + n, device=ids.device)
+    for i, layer in enumerate(lm.layers):
+        h = _rms(x, layer.attn_norm, lm.eps)
+        q, k, v = (_proj(h, layer.proj[p], masks, lm).view(n, t, -1, lm.head_dim).transpose(1, 2)
+                   for p in ("q_proj", "k_proj", "v_proj"))
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        keys, values = cache.keys[i], cache.values[i]
+        if t == 1:
+            keys[rows, :, positions[:, 0]] = k[:, :, 0]
+            values[rows, :, positions[:, 0]] = v[:, :, 0]
+        else:
+            keys[start : start + n, :, :t] = k
+            values[start : start + n, :, :t] = v
+        o = F.scaled_dot_product_attention(q, keys[start : start + n, :, :span], values[start : start + n, :, :span],
+                                           attn_mask=mask, scale=lm.head_dim ** -0.5, enable_gqa=True)
+        x = x + _proj(o.transpose(1, 2).reshape(n * t, -1), layer.proj["o_proj"], masks, lm)
+        h = _rms(x, layer.mlp_norm, lm.eps)
+        gate, up = _proj(h, layer.proj["gate_proj"], masks, lm), _proj(h, layer.proj["up_proj"], masks, lm)
+        x = x + _proj(F.silu(gate) * up, layer.proj["down_proj"], masks, lm)
+    x = x.view(n, t, -1)
+    x = x[:, -1] if last is None else x[torch.arange(n, device=ids.device), last]
+    return F.linear(_rms(x, lm.norm, lm.eps), lm.head.weight).float()
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Masks:
+    """Per forward pass: the adapter every row uses (`uniform`; -1: none), else the [rows, R] 0/1 column masks and
+    the [rows, 1] scalings, built once per layout."""
+
+    def __init__(self, lm: LeanModel, adapters: int | torch.Tensor):
+        self.cache = {}
+        self.uniform, self.adapters = (adapters, None) if isinstance(adapters, int) else (None, adapters)
+
+    def get(self, lora: Lora, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([rows * tokens, R] each token's row's columns, [rows * tokens, 1] its row's adapter's scaling)."""
+        got = self.cache.get(lora.layout)
+        if got is None:
+            each = tokens // len(self.adapters)
+            mask = (self.adapters[:, None] == lora.owner[None, :]).to(lora.a.dtype).repeat_interleave(each, dim=0)
+            scale = lora.scale[self.adapters][:, None].repeat_interleave(each, dim=0)  # float32, as PEFT's float
+            got = self.cache[lora.layout] = mask, scale
+        return got
+
+
+def _proj(x: torch.Tensor, lin: Linear, masks: _Masks, lm: LeanModel) -> torch.Tensor:
+    weight = lin.weight if lin.quantized is None else dense_weight(lin.quantized, keep=False)
+    out = F.linear(x, weight, lin.bias)
+    lora = lin.lora
+    if lora is None or masks.uniform == -1:
+        return out
+    if masks.uniform is not None:
+        part = lora.parts.get(masks.uniform)
+        if part is None:
+            return out
+        a, b, s = part
+        y = F.linear(F.linear(x.to(a.dtype), a), b) * s
+    else:
+        mask, scale = masks.get(lora, len(x))
+        y = (F.linear(F.linear(x.to(lora.a.dtype), lora.a) * mask, lora.b) * scale).to(lora.a.dtype)
+    return out + y.to(out.dtype) if lm.cast_before_add else (out + y).to(out.dtype)

@@ -1,0 +1,170 @@
+"""The one decoding path (finetune.generate: the lean step over a static KV cache, the Decoder's continuous batching)
+against the path it replaced, `model.generate`, on the 2-layer Llama in the compute dtype FINETUNE_CPU_DTYPE picks:
+greedy token ids equal for a float base, a 4-bit base with an adapter (dequantized once) and its fold in float32;
+rows of different adapters in one batched-LoRA pass answer as each adapter alone; what the lean step does not model
+(DoRA) and a compile that fails fall back, named in the log, to the same answers; sampling does not depend on the
+batch (scripts/bench_generate.py is run by tests/test_scripts.py).
+
+Batched greedy equality is asserted in float32 only: in bf16 a row's products depend on the batch's size (the bf16
+GEMM kernels block by it), so `model.generate` itself answers differently batched and alone there; at batch 1 the
+lean step is exact in both dtypes.
+"""
+
+import logging
+
+import pytest
+import torch
+from conftest import load_base
+from peft import PeftModel
+from test_merge import make_adapter
+from test_serve import make_dora
+from transformers import AutoTokenizer
+
+import finetune.generate.batch as batch_module
+from finetune.generate import decode as ev
+from finetune.generate import lean
+from finetune.generate.batch import LeanBatch
+from finetune.generate.decode import GenerationOptions
+from finetune.generate.decoder import lean_decoder, lean_model
+from finetune.recipe.schema import QuantizationSection
+
+TEXTS = ["Say hi.", "A cat and a dog sat under the tree in the rain", "Name a color", "Repeat the word twice.",
+         "The quick brown fox"]
+TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def prompts(tok):
+    return [tok(t)["input_ids"] for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("path_adapters")
+    return [make_adapter(root / "one", tiny_model_dir, seed=0), make_adapter(root / "two", tiny_model_dir, seed=1)]
+
+
+@pytest.fixture(scope="module")
+def float_base(tiny_model_dir):
+    return load_base(str(tiny_model_dir), QuantizationSection(load_in_4bit=False)).eval()
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model_dir, adapters):
+    """The 4-bit base with both adapters, "one" active."""
+    net = PeftModel.from_pretrained(load_base(str(tiny_model_dir), QuantizationSection()), str(adapters[0]),
+                                    adapter_name="one")
+    net.load_adapter(str(adapters[1]), adapter_name="two")
+    net.set_adapter("one")
+    return net.eval()
+
+
+def old_path(model, tok, prompts, batch_size):
+    """What `generate_ids` ran before: `model.generate` on left-padded batches."""
+    options = GenerationOptions(max_new_tokens=TOKENS, batch_size=batch_size)
+    return ev._generate_with_model(model, prompts, options, ev.generation_kwargs(model, tok, options), None, None)
+
+
+def new_path(model, tok, prompts, batch_size):
+    assert lean_decoder(model) is not None  # the lean step, not a fallback
+    return ev.generate_ids(model, tok, prompts, GenerationOptions(max_new_tokens=TOKENS, batch_size=batch_size))
+
+
+@pytest.mark.parametrize("which", ["float base", "4-bit base + adapter"])
+def test_greedy_ids_equal_model_generate(which, float_base, quantized, tok, prompts):
+    model = float_base if which == "float base" else quantized
+    alone = [old_path(model, tok, [p], 1)[0] for p in prompts]
+    assert [new_path(model, tok, [p], 1)[0] for p in prompts] == alone
+    assert len({tuple(a) for a in alone}) == len(alone) and all(len(a) > 3 for a in alone)  # five different answers
+    if lean.compute_dtype(model) == torch.float32:
+        # 5 prompts through 2 rows: rows leave, the next prompt takes their place; the static cache grows and compacts
+        assert new_path(model, tok, prompts, 2) == alone == old_path(model, tok, prompts, 5)
+
+
+def test_a_4bit_weight_is_dequantized_once_to_what_bitsandbytes_computes_with(quantized):
+    module = quantized.base_model.model.model.layers[1].mlp.down_proj.base_layer
+    dense = lean.dense_weight(module)
+    x = torch.randn(3, module.in_features).to(dense.dtype)
+    assert torch.equal(torch.nn.functional.linear(x, dense), module(x))
+    assert lean.dense_weight(module) is dense  # kept, not dequantized again
+
+
+def test_float32_folds_the_adapter_bf16_keeps_it_beside_the_weights(quantized, float_base, tiny_model_dir):
+    lm = lean_model(quantized)
+    if lean.compute_dtype(quantized) == torch.float32:
+        assert lm.folded == "one" and all(p.lora is None for p in lm.layers[0].proj.values())
+    else:
+        assert lm.folded is None and lm.adapters == ["one"]
+    assert lean_model(quantized) is lm  # kept while the adapter's weights do not change
+    with torch.no_grad():
+        next(p for n, p in quantized.named_parameters() if "lora_B.one" in n).mul_(1.0)
+    assert lean_model(quantized) is not lm  # they changed (in place, as an optimizer step changes them)
+
+
+def test_rows_of_different_adapters_share_one_pass_and_answer_as_each_alone(quantized, tok, prompts):
+    """Batched LoRA: every adapter's A stacked, a per-row column mask, the stacked B; the base rows take none."""
+    lm = lean.build_lean(quantized, ["one", "two"])
+    names = ["one", "two", None, "two", "one"]
+    batch = LeanBatch(lm)
+    mixed = batch.prefill(prompts, names)
+    for _ in range(3):
+        mixed = batch.decode(mixed.argmax(-1).tolist(), names)
+    tolerance = 1e-4 if lm.dtype == torch.float32 else 0.1  # bf16 logits of magnitude ~10: a few ulps
+    for i, (prompt, name) in enumerate(zip(prompts, names)):
+        alone = LeanBatch(lm)
+        logits = alone.prefill([prompt], [name])
+        for _ in range(3):
+            logits = alone.decode(logits.argmax(-1).tolist(), [name])
+        torch.testing.assert_close(mixed[i], logits[0], atol=tolerance, rtol=0)
+    # and PEFT's own mixed-adapter forward agrees on the prefill
+    with torch.no_grad():
+        ids = torch.tensor([prompts[0]] * 3)
+        peft = quantized(ids, adapter_names=["one", "two", "__base__"]).logits[:, -1].float()
+    ours = LeanBatch(lm).prefill([prompts[0]] * 3, ["one", "two", None])
+    torch.testing.assert_close(ours, peft, atol=tolerance, rtol=0)
+    assert not torch.allclose(ours[0], ours[1]) and not torch.allclose(ours[1], ours[2])
+
+
+def test_what_the_lean_step_does_not_model_falls_back_named_in_the_log(tmp_path, tiny_model_dir, tok, prompts,
+                                                                       caplog):
+    dora = PeftModel.from_pretrained(load_base(str(tiny_model_dir), QuantizationSection()),
+                                     str(make_dora(tmp_path / "dora", tiny_model_dir))).eval()
+    assert "DoRA" in lean.why_not_lean(dora)
+    with caplog.at_level(logging.WARNING, logger="finetune.generate"):
+        got = ev.generate_ids(dora, tok, prompts[:2], GenerationOptions(max_new_tokens=TOKENS, batch_size=1))
+    assert got == old_path(dora, tok, prompts[:2], 1)
+    assert any("does not model adapter default: a LoRA variant" in r.message for r in caplog.records)
+
+
+def test_a_compile_that_fails_falls_back_to_the_eager_step(float_base, tok, prompts, monkeypatch, caplog):
+    def broken(fn, **kwargs):
+        def call(*args):
+            raise RuntimeError("no C++ compiler here")
+        return call
+
+    monkeypatch.setenv(batch_module.COMPILE, "1")
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(batch_module, "_compiled", {})
+    with caplog.at_level(logging.WARNING, logger="finetune.generate"):
+        got = new_path(float_base, tok, prompts[:2], 2)
+    assert got == [old_path(float_base, tok, [p], 1)[0] for p in prompts[:2]]
+    assert any("decoding without torch.compile" in r.message and "no C++ compiler here" in r.message
+               for r in caplog.records)
+
+
+def test_sampling_is_seeded_per_prompt_not_per_batch(float_base, tok, prompts):
+    hot = GenerationOptions(max_new_tokens=TOKENS, temperature=1.5, top_p=0.9, seed=3)
+    one = ev.generate_ids(float_base, tok, prompts, GenerationOptions(**{**vars(hot), "batch_size": 1}))
+    four = ev.generate_ids(float_base, tok, prompts, GenerationOptions(**{**vars(hot), "batch_size": 4}))
+    assert four == ev.generate_ids(float_base, tok, prompts, GenerationOptions(**{**vars(hot), "batch_size": 4}))
+    assert len({tuple(x) for x in one}) == len(one)  # really sampling
+    if lean.compute_dtype(float_base) == torch.float32:  # (bf16 logits depend on the batch's size: see the top)
+        assert one == four
+    other = ev.generate_ids(float_base, tok, prompts, GenerationOptions(**{**vars(hot), "seed": 4}))
+    assert other != one
+
