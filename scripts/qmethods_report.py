@@ -67,6 +67,7 @@ def quantization_errors(recipe) -> dict[str, dict[str, float]]:
             entropy, blocks = entropy + float(h.sum()), blocks + h.numel()
         values = sum(w.numel() for w in full.values())
         out[name] = {"mse": sq / values, "rel_frobenius": (sq / norm) ** 0.5, "code_entropy_bits": entropy / blocks}
+        print(f"{name}: {out[name]}", file=sys.stderr, flush=True)
     return out
 
 
@@ -97,7 +98,9 @@ def step0_losses(recipe, loftq_iters: list[int], limit: int | None) -> dict[str,
         model = attach_lora(load_base_model(source, r.quantization, "cpu", placement), r, placement)
         if r.lora.init == "loftq":
             loftq_initialise(model, r)
-        return eval_loss(model, loader)
+        loss = eval_loss(model, loader)
+        print(f"step-0 eval loss {loss:.4f}: {quant} {lora or ''}", file=sys.stderr, flush=True)  # as they come
+        return loss
 
     losses = {"full_precision": started({"load_in_4bit": False}),
               "qlora_nf4": started({"load_in_4bit": True, "quant_type": "nf4"}),

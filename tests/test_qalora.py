@@ -117,7 +117,7 @@ def test_the_folded_file_keeps_every_scale_and_code_byte(folded, tiny_q4_1):  # 
 def test_each_offset_is_the_source_offset_plus_the_update_rounded_to_fp16(folded, tiny_q4_1):  # noqa: F811
     """Recomputed here from the adapter file alone: U = s (in / N) / N (B A) per block, rows into the file's
     rope-permuted order for q and k."""
-    from finetune.export.metadata import rope_permute
+    from finetune.export import rope_permute
 
     ckpt, out, _, _ = folded
     weights = load_file(ckpt / "adapter_model.safetensors")

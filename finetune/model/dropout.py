@@ -86,20 +86,41 @@ class CpuDropout(torch.nn.Dropout):
         return state
 
 
-def use_cpu_dropout(model) -> None:
+class PerAdapterDropout(torch.nn.Dropout):
+    """The CPU dropout of runs begun before masks were shared (finetune before 2026-12-05), kept so that such a
+    run resumes on its own random stream: one mask per adapter, from the low 15 bits of each quarter of a random
+    63-bit word, p rounded to a multiple of 2^-15, kept values scaled by 1 / (1 - that p)."""
+
+    LEVELS = 2**15
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0 or x.device.type != "cpu":
+            return super().forward(x)
+        drop = round(self.p * self.LEVELS)
+        n = x.numel()
+        words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()
+        mask = (words.view(torch.int16)[:n].view(x.shape) & (self.LEVELS - 1)) < drop
+        return x.masked_fill(mask, 0).mul_(self.LEVELS / (self.LEVELS - drop))
+
+
+def use_cpu_dropout(model, shared: bool = True) -> None:
     """On CPU, the dropout of LoRA adapters becomes a `CpuDropout` of the same p, one instance for the adapters
     of one module (attention's q/k/v/o, the MLP's gate/up/down: those reading the same tensor share its mask)
-    and p. No weights: checkpoints are unchanged."""
+    and p. No weights: checkpoints are unchanged. `shared` False: a `PerAdapterDropout` each, the masks of runs
+    begun before masks were shared (a resumed run keeps its random stream: finetune/train/records.py)."""
     from peft.tuners.lora import LoraLayer
 
     first = next(model.parameters(), None)
     if first is None or first.device.type != "cpu":
         return
-    shared: dict[tuple[str, str, float], CpuDropout] = {}
+    masks: dict[tuple[str, str, float], CpuDropout] = {}
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer):
             parent = path.rsplit(".", 1)[0]
             for name, dropout in module.lora_dropout.items():
                 if type(dropout) is torch.nn.Dropout and dropout.p > 0:
+                    if not shared:
+                        module.lora_dropout[name] = PerAdapterDropout(dropout.p)
+                        continue
                     key = (parent, name, dropout.p)
-                    module.lora_dropout[name] = shared.setdefault(key, CpuDropout(dropout.p))
+                    module.lora_dropout[name] = masks.setdefault(key, CpuDropout(dropout.p))

@@ -141,7 +141,7 @@ def _keep_one_cpu_4bit_path(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def attach_lora(base, recipe: Recipe, placement: Placement):
+def attach_lora(base, recipe: Recipe, placement: Placement, shared_masks: bool = True):
     """Freeze the base, prepare it for k-bit training, wrap it with the recipe's trainable adapter: LoRA, or the
     PEFT method `adapter.method` names (methods.py builds its config)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
@@ -164,7 +164,7 @@ def attach_lora(base, recipe: Recipe, placement: Placement):
         base.enable_input_require_grads()
     model = get_peft_model(base, peft_config(recipe, base))
     install_variants(model, recipe)  # IEC, AdaMix (methods.py, variants.py)
-    use_cpu_dropout(model)  # CPU: one cheap mask per adapter input
+    use_cpu_dropout(model, shared_masks)  # CPU: one cheap mask per adapter input (per adapter: an older run)
     use_fused_lora(model)  # CPU: each LoRA layer as its two products, nothing elementwise around them
     return model
 
