@@ -158,11 +158,14 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     trainable = [p for p in model.parameters() if p.requires_grad] + dora_magnitudes(model, recipe)
     n_trainable = sum(p.numel() for p in trainable)
     ckpt = t.gradient_checkpointing
-    used, other = (activation_bytes(model, recipe, batch, seq_length, width, checkpointing=c, stream=stream,
-                                    device=device) for c in (ckpt, not ckpt))
+    # AdaMix's consistency term trains two forwards of each micro batch (other random routes): twice the saved
+    forwards = 2 if method == "adamix" and recipe.adamix.consistency_weight > 0 and t.objective == "sft" else 1
+    used, other = (forwards * activation_bytes(model, recipe, batch, seq_length, width, checkpointing=c,
+                                               stream=stream, device=device) for c in (ckpt, not ckpt))
     config = model.config.get_text_config()
     vocab, hidden = config.vocab_size, config.hidden_size
     loss, loss_note = _loss_bytes(recipe, tokens, vocab, hidden, width)
+    loss *= forwards
     mapped = checkpoint_bytes(recipe) if device == "cpu" and not gguf else 0  # gguf: copied out of the map
     in_place = bool(mapped) and stored_dtype == dtype  # CPU uses such weights in place from the mapped file
 
@@ -173,7 +176,8 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
         Term("gradients", 4 * n_trainable, "float32, one per trainable parameter"),
         Term("optimizer states", optimizer_bytes(trainable, t.optimizer), t.optimizer),
         Term("activations", used,
-             f"{batch} x {seq_length} tokens, {'with' if ckpt else 'without'} gradient checkpointing"),
+             f"{batch} x {seq_length} tokens, {'with' if ckpt else 'without'} gradient checkpointing"
+             + (", two forwards (AdaMix consistency)" if forwards == 2 else "")),
         Term(f"activations {'without' if ckpt else 'with'} checkpointing", other, "the alternative, not added",
              counted=False),
         Term("loss (labelled positions, chunked)", loss, loss_note),
