@@ -115,6 +115,11 @@ def test_llama_cpp_applies_the_exported_adapter_like_the_merge(tmp_path):
 # ------------------------------------------------------------------------ every family, trained
 
 FAMILY_PROMPTS = ["Repeat the word twice.\n\ncat", "Repeat the word once.\n\nsun", "Repeat the word three times.\n\nfish"]
+# 24 steps at lr 1e-2 leave OLMo 2 and GPT-NeoX at loss 4.4 and 5.2, where each prompt's greedy reply is an immediate
+# end-of-turn (equal in both tools, but empty); 96 at 2e-2 bring them to 0.6 and 2.0, replying with words
+# (OLMo 2 "cat cat", "sun", "fish fish fish", the task itself).
+LONGER = {"max_steps": 96, "learning_rate": 2e-2}
+FAMILY_TRAINING = {"olmo2": LONGER, "gpt_neox": LONGER}
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +142,8 @@ def test_llama_cpp_replies_like_finetune_chat(family, family_data, tiny_tokenize
     model_dir = build_family_model(family, AutoTokenizer.from_pretrained(tiny_tokenizer_dir), tmp_path / "base")
     recipe = json.loads(family_recipe(tmp_path, family, model_dir, family_data).read_text())
     recipe["lora"]["r"] = 8
-    recipe["training"].update(max_steps=24, learning_rate=1e-2, eval_steps=None, save_steps=None, logging_steps=10)
+    recipe["training"].update({"max_steps": 24, "learning_rate": 1e-2, **FAMILY_TRAINING.get(family, {}),
+                               "eval_steps": None, "save_steps": None, "logging_steps": 10})
     path = tmp_path / "recipe.yaml"
     path.write_text(json.dumps(recipe))
     cli("train", path)
