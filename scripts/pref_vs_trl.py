@@ -84,7 +84,7 @@ def build(r: Recipe):
 def run_finetune(r: Recipe, model) -> tuple[list[dict], float]:
     from finetune.train.loop import train
 
-    setup.attach_lora = lambda base, recipe, placement: model  # train exactly this model
+    setup.attach_lora = lambda base, recipe, placement, **kw: model  # train exactly this model
     train(r, overwrite=True)
     rows = [json.loads(x) for x in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
     return [x for x in rows if "loss" in x], json.loads((r.run_dir / "summary.json").read_text())["wall_time_s"]

@@ -158,14 +158,11 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
     trainable = [p for p in model.parameters() if p.requires_grad] + dora_magnitudes(model, recipe)
     n_trainable = sum(p.numel() for p in trainable)
     ckpt = t.gradient_checkpointing
-    # AdaMix's consistency term trains two forwards of each micro batch (other random routes): twice the saved
-    forwards = 2 if method == "adamix" and recipe.adamix.consistency_weight > 0 and t.objective == "sft" else 1
+    forwards = _forwards(recipe)
     used, other = (forwards * activation_bytes(model, recipe, batch, seq_length, width, checkpointing=c,
                                                stream=stream, device=device) for c in (ckpt, not ckpt))
     config = model.config.get_text_config()
-    vocab, hidden = config.vocab_size, config.hidden_size
-    loss, loss_note = _loss_bytes(recipe, tokens, vocab, hidden, width)
-    loss *= forwards
+    loss, loss_note = _loss_bytes(recipe, tokens * forwards, config.vocab_size, config.hidden_size, width)
     mapped = checkpoint_bytes(recipe) if device == "cpu" and not gguf else 0  # gguf: copied out of the map
     in_place = bool(mapped) and stored_dtype == dtype  # CPU uses such weights in place from the mapped file
 
@@ -205,6 +202,14 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
 
 
 CACHE_TERM = "dequantized weight cache"
+
+
+def _forwards(recipe: Recipe) -> int:
+    """Forwards trained per micro batch: AdaMix's consistency term adds one with other random routes (twice the
+    saved activations and loss logits)."""
+    t = recipe.training
+    return 2 if recipe.adapter.method == "adamix" and recipe.adamix.consistency_weight > 0 and t.objective == "sft" \
+        else 1
 
 
 def _kept_note(config, dtype, in_place: bool) -> str:
