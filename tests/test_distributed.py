@@ -251,6 +251,7 @@ def test_fsdp_checkpoint_loads_in_plain_peft(fsdp_run, tiny_model_dir):
     assert plain_peft_loads(fsdp_run / "runs" / "fsdp" / "checkpoint-final", tiny_model_dir) == 28
 
 
+@pytest.mark.slow  # CI time (make test-slow runs it): FSDP2's sharding and losses stay in the default suite
 def test_fsdp_run_resumes_exactly(fsdp_run, tiny_model_dir):
     """The documented command, resumed from checkpoint-3: each process gets back its shards of the adapter and of
     the optimizer state (gathered whole on save), so steps 4-6 are the uninterrupted run's, bit for bit."""
@@ -340,6 +341,7 @@ def test_sharded_launch_requires_float_quant_storage(tmp_path, tiny_model_dir, m
         check_strategy(eight_bit, resolve(eight_bit.quantization))
 
 
+@pytest.mark.slow  # CI time (make test-slow runs it): SFT's two-process losses stay in the default suite
 def test_dpo_on_two_processes_gives_the_same_losses_as_one(tmp_path, tiny_model_dir):
     """DPO's loss of a step is the mean over the step's pairs on all processes: 2 processes x 2 micro
     batches of 2 pairs equal 1 process x 4 micro batches (the reference forward included)."""

@@ -280,6 +280,7 @@ def test_a_grpo_recipe_without_rewards_or_with_a_broken_reward_is_an_error(tmp_p
     assert not (tmp_path / "runs" / "missing").exists()  # refused before the run directory, data or model
 
 
+@pytest.mark.slow  # CI time (make test-slow runs it): one-process GRPO stays in the default suite
 def test_two_processes_each_sample_for_their_own_prompts_and_stay_identical(tmp_path, tiny_model_dir, grpo_data):
     import sys
 

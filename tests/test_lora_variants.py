@@ -279,6 +279,7 @@ def test_export_writes_the_merged_variant(runs, merged, tmp_path):
         assert result.exit_code == 2 and f"use_{variant}" in result.output, result.output
 
 
+@pytest.mark.slow  # CI time (make test-slow runs it): two processes vs one are test_distributed's; this adds the variants
 @pytest.mark.parametrize("variants", [("rslora", "dora", "layers+patterns"), ("pissa",)], ids=["4bit-mix", "pissa"])
 def test_two_processes_give_the_losses_of_one(variants, tmp_path, tiny_model_dir, data):
     """DDP (2 CPU processes, gloo) with the same effective batch: the same step losses as 1 process."""

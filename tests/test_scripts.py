@@ -45,7 +45,7 @@ def test_every_script_is_run_here():
     assert not missing, f"scripts without a test here: {missing} (add a test_<name> that runs each)"
 
 
-@pytest.mark.parametrize("objective", ["sft", "dpo"])
+@pytest.mark.parametrize("objective", ["sft", pytest.param("dpo", marks=pytest.mark.slow)])  # dpo: make test-slow (CI time)
 def test_bench(objective, tiny_model_dir, tmp_path):
     variant = {"sft": "unpacked", "dpo": "online"}[objective]
     data = ["--data", QUICKSTART / "train.jsonl"] if objective == "sft" else []

@@ -139,6 +139,7 @@ def test_search_without_optuna_says_how_to_install_it(tmp_path, tiny_model_dir, 
     assert not (tmp_path / "runs" / "grid-sweep").exists()
 
 
+@pytest.mark.slow  # CI time (make test-slow runs it): the SIGTERM test below covers a point's checkpoint
 def test_grid_killed_during_point_3_resumes_without_redoing_points_1_and_2(tmp_path, tiny_model_dir, data):
     recipe = make_recipe(tmp_path, tiny_model_dir, data, max_steps=STEPS, save_steps=2, eval_steps=10)
     sweep_dir = tmp_path / "runs" / "grid-sweep"
