@@ -251,7 +251,6 @@ def test_fsdp_checkpoint_loads_in_plain_peft(fsdp_run, tiny_model_dir):
     assert plain_peft_loads(fsdp_run / "runs" / "fsdp" / "checkpoint-final", tiny_model_dir) == 28
 
 
-@pytest.mark.slow  # CI time (make test-slow runs it): FSDP2's sharding and losses stay in the default suite
 def test_fsdp_run_resumes_exactly(fsdp_run, tiny_model_dir):
     """The documented command, resumed from checkpoint-3: each process gets back its shards of the adapter and of
     the optimizer state (gathered whole on save), so steps 4-6 are the uninterrupted run's, bit for bit."""
