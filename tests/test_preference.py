@@ -86,9 +86,9 @@ def test_dpo_loss_is_the_paper_formula(model, tiny_model_dir, loss, smoothing):
         -(1 - smoothing) * F.logsigmoid(beta * m) - smoothing * F.logsigmoid(-beta * m)
     assert out.total.item() == pytest.approx(expected.sum().item(), rel=1e-5)
     chosen, rejected = beta * (p[0::2] - q[0::2]), beta * (p[1::2] - q[1::2])
-    # The margin is a small difference of large summed log-probabilities, computed padded in one batch here and
-    # unpadded one by one above: float32 rounding of those sums (a few ulps each, more where the CPU's GEMM blocks
-    # differently) bounds the agreement, not a fixed 1e-6.
+    # The margin is a small difference of large summed log-probabilities, computed by the objective on the padded
+    # batch and by plain_terms one unpadded sequence at a time: float32 rounding of those sums (a few ulps each, more
+    # where the CPU's GEMM blocks differently) bounds the agreement, not a fixed 1e-6.
     rounding = 4 * torch.finfo(torch.float32).eps * beta * (p.abs() + q.abs()).sum().item()
     assert out.metrics["rewards/margin"].item() == pytest.approx((chosen - rejected).sum().item(), abs=rounding)
     assert out.metrics["rewards/accuracy"].item() == (chosen > rejected).sum().item()
