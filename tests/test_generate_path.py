@@ -94,6 +94,37 @@ def test_a_4bit_weight_is_dequantized_once_to_what_bitsandbytes_computes_with(qu
     assert lean.dense_weight(module) is dense  # kept, not dequantized again
 
 
+def test_float32_weights_are_packed_for_onednn_with_the_same_answers(quantized, tok, prompts, monkeypatch):
+    """float32 weights run in oneDNN's pre-packed layout (a 4-bit weight's dense copy replaced, not doubled); the
+    logits equal the plain weights' within float32 summation order, greedy ids exactly; where oneDNN refuses to
+    pack (bf16 on an AVX2 CPU, a torch without it) the plain weights run."""
+    def decode(lm, names):
+        batch = LeanBatch(lm)
+        logits = [batch.prefill(prompts, names)]
+        for _ in range(4):
+            logits.append(batch.decode(logits[-1].argmax(-1).tolist(), names))
+        return torch.stack(logits)
+
+    names = ["one", "two", None, "two", "one"]
+    lm = lean.build_lean(quantized, ["one", "two"])
+    down = quantized.base_model.model.model.layers[1].mlp.down_proj.base_layer.weight
+    if lean.compute_dtype(quantized) != torch.float32 or not lean.packable(torch.float32):
+        assert all(p.packed is None for p in lm.layers[1].proj.values()) and lm.head.packed is None
+        return
+    assert all(p.packed is not None and p.weight is None for p in lm.layers[1].proj.values())
+    assert lm.head.packed is not None and lm.layers[1].proj["down_proj"].packed is getattr(down, lean.PACKED)
+    assert not hasattr(down, lean.DENSE)  # the packed copy replaced the dense one
+    assert lean.build_lean(quantized, ["one"]).layers[1].proj["down_proj"].packed is getattr(down, lean.PACKED)
+    packed = decode(lm, names)
+    monkeypatch.setattr(lean, "pack", lambda weight: None)  # oneDNN refuses
+    monkeypatch.setattr(lean, "PACKED", "_test_unpacked")
+    plain_lm = lean.build_lean(quantized, ["one", "two"])
+    assert all(p.packed is None and p.weight is not None for p in plain_lm.layers[1].proj.values())
+    plain = decode(plain_lm, names)
+    torch.testing.assert_close(packed, plain, atol=1e-4, rtol=0)
+    assert torch.equal(packed.argmax(-1), plain.argmax(-1))
+
+
 def test_float32_folds_the_adapter_bf16_keeps_it_beside_the_weights(quantized, float_base, tiny_model_dir):
     lm = lean_model(quantized)
     if lean.compute_dtype(quantized) == torch.float32:

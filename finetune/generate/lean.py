@@ -5,6 +5,10 @@ What the model's own forward costs per token beyond the matrix products (module 
 per-adapter dispatch, bitsandbytes dequantizing every 4-bit weight again) is gone:
 - a 4-bit base is dequantized once, to the compute dtype, with the op bitsandbytes' own CPU matmul uses, so its
   products are the same numbers (kept per weight while the model lives, when memory allows: `dense_weight`);
+- a float32 weight is kept in oneDNN's pre-packed layout (`pack`: what inductor's freezing gives CPU linears): the
+  same products, blocked for the matrix kernel once instead of at every call; on a 2-core AVX2 CPU 1.5x faster at
+  one row and 1.8-2.3x at 4 to 16 rows than `F.linear` on the plain weight (docs/performance.md). bf16 weights stay
+  plain: oneDNN packs them only on AVX512/AMX CPUs, unmeasured here;
 - one adapter decoded alone is folded into the weights (W + s B A, as PEFT merges) in float32 compute; in bf16 it
   stays beside them, computed as PEFT computes it under training's autocast (finetune.model.compute_like_training:
   the float32 A and B meet the bf16 activations as bf16, (B(A x)) s in bf16), since folding would round the sum;
@@ -27,6 +31,8 @@ import torch.nn.functional as F
 FAMILIES = ("llama", "mistral", "qwen2")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DENSE = "_finetune_dense"  # the attribute of a 4-bit parameter holding its dequantized weight
+PACKED = "_finetune_packed"  # the attribute of a parameter holding its weight packed for oneDNN (`pack`)
+PACK_ROWS = 16  # the rows oneDNN's layout is blocked for: measured fastest at 1, 4 and 16 rows alike
 
 
 @dataclass
@@ -44,10 +50,18 @@ class Lora:
 
 @dataclass
 class Linear:
-    weight: torch.Tensor | None
+    weight: torch.Tensor | None  # None when `packed` holds it
     bias: torch.Tensor | None = None
     lora: Lora | None = None
     quantized: torch.nn.Module | None = None  # a 4-bit layer dequantized at every use (memory did not allow more)
+    packed: torch.Tensor | None = None  # the weight in oneDNN's layout (`pack`)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x W^T + b for 2-D x."""
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        weight = self.weight if self.quantized is None else dense_weight(self.quantized, keep=False)
+        return F.linear(x, weight, self.bias)
 
 
 @dataclass
@@ -127,17 +141,18 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None) -> Lean
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     adapters = [a for a in adapters if a != fold]
     keep = fits_in_memory(dense_bytes(model))
+    packs = keep and packable(compute_dtype(model)) and fits_in_memory(pack_bytes(model))
     # the dtype the model's forward autocasts to (finetune.model.compute_like_training): float32 adapter weights
     # meet the activations in it, so they are kept in it here (None: no autocast, as they are)
     autocast = base.__dict__.get("_finetune_autocast")
     layers = [Layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                    {p: _linear(_projection(layer, p), adapters, fold, keep, autocast) for p in PROJECTIONS})
+                    {p: _linear(_projection(layer, p), adapters, fold, keep, autocast, packs) for p in PROJECTIONS})
               for layer in inner.layers]
     dtype = inner.embed_tokens.weight.dtype
     any_4bit = any(type(getattr(getattr(m, "base_layer", m), "weight", None)).__name__ == "Params4bit"
                    for m in base.modules())
     return LeanModel(layers, inner.embed_tokens.weight.detach(), inner.norm.weight.detach(),
-                     _linear(base.lm_head, (), None, keep), inner.rotary_emb, text.num_attention_heads,
+                     _linear(base.lm_head, (), None, keep, packs=packs), inner.rotary_emb, text.num_attention_heads,
                      text.num_key_value_heads, head_dim, text.rms_norm_eps, dtype, list(adapters), fold,
                      cast_before_add=any_4bit)
 
@@ -146,18 +161,28 @@ def _projection(layer, name: str):
     return getattr(layer.self_attn if name in PROJECTIONS[:4] else layer.mlp, name)
 
 
-def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast: torch.dtype | None = None) -> Linear:
+def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast: torch.dtype | None = None,
+            packs: bool = False) -> Linear:
     """A projection as the step runs it; a 4-bit one that is not kept dequantized is dequantized at every use; its
-    adapters' A and B in `autocast` (their own dtype where None)."""
+    adapters' A and B in `autocast` (their own dtype where None); its weight packed for oneDNN where `packs`."""
     base = getattr(module, "base_layer", module)
-    weight = dense_weight(base) if keep or fold else None
     bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
+    weight = packed = None
     if fold is not None and fold in getattr(module, "lora_A", {}):
         a, b = module.lora_A[fold].weight.detach(), module.lora_B[fold].weight.detach()
+        weight = dense_weight(base, keep=keep and not packs)
         weight = (weight.float() + (b.float() @ a.float()) * module.scaling[fold]).to(weight.dtype)
+        packed = pack(weight) if packs else None
+    elif packs:
+        packed = packed_weight(base)
+    if packed is not None:
+        weight = None
+    elif weight is None and keep:
+        weight = dense_weight(base)
+    quantized = base if weight is None and packed is None else None
     found = [(i, name) for i, name in enumerate(adapters) if name in getattr(module, "lora_A", {})]
     if not found:
-        return Linear(weight, bias, quantized=None if weight is not None else base)
+        return Linear(weight, bias, quantized=quantized, packed=packed)
     parts = {i: (_as(module.lora_A[n].weight, autocast), _as(module.lora_B[n].weight, autocast),
                  float(module.scaling[n])) for i, n in found}
     owner = torch.cat([torch.full((parts[i][0].shape[0],), i) for i, _ in found])
@@ -165,7 +190,7 @@ def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast:
     layout = tuple((i, parts[i][0].shape[0], parts[i][2]) for i, _ in found)
     lora = Lora(torch.cat([parts[i][0] for i, _ in found]), torch.cat([parts[i][1] for i, _ in found], dim=1),
                 owner, scale, parts, layout)
-    return Linear(weight, bias, lora, quantized=None if weight is not None else base)
+    return Linear(weight, bias, lora, quantized=quantized, packed=packed)
 
 
 def _as(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -193,11 +218,49 @@ def compute_dtype(model) -> torch.dtype:
     return base.get_input_embeddings().weight.dtype
 
 
+def packable(dtype: torch.dtype) -> bool:
+    """Whether weights of `dtype` are packed for oneDNN: float32, where this torch has oneDNN."""
+    return dtype == torch.float32 and torch.backends.mkldnn.is_available() and \
+        hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """`weight` [out, in] in oneDNN's blocked layout for `PACK_ROWS`-row inputs (None where oneDNN refuses it)."""
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), PACK_ROWS)
+    except RuntimeError:
+        return None
+
+
+def packed_weight(layer) -> torch.Tensor | None:
+    """The layer's weight packed (`pack`), kept on the parameter while it lives (one copy however many lean models
+    read it); a 4-bit weight is dequantized for it and its dense copy dropped (the packed one replaces it)."""
+    param = layer.weight
+    got = getattr(param, PACKED, None)
+    if got is None:
+        got = pack(dense_weight(layer, keep=False))
+        if got is None:
+            return None
+        setattr(param, PACKED, got)
+        if hasattr(param, DENSE):
+            delattr(param, DENSE)
+    return got
+
+
 def dense_bytes(model) -> int:
     """Bytes the 4-bit weights of `model` not yet kept dequantized take once dequantized (0: none)."""
     size = torch.empty((), dtype=compute_dtype(model)).element_size()
     return sum(m.weight.quant_state.shape.numel() * size for m in model.modules()
                if type(getattr(m, "weight", None)).__name__ == "Params4bit" and not hasattr(m.weight, DENSE))
+
+
+def pack_bytes(model) -> int:
+    """Bytes packing the weights of `model` not yet packed adds: a copy of each float weight (a 4-bit one's dense
+    copy is replaced, already counted by `dense_bytes`)."""
+    size = torch.empty((), dtype=compute_dtype(model)).element_size()
+    return sum(m.weight.numel() * size for m in model.modules()
+               if isinstance(m, torch.nn.Linear) and type(m.weight).__name__ != "Params4bit"
+               and not hasattr(m.weight, PACKED))
 
 
 def fold_bytes(model) -> int:
@@ -242,7 +305,10 @@ def forward(lm: LeanModel, cache: Cache, ids: torch.Tensor, positions: torch.Ten
     x = F.embedding(ids.reshape(-1), lm.embed)  # [n * t, hidden]: 2-D products (a 3-D input takes a slower path)
     cos, sin = lm.rotary(x, positions)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    mask = (torch.arange(span, device=ids.device)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+    # one row decoding reads every cached position: no mask, and its keys and values written by slicing
+    alone = positions[0, 0].item() if n == 1 and t == 1 else None
+    mask = None if alone == span - 1 else \
+        (torch.arange(span, device=ids.device)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
     masks = _Masks(lm, adapters)
     rows = torch.arange(start, start + n, device=ids.device)
     for i, layer in enumerate(lm.layers):
@@ -251,7 +317,10 @@ def forward(lm: LeanModel, cache: Cache, ids: torch.Tensor, positions: torch.Ten
                    for p in ("q_proj", "k_proj", "v_proj"))
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         keys, values = cache.keys[i], cache.values[i]
-        if t == 1:
+        if alone is not None:
+            keys[start, :, alone] = k[0, :, 0]
+            values[start, :, alone] = v[0, :, 0]
+        elif t == 1:
             keys[rows, :, positions[:, 0]] = k[:, :, 0]
             values[rows, :, positions[:, 0]] = v[:, :, 0]
         else:
@@ -265,10 +334,14 @@ def forward(lm: LeanModel, cache: Cache, ids: torch.Tensor, positions: torch.Ten
         x = x + _proj(F.silu(gate) * up, layer.proj["down_proj"], masks, lm)
     x = x.view(n, t, -1)
     x = x[:, -1] if last is None else x[torch.arange(n, device=ids.device), last]
-    return F.linear(_rms(x, lm.norm, lm.eps), lm.head.weight).float()
+    return lm.head(_rms(x, lm.norm, lm.eps)).float()
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm: float32 statistics, the normalized value cast back before the weight; in float32
+    torch's fused kernel computes the same numbers in one op."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return weight * h.to(x.dtype)
@@ -299,8 +372,7 @@ class _Masks:
 
 
 def _proj(x: torch.Tensor, lin: Linear, masks: _Masks, lm: LeanModel) -> torch.Tensor:
-    weight = lin.weight if lin.quantized is None else dense_weight(lin.quantized, keep=False)
-    out = F.linear(x, weight, lin.bias)
+    out = lin(x)
     lora = lin.lora
     if lora is None or masks.uniform == -1:
         return out
