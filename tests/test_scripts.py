@@ -124,6 +124,14 @@ def test_bench_generate(tiny_model_dir, tmp_path):
         assert row in text, row
 
 
+def test_bench_decode_weights(tiny_model_dir):
+    done = run_script("bench_decode_weights.py", "--model", tiny_model_dir, "--rows", 1, 2, "--repeats", 1,
+                      "--llamacpp-tps", 100)
+    rows = {line.split(" | ")[0].strip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"format", "float32", "float32 packed", "float16", "bfloat16", "bfloat16 packed"}
+    assert "x llama.cpp)" in rows["float32"] and rows["float32"].count(" / ") == 2  # a cell per row count
+
+
 @pytest.mark.parametrize("objective", ["kto", "reward"])
 def test_pref_vs_trl(objective, tiny_model_dir, tmp_path):
     run_script("pref_vs_trl.py", "--objective", objective, "--model", tiny_model_dir, "--examples", 2, "--steps", 1,
