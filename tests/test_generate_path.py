@@ -199,3 +199,42 @@ def test_sampling_is_seeded_per_prompt_not_per_batch(float_base, tok, prompts):
     other = ev.generate_ids(float_base, tok, prompts, GenerationOptions(**{**vars(hot), "seed": 4}))
     assert other != one
 
+
+
+def test_equal_prompts_share_one_prefill_and_sample_as_alone(float_base, tok, prompts, monkeypatch):
+    """GRPO asks for G answers to each prompt: consecutive equal prompts are prefilled once and the cache row
+    copied; each answer still draws from its own generator, so it is what that prompt alone gives."""
+    asked = [p for p in prompts[:3] for _ in range(4)]
+    hot = GenerationOptions(max_new_tokens=TOKENS, temperature=1.2, seed=5)
+    alone = ev.generate_ids(float_base, tok, asked, GenerationOptions(**{**vars(hot), "batch_size": 1}))
+    prefilled = []
+    real = LeanBatch.prefill
+    monkeypatch.setattr(LeanBatch, "prefill", lambda self, ps, names: prefilled.append(len(ps)) or real(self, ps, names))
+    grouped = ev.generate_ids(float_base, tok, asked, GenerationOptions(**{**vars(hot), "batch_size": 6}))
+    # 3 prompts in 6 rows: 4 + 2, then the second one's other 2 + 4 (more if an answer ends early); 12 unshared
+    assert 4 <= sum(prefilled) <= 6
+    assert len({tuple(x) for x in grouped}) > 3  # the four answers to a prompt differ
+    if lean.compute_dtype(float_base) == torch.float32:  # (bf16 logits depend on the batch's size: see the top)
+        assert grouped == alone
+
+
+@pytest.mark.parametrize("spread", ["peaked", "flat"])
+def test_a_top_p_draw_keeps_exactly_the_nucleus_with_its_probabilities(spread):
+    """The nucleus is sorted among the most likely NUCLEUS_CANDIDATES tokens, the whole vocabulary only when it
+    reaches past them ("flat"); either way the draw keeps the tokens a full sort keeps, in proportion."""
+    from finetune.generate.decoder import NUCLEUS_CANDIDATES, Sequence, sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(1000) * (2.0 if spread == "peaked" else 0.05)  # a 7-token nucleus, or 887
+    probs, order = torch.softmax(logits / 0.7, -1).sort(descending=True)
+    keep = (probs.cumsum(0) - probs) <= 0.9
+    nucleus = dict(zip(order[keep].tolist(), (probs[keep] / probs[keep].sum()).tolist()))
+    assert (len(nucleus) > NUCLEUS_CANDIDATES) == (spread == "flat")
+    s = Sequence([1], 1, frozenset(), temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    draws = torch.tensor([sample(logits, s) for _ in range(4000)])
+    assert set(draws.tolist()) <= set(nucleus)
+    if spread == "peaked":  # few tokens: each one's frequency within 4 standard errors of its probability
+        for token, p in nucleus.items():
+            assert abs((draws == token).float().mean().item() - p) <= 4 * (p * (1 - p) / 4000) ** 0.5 + 1e-3
+    else:  # hundreds of near-equal tokens: most of them drawn
+        assert len(set(draws.tolist())) > 0.8 * len(nucleus)

@@ -141,7 +141,8 @@ def generate_ids(model, tok, prompts: list[list[int]], options: GenerationOption
     `stream(token)` sees each generated token as it comes (one prompt: `finetune chat`).
 
     Decodes through the lean decode step (decoder.py) with up to `options.batch_size` sequences in flight, a
-    finished one's row taken by the next prompt at once; sampled prompt i draws from its own generator seeded by
+    finished one's row taken by the next prompt at once; consecutive equal prompts (GRPO's G answers to one prompt)
+    share one prefill, its KV cache copied to each; sampled prompt i draws from its own generator seeded by
     (options.seed, i), so completions do not depend on the batch size. Models the lean step does not model go
     through `model.generate` as before (left-padded batches; sampling seeds the global RNG with options.seed:
     callers fork it, torch.random.fork_rng, to keep theirs)."""
@@ -157,16 +158,20 @@ def generate_ids(model, tok, prompts: list[list[int]], options: GenerationOption
     outputs: list[list[int] | None] = [None] * len(prompts)
     waiting = list(enumerate(prompts))[::-1]
     while waiting or decoder.rows:
-        groups = []
-        while waiting and len(decoder.rows) + len(groups) < options.batch_size:
+        groups, room = [], options.batch_size - len(decoder.rows)
+        while waiting and room > 0:
             i, prompt = waiting.pop()
             generator = None
             if options.temperature > 0:
                 generator = torch.Generator().manual_seed((options.seed * 1_000_003 + i) % 2**63)
-            groups.append([Sequence(list(prompt), options.max_new_tokens, eos, decoder.adapter,
-                                    temperature=options.temperature,
-                                    top_p=options.top_p, top_k=top_k, generator=generator, index=i,
-                                    emit=None if stream is None else _streaming(stream))])
+            sequence = Sequence(list(prompt), options.max_new_tokens, eos, decoder.adapter,
+                                temperature=options.temperature, top_p=options.top_p, top_k=top_k,
+                                generator=generator, index=i, emit=None if stream is None else _streaming(stream))
+            if groups and groups[-1][0].prompt == sequence.prompt:
+                groups[-1].append(sequence)  # the same prompt again (GRPO's group): one prefill, its cache forked
+            else:
+                groups.append([sequence])
+            room -= 1
         finished = decoder.admit(groups) + decoder.step()
         for s in finished:
             outputs[s.index] = s.tokens
