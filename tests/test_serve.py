@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 from finetune.cli import app as cli_app
+from finetune.generate.lean import compute_dtype
 from finetune.generate.session import ChatOptions, Session, load_session, reply
 from finetune.recipe.schema import QuantizationSection
 
@@ -261,6 +262,41 @@ def make_dora(path, model_dir):
     (path / "recipe.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": str(model_dir)},
                                                       "quantization": QuantizationSection().model_dump()}))
     return path
+
+
+def test_one_served_adapter_runs_folded_and_a_base_request_waits_for_its_batch(adapters, expected, tiny_model_dir):
+    """Serving one adapter in float32, its batch runs it folded into the weights (as `chat` does); a base request
+    cannot share that batch and is answered after it, by the base. In bf16 nothing is folded: they share one."""
+    one = Server(load(str(adapters["one"]), options=ServeOptions(max_queue=4)), start=False)
+    try:
+        engine, client, answers = one.serving.engine, one.client(), {}
+
+        def ask(i, name):
+            answers[i] = chat(client, name).choices[0].message.content
+
+        names = ["one", tiny_model_dir.name, "one"]
+        threads = []
+        for i, name in enumerate(names):  # queued in this order
+            threads.append(threading.Thread(target=ask, args=(i, name)))
+            threads[-1].start()
+            until(lambda: len(engine.waiting) == i + 1)
+        batches, folded = [], []
+        while engine.waiting or engine.rows:
+            engine.step()
+            batches.append({r.job.adapter for r in engine.rows})
+            folded.append(engine.decoder.batch.lm.folded)
+        for t in threads:
+            t.join(30)
+        assert answers == {0: expected["one"], 1: expected[tiny_model_dir.name], 2: expected["one"]}
+        name = one.serving.registry.get("one").adapter  # the PEFT adapter's name in the server
+        if compute_dtype(engine.model) == torch.float32:
+            assert folded[0] == name and batches[0] == {name}  # the base request waited
+            assert all(b <= {name} for b, f in zip(batches, folded) if f)  # nothing joined a folded batch
+            assert any(len(b) == 2 for b, f in zip(batches, folded) if not f)  # the base and "one", batched LoRA
+        else:
+            assert set(folded) == {None} and len(batches[0]) == 2  # one batch, batched LoRA
+    finally:
+        one.stop()
 
 
 def test_a_dora_adapter_is_batched_only_with_itself(stepped, expected, tmp_path, tiny_model_dir):

@@ -13,7 +13,10 @@ A job (one request: a prompt, its adapter, n choices) waits in a bounded queue. 
    job waits, first in line, until the batch drains); so does every adapter when the lean step does not model the
    base (another architecture, a mixture of experts), through PEFT's mixed-adapter batch. PEFT's per-row split
    does not reach a mixture of experts' routers (an adapter training them shares a batch only with itself) nor its
-   fused experts (while an adapter on them is loaded, no batch mixes adapters);
+   fused experts (while an adapter on them is loaded, no batch mixes adapters). Serving one adapter (the usual
+   `finetune serve runs/x/checkpoint-final`) in float32, a batch of its requests runs it folded into the weights
+   (W + s B A, as `chat` does: no LoRA products per token) where memory allows that copy; a base request then waits
+   for that batch to drain, as an unmixable adapter does;
 4. retires rows that ended (an end-of-sequence id, the job's stop condition, max_tokens, the context): their rows are
    taken by others, so a waiting job can join at the next step.
 
@@ -37,6 +40,7 @@ import torch
 from finetune.generate import (
     BASE, Decoder, LeanBatch, LeanModel, ModelBatch, Sequence, build_lean, forced, say, why_not_lean,
 )
+from finetune.generate.lean import compute_dtype, fits_in_memory, fold_bytes
 
 log = logging.getLogger("finetune.serve")
 __all__ = ["BASE", "Engine", "Job", "QueueFull"]
@@ -99,6 +103,7 @@ class Engine:
         self.wakeup = threading.Condition()
         self.stopping, self.thread = False, None
         self._lean: LeanModel | None = None
+        self._folded: LeanModel | None = None  # the one served adapter folded into the weights (`_fold_target`)
         self._unmodelled: set[str] | None = None  # adapters the lean step does not model
         self._lean_base: str | None = ""  # why the lean step cannot run the base ("": not asked yet)
 
@@ -124,7 +129,7 @@ class Engine:
     def adapters_changed(self) -> None:
         """The model's adapters (or the model object) changed: the lean step reads them again at its next use."""
         with self.lock:
-            self._lean, self._unmodelled = None, None
+            self._lean, self._folded, self._unmodelled = None, None, None
             if self.decoder is not None and isinstance(self.decoder.batch, ModelBatch):
                 self.decoder.batch.model, self.decoder.batch.active = self.model, None
 
@@ -229,7 +234,13 @@ class Engine:
         batch with itself; while an adapter on MoE experts is loaded, every batch holds one adapter)."""
         rows = len(self.rows) + sum(j.n for j in admitting) + job.n
         names = {r.adapter for r in self.rows} | {j.adapter for j in admitting} | {job.adapter}
-        return rows <= self.max_batch and (len(names) == 1 or not (names & self._alone() or self.unmixed))
+        if rows > self.max_batch:
+            return False
+        if len(names) == 1:
+            return True
+        lead = self.rows[0].adapter if self.rows else (admitting or [job])[0].adapter
+        folded = self._folds(self.decoder) if self.rows else lead == self._fold_target()
+        return not (names & self._alone() or self.unmixed or folded)
 
     def _alone(self) -> set[str]:
         """Adapters that never share a batch with another: DoRA (PEFT does not mix it) and, while the lean step
@@ -254,7 +265,28 @@ class Engine:
         call = lambda fn, *args: self._forward(fn, *args)  # noqa: E731  (tests replace _forward)
         if self._base_reason() is not None or adapter in self._alone():
             return Decoder(ModelBatch(self.model), self.context, call)
+        if adapter == self._fold_target():
+            return Decoder(LeanBatch(self._folded_model(adapter)), self.context, call)
         return Decoder(LeanBatch(self._lean_model()), self.context, call)
+
+    def _fold_target(self) -> str | None:
+        """The adapter a batch of its own requests runs folded into the weights: the only adapter the lean step
+        serves, in float32 (in bf16 the fold would round the sum), where memory allows the folded copy."""
+        if self._base_reason() is not None:
+            return None
+        names = [n for n in getattr(self.model, "peft_config", None) or {} if n not in self._alone()]
+        if len(names) != 1 or compute_dtype(self.model) != torch.float32:
+            return None
+        return names[0] if self._folded is not None or fits_in_memory(fold_bytes(self.model)) else None
+
+    def _folded_model(self, adapter: str) -> LeanModel:
+        if self._folded is None or self._folded.folded != adapter:
+            self._folded = build_lean(self.model, [], fold=adapter)
+        return self._folded
+
+    @staticmethod
+    def _folds(decoder: Decoder | None) -> bool:
+        return decoder is not None and isinstance(decoder.batch, LeanBatch) and decoder.batch.lm.folded is not None
 
     def _lean_model(self) -> LeanModel:
         """The lean step's view of the model with every adapter it models stacked (read again after a change)."""
@@ -280,7 +312,8 @@ class Engine:
 
     def _decode(self) -> None:
         if isinstance(self.decoder.batch, LeanBatch):
-            self.decoder.batch.lm = self._lean_model()  # read again if the adapters changed since the last step
+            lm = self.decoder.batch.lm  # read again if the adapters changed since the last step
+            self.decoder.batch.lm = self._folded_model(lm.folded) if lm.folded else self._lean_model()
         n = len(self.rows)
         self.stats.mixed_steps += n > 1 and self.decoder.mixed()
         finished = self.decoder.step()
