@@ -10,7 +10,7 @@ from finetune import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "session": ["ChatOptions", "Session", "chat", "load_session", "render_messages", "reply", "resolve_target"],
-    "lean": ["LeanModel", "build_lean", "why_not_lean"],
+    "lean": ["LeanModel", "build_lean", "compute_dtype", "fits_in_memory", "fold_bytes", "why_not_lean"],
     "batch": ["BASE", "LeanBatch", "ModelBatch"],
     "decoder": ["Decoder", "Sequence", "forced", "lean_decoder", "lean_model", "say"],
     "decode": [

@@ -38,9 +38,9 @@ from typing import Callable
 import torch
 
 from finetune.generate import (
-    BASE, Decoder, LeanBatch, LeanModel, ModelBatch, Sequence, build_lean, forced, say, why_not_lean,
+    BASE, Decoder, LeanBatch, LeanModel, ModelBatch, Sequence, build_lean, compute_dtype, fits_in_memory, fold_bytes,
+    forced, say, why_not_lean,
 )
-from finetune.generate.lean import compute_dtype, fits_in_memory, fold_bytes
 
 log = logging.getLogger("finetune.serve")
 __all__ = ["BASE", "Engine", "Job", "QueueFull"]
