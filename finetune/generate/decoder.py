@@ -134,9 +134,10 @@ def sample(logits: torch.Tensor, s: Sequence) -> int:
     if s.top_p < 1.0:
         # the nucleus is nearly always among the most likely few dozen: sort those (a whole 49k vocabulary took
         # 4 ms a row, half of GRPO's generation), the whole vocabulary only when the nucleus reaches past them
-        probs, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]))
-        if len(probs) < len(logits) and probs[:-1].sum() <= s.top_p:
-            probs, order = torch.softmax(logits, dim=-1).sort(descending=True)
+        every = probs
+        probs, order = every.topk(min(NUCLEUS_CANDIDATES, len(every)))
+        if len(probs) < len(every) and probs[:-1].sum() <= s.top_p:
+            probs, order = every.sort(descending=True)
         probs[(probs.cumsum(0) - probs) > s.top_p] = 0.0
         return int(order[torch.multinomial(probs, 1, generator=s.generator)])
     return int(torch.multinomial(probs, 1, generator=s.generator))
