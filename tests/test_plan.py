@@ -76,13 +76,15 @@ def test_lora_and_optimizer_terms_match_training(tiny_model_dir, lora, optimizer
     assert optimizer_bytes(planned, optimizer) == _storage_bytes(states)
 
 
-def saved_activation_bytes(model) -> int:
-    """Bytes autograd keeps for backward in one training pass over a (2, 24) batch (10 prompt tokens unlabelled),
-    the parameters' own storage excluded: what the planner's activation term predicts."""
+def saved_activation_bytes(model, batch: dict | None = None) -> int:
+    """Bytes autograd keeps for backward in one training pass over `batch`, by default a (2, 24) batch (10 prompt
+    tokens unlabelled), the parameters' own storage excluded: what the planner's activation term predicts."""
     model.train()
-    ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
-    labels = ids.clone()
-    labels[:, :10] = -100
+    if batch is None:
+        ids = torch.randint(3, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+        labels = ids.clone()
+        labels[:, :10] = -100
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     saved = {}
 
     def keep(t):
@@ -90,7 +92,7 @@ def saved_activation_bytes(model) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        token_loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+        token_loss_sum(model, batch)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     return sum(n for ptr, n in saved.items() if ptr not in params)
 
@@ -177,3 +179,37 @@ def test_adamix_consistency_plans_the_two_forwards_it_trains(tiny_model_dir):
     loss = "loss (labelled positions, chunked)"
     assert two.term(loss).bytes == 2 * one.term(loss).bytes  # both forwards' rows fit one chunk of logits here
     assert "two forwards" in two.term("activations").note
+
+
+def test_activation_term_counts_what_bf16_segmented_attention_saves(tiny_model_dir, monkeypatch):
+    """A padding-free bf16 row on CPU: an example of at most attention.MATH_MAX_TOKENS tokens attends by matrix
+    products and keeps its [heads, n, n] probabilities for backward, a longer one through SDPA's flash kernel keeps
+    only its output and log-sum-exp. What the products keep beyond flash is what the planner adds for them (the
+    rest of the bf16 term is checked elsewhere), and they run only where they are meant to."""
+    from finetune.model import attention, resolve
+
+    recipe = Recipe.model_validate({
+        "model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": ["unused.jsonl"], "max_length": 160},
+        "quantization": {"compute_dtype": "bfloat16"}, "lora": {"dropout": 0.0},
+        "training": {"gradient_checkpointing": False, "micro_batch_size": 1, "padding_free": True},
+    })
+    model = training_model(recipe)
+    assert attention.use_segmented_attention(model)
+    n = 160
+    ids = torch.randint(3, 500, (1, n), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :10] = -100
+    batch = {"input_ids": ids, "position_ids": torch.arange(n)[None], "labels": labels}
+    products = []
+    monkeypatch.setattr(attention, "causal_attention_math",
+                        lambda *a, f=attention.causal_attention_math: products.append(1) or f(*a))
+    with_products = saved_activation_bytes(model, batch)
+    assert len(products) == 2  # one example, two layers
+    monkeypatch.setattr(attention, "MATH_MAX_TOKENS", n - 1)
+    with_flash = saved_activation_bytes(model, batch)
+    assert len(products) == 2
+    meta = meta_model(recipe, resolve(recipe.quantization))[0]
+    planned = activation_bytes(meta, recipe, 1, n, 2, checkpointing=False, device="cpu")
+    padded = recipe.model_copy(update={"training": recipe.training.model_copy(update={"padding_free": False})})
+    without = activation_bytes(meta, padded, 1, n, 2, checkpointing=False, device="cpu")  # no segmented attention
+    assert planned - without == pytest.approx(with_products - with_flash, rel=0.1)

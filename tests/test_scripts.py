@@ -80,6 +80,12 @@ def test_bench_step(tiny_model_dir, tmp_path):
     ab = json.loads(out.read_text())
     assert len(ab["runs"]["A"]) == len(ab["runs"]["B"]) == 2 and ab["speedup_B_over_A"] > 0
     assert ab["losses"]["A"] == pytest.approx(ab["losses"]["B"], rel=1e-5)
+    # attention: the padding-free row's forms, and flash against the matrix products per example length and dtype
+    run_script("bench_step.py", "attention", "--lengths", 16, "--repeats", 1, "--json", out)
+    forms = json.loads(out.read_text())
+    assert forms["math_max_abs_diff"] < 1e-4  # the products are the masked attention (float32)
+    assert set(forms["by_length"]) == {"fp32 16", "bf16 16"}
+    assert all(row["flash_ms"] > 0 and row["math_ms"] > 0 for row in forms["by_length"].values())
 
 
 def test_bench_memory(tiny_model_dir, tmp_path):

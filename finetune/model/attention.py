@@ -19,6 +19,8 @@ mask function stays SDPA's, so generation with left padding is still masked.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -49,11 +51,19 @@ def segmented_sdpa(module, query, key, value, attention_mask, dropout=0.0, scali
     return (torch.cat(rows, dim=0) if len(rows) > 1 else rows[0]), None
 
 
+# bf16 examples up to this many tokens run as matrix products, longer ones through SDPA's flash kernel: measured on
+# an AVX512_BF16 CPU (forward + backward, SmolLM2's 9 / 3 heads of 64, docs/performance.md) the products are 2.0x,
+# 1.8x and 1.7x faster at 128, 256 and 512 tokens and 0.8x / 0.55x at 1024 / 2048, where flash's skipped blocks
+# above the diagonal and its O(n) memory win. They keep a [heads, n, n] bf16 matrix per example for backward (the
+# planner counts it: plan/terms.py). float32 always takes flash: 1.3-3.2x faster than the products there.
+MATH_MAX_TOKENS = 512
+
+
 def _causal(query, key, value, dropout: float, scale: float) -> torch.Tensor:
-    """Causal attention of one example: matrix products in float32 without dropout (on an AVX2 CPU as fast as
-    SDPA's flash kernel within the noise, docs/performance.md; to be re-measured idle and on AVX512), SDPA's fused
-    kernel otherwise (bf16, where its float32 softmax is the accurate one)."""
-    if query.dtype == torch.float32 and dropout == 0.0 and query.device.type == "cpu":
+    """Causal attention of one example: for a short bf16 example without dropout on a CPU, two bf16 matrix products
+    and a softmax (`causal_attention_math`, as transformers' eager attention rounds); SDPA's fused kernel otherwise."""
+    if query.dtype == torch.bfloat16 and dropout == 0.0 and query.device.type == "cpu" and \
+            query.shape[2] <= MATH_MAX_TOKENS:
         return causal_attention_math(query, key, value, scale)
     return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=True, scale=scale,
                                           enable_gqa=key.shape[1] != query.shape[1])
@@ -68,10 +78,15 @@ def causal_attention_math(query, key, value, scale: float) -> torch.Tensor:
     kv = key.shape[1]
     g = heads // kv
     q = (query * scale).reshape(b, kv, g * n, width)
-    scores = q @ key.transpose(-1, -2)  # (b, kv, g * n, n)
-    future = torch.ones(n, n, dtype=torch.bool, device=query.device).triu_(1)
-    scores = scores.masked_fill_(future.repeat(g, 1), float("-inf")).softmax(dim=-1)
-    return (scores @ value).view(b, heads, n, width)
+    scores = (q @ key.transpose(-1, -2)).view(b, kv, g, n, n)
+    scores = scores.masked_fill_(_future(n, query.device), float("-inf")).softmax(dim=-1)  # one [n, n] mask saved
+    return (scores.view(b, kv, g * n, n) @ value).view(b, heads, n, width)
+
+
+@functools.lru_cache(maxsize=8)
+def _future(n: int, device: torch.device) -> torch.Tensor:
+    """[n, n] True above the diagonal: one tensor per length, shared by the layers (backward keeps it)."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
 
 
 def _segments(positions: torch.Tensor, batch: int) -> list[list[tuple[int, int]]]:

@@ -165,6 +165,12 @@ def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, ch
     per_layer = [per_token_layer_bytes(adapted.get(i, []), recipe, h, 0 if moe else inter, heads, kv, head_dim, width,
                                        stream, shared_masks=device == "cpu")
                  + (heads + 2) * 4 + (moe or 0) + expert_tokens * width for i in range(layers)]
+    if device == "cpu" and width == 2 and (recipe.data.packing or recipe.training.padding_free):
+        # short bf16 examples of a packed / padding-free row attend by matrix products, keeping each example's
+        # [heads, n, n] probabilities for backward: heads x n values per token (finetune/model/attention.py)
+        from finetune.model.attention import MATH_MAX_TOKENS
+
+        per_layer = [b + heads * min(seq, MATH_MAX_TOKENS) * width for b in per_layer]
     rotary = 2 * seq * head_dim * width  # cos and sin, shared by the layers
     final = tokens * (h * stream + 4)  # the final norm's input and statistics
     prefix = recipe.prefix_tuning.num_virtual_tokens if recipe.adapter.method == "prefix_tuning" else 0
