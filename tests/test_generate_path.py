@@ -26,6 +26,7 @@ from finetune.generate import lean
 from finetune.generate.batch import LeanBatch
 from finetune.generate.decode import GenerationOptions
 from finetune.generate.decoder import lean_decoder, lean_model
+from finetune.model.placement import cpu_has_native_bf16
 from finetune.recipe.schema import QuantizationSection
 
 TEXTS = ["Say hi.", "A cat and a dog sat under the tree in the rain", "Name a color", "Repeat the word twice.",
@@ -94,25 +95,31 @@ def test_a_4bit_weight_is_dequantized_once_to_what_bitsandbytes_computes_with(qu
     assert lean.dense_weight(module) is dense  # kept, not dequantized again
 
 
-def test_float32_weights_are_packed_for_onednn_with_the_same_answers(quantized, tok, prompts, monkeypatch):
-    """float32 weights run in oneDNN's pre-packed layout (a 4-bit weight's dense copy replaced, not doubled); the
-    logits equal the plain weights' within float32 summation order, greedy ids exactly; where oneDNN refuses to
-    pack (bf16 on an AVX2 CPU, a torch without it) the plain weights run."""
-    def decode(lm, names):
+def test_weights_are_packed_for_onednn_with_the_same_answers(quantized, tok, prompts, monkeypatch):
+    """float32 weights, and bf16 ones where oneDNN packs bf16 (AVX512_BF16 / AMX CPUs), run in oneDNN's pre-packed
+    layout (a 4-bit weight's dense copy replaced, not doubled); the logits equal the plain weights' within the
+    dtype's summation order (float32: greedy ids exactly); where oneDNN refuses to pack (bf16 on an AVX2 CPU, a
+    torch without it) the plain weights run."""
+    def decode(lm, names, chosen=None):
+        """Logits of a prefill and 4 steps; each step feeds `chosen`'s next ids (else the greedy ones)."""
         batch = LeanBatch(lm)
         logits = [batch.prefill(prompts, names)]
-        for _ in range(4):
-            logits.append(batch.decode(logits[-1].argmax(-1).tolist(), names))
+        for step in range(4):
+            ids = logits[-1].argmax(-1) if chosen is None else chosen[step].argmax(-1)
+            logits.append(batch.decode(ids.tolist(), names))
         return torch.stack(logits)
 
     names = ["one", "two", None, "two", "one"]
+    dtype = lean.compute_dtype(quantized)
     lm = lean.build_lean(quantized, ["one", "two"])
     down = quantized.base_model.model.model.layers[1].mlp.down_proj.base_layer.weight
-    if lean.compute_dtype(quantized) != torch.float32 or not lean.packable(torch.float32):
+    if not lean.packable(dtype):
+        assert dtype == torch.bfloat16 and not cpu_has_native_bf16()  # only an AVX2 CPU refuses bf16
         assert all(p.packed is None for p in lm.layers[1].proj.values()) and lm.head.packed is None
         return
     assert all(p.packed is not None and p.weight is None for p in lm.layers[1].proj.values())
     assert lm.head.packed is not None and lm.layers[1].proj["down_proj"].packed is getattr(down, lean.PACKED)
+    assert lm.head.packed.dtype == dtype
     assert not hasattr(down, lean.DENSE)  # the packed copy replaced the dense one
     assert lean.build_lean(quantized, ["one"]).layers[1].proj["down_proj"].packed is getattr(down, lean.PACKED)
     packed = decode(lm, names)
@@ -120,9 +127,11 @@ def test_float32_weights_are_packed_for_onednn_with_the_same_answers(quantized, 
     monkeypatch.setattr(lean, "PACKED", "_test_unpacked")
     plain_lm = lean.build_lean(quantized, ["one", "two"])
     assert all(p.packed is None and p.weight is not None for p in plain_lm.layers[1].proj.values())
-    plain = decode(plain_lm, names)
-    torch.testing.assert_close(packed, plain, atol=1e-4, rtol=0)
-    assert torch.equal(packed.argmax(-1), plain.argmax(-1))
+    plain = decode(plain_lm, names, chosen=packed)
+    tolerance = 1e-4 if dtype == torch.float32 else 0.1  # bf16 logits of magnitude ~10: a few ulps
+    torch.testing.assert_close(packed, plain, atol=tolerance, rtol=0)
+    if dtype == torch.float32:
+        assert torch.equal(packed.argmax(-1), plain.argmax(-1))
 
 
 def test_float32_folds_the_adapter_bf16_keeps_it_beside_the_weights(quantized, float_base, tiny_model_dir):

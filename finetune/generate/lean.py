@@ -7,8 +7,8 @@ per-adapter dispatch, bitsandbytes dequantizing every 4-bit weight again) is gon
   products are the same numbers (kept per weight while the model lives, when memory allows: `dense_weight`);
 - a float32 weight is kept in oneDNN's pre-packed layout (`pack`: what inductor's freezing gives CPU linears): the
   same products, blocked for the matrix kernel once instead of at every call; on a 2-core AVX2 CPU 1.5x faster at
-  one row and 1.8-2.3x at 4 to 16 rows than `F.linear` on the plain weight (docs/performance.md). bf16 weights stay
-  plain: oneDNN packs them only on AVX512/AMX CPUs, unmeasured here;
+  one row and 1.8-2.3x at 4 to 16 rows than `F.linear` on the plain weight (docs/performance.md). A bf16 weight is
+  packed too where oneDNN packs bf16 (AVX512_BF16 / AMX CPUs: 1.5-1.9x there), plain on an AVX2 CPU;
 - one adapter decoded alone is folded into the weights (W + s B A, as PEFT merges) in float32 compute; in bf16 it
   stays beside them, computed as PEFT computes it under training's autocast (finetune.model.compute_like_training:
   the float32 A and B meet the bf16 activations as bf16, (B(A x)) s in bf16), since folding would round the sum;
@@ -23,6 +23,7 @@ copies of whole modules, sliding-window attention) is named by `why_not_lean`; c
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -219,9 +220,17 @@ def compute_dtype(model) -> torch.dtype:
 
 
 def packable(dtype: torch.dtype) -> bool:
-    """Whether weights of `dtype` are packed for oneDNN: float32, where this torch has oneDNN."""
-    return dtype == torch.float32 and torch.backends.mkldnn.is_available() and \
-        hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """Whether weights of `dtype` are packed for oneDNN: float32 where this torch has oneDNN; bf16 where oneDNN also
+    packs it (CPUs with AVX512_BF16 or AMX: 1.5x faster at one row and 1.7-1.9x at 4 to 16 rows than the plain bf16
+    weight on an AVX512_BF16 EPYC, docs/performance.md; an AVX2 CPU refuses it)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _packs_bf16())
+
+
+@functools.cache
+def _packs_bf16() -> bool:
+    return pack(torch.zeros(PACK_ROWS, PACK_ROWS, dtype=torch.bfloat16)) is not None
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -242,8 +251,8 @@ def packed_weight(layer) -> torch.Tensor | None:
         if got is None:
             return None
         setattr(param, PACKED, got)
-        if hasattr(param, DENSE):
-            delattr(param, DENSE)
+    if hasattr(param, DENSE):  # (kept by an earlier use without packing)
+        delattr(param, DENSE)
     return got
 
 
