@@ -247,3 +247,18 @@ def test_a_top_p_draw_keeps_exactly_the_nucleus_with_its_probabilities(spread):
             assert abs((draws == token).float().mean().item() - p) <= 4 * (p * (1 - p) / 4000) ** 0.5 + 1e-3
     else:  # hundreds of near-equal tokens: most of them drawn
         assert len(set(draws.tolist())) > 0.8 * len(nucleus)
+
+
+def test_bf16_lora_products_in_float32_are_the_bf16_products():
+    """bf16 adapters' A and B run as float32 products of the same bf16 values, rounded to bf16 once: what a bf16
+    product computes (float32 sums, one rounding), so equal to it but for the order of the sums."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 576, generator=g).bfloat16()
+    for shape in [(16, 576), (576, 16)]:
+        w = (torch.randn(*shape, generator=g) * 0.05).bfloat16()
+        xs = x if shape[1] == 576 else x[:, :16]
+        got = lean._product(xs, w.float(), torch.bfloat16)
+        want = torch.nn.functional.linear(xs, w)
+        assert got.dtype == torch.bfloat16
+        assert (got == want).float().mean() > 0.98  # a differently ordered sum moves a rare value by one ulp
+        torch.testing.assert_close(got, want, atol=0, rtol=2**-7)
