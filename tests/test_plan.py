@@ -205,11 +205,11 @@ def test_activation_term_counts_what_bf16_segmented_attention_saves(tiny_model_d
                         lambda *a, f=attention.causal_attention_math: products.append(1) or f(*a))
     with_products = saved_activation_bytes(model, batch)
     assert len(products) == 2  # one example, two layers
+    meta = meta_model(recipe, resolve(recipe.quantization))[0]
+    planned = activation_bytes(meta, recipe, 1, n, 2, checkpointing=False, device="cpu")
     monkeypatch.setattr(attention, "MATH_MAX_TOKENS", n - 1)
     with_flash = saved_activation_bytes(model, batch)
     assert len(products) == 2
-    meta = meta_model(recipe, resolve(recipe.quantization))[0]
-    planned = activation_bytes(meta, recipe, 1, n, 2, checkpointing=False, device="cpu")
     padded = recipe.model_copy(update={"training": recipe.training.model_copy(update={"padding_free": False})})
     without = activation_bytes(meta, padded, 1, n, 2, checkpointing=False, device="cpu")  # no segmented attention
     assert planned - without == pytest.approx(with_products - with_flash, rel=0.1)

@@ -1,7 +1,7 @@
 """Decoding and what is done with it: the one decoding path (lean.py: the decode step over a static KV cache;
-batch.py: its rows; decoder.py: the loop with sampling and stop checks) used by `finetune chat`, `eval --generate`,
-training's generation metrics, GRPO's rollouts and `finetune serve`; batched greedy or sampled generation and answer
-scoring (decode.py), and `finetune chat` sessions.
+weights.py: its weights, dequantized and packed once; batch.py: its rows; decoder.py: the loop with sampling and
+stop checks) used by `finetune chat`, `eval --generate`, training's generation metrics, GRPO's rollouts and
+`finetune serve`; batched greedy or sampled generation and answer scoring (decode.py), and `finetune chat` sessions.
 
 Imports: errors, progress, recipe, data, model.
 """
@@ -10,7 +10,8 @@ from finetune import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "session": ["ChatOptions", "Session", "chat", "load_session", "render_messages", "reply", "resolve_target"],
-    "lean": ["LeanModel", "build_lean", "compute_dtype", "fits_in_memory", "fold_bytes", "why_not_lean"],
+    "lean": ["LeanModel", "build_lean", "why_not_lean"],
+    "weights": ["compute_dtype", "fits_in_memory", "fold_bytes"],
     "batch": ["BASE", "LeanBatch", "ModelBatch"],
     "decoder": ["Decoder", "Sequence", "forced", "lean_decoder", "lean_model", "say"],
     "decode": [

@@ -33,7 +33,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "loftq": ["loftq_base_dir", "loftq_initialise", "loftq_trained_base", "loftq_trained_section", "prepare_loftq_base"],
     "variants": ["folds"],
     "icq_base": ["pack_icq_base"],
-    "attention": ["use_segmented_attention"],
+    "attention": ["MATH_MAX_TOKENS", "use_segmented_attention"],
     "compile": ["use_compiled_norms"],
     "reward": ["check_reward_checkpoint", "load_reward_checkpoint", "score_module"],
 })

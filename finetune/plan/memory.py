@@ -20,7 +20,9 @@ do. The terms:
   for a Llama-style decoder (a mixture of experts' block and expert LoRA: plan/moe.py) (residual stream, RMSNorm statistics, rotated q/k, v,
   attention output and log-sum-exp, the gated MLP's three intermediates, and for
   every adapter its input after dropout, the dropout mask (booleans) and its rank-r output, and
-  for DoRA its base and adapter outputs; each layer with its own adapters and ranks);
+  for DoRA its base and adapter outputs; each layer with its own adapters and ranks; on a CPU in bf16
+  with packed or padding-free rows, the attention probabilities of examples short enough to attend by
+  matrix products, finetune/model/attention.py);
   with gradient checkpointing only each layer's input is kept, plus one layer's
   full set while it is recomputed. Counted for micro_batch_size x sequence length,
   where the sequence length is the longest example of the recipe's data when the

@@ -168,7 +168,7 @@ def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, ch
     if device == "cpu" and width == 2 and (recipe.data.packing or recipe.training.padding_free):
         # short bf16 examples of a packed / padding-free row attend by matrix products, keeping each example's
         # [heads, n, n] probabilities for backward: heads x n values per token (finetune/model/attention.py)
-        from finetune.model.attention import MATH_MAX_TOKENS
+        from finetune.model import MATH_MAX_TOKENS
 
         per_layer = [b + heads * min(seq, MATH_MAX_TOKENS) * width for b in per_layer]
     rotary = 2 * seq * head_dim * width  # cos and sin, shared by the layers
