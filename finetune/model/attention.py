@@ -52,10 +52,10 @@ def segmented_sdpa(module, query, key, value, attention_mask, dropout=0.0, scali
 
 
 # bf16 examples up to this many tokens run as matrix products, longer ones through SDPA's flash kernel: measured on
-# an AVX512_BF16 CPU (forward + backward, SmolLM2's 9 / 3 heads of 64, docs/performance.md) the products are 2.0x,
-# 1.8x and 1.7x faster at 128, 256 and 512 tokens and 0.8x / 0.55x at 1024 / 2048, where flash's skipped blocks
-# above the diagonal and its O(n) memory win. They keep a [heads, n, n] bf16 matrix per example for backward (the
-# planner counts it: plan/terms.py). float32 always takes flash: 1.3-3.2x faster than the products there.
+# an AVX512_BF16 CPU (`scripts/bench_step.py attention`: forward + backward, SmolLM2's 9 / 3 heads of 64) the
+# products are 2.4x, 2.0x and 1.8x faster at 128, 256 and 512 tokens and 0.6x / 0.5x at 1024 / 2048, where flash's
+# skipped blocks above the diagonal and its O(n) memory win. They keep a [heads, n, n] bf16 matrix per example for
+# backward (the planner counts it: plan/terms.py). float32 always takes flash: 1.2-3.3x faster than the products.
 MATH_MAX_TOKENS = 512
 
 
