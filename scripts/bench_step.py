@@ -529,12 +529,12 @@ def attention_by_length(lengths: list[int], repeats: int) -> dict:
 
     from finetune.model.attention import causal_attention_math
 
+    forms = {"flash": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+             "math": lambda q, k, v: causal_attention_math(q, k, v, 64**-0.5)}
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         for n in lengths:
             leaves = [torch.randn(1, n, heads, 64, dtype=dtype, requires_grad=True) for heads in (9, 3, 3)]
-            forms = {"flash": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
-                     "math": lambda q, k, v: causal_attention_math(q, k, v, 64**-0.5)}
             row = {}
             for form, fn in forms.items():
                 def step(fn=fn):

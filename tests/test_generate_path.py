@@ -82,17 +82,17 @@ def test_greedy_ids_equal_model_generate(which, float_base, quantized, tok, prom
     alone = [old_path(model, tok, [p], 1)[0] for p in prompts]
     assert [new_path(model, tok, [p], 1)[0] for p in prompts] == alone
     assert len({tuple(a) for a in alone}) == len(alone) and all(len(a) > 3 for a in alone)  # five different answers
-    if lean.compute_dtype(model) == torch.float32:
+    if weights.compute_dtype(model) == torch.float32:
         # 5 prompts through 2 rows: rows leave, the next prompt takes their place; the static cache grows and compacts
         assert new_path(model, tok, prompts, 2) == alone == old_path(model, tok, prompts, 5)
 
 
 def test_a_4bit_weight_is_dequantized_once_to_what_bitsandbytes_computes_with(quantized):
     module = quantized.base_model.model.model.layers[1].mlp.down_proj.base_layer
-    dense = lean.dense_weight(module)
+    dense = weights.dense_weight(module)
     x = torch.randn(3, module.in_features).to(dense.dtype)
     assert torch.equal(torch.nn.functional.linear(x, dense), module(x))
-    assert lean.dense_weight(module) is dense  # kept, not dequantized again
+    assert weights.dense_weight(module) is dense  # kept, not dequantized again
 
 
 def test_weights_are_packed_for_onednn_with_the_same_answers(quantized, tok, prompts, monkeypatch):
@@ -110,18 +110,18 @@ def test_weights_are_packed_for_onednn_with_the_same_answers(quantized, tok, pro
         return torch.stack(logits)
 
     names = ["one", "two", None, "two", "one"]
-    dtype = lean.compute_dtype(quantized)
+    dtype = weights.compute_dtype(quantized)
     lm = lean.build_lean(quantized, ["one", "two"])
     down = quantized.base_model.model.model.layers[1].mlp.down_proj.base_layer.weight
-    if not lean.packable(dtype):
+    if not weights.packable(dtype):
         assert dtype == torch.bfloat16 and not cpu_has_native_bf16()  # only an AVX2 CPU refuses bf16
         assert all(p.packed is None for p in lm.layers[1].proj.values()) and lm.head.packed is None
         return
     assert all(p.packed is not None and p.weight is None for p in lm.layers[1].proj.values())
-    assert lm.head.packed is not None and lm.layers[1].proj["down_proj"].packed is getattr(down, lean.PACKED)
+    assert lm.head.packed is not None and lm.layers[1].proj["down_proj"].packed is getattr(down, weights.PACKED)
     assert lm.head.packed.dtype == dtype
-    assert not hasattr(down, lean.DENSE)  # the packed copy replaced the dense one
-    assert lean.build_lean(quantized, ["one"]).layers[1].proj["down_proj"].packed is getattr(down, lean.PACKED)
+    assert not hasattr(down, weights.DENSE)  # the packed copy replaced the dense one
+    assert lean.build_lean(quantized, ["one"]).layers[1].proj["down_proj"].packed is getattr(down, weights.PACKED)
     packed = decode(lm, names)
     for module in (lean, weights):  # oneDNN refuses (a folded weight is packed by lean, the others by weights)
         monkeypatch.setattr(module, "pack", lambda weight: None)
@@ -137,7 +137,7 @@ def test_weights_are_packed_for_onednn_with_the_same_answers(quantized, tok, pro
 
 def test_float32_folds_the_adapter_bf16_keeps_it_beside_the_weights(quantized, float_base, tiny_model_dir):
     lm = lean_model(quantized)
-    if lean.compute_dtype(quantized) == torch.float32:
+    if weights.compute_dtype(quantized) == torch.float32:
         assert lm.folded == "one" and all(p.lora is None for p in lm.layers[0].proj.values())
     else:
         assert lm.folded is None and lm.adapters == ["one"]
@@ -204,7 +204,7 @@ def test_sampling_is_seeded_per_prompt_not_per_batch(float_base, tok, prompts):
     four = ev.generate_ids(float_base, tok, prompts, GenerationOptions(**{**vars(hot), "batch_size": 4}))
     assert four == ev.generate_ids(float_base, tok, prompts, GenerationOptions(**{**vars(hot), "batch_size": 4}))
     assert len({tuple(x) for x in one}) == len(one)  # really sampling
-    if lean.compute_dtype(float_base) == torch.float32:  # (bf16 logits depend on the batch's size: see the top)
+    if weights.compute_dtype(float_base) == torch.float32:  # (bf16 logits depend on the batch's size: see the top)
         assert one == four
     other = ev.generate_ids(float_base, tok, prompts, GenerationOptions(**{**vars(hot), "seed": 4}))
     assert other != one
@@ -224,7 +224,7 @@ def test_equal_prompts_share_one_prefill_and_sample_as_alone(float_base, tok, pr
     # 3 prompts in 6 rows: 4 + 2, then the second one's other 2 + 4 (more if an answer ends early); 12 unshared
     assert 4 <= sum(prefilled) <= 6
     assert len({tuple(x) for x in grouped}) > 3  # the four answers to a prompt differ
-    if lean.compute_dtype(float_base) == torch.float32:  # (bf16 logits depend on the batch's size: see the top)
+    if weights.compute_dtype(float_base) == torch.float32:  # (bf16 logits depend on the batch's size: see the top)
         assert grouped == alone
 
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from finetune.generate import lean
+from finetune.generate import lean, weights
 from finetune.generate.batch import BASE, LeanBatch
 
 log = logging.getLogger("finetune.generate")
@@ -167,8 +167,8 @@ def lean_model(model) -> lean.LeanModel:
     kept = _LEAN.get(model)
     if kept is not None and kept[0] == key:
         return kept[1]
-    folds = active is not None and lean.compute_dtype(model) == torch.float32 and \
-        lean.fits_in_memory(lean.fold_bytes(model))
+    folds = active is not None and weights.compute_dtype(model) == torch.float32 and \
+        weights.fits_in_memory(weights.fold_bytes(model))
     built = lean.build_lean(model, [active] if active else [], fold=active if folds else None)
     _LEAN[model] = (key, built)
     return built

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from finetune.generate.weights import (  # noqa: F401  (DENSE, PACKED, the helpers: the step's names for them too)
-    DENSE, PACKED, base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, fold_bytes, pack,
-    pack_bytes, packable, packed_weight)
+from finetune.generate.weights import (
+    base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, pack, pack_bytes, packable, packed_weight)
 
 FAMILIES = ("llama", "mistral", "qwen2")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
