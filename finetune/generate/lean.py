@@ -9,6 +9,8 @@ per-adapter dispatch, bitsandbytes dequantizing every 4-bit weight again) is gon
   same products, blocked for the matrix kernel once instead of at every call; on a 2-core AVX2 CPU 1.5x faster at
   one row and 1.8-2.3x at 4 to 16 rows than `F.linear` on the plain weight (docs/performance.md). A bf16 weight is
   packed too where oneDNN packs bf16 (AVX512_BF16 / AMX CPUs: 1.5-1.9x there), plain on an AVX2 CPU;
+  where the plain weight's product is faster at one or two rows (`plain_rows`: measured; an Ice Lake Xeon), the plain
+  weight is kept beside the packed one and runs those;
 - one adapter decoded alone is folded into the weights (W + s B A, as PEFT merges) in float32 compute; in bf16 it
   stays beside them, computed as PEFT computes it under training's autocast (finetune.model.compute_like_training:
   the float32 A and B meet the bf16 activations as bf16, (B(A x)) s in bf16), since folding would round the sum;
@@ -29,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from finetune.generate.weights import (
-    base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, pack, pack_bytes, packable, packed_weight)
+    base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, pack, pack_bytes, packable, packed_weight,
+    plain_bytes, plain_rows)
 
 FAMILIES = ("llama", "mistral", "qwen2")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -56,10 +59,11 @@ class Linear:
     lora: Lora | None = None
     quantized: torch.nn.Module | None = None  # a 4-bit layer dequantized at every use (memory did not allow more)
     packed: torch.Tensor | None = None  # the weight in oneDNN's layout (`pack`)
+    plain_rows: int = 0  # inputs of up to this many rows take `weight` (kept beside `packed`: `plain_rows`)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b for 2-D x."""
-        if self.packed is not None:
+        if self.packed is not None and (self.weight is None or len(x) > self.plain_rows):
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         weight = self.weight if self.quantized is None else dense_weight(self.quantized, keep=False)
         return F.linear(x, weight, self.bias)
@@ -136,17 +140,18 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None) -> Lean
     adapters = [a for a in adapters if a != fold]
     keep = fits_in_memory(dense_bytes(model))
     packs = keep and packable(compute_dtype(model)) and fits_in_memory(pack_bytes(model))
+    plain = plain_rows(compute_dtype(model)) if packs and fits_in_memory(pack_bytes(model) + plain_bytes(model)) else 0
     # the dtype the model's forward autocasts to (finetune.model.compute_like_training): float32 adapter weights
     # meet the activations in it, so they are kept in it here (None: no autocast, as they are)
     autocast = base.__dict__.get("_finetune_autocast")
     layers = [Layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                    {p: _linear(_projection(layer, p), adapters, fold, keep, autocast, packs) for p in PROJECTIONS})
+                    {p: _linear(_projection(layer, p), adapters, fold, keep, autocast, packs, plain) for p in PROJECTIONS})
               for layer in inner.layers]
     dtype = inner.embed_tokens.weight.dtype
     any_4bit = any(type(getattr(getattr(m, "base_layer", m), "weight", None)).__name__ == "Params4bit"
                    for m in base.modules())
     return LeanModel(layers, inner.embed_tokens.weight.detach(), inner.norm.weight.detach(),
-                     _linear(base.lm_head, (), None, keep, packs=packs), inner.rotary_emb, text.num_attention_heads,
+                     _linear(base.lm_head, (), None, keep, packs=packs, plain=plain), inner.rotary_emb, text.num_attention_heads,
                      text.num_key_value_heads, head_dim, text.rms_norm_eps, dtype, list(adapters), fold,
                      cast_before_add=any_4bit)
 
@@ -156,9 +161,10 @@ def _projection(layer, name: str):
 
 
 def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast: torch.dtype | None = None,
-            packs: bool = False) -> Linear:
+            packs: bool = False, plain: int = 0) -> Linear:
     """A projection as the step runs it; a 4-bit one that is not kept dequantized is dequantized at every use; its
-    adapters' A and B in `autocast` (their own dtype where None); its weight packed for oneDNN where `packs`."""
+    adapters' A and B in `autocast` (their own dtype where None); its weight packed for oneDNN where `packs`, the
+    plain one kept beside it for inputs of up to `plain` rows."""
     base = getattr(module, "base_layer", module)
     bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
     weight = packed = None
@@ -168,15 +174,16 @@ def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast:
         weight = (weight.float() + (b.float() @ a.float()) * module.scaling[fold]).to(weight.dtype)
         packed = pack(weight) if packs else None
     elif packs:
-        packed = packed_weight(base)
-    if packed is not None:
+        packed = packed_weight(base, keep_plain=plain > 0)
+    if packed is not None and not plain:
         weight = None
     elif weight is None and keep:
         weight = dense_weight(base)
     quantized = base if weight is None and packed is None else None
     found = [(i, name) for i, name in enumerate(adapters) if name in getattr(module, "lora_A", {})]
+    plain = plain if packed is not None else 0
     if not found:
-        return Linear(weight, bias, quantized=quantized, packed=packed)
+        return Linear(weight, bias, quantized=quantized, packed=packed, plain_rows=plain)
     parts = {i: (_as(module.lora_A[n].weight, autocast), _as(module.lora_B[n].weight, autocast),
                  float(module.scaling[n])) for i, n in found}
     rounds = parts[found[0][0]][0].dtype
@@ -188,7 +195,7 @@ def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast:
     layout = tuple((i, parts[i][0].shape[0], parts[i][2]) for i, _ in found)
     lora = Lora(torch.cat([parts[i][0] for i, _ in found]), torch.cat([parts[i][1] for i, _ in found], dim=1),
                 owner, scale, parts, layout, rounds)
-    return Linear(weight, bias, lora, quantized=quantized, packed=packed)
+    return Linear(weight, bias, lora, quantized=quantized, packed=packed, plain_rows=plain)
 
 
 def _as(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
