@@ -10,7 +10,8 @@ Formats: float32 through `F.linear` (the plain weight), float32 in oneDNN's pre-
 step uses, finetune/generate/lean.py), float16 and bfloat16 through `F.linear` (half the bytes; a lossy copy of a
 float32 model's weights), and bf16 pre-packed where oneDNN accepts it (AVX512/AMX CPUs). Reports ms per token's
 products at each row count and the tokens/s that alone allows (rows / time); `--llamacpp-tps` (llama.cpp's batch-1
-tokens/s from bench_generate.py) adds each format's ceiling as a ratio of it.
+tokens/s from bench_generate.py) adds each format's ceiling as a ratio of it. Last, which of the two float32 (and bf16)
+layouts the decode step chose for one or two rows on this CPU (`plain_rows`, measured once per process).
 """
 
 from __future__ import annotations
@@ -102,7 +103,16 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     print("\n".join(lines))
+    sys.path.insert(0, str(ROOT))
+    from finetune.generate.weights import plain_rows
+
+    print("\nThe decode step on this CPU (finetune.generate.weights.plain_rows, its own probe): "
+          + "; ".join(f"{d}: {_choice(plain_rows(getattr(torch, d)))}" for d in ("float32", "bfloat16")))
     return 0
+
+
+def _choice(rows: int) -> str:
+    return "packed at every row count" if rows == 0 else f"plain at up to {rows} row{'s' * (rows > 1)}, packed above"
 
 
 if __name__ == "__main__":

@@ -136,6 +136,8 @@ def test_bench_decode_weights(tiny_model_dir):
     rows = {line.split(" | ")[0].strip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"format", "float32", "float32 packed", "float16", "bfloat16", "bfloat16 packed"}
     assert "x llama.cpp)" in rows["float32"] and rows["float32"].count(" / ") == 2  # a cell per row count
+    [choice] = [line for line in done.stdout.splitlines() if "plain_rows" in line]
+    assert "float32: " in choice and "bfloat16: " in choice and "packed" in choice
 
 
 @pytest.mark.parametrize("objective", ["kto", "reward"])
