@@ -140,20 +140,22 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None) -> Lean
     adapters = [a for a in adapters if a != fold]
     keep = fits_in_memory(dense_bytes(model))
     packs = keep and packable(compute_dtype(model)) and fits_in_memory(pack_bytes(model))
-    plain = plain_rows(compute_dtype(model)) if packs and fits_in_memory(pack_bytes(model) + plain_bytes(model)) else 0
+    both = packs and fits_in_memory(pack_bytes(model) + plain_bytes(model))  # a plain copy beside each packed one
+    plain = plain_rows(compute_dtype(model)) if both else 0
     # the dtype the model's forward autocasts to (finetune.model.compute_like_training): float32 adapter weights
     # meet the activations in it, so they are kept in it here (None: no autocast, as they are)
     autocast = base.__dict__.get("_finetune_autocast")
     layers = [Layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                    {p: _linear(_projection(layer, p), adapters, fold, keep, autocast, packs, plain) for p in PROJECTIONS})
+                    {p: _linear(_projection(layer, p), adapters, fold, keep, autocast, packs, plain)
+                     for p in PROJECTIONS})
               for layer in inner.layers]
     dtype = inner.embed_tokens.weight.dtype
     any_4bit = any(type(getattr(getattr(m, "base_layer", m), "weight", None)).__name__ == "Params4bit"
                    for m in base.modules())
     return LeanModel(layers, inner.embed_tokens.weight.detach(), inner.norm.weight.detach(),
-                     _linear(base.lm_head, (), None, keep, packs=packs, plain=plain), inner.rotary_emb, text.num_attention_heads,
-                     text.num_key_value_heads, head_dim, text.rms_norm_eps, dtype, list(adapters), fold,
-                     cast_before_add=any_4bit)
+                     _linear(base.lm_head, (), None, keep, packs=packs, plain=plain), inner.rotary_emb,
+                     text.num_attention_heads, text.num_key_value_heads, head_dim, text.rms_norm_eps, dtype,
+                     list(adapters), fold, cast_before_add=any_4bit)
 
 
 def _projection(layer, name: str):
