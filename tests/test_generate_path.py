@@ -176,6 +176,11 @@ def test_one_or_two_rows_take_the_plain_weight_where_this_cpu_streams_it_faster(
     assert not hasattr(down, weights.DENSE)  # packed alone again: the dense copy dropped
     torch.testing.assert_close(both, alone, atol=1e-4 if dtype == torch.float32 else 0.1, rtol=0)
     assert torch.equal(both.argmax(-1), alone.argmax(-1))
+    budget = weights.dense_bytes(quantized) + weights.pack_bytes(quantized)  # room to pack, not for both copies
+    monkeypatch.setattr(lean, "plain_rows", lambda dtype: 2)
+    monkeypatch.setattr(lean, "fits_in_memory", lambda nbytes: nbytes <= budget)
+    tight = lean.build_lean(quantized, ["one", "two"])
+    assert tight.head.packed is not None and tight.head.weight is None and tight.head.plain_rows == 0
 
 
 def test_float32_folds_the_adapter_bf16_keeps_it_beside_the_weights(quantized, float_base, tiny_model_dir):

@@ -140,7 +140,8 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None) -> Lean
     adapters = [a for a in adapters if a != fold]
     keep = fits_in_memory(dense_bytes(model))
     packs = keep and packable(compute_dtype(model)) and fits_in_memory(pack_bytes(model))
-    both = packs and fits_in_memory(pack_bytes(model) + plain_bytes(model))  # a plain copy beside each packed one
+    # a plain copy beside each packed one, counted with what packing takes (all of it is allocated below)
+    both = packs and fits_in_memory(dense_bytes(model) + pack_bytes(model) + plain_bytes(model))
     plain = plain_rows(compute_dtype(model)) if both else 0
     # the dtype the model's forward autocasts to (finetune.model.compute_like_training): float32 adapter weights
     # meet the activations in it, so they are kept in it here (None: no autocast, as they are)
