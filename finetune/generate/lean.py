@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from finetune.generate.weights import (
-    base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, pack, pack_bytes, packable, packed_weight,
-    plain_bytes, plain_rows)
+    base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, pack, pack_bytes, packable, packed_product,
+    packed_weight, plain_bytes, plain_rows)
 
 FAMILIES = ("llama", "mistral", "qwen2")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -64,7 +64,7 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b for 2-D x."""
         if self.packed is not None and (self.weight is None or len(x) > self.plain_rows):
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return packed_product(x, self.packed, self.bias)
         weight = self.weight if self.quantized is None else dense_weight(self.quantized, keep=False)
         return F.linear(x, weight, self.bias)
 
@@ -138,10 +138,11 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None) -> Lean
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     adapters = [a for a in adapters if a != fold]
-    keep = fits_in_memory(dense_bytes(model))
-    packs = keep and packable(compute_dtype(model)) and fits_in_memory(pack_bytes(model))
+    dense, copies = dense_bytes(model), pack_bytes(model)
+    keep = fits_in_memory(dense)
+    packs = keep and packable(compute_dtype(model)) and fits_in_memory(copies)
     # a plain copy beside each packed one, counted with what packing takes (all of it is allocated below)
-    both = packs and fits_in_memory(dense_bytes(model) + pack_bytes(model) + plain_bytes(model))
+    both = packs and fits_in_memory(dense + copies + plain_bytes(model))
     plain = plain_rows(compute_dtype(model)) if both else 0
     # the dtype the model's forward autocasts to (finetune.model.compute_like_training): float32 adapter weights
     # meet the activations in it, so they are kept in it here (None: no autocast, as they are)
@@ -184,7 +185,6 @@ def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast:
         weight = dense_weight(base)
     quantized = base if weight is None and packed is None else None
     found = [(i, name) for i, name in enumerate(adapters) if name in getattr(module, "lora_A", {})]
-    plain = plain if packed is not None else 0
     if not found:
         return Linear(weight, bias, quantized=quantized, packed=packed, plain_rows=plain)
     parts = {i: (_as(module.lora_A[n].weight, autocast), _as(module.lora_B[n].weight, autocast),

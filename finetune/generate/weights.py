@@ -70,6 +70,11 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+def packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x W^T + b for 2-D x with W packed by `pack`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 def packed_weight(layer, keep_plain: bool = False) -> torch.Tensor | None:
     """The layer's weight packed (`pack`), kept on the parameter while it lives (one copy however many lean models
     read it); a 4-bit weight is dequantized for it and its dense copy dropped (the packed one replaces it) unless
@@ -109,8 +114,7 @@ def plain_rows(dtype: torch.dtype) -> int:
             plain, onednn = [], []
             for _ in range(4):  # alternating, so a busy moment costs both; the first (warm-up) dropped
                 plain.append(_timed(lambda: [F.linear(x, w) for w in weights]))
-                onednn.append(_timed(lambda: [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-                                              for w in packed]))
+                onednn.append(_timed(lambda: [packed_product(x, w) for w in packed]))
             plain, onednn = plain[1:], onednn[1:]
             if statistics.median(plain) > 0.85 * statistics.median(onednn):
                 break
