@@ -338,6 +338,21 @@ def chart_y(driver, key: str, trace: str) -> list:
         "chart-" + key.replace("/", "_"), trace)
 
 
+def choose(driver, css: str, text: str, nth: int = 0, by: str = "visible_text") -> None:
+    """Pick the option of the `nth` select `css` finds whose visible text (or value) is `text`. The page rebuilds a
+    select's options when the runs change, which can make the element Selenium holds stale mid-pick: find, pick and
+    check the choice held, again until it does."""
+    from selenium.webdriver.support.ui import Select
+
+    def pick():
+        select = Select(by_css(driver, css)[nth])
+        getattr(select, f"select_by_{by}")(text)
+        chosen = select.first_selected_option
+        return (chosen.text if by == "visible_text" else chosen.get_attribute("value")) == text
+
+    wait_for(pick, f"option {text!r} of {css}")
+
+
 def tab(driver, name):
     click(driver, f'button.tab[data-tab="{name}"]', f"the {name} tab")
 
@@ -403,11 +418,9 @@ def test_run_page_shows_checkpoints_evals_samples_and_recipe(browser, world):
 
 
 def test_recipe_diff_shows_only_the_differing_keys(browser):
-    from selenium.webdriver.support.ui import Select
-
     tab(browser, "compare")
-    Select(by_css(browser, "#diff-a")[0]).select_by_visible_text("alpha")
-    Select(by_css(browser, "#diff-b")[0]).select_by_visible_text("beta")
+    choose(browser, "#diff-a", "alpha")
+    choose(browser, "#diff-b", "beta")
     click(browser, "#diff-go", "the diff button")
     keys = wait_for(lambda: [td.text for td in by_css(browser, "#diff-table td.diff-key")], "the diff")
     assert keys == ["name", "output_dir", "training.learning_rate"]
@@ -432,12 +445,8 @@ def ended(driver) -> str | None:
 
 
 def test_launch_form_refuses_a_bad_override_then_runs_a_3_step_run(browser, server, world):
-    from selenium.webdriver.support.ui import Select
-
     tab(browser, "launch")
-    wait_for(lambda: "recipes/tiny.yaml" in [o.text for o in Select(by_css(browser, "#launch-recipe")[0]).options],
-             "the recipes")
-    Select(by_css(browser, "#launch-recipe")[0]).select_by_visible_text("recipes/tiny.yaml")
+    choose(browser, "#launch-recipe", "recipes/tiny.yaml")
     assert "not available" in by_css(browser, "#sweep-note")[0].text or by_css(browser, "#sweep-option")[0].is_enabled()
     set_overrides(browser, [("training.max_steps", "three"), ("name", "tiny3")])
     click(browser, "#launch-go", "the launch button")
@@ -480,15 +489,12 @@ def test_stop_writes_a_checkpoint_and_resume_continues(browser, world):
 
 
 def test_chat_panel_streams_the_reply_finetune_chat_gives(browser, world):
-    from selenium.webdriver.support.ui import Select
-
     ckpt = "alpha/checkpoint-final"
     result = runner.invoke(cli_app, ["chat", str(world["runs"] / ckpt), "--prompt", PROMPT, "--max-new-tokens", "12"])
     assert result.exit_code == 0, result.output
     tab(browser, "chat")
-    left, right = by_css(browser, ".chat-target")
-    Select(left).select_by_value(ckpt)
-    Select(right).select_by_value("base:" + ckpt)
+    choose(browser, ".chat-target", ckpt, nth=0, by="value")
+    choose(browser, ".chat-target", "base:" + ckpt, nth=1, by="value")
     box = by_css(browser, "#chat-max")[0]
     box.clear()
     box.send_keys("12")
