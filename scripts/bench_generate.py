@@ -11,7 +11,8 @@ same), saved as a checkpoint directory on the base the way `finetune train` lays
 `finetune.generate` (the lean step where it models the network); transformers runs `model.generate` on that same
 loaded model (what `finetune chat` and `eval --generate` ran before); llama.cpp (llama-cpp-python, the optional
 `llamacpp` extra) runs `finetune export --type q8_0` of the same checkpoint with 2 threads, several sequences in
-one `llama_decode` per step. Without llama-cpp-python it measures the rest and says so.
+one `llama_decode` per step. Without llama-cpp-python it measures the rest and says so. The "int8 weights" row is
+finetune's path under FINETUNE_DECODE_WEIGHTS=int8 (8-bit weights, as llama.cpp's q8_0; not the exact numbers).
 
 Each configuration decodes `--max-new-tokens` tokens per sequence (end-of-sequence ignored) after the prompt's
 prefill, and is timed whole (prefill included); tools alternate within every repeat, medians of `--repeats` are
@@ -71,19 +72,36 @@ def load(adapter: Path):
     return session.model, session.tok
 
 
-def finetune_tps(model, prompt: list[int], batch: int, tokens: int) -> float:
-    """Tokens/s of `batch` sequences through finetune's decoding path (generate_ids' loop, no end-of-sequence)."""
-    from finetune.generate.decoder import Sequence, lean_decoder
+def finetune_tps(model, prompt: list[int], batch: int, tokens: int, lm=None) -> float:
+    """Tokens/s of `batch` sequences through finetune's decoding path (generate_ids' loop, no end-of-sequence); on
+    `lm` (a lean model of `model`, e.g. `int8_model`'s) where given."""
+    from finetune.generate.batch import LeanBatch
+    from finetune.generate.decoder import Decoder, Sequence, active_adapter, lean_decoder
 
-    decoder = lean_decoder(model)
+    decoder = lean_decoder(model) if lm is None else Decoder(LeanBatch(lm))
     if decoder is None:
         return float("nan")
+    decoder.adapter = active_adapter(model)
     start = time.perf_counter()
     with torch.inference_mode():
         decoder.admit([[Sequence(list(prompt), tokens, frozenset(), decoder.adapter)] for _ in range(batch)])
         while decoder.rows:
             decoder.step()
     return batch * tokens / (time.perf_counter() - start)
+
+
+def int8_model(model):
+    """The lean model `finetune chat` decodes `model` with under FINETUNE_DECODE_WEIGHTS=int8 (None where the lean
+    step does not model it or int8 is not faster on this CPU)."""
+    from finetune.generate.decoder import lean_decoder, lean_model
+    from finetune.generate.weights import DECODE_WEIGHTS
+
+    os.environ[DECODE_WEIGHTS] = "int8"
+    try:
+        lm = lean_model(model) if lean_decoder(model) is not None else None
+    finally:
+        del os.environ[DECODE_WEIGHTS]
+    return lm if lm is not None and lm.head.int8 is not None else None
 
 
 def transformers_tps(model, prompt: list[int], batch: int, tokens: int) -> float:
@@ -219,6 +237,12 @@ def run(args) -> list[tuple[str, dict[int, list[tuple[float, float]]]]]:
         print(note, flush=True)
     tools = {"finetune": lambda b: finetune_tps(model, prompt, b, args.max_new_tokens),
              "transformers generate": lambda b: transformers_tps(model, prompt, b, args.max_new_tokens)}
+    eight = int8_model(model) if args.int8 else None
+    if eight is not None:
+        tools["finetune, int8 weights"] = lambda b: finetune_tps(model, prompt, b, args.max_new_tokens, eight)
+    elif args.int8:
+        print("finetune, int8 weights: not measured (the decode step keeps the exact weights here: the log says why)",
+              flush=True)
     if llama is not None:
         tools["llama.cpp q8_0"] = lambda b: llama.tps(prompt, b, args.max_new_tokens)
     results: dict[str, dict[int, list]] = {name: {b: [] for b in args.batches} for name in tools}
@@ -272,6 +296,9 @@ def ratios(rows, streams: int) -> str:
     if llama:
         out.append(f"finetune batch 1 / llama.cpp batch 1: {med['finetune'].get(1, float('nan')) / llama:.2f}x "
                    "(target >= 0.7x)")
+        if med.get("finetune, int8 weights", {}).get(1):
+            out.append(f"finetune with int8 weights (FINETUNE_DECODE_WEIGHTS=int8) batch 1 / llama.cpp batch 1: "
+                       f"{med['finetune, int8 weights'][1] / llama:.2f}x")
         serve = med.get("serve engine, 1 adapter", {}).get(streams)
         if serve:
             out.append(f"serve engine {streams} streams / llama.cpp single stream: {serve / llama:.2f}x "
@@ -319,6 +346,8 @@ def main(argv=None) -> None:
     ap.add_argument("--streams", type=int, default=16, help="concurrent requests in the serve rows")
     ap.add_argument("--serve", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp (and the GGUF export)")
+    ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True,
+                    help="also finetune's path with FINETUNE_DECODE_WEIGHTS=int8 (where it is faster on this CPU)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "finetune-bench-generate"),
                     help="adapters and GGUF exports, kept between runs")
     ap.add_argument("--out", type=Path, default=ROOT / "docs/performance.md")

@@ -23,6 +23,7 @@ from test_serve import make_dora
 from transformers import AutoTokenizer
 
 import finetune.generate.batch as batch_module
+from finetune.errors import RecipeError
 from finetune.generate import decode as ev
 from finetune.generate import lean, weights
 from finetune.generate.batch import LeanBatch
@@ -181,6 +182,61 @@ def test_one_or_two_rows_take_the_plain_weight_where_this_cpu_streams_it_faster(
     monkeypatch.setattr(lean, "fits_in_memory", lambda nbytes: nbytes <= budget)
     tight = lean.build_lean(quantized, ["one", "two"])
     assert tight.head.packed is not None and tight.head.weight is None and tight.head.plain_rows == 0
+
+
+def test_int8_decode_weights_run_the_few_row_products_and_the_exact_weights_the_rest(quantized, prompts,
+                                                                                      monkeypatch):
+    """FINETUNE_DECODE_WEIGHTS=int8: every projection and the head get an int8 copy (per-row scales, kept on the
+    parameter: one copy for every lean model), which inputs of up to `int8_rows` rows take, with the plain copy
+    beside the packed one dropped; more rows (a prefill) take the exact weights, so a prompt's logits are exactly
+    the exact step's, and the decoded ones stay within int8's rounding of them. Where memory does not hold the int8
+    copy too, the exact weights alone; a value of the variable other than exact or int8 is refused, naming it."""
+    dtype = weights.compute_dtype(quantized)
+    if not weights.int8_available():
+        pytest.fail("this torch has no torch._weight_int8pack_mm")
+    assert weights.int8_rows(dtype) in (0, 1, 2, 4, 8, 16)  # this CPU's answer, measured once
+    monkeypatch.setattr(lean, "int8_rows", lambda dtype: 4)
+    monkeypatch.setattr(lean, "plain_rows", lambda dtype: 2)
+    exact = lean.build_lean(quantized, ["one", "two"])
+    monkeypatch.setenv(weights.DECODE_WEIGHTS, "int8")
+    lm = lean.build_lean(quantized, ["one", "two"])
+    down = quantized.base_model.model.model.layers[1].mlp.down_proj.base_layer.weight
+    for lin in [*lm.layers[1].proj.values(), lm.head]:
+        assert lin.int8 is not None and lin.int8_rows == 4 and lin.plain_rows == 0
+        assert lin.int8[0].dtype == torch.int8 and lin.int8[1].dtype == torch.bfloat16
+    lin = lm.layers[1].proj["down_proj"]
+    assert lin.int8 is getattr(down, weights.INT8) and lean.build_lean(quantized, ["one"]).layers[1].proj[
+        "down_proj"].int8 is lin.int8
+    dense = weights.dense_weight(quantized.base_model.model.model.layers[1].mlp.down_proj.base_layer, keep=False)
+    q, scale = lin.int8
+    step = scale.float()[:, None]
+    assert ((q.float() * step - dense.float()).abs() <= step / 2 + 1e-7).float().mean() > 0.999  # nearest point
+    assert (q.abs().amax(dim=1) >= 126).all()  # each row's largest weight at the grid's end
+    x = torch.randn(5, lin.int8[0].shape[1]).to(dtype)
+    assert torch.equal(lin(x[:4]), weights.int8_product(x[:4], *lin.int8))
+    assert torch.equal(lin(x), dataclasses.replace(lin, int8=None)(x))  # 5 rows: the exact weight
+
+    def run(lm):
+        """The keys of the prompt's prefill; the logits of it (one row into the head) and of 6 greedy steps."""
+        batch = LeanBatch(lm)
+        logits = [batch.prefill(prompts[1:2], ["one"])]
+        keys = batch.cache.keys[1][0, :, : len(prompts[1])].clone()
+        for _ in range(6):
+            logits.append(batch.decode(logits[-1].argmax(-1).tolist(), ["one"]))
+        return keys, torch.cat(logits)
+
+    assert len(prompts[1]) > 4
+    (fast_keys, fast), (slow_keys, slow) = run(lm), run(exact)
+    assert torch.equal(fast_keys, slow_keys)  # the prompt's tokens went through the exact weights
+    # int8's rounding: 0.17 (float32) and 0.24 (bf16) at most here, of logits spread 1.6; not the same numbers
+    assert not torch.equal(fast, slow) and (fast - slow).abs().max() <= 0.25 * slow.std()
+    budget = weights.dense_bytes(quantized) + weights.pack_bytes(quantized) + weights.int8_bytes(quantized) - 1
+    monkeypatch.setattr(lean, "fits_in_memory", lambda nbytes: nbytes <= budget)
+    tight = lean.build_lean(quantized, ["one", "two"])
+    assert tight.head.int8 is None and tight.head.int8_rows == 0  # the exact weights alone
+    monkeypatch.setenv(weights.DECODE_WEIGHTS, "int9")
+    with pytest.raises(RecipeError, match="FINETUNE_DECODE_WEIGHTS='int9': expected 'exact'"):
+        lean.build_lean(quantized, ["one", "two"])
 
 
 def test_float32_folds_the_adapter_bf16_keeps_it_beside_the_weights(quantized, float_base, tiny_model_dir):

@@ -120,24 +120,37 @@ def test_bench_serve(tiny_model_dir, tmp_path):
 def test_bench_generate(tiny_model_dir, tmp_path):
     out = tmp_path / "performance.md"
     out.write_text("# Performance\n")
-    run_script("bench_generate.py", "--model", tiny_model_dir, "--batches", 1, 2, "--max-new-tokens", 3, "--repeats",
-               1, "--streams", 4, "--no-llamacpp", "--work", tmp_path / "work", "--out", out)
+    done = run_script("bench_generate.py", "--model", tiny_model_dir, "--batches", 1, 2, "--max-new-tokens", 3,
+                      "--repeats", 1, "--streams", 4, "--no-llamacpp", "--work", tmp_path / "work", "--out", out)
     text = out.read_text()
     assert text.startswith("# Performance\n") and "<!-- bench_generate:start -->" in text
     for row in ("| finetune |", "| transformers generate |", "| serve engine, 1 adapter |",
                 "| serve engine, 4 mixed adapters |", "four mixed adapters / one adapter",
                 "finetune / transformers generate at batch 2"):
         assert row in text, row
+    # FINETUNE_DECODE_WEIGHTS=int8's row where the decode step takes int8 on this CPU, else the bench says why not
+    assert ("| finetune, int8 weights |" in text) != ("int8 weights: not measured" in done.stdout)
 
 
-def test_bench_decode_weights(tiny_model_dir):
+def test_bench_decode_weights(tiny_model_dir, tmp_path):
+    texts = tmp_path / "texts.jsonl"
+    write_jsonl(texts, [{"text": "A cat and a dog sat under the tree in the rain."},
+                        {"question": "What is 2 + 3?", "answer": "2 + 3 = 5.\n#### 5"}])
     done = run_script("bench_decode_weights.py", "--model", tiny_model_dir, "--rows", 1, 2, "--repeats", 1,
-                      "--llamacpp-tps", 100)
+                      "--llamacpp-tps", 100, "--accuracy", texts, "--texts", 2, "--max-tokens", 8)
     rows = {line.split(" | ")[0].strip("| "): line for line in done.stdout.splitlines() if line.startswith("| ")}
-    assert set(rows) >= {"format", "float32", "float32 packed", "float16", "bfloat16", "bfloat16 packed"}
+    assert set(rows) >= {"format", "float32", "float32 packed", "float16", "bfloat16", "bfloat16 packed",
+                         "int8, float32 in and out"}
+    assert rows["int8, float32 in and out"].count(" / ") == 2
     assert "x llama.cpp)" in rows["float32"] and rows["float32"].count(" / ") == 2  # a cell per row count
     [choice] = [line for line in done.stdout.splitlines() if "plain_rows" in line]
     assert "float32: " in choice and "bfloat16: " in choice and "packed" in choice
+    [int8] = [line for line in done.stdout.splitlines() if "FINETUNE_DECODE_WEIGHTS=int8" in line]
+    assert int8.count("int8 at up to") + int8.count("the exact weights at every") == 2
+    # int8 vs exact, token by token: 16 tokens (8 of each text), agreeing on most, a small KL that is not 0
+    [line] = [x for x in done.stdout.splitlines() if x.startswith("int8 decode weights vs exact")]
+    agree, kl = float(line.split("agreement ")[1].split("%")[0]), float(line.split("mean KL ")[1].split()[0])
+    assert "16 tokens of 2 texts" in line and agree >= 75 and 0 < kl < 0.05, line
 
 
 @pytest.mark.parametrize("objective", ["kto", "reward"])

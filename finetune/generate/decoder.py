@@ -160,10 +160,10 @@ def lean_decoder(model, context: int | None = None) -> Decoder | None:
 
 def lean_model(model) -> lean.LeanModel:
     """`lean.build_lean` for the active adapter, kept while `model` lives and until that adapter's weights change (GRPO
-    trains them between rollouts; `finetune chat` asks again for every reply)."""
+    trains them between rollouts; `finetune chat` asks again for every reply) or FINETUNE_DECODE_WEIGHTS does."""
     active = active_adapter(model)
     params = [p for n, p in model.named_parameters() if active is not None and f".{active}." in n and "lora_" in n]
-    key = (active, tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+    key = (active, tuple(p._version for p in params), tuple(p.data_ptr() for p in params), weights.int8_requested())
     kept = _LEAN.get(model)
     if kept is not None and kept[0] == key:
         return kept[1]

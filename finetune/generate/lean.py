@@ -11,6 +11,9 @@ per-adapter dispatch, bitsandbytes dequantizing every 4-bit weight again) is gon
   packed too where oneDNN packs bf16 (AVX512_BF16 / AMX CPUs: 1.5-1.9x there), plain on an AVX2 CPU;
   where the plain weight's product is faster at one or two rows (`plain_rows`: measured; an Ice Lake Xeon), the plain
   weight is kept beside the packed one and runs those;
+- with FINETUNE_DECODE_WEIGHTS=int8 (opt-in: not the model's numbers), an int8 copy of every weight runs the products
+  of up to `int8_rows` rows (decoding a few sequences: half the time per token at one row on an Ice Lake Xeon), the
+  exact weights the rest (prefill, large batches);
 - one adapter decoded alone is folded into the weights (W + s B A, as PEFT merges) in float32 compute; in bf16 it
   stays beside them, computed as PEFT computes it under training's autocast (finetune.model.compute_like_training:
   the float32 A and B meet the bf16 activations as bf16, (B(A x)) s in bf16), since folding would round the sum;
@@ -25,14 +28,19 @@ copies of whole modules, sliding-window attention) is named by `why_not_lean`; c
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from finetune.generate.weights import (
-    base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, pack, pack_bytes, packable, packed_product,
-    packed_weight, plain_bytes, plain_rows)
+    INT8, base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, int8_available, int8_bytes,
+    int8_product, int8_requested, int8_rows, int8_weight, pack, pack_bytes, packable, packed_product, packed_weight,
+    plain_bytes, plain_rows)
+
+log = logging.getLogger("finetune.generate")
 
 FAMILIES = ("llama", "mistral", "qwen2")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -60,9 +68,14 @@ class Linear:
     quantized: torch.nn.Module | None = None  # a 4-bit layer dequantized at every use (memory did not allow more)
     packed: torch.Tensor | None = None  # the weight in oneDNN's layout (`pack`)
     plain_rows: int = 0  # inputs of up to this many rows take `weight` (kept beside `packed`: `plain_rows`)
+    int8: tuple[torch.Tensor, torch.Tensor] | None = None  # the weight as int8 and its row scales (`int8_weight`)
+    int8_rows: int = 0  # inputs of up to this many rows take `int8`
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b for 2-D x."""
+        if self.int8 is not None and len(x) <= self.int8_rows:
+            out = int8_product(x, *self.int8)
+            return out if self.bias is None else out + self.bias
         if self.packed is not None and (self.weight is None or len(x) > self.plain_rows):
             return packed_product(x, self.packed, self.bias)
         weight = self.weight if self.quantized is None else dense_weight(self.quantized, keep=False)
@@ -138,26 +151,51 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None) -> Lean
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     adapters = [a for a in adapters if a != fold]
+    dtype = compute_dtype(model)
     dense, copies = dense_bytes(model), pack_bytes(model)
     keep = fits_in_memory(dense)
-    packs = keep and packable(compute_dtype(model)) and fits_in_memory(copies)
+    packs = keep and packable(dtype) and fits_in_memory(copies)
     # a plain copy beside each packed one, counted with what packing takes (all of it is allocated below)
     both = packs and fits_in_memory(dense + copies + plain_bytes(model))
-    plain = plain_rows(compute_dtype(model)) if both else 0
+    plain = plain_rows(dtype) if both else 0
+    eight = _int8_rows(dtype, (dense if keep else 0) + (copies if packs else 0) + int8_bytes(model)) \
+        if int8_requested() else 0
+    plain = 0 if eight else plain  # (the int8 copy runs the few-row products)
     # the dtype the model's forward autocasts to (finetune.model.compute_like_training): float32 adapter weights
     # meet the activations in it, so they are kept in it here (None: no autocast, as they are)
     autocast = base.__dict__.get("_finetune_autocast")
     layers = [Layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                    {p: _linear(_projection(layer, p), adapters, fold, keep, autocast, packs, plain)
+                    {p: _linear(_projection(layer, p), adapters, fold, keep, autocast, packs, plain, eight)
                      for p in PROJECTIONS})
               for layer in inner.layers]
-    dtype = inner.embed_tokens.weight.dtype
     any_4bit = any(type(getattr(getattr(m, "base_layer", m), "weight", None)).__name__ == "Params4bit"
                    for m in base.modules())
     return LeanModel(layers, inner.embed_tokens.weight.detach(), inner.norm.weight.detach(),
-                     _linear(base.lm_head, (), None, keep, packs=packs, plain=plain), inner.rotary_emb,
+                     _linear(base.lm_head, (), None, keep, packs=packs, plain=plain, int8=eight), inner.rotary_emb,
                      text.num_attention_heads, text.num_key_value_heads, head_dim, text.rms_norm_eps, dtype,
                      list(adapters), fold, cast_before_add=any_4bit)
+
+
+def _int8_rows(dtype: torch.dtype, total: int) -> int:
+    """`int8_rows` where int8 decode weights are asked for and `total` bytes (with their copy) fit; else 0; said
+    once either way."""
+    if not int8_available():
+        why = "this torch has no weight-only int8 product"
+    elif not fits_in_memory(total):
+        why = f"the int8 copy does not fit in memory beside the rest ({total / 2**30:.1f} GiB)"
+    elif not int8_rows(dtype):
+        why = "the int8 product is not faster than the exact one's on this CPU, even at one row"
+    else:
+        _note(f"decoding with int8 weights (FINETUNE_DECODE_WEIGHTS=int8) for products of up to {int8_rows(dtype)} "
+              "rows, the exact weights above")
+        return int8_rows(dtype)
+    _note(f"decoding with the exact weights, not int8 (FINETUNE_DECODE_WEIGHTS=int8): {why}")
+    return 0
+
+
+@functools.cache
+def _note(message: str) -> None:
+    log.warning(message)
 
 
 def _projection(layer, name: str):
@@ -165,20 +203,24 @@ def _projection(layer, name: str):
 
 
 def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast: torch.dtype | None = None,
-            packs: bool = False, plain: int = 0) -> Linear:
+            packs: bool = False, plain: int = 0, int8: int = 0) -> Linear:
     """A projection as the step runs it; a 4-bit one that is not kept dequantized is dequantized at every use; its
     adapters' A and B in `autocast` (their own dtype where None); its weight packed for oneDNN where `packs`, the
-    plain one kept beside it for inputs of up to `plain` rows."""
+    plain one kept beside it for inputs of up to `plain` rows, an int8 copy for inputs of up to `int8` rows."""
     base = getattr(module, "base_layer", module)
     bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
-    weight = packed = None
+    weight = packed = eight = None
     if fold is not None and fold in getattr(module, "lora_A", {}):
         a, b = module.lora_A[fold].weight.detach(), module.lora_B[fold].weight.detach()
         weight = dense_weight(base, keep=keep and not packs)
         weight = (weight.float() + (b.float() @ a.float()) * module.scaling[fold]).to(weight.dtype)
+        eight = int8_weight(weight) if int8 else None
         packed = pack(weight) if packs else None
-    elif packs:
-        packed = packed_weight(base, keep_plain=plain > 0)
+    else:
+        if int8:  # (before packing, which drops a 4-bit weight's dense copy)
+            eight = getattr(base.weight, INT8, None) or int8_weight(dense_weight(base, keep=keep), base.weight)
+        if packs:
+            packed = packed_weight(base, keep_plain=plain > 0)
     if packed is not None and not plain:
         weight = None
     elif weight is None and keep:
@@ -186,7 +228,8 @@ def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast:
     quantized = base if weight is None and packed is None else None
     found = [(i, name) for i, name in enumerate(adapters) if name in getattr(module, "lora_A", {})]
     if not found:
-        return Linear(weight, bias, quantized=quantized, packed=packed, plain_rows=plain)
+        return Linear(weight, bias, quantized=quantized, packed=packed, plain_rows=plain, int8=eight,
+                      int8_rows=int8 if eight is not None else 0)
     parts = {i: (_as(module.lora_A[n].weight, autocast), _as(module.lora_B[n].weight, autocast),
                  float(module.scaling[n])) for i, n in found}
     rounds = parts[found[0][0]][0].dtype
@@ -198,7 +241,8 @@ def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast:
     layout = tuple((i, parts[i][0].shape[0], parts[i][2]) for i, _ in found)
     lora = Lora(torch.cat([parts[i][0] for i, _ in found]), torch.cat([parts[i][1] for i, _ in found], dim=1),
                 owner, scale, parts, layout, rounds)
-    return Linear(weight, bias, lora, quantized=quantized, packed=packed, plain_rows=plain)
+    return Linear(weight, bias, lora, quantized=quantized, packed=packed, plain_rows=plain, int8=eight,
+                  int8_rows=int8 if eight is not None else 0)
 
 
 def _as(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -3,12 +3,14 @@ with the op bitsandbytes' own CPU matmul uses (`dense_weight`); a float32 weight
 bf16, in oneDNN's pre-packed layout (`pack`, `packed_weight`: what inductor's freezing gives CPU linears), kept on
 the parameter while it lives, one copy however many decode steps read it; on a CPU where the plain weight's product
 is faster for one or two rows (`plain_rows`, measured once per process), the plain weight kept beside it for those;
+with FINETUNE_DECODE_WEIGHTS=int8, an int8 copy for the decode step's few-row products (`int8_weight`, `int8_rows`);
 and what each of these costs in memory, checked against what is free before it is done.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import statistics
 import time
 
@@ -17,6 +19,8 @@ import torch.nn.functional as F
 
 DENSE = "_finetune_dense"  # the attribute of a 4-bit parameter holding its dequantized weight
 PACKED = "_finetune_packed"  # the attribute of a parameter holding its weight packed for oneDNN (`pack`)
+INT8 = "_finetune_int8"  # the attribute of a parameter holding its int8 copy (`int8_weight`)
+DECODE_WEIGHTS = "FINETUNE_DECODE_WEIGHTS"  # exact (the default) or int8
 PACK_ROWS = 16  # the rows oneDNN's layout is blocked for: measured fastest at 1, 4 and 16 rows alike
 
 
@@ -122,6 +126,80 @@ def plain_rows(dtype: torch.dtype) -> int:
     return best
 
 
+def int8_requested() -> bool:
+    """Whether FINETUNE_DECODE_WEIGHTS asks for int8 decode weights (`int8_weight`); anything but exact or int8 is
+    refused, naming the variable."""
+    from finetune.errors import RecipeError
+
+    value = os.environ.get(DECODE_WEIGHTS, "").strip().lower()
+    if value in ("", "exact"):
+        return False
+    if value == "int8":
+        return True
+    raise RecipeError(f"environment variable {DECODE_WEIGHTS}={os.environ[DECODE_WEIGHTS]!r}: expected 'exact' "
+                      "(the default: the decode step computes what the model's forward computes) or 'int8' (weights "
+                      "rounded to int8 per output row for the decode step's few-row products: faster, not the same "
+                      "numbers).")
+
+
+def int8_weight(weight: torch.Tensor, param: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`weight` [out, in] as int8 [out, in] and a bf16 scale per output row: each row's largest magnitude maps to 127
+    (symmetric, round to nearest), as torch's weight-only int8 product (`int8_product`) reads it. Kept on `param`
+    while it lives when given (one copy however many lean models read it).
+
+    What it costs in accuracy (SmolLM2-135M-Instruct, 1262 GSM8K tokens decoded one by one through the decode step,
+    `scripts/bench_decode_weights.py --accuracy`): the next token agrees with the exact weights' 95.3% of the time,
+    KL 0.0050 per token; on the model's NF4 form (what a QLoRA adapter trains on) 96.6%, 0.0047, against the 0.244
+    that NF4's own rounding costs the float32 model. llama.cpp's q8_0 (blocks of 32) costs 0.0012 on the float32
+    model (docs/performance.md)."""
+    got = getattr(param, INT8, None) if param is not None else None
+    if got is None:
+        w = weight.detach().float()
+        # the scale as it is kept (bf16), so q * scale is the nearest point of the grid the product uses
+        scale = (w.abs().amax(dim=1) / 127).to(torch.bfloat16).clamp_min(torch.finfo(torch.bfloat16).tiny)
+        got = (torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8).contiguous(), scale)
+        if param is not None:
+            setattr(param, INT8, got)
+    return got
+
+
+def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x W^T for 2-D x with W as `int8_weight` gives it: torch's weight-only int8 kernel, the activations as bf16
+    (its vectorized form; float32 activations take a scalar loop 7x slower here), the result in x's dtype."""
+    return torch._weight_int8pack_mm(x.to(torch.bfloat16), q, scale).to(x.dtype)
+
+
+def int8_available() -> bool:
+    return hasattr(torch, "_weight_int8pack_mm")
+
+
+@functools.cache
+def int8_rows(dtype: torch.dtype) -> int:
+    """Up to how many rows (0, 1, 2, 4, 8 or 16) the int8 product (`int8_product`) beats the product the decode step
+    otherwise takes (the faster of the plain and the oneDNN-packed weight in `dtype`) by 15% or more, measured once per
+    process on `PROBE`'s weights. On a 2-core Intel Xeon (Ice Lake) it took 12 ms per SmolLM2-135M token at one row
+    against 23 (plain float32) and 35 (packed), and lost from 16 rows (docs/performance.md, Decoding)."""
+    if not int8_available():
+        return 0
+    count, out, width = PROBE
+    weights = [torch.randn(out, width).to(dtype) for _ in range(count)]
+    packed = [pack(w) for w in weights] if packable(dtype) else None
+    quantized = [int8_weight(w) for w in weights]
+    best = 0
+    with torch.inference_mode():
+        for rows in (1, 2, 4, 8, 16):
+            x = torch.randn(rows, width).to(dtype)
+            int8, exact = [], []
+            for _ in range(4):  # alternating, the first (warm-up) dropped
+                int8.append(_timed(lambda: [int8_product(x, q, s) for q, s in quantized]))
+                plain = _timed(lambda: [F.linear(x, w) for w in weights])
+                exact.append(min(plain, _timed(lambda: [packed_product(x, w) for w in packed])) if packed else plain)
+            if statistics.median(int8[1:]) > 0.85 * statistics.median(exact[1:]):
+                break
+            best = rows
+    return best
+
+
 def _timed(work) -> float:
     start = time.perf_counter()
     work()
@@ -149,6 +227,12 @@ def plain_bytes(model) -> int:
     beside the packed ones)."""
     size = torch.empty((), dtype=compute_dtype(model)).element_size()
     return sum(m.in_features * m.out_features * size for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def int8_bytes(model) -> int:
+    """Bytes an int8 copy of every projection's and the head's weight takes (`int8_weight`: 1 per weight, a scale per
+    row)."""
+    return sum(m.out_features * (m.in_features + 2) for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def fold_bytes(model) -> int:
