@@ -13,7 +13,7 @@ per-adapter dispatch, bitsandbytes dequantizing every 4-bit weight again) is gon
   weight is kept beside the packed one and runs those;
 - with FINETUNE_DECODE_WEIGHTS=int8 (opt-in: not the model's numbers), an int8 copy of every weight runs the products
   of up to `int8_rows` rows (decoding a few sequences: half the time per token at one row on an Ice Lake Xeon), the
-  exact weights the rest (prefill, large batches);
+  exact weights the products of more rows (most prefills, large batches);
 - one adapter decoded alone is folded into the weights (W + s B A, as PEFT merges) in float32 compute; in bf16 it
   stays beside them, computed as PEFT computes it under training's autocast (finetune.model.compute_like_training:
   the float32 A and B meet the bf16 activations as bf16, (B(A x)) s in bf16), since folding would round the sum;
