@@ -133,3 +133,21 @@ def test_interactive_session_streams_switches_and_survives_ctrl_c(adapters, monk
     partial = "".join(pieces).strip()  # the tokens generated before Ctrl-C
     assert session.messages[1]["content"] == partial and expected["one"].startswith(partial)
     assert len(partial) < len(expected["one"])
+
+
+def test_int8_decode_weights_through_the_cli_and_a_bad_value_refused(adapters, monkeypatch, caplog):
+    """FINETUNE_DECODE_WEIGHTS=int8 on `finetune chat`: a reply, with the log naming int8 (the decision forced: on
+    this CPU the probe may keep the exact weights); int9 refused with exit 2, naming the variable, no traceback."""
+    from finetune.generate import lean
+
+    monkeypatch.setattr(lean, "int8_rows", lambda dtype: 8)
+    lean._note.cache_clear()
+    monkeypatch.setenv("FINETUNE_DECODE_WEIGHTS", "int8")
+    with caplog.at_level("WARNING", logger="finetune.generate"):
+        result = runner.invoke(app, ["chat", str(adapters[0]), "--prompt", PROMPT, "--max-new-tokens", "6"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() and "decoding with int8 weights" in caplog.text
+    monkeypatch.setenv("FINETUNE_DECODE_WEIGHTS", "int9")
+    result = runner.invoke(app, ["chat", str(adapters[0]), "--prompt", PROMPT, "--max-new-tokens", "6"])
+    assert result.exit_code == 2 and "FINETUNE_DECODE_WEIGHTS='int9': expected 'exact'" in result.output
+    assert "Traceback" not in result.output
