@@ -286,6 +286,35 @@ def test_what_the_lean_step_does_not_model_falls_back_named_in_the_log(tmp_path,
     assert any("does not model adapter default: a LoRA variant" in r.message for r in caplog.records)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("decode_weights", ["exact", "int8"])
+def test_the_compiled_step_compiles_and_answers_as_the_eager_one(decode_weights, float_base, prompts, monkeypatch,
+                                                                 caplog, tmp_path):
+    """FINETUNE_DECODE_COMPILE=1 compiles the step (packed float32 weights, int8 ones) instead of falling back: inductor
+    failed on the packed weights until their product became an op of its own (`weights.packed_product`)."""
+    monkeypatch.setenv("FINETUNE_DECODE_COMPILE", "1")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv(weights.DECODE_WEIGHTS, decode_weights)
+    monkeypatch.setattr(lean, "int8_rows", lambda dtype: 4)
+    monkeypatch.setattr(batch_module, "_compiled", {})
+    lm = lean.build_lean(float_base)
+    assert (lm.head.int8 is not None) == (decode_weights == "int8")
+
+    def greedy(step):
+        batch = LeanBatch(lm, step)
+        logits = [batch.prefill(prompts[:2], [None, None])]
+        for _ in range(3):
+            logits.append(batch.decode(logits[-1].argmax(-1).tolist(), [None, None]))
+        return torch.stack(logits)
+
+    with caplog.at_level(logging.WARNING, logger="finetune.generate"):
+        compiled = greedy(batch_module.decode_step())
+    assert "decoding without torch.compile" not in caplog.text and not batch_module._compiled.get("failed")
+    eager = greedy(lean.forward)
+    dtype = weights.compute_dtype(float_base)
+    torch.testing.assert_close(compiled, eager, atol=1e-4 if dtype == torch.float32 else 0.1, rtol=0)
+
+
 def test_a_compile_that_fails_falls_back_to_the_eager_step(float_base, tok, prompts, monkeypatch, caplog):
     def broken(fn, **kwargs):
         def call(*args):

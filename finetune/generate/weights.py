@@ -75,8 +75,22 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
 
 
 def packed_product(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x W^T + b for 2-D x with W packed by `pack`."""
+    """x W^T + b for 2-D x with W packed by `pack`. Inside torch.compile it is `finetune::packed_linear`, an op
+    inductor calls as it is: its own lowering of oneDNN's product takes only weights frozen into the graph, and fails
+    on ours, which are the step's inputs (FINETUNE_DECODE_COMPILE=1 fell back to eager on every packed weight)."""
+    if torch.compiler.is_compiling():
+        return _packed_linear(x, packed, bias)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@torch.library.custom_op("finetune::packed_linear", mutates_args=())
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@_packed_linear.register_fake
+def _(x, packed, bias):
+    return x.new_empty(x.shape[0], packed.shape[0])
 
 
 def packed_weight(layer, keep_plain: bool = False) -> torch.Tensor | None:
