@@ -239,6 +239,17 @@ def test_int8_decode_weights_run_the_few_row_products_and_the_exact_weights_the_
         lean.build_lean(quantized, ["one", "two"])
 
 
+def test_the_speed_probes_leave_the_global_random_stream_alone():
+    """`plain_rows` and `int8_rows` measure on random weights once per process, at the first decode (in training: at
+    the first eval generation or GRPO rollout, which a resumed run reaches at another step): drawn from the global
+    generator they would shift dropout and sampling after them, and a resumed run would differ from the run it
+    resumes."""
+    state = torch.get_rng_state()
+    for probe in (weights.plain_rows, weights.int8_rows):
+        assert probe.__wrapped__(torch.float32) in (0, 1, 2, 4, 8, 16)  # (the probe itself, not its cached answer)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_float32_folds_the_adapter_bf16_keeps_it_beside_the_weights(quantized, float_base, tiny_model_dir):
     lm = lean_model(quantized)
     if weights.compute_dtype(quantized) == torch.float32:

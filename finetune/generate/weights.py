@@ -123,12 +123,13 @@ def plain_rows(dtype: torch.dtype) -> int:
     if not packable(dtype):
         return 0
     count, out, width = PROBE
-    weights = [torch.randn(out, width).to(dtype) for _ in range(count)]
+    generator = torch.Generator().manual_seed(0)
+    weights = [_random(out, width, dtype, generator) for _ in range(count)]
     packed = [pack(w) for w in weights]
     best = 0
     with torch.inference_mode():
         for rows in (1, 2):
-            x = torch.randn(rows, width).to(dtype)
+            x = _random(rows, width, dtype, generator)
             plain, onednn = [], []
             for _ in range(4):  # alternating, so a busy moment costs both; the first (warm-up) dropped
                 plain.append(_timed(lambda: [F.linear(x, w) for w in weights]))
@@ -196,13 +197,14 @@ def int8_rows(dtype: torch.dtype) -> int:
     if not int8_available():
         return 0
     count, out, width = PROBE
-    weights = [torch.randn(out, width).to(dtype) for _ in range(count)]
+    generator = torch.Generator().manual_seed(0)
+    weights = [_random(out, width, dtype, generator) for _ in range(count)]
     packed = [pack(w) for w in weights] if packable(dtype) else None
     quantized = [int8_weight(w) for w in weights]
     best = 0
     with torch.inference_mode():
         for rows in (1, 2, 4, 8, 16):
-            x = torch.randn(rows, width).to(dtype)
+            x = _random(rows, width, dtype, generator)
             int8, exact = [], []
             for _ in range(4):  # alternating, the first (warm-up) dropped
                 int8.append(_timed(lambda: [int8_product(x, q, s) for q, s in quantized]))
@@ -212,6 +214,12 @@ def int8_rows(dtype: torch.dtype) -> int:
                 break
             best = rows
     return best
+
+
+def _random(rows: int, width: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Random numbers for a probe from its own generator: the global one (dropout, sampling, the stream a resumed
+    run must continue) is left where it was."""
+    return torch.randn(rows, width, generator=generator).to(dtype)
 
 
 def _timed(work) -> float:
