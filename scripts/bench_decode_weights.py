@@ -175,14 +175,14 @@ def accuracy(model_dir: str, path: Path, count: int, max_tokens: int,
     with torch.inference_mode():
         for text in texts:
             ids = tok(text)["input_ids"][:max_tokens]
-            a, b = forced(exact, ids), forced(eight, ids)
+            a, b = forced_logits(exact, ids), forced_logits(eight, ids)
             agree += int((a.argmax(-1) == b.argmax(-1)).sum())
             kl += float(F.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True, reduction="sum"))
             tokens += len(a)
     return agree / tokens, kl / tokens, tokens, exact.dtype
 
 
-def forced(lm, ids: list[int]) -> torch.Tensor:
+def forced_logits(lm, ids: list[int]) -> torch.Tensor:
     """[len(ids), vocab] logits of the next token after each prefix of `ids`, one token per decode step."""
     from finetune.generate.batch import LeanBatch
 

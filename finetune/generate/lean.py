@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from finetune.generate.weights import (
-    INT8, base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, int8_available, int8_bytes,
-    int8_product, int8_requested, int8_rows, int8_weight, pack, pack_bytes, packable, packed_product, packed_weight,
+    base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, int8_available, int8_bytes, int8_product,
+    int8_requested, int8_rows, int8_weight, layer_int8, pack, pack_bytes, packable, packed_product, packed_weight,
     plain_bytes, plain_rows)
 
 log = logging.getLogger("finetune.generate")
@@ -218,7 +218,7 @@ def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast:
         packed = pack(weight) if packs else None
     else:
         if int8:  # (before packing, which drops a 4-bit weight's dense copy)
-            eight = getattr(base.weight, INT8, None) or int8_weight(dense_weight(base, keep=keep), base.weight)
+            eight = layer_int8(base, keep)
         if packs:
             packed = packed_weight(base, keep_plain=plain > 0)
     if packed is not None and not plain:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 DENSE = "_finetune_dense"  # the attribute of a 4-bit parameter holding its dequantized weight
 PACKED = "_finetune_packed"  # the attribute of a parameter holding its weight packed for oneDNN (`pack`)
-INT8 = "_finetune_int8"  # the attribute of a parameter holding its int8 copy (`int8_weight`)
+INT8 = "_finetune_int8"  # the attribute of a parameter holding its int8 copy (`layer_int8`)
 DECODE_WEIGHTS = "FINETUNE_DECODE_WEIGHTS"  # exact (the default) or int8
 PACK_ROWS = 16  # the rows oneDNN's layout is blocked for: measured fastest at 1, 4 and 16 rows alike
 
@@ -122,23 +122,10 @@ def plain_rows(dtype: torch.dtype) -> int:
     rows; on AMD EPYCs (AVX2, AVX512_BF16) the packed one won at every row count (docs/performance.md, Decoding)."""
     if not packable(dtype):
         return 0
-    count, out, width = PROBE
-    generator = torch.Generator().manual_seed(0)
-    weights = [_random(out, width, dtype, generator) for _ in range(count)]
+    weights, generator = _probe_weights(dtype)
     packed = [pack(w) for w in weights]
-    best = 0
-    with torch.inference_mode():
-        for rows in (1, 2):
-            x = _random(rows, width, dtype, generator)
-            plain, onednn = [], []
-            for _ in range(4):  # alternating, so a busy moment costs both; the first (warm-up) dropped
-                plain.append(_timed(lambda: [F.linear(x, w) for w in weights]))
-                onednn.append(_timed(lambda: [packed_product(x, w) for w in packed]))
-            plain, onednn = plain[1:], onednn[1:]
-            if statistics.median(plain) > 0.85 * statistics.median(onednn):
-                break
-            best = rows
-    return best
+    return _wins_up_to((1, 2), dtype, generator, lambda x: [F.linear(x, w) for w in weights],
+                       lambda x: [packed_product(x, w) for w in packed])
 
 
 def int8_requested() -> bool:
@@ -157,24 +144,28 @@ def int8_requested() -> bool:
                       "numbers).")
 
 
-def int8_weight(weight: torch.Tensor, param: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def int8_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`weight` [out, in] as int8 [out, in] and a bf16 scale per output row: each row's largest magnitude maps to 127
-    (symmetric, round to nearest), as torch's weight-only int8 product (`int8_product`) reads it. Kept on `param`
-    while it lives when given (one copy however many lean models read it).
+    (symmetric, round to nearest), as torch's weight-only int8 product (`int8_product`) reads it.
 
     What it costs in accuracy (SmolLM2-135M-Instruct, 1262 GSM8K tokens decoded one by one through the decode step,
     `scripts/bench_decode_weights.py --accuracy`): the next token agrees with the exact weights' 95.3% of the time,
     KL 0.0050 per token; on the model's NF4 form (what a QLoRA adapter trains on) 96.6%, 0.0047, against the 0.244
     that NF4's own rounding costs the float32 model. llama.cpp's q8_0 (blocks of 32) costs 0.0012 on the float32
     model (docs/performance.md)."""
-    got = getattr(param, INT8, None) if param is not None else None
+    w = weight.detach().float()
+    # the scale as it is kept (bf16), so q * scale is the nearest point of the grid the product uses
+    scale = (w.abs().amax(dim=1) / 127).to(torch.bfloat16).clamp_min(torch.finfo(torch.bfloat16).tiny)
+    return torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8).contiguous(), scale
+
+
+def layer_int8(layer, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's weight as `int8_weight` gives it, kept on the parameter while it lives (one copy however many lean
+    models read it); a 4-bit weight is dequantized for it, its dense copy kept when `keep` (`dense_weight`)."""
+    got = getattr(layer.weight, INT8, None)
     if got is None:
-        w = weight.detach().float()
-        # the scale as it is kept (bf16), so q * scale is the nearest point of the grid the product uses
-        scale = (w.abs().amax(dim=1) / 127).to(torch.bfloat16).clamp_min(torch.finfo(torch.bfloat16).tiny)
-        got = (torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8).contiguous(), scale)
-        if param is not None:
-            setattr(param, INT8, got)
+        got = int8_weight(dense_weight(layer, keep=keep))
+        setattr(layer.weight, INT8, got)
     return got
 
 
@@ -196,21 +187,36 @@ def int8_rows(dtype: torch.dtype) -> int:
     against 23 (plain float32) and 35 (packed), and lost from 16 rows (docs/performance.md, Decoding)."""
     if not int8_available():
         return 0
+    weights, generator = _probe_weights(dtype)
+    quantized = [int8_weight(w) for w in weights]
+    exact = [lambda x: [F.linear(x, w) for w in weights]]
+    if packable(dtype):
+        packed = [pack(w) for w in weights]
+        exact.append(lambda x: [packed_product(x, w) for w in packed])
+    return _wins_up_to((1, 2, 4, 8, 16), dtype, generator, lambda x: [int8_product(x, q, s) for q, s in quantized],
+                       *exact)
+
+
+def _probe_weights(dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Generator]:
+    """`PROBE`'s weights in `dtype`, and the generator they came from (the probe's inputs come from it too)."""
     count, out, width = PROBE
     generator = torch.Generator().manual_seed(0)
-    weights = [_random(out, width, dtype, generator) for _ in range(count)]
-    packed = [pack(w) for w in weights] if packable(dtype) else None
-    quantized = [int8_weight(w) for w in weights]
+    return [_random(out, width, dtype, generator) for _ in range(count)], generator
+
+
+def _wins_up_to(counts: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator, fast, *others) -> int:
+    """The largest of `counts` (ascending row counts) up to which `fast(x)` takes at most 0.85x the time of the
+    fastest of `others(x)` (medians; 0: it loses at the first count). Each is timed 4 times, alternating, so a busy
+    moment costs all of them; the first round (a warm-up) is dropped."""
     best = 0
     with torch.inference_mode():
-        for rows in (1, 2, 4, 8, 16):
-            x = _random(rows, width, dtype, generator)
-            int8, exact = [], []
-            for _ in range(4):  # alternating, the first (warm-up) dropped
-                int8.append(_timed(lambda: [int8_product(x, q, s) for q, s in quantized]))
-                plain = _timed(lambda: [F.linear(x, w) for w in weights])
-                exact.append(min(plain, _timed(lambda: [packed_product(x, w) for w in packed])) if packed else plain)
-            if statistics.median(int8[1:]) > 0.85 * statistics.median(exact[1:]):
+        for rows in counts:
+            x = _random(rows, PROBE[2], dtype, generator)
+            mine, theirs = [], []
+            for _ in range(4):
+                mine.append(_timed(lambda: fast(x)))
+                theirs.append(min(_timed(lambda: other(x)) for other in others))
+            if statistics.median(mine[1:]) > 0.85 * statistics.median(theirs[1:]):
                 break
             best = rows
     return best
