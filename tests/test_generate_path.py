@@ -90,6 +90,22 @@ def test_greedy_ids_equal_model_generate(which, float_base, quantized, tok, prom
         assert new_path(model, tok, prompts, 2) == alone == old_path(model, tok, prompts, 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_rotary_embedding_is_transformers_own_to_the_bit(dtype):
+    """The step rotates q and k as `_swap_halves(x) * _signed(sin)` (two ops): the numbers of transformers'
+    `apply_rotary_pos_emb` (rotate_half, five)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(3, heads, 7, 64, generator=generator).to(dtype) for heads in (9, 3))
+    angles = torch.randn(3, 7, 64, generator=generator) * 40
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    want = apply_rotary_pos_emb(q, k, cos, sin)
+    cos, signed = cos.unsqueeze(1), lean._signed(sin).unsqueeze(1)
+    got = (q * cos + lean._swap_halves(q) * signed, k * cos + lean._swap_halves(k) * signed)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_a_4bit_weight_is_dequantized_once_to_what_bitsandbytes_computes_with(quantized):
     module = quantized.base_model.model.model.layers[1].mlp.down_proj.base_layer
     dense = weights.dense_weight(module)
@@ -237,6 +253,54 @@ def test_int8_decode_weights_run_the_few_row_products_and_the_exact_weights_the_
     monkeypatch.setenv(weights.DECODE_WEIGHTS, "int9")
     with pytest.raises(RecipeError, match="FINETUNE_DECODE_WEIGHTS='int9': expected 'exact'"):
         lean.build_lean(quantized, ["one", "two"])
+
+
+def test_int8_decode_weights_hold_the_one_adapter_and_skip_its_products(quantized, prompts, monkeypatch):
+    """With int8 decode weights and one adapter every row decodes with (`build_lean(fold_int8=...)`: the decoder's
+    adapter in bf16, where the exact weights keep it beside them), each adapted projection's int8 copy is W + s B A
+    quantized, so its few-row products skip the adapter's two small products; the exact weights (a prompt's prefill)
+    still take them. The decoded logits stay within int8's rounding of the exact step's with the adapter, far from
+    the base's; a row asking for anything but that adapter is refused instead of answered with it."""
+    monkeypatch.setattr(lean, "int8_rows", lambda dtype: 4)
+    monkeypatch.setattr(lean, "plain_rows", lambda dtype: 0)
+    exact, base = lean.build_lean(quantized, ["one"]), lean.build_lean(quantized, [])
+    monkeypatch.setenv(weights.DECODE_WEIGHTS, "int8")
+    lm = lean.build_lean(quantized, ["one"], fold_int8="one")
+    assert lm.int8_folded == "one" and lm.folded is None and lm.adapters == ["one"]
+    module = quantized.base_model.model.model.layers[1].mlp.down_proj
+    lin = lm.layers[1].proj["down_proj"]
+    assert lin.int8_folds and lin.lora is not None and not lm.head.int8_folds
+    dense = weights.dense_weight(module.base_layer, keep=False).float()
+    a, b = module.lora_A["one"].weight.float(), module.lora_B["one"].weight.float()
+    want = weights.int8_weight(dense + (b @ a) * module.scaling["one"])
+    assert torch.equal(lin.int8[0], want[0]) and torch.equal(lin.int8[1], want[1])
+    assert not torch.equal(lin.int8[0], weights.int8_weight(dense)[0])  # (the adapter moved the grid points)
+    calls = []
+    real = lean._product
+    monkeypatch.setattr(lean, "_product", lambda *args: calls.append(len(args[0])) or real(*args))
+
+    def run(lm, tokens=None):
+        """The logits of the prompt and of 6 steps (greedy, or fed `tokens`); the adapter products of each part."""
+        calls.clear()
+        batch = LeanBatch(lm)
+        logits = [batch.prefill(prompts[1:2], ["one"])]
+        prefill, keys = len(calls), batch.cache.keys[1][0, :, : len(prompts[1])].clone()
+        for i in range(6):
+            logits.append(batch.decode([tokens[i]] if tokens else logits[-1].argmax(-1).tolist(), ["one"]))
+        return torch.cat(logits), prefill, len(calls) - prefill, keys
+
+    assert len(prompts[1]) > 4
+    slow, slow_prefill, slow_decode, slow_keys = run(exact)
+    tokens = slow.argmax(-1).tolist()
+    fast, fast_prefill, fast_decode, fast_keys = run(lm, tokens)
+    assert fast_decode == 0 and slow_decode == 6 * 2 * 7 * len(lm.layers)  # one row: no adapter products
+    assert fast_prefill == slow_prefill == 2 * 7 * len(lm.layers)  # the prompt's rows: the exact weights + adapter
+    assert torch.equal(fast_keys, slow_keys)  # the prompt went through the exact weights and the adapter beside them
+    off, unadapted = (fast - slow).abs().max(), (run(base, tokens)[0] - slow).abs().max()
+    assert 0 < off <= 0.25 * slow.std() and off < unadapted / 4
+    batch = LeanBatch(lm)
+    with pytest.raises(ValueError, match="holds adapter 'one' in its int8 weights"):
+        batch.prefill(prompts[:1], [None])
 
 
 def test_the_speed_probes_leave_the_global_random_stream_alone():

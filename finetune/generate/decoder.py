@@ -144,8 +144,8 @@ def sample(logits: torch.Tensor, s: Sequence) -> int:
 
 
 def lean_decoder(model, context: int | None = None) -> Decoder | None:
-    """A decoder over `model`'s active adapter (folded into the weights in float32 compute, where memory allows) on
-    the lean step; None, with the reason in the log, where the lean step does not model `model`."""
+    """A decoder over `model`'s active adapter (folded into the weights in float32 compute, where memory allows; in
+    bf16 into the int8 copies where FINETUNE_DECODE_WEIGHTS=int8, beside the exact weights) on the lean step; None, with the reason in the log, where the lean step does not model `model`."""
     several = getattr(model, "peft_config", None) and len(model.active_adapters) > 1
     active = active_adapter(model)
     reason = forced() or ("several adapters active at once" if several else
@@ -169,7 +169,8 @@ def lean_model(model) -> lean.LeanModel:
         return kept[1]
     folds = active is not None and weights.compute_dtype(model) == torch.float32 and \
         weights.fits_in_memory(weights.fold_bytes(model))
-    built = lean.build_lean(model, [active] if active else [], fold=active if folds else None)
+    built = lean.build_lean(model, [active] if active else [], fold=active if folds else None,
+                            fold_int8=None if folds else active)
     _LEAN[model] = (key, built)
     return built
 

@@ -70,10 +70,14 @@ class Linear:
     plain_rows: int = 0  # inputs of up to this many rows take `weight` (kept beside `packed`: `plain_rows`)
     int8: tuple[torch.Tensor, torch.Tensor] | None = None  # the weight as int8 and its row scales (`int8_weight`)
     int8_rows: int = 0  # inputs of up to this many rows take `int8`
+    int8_folds: bool = False  # `int8` holds the adapter (W + s B A): products on it skip `lora`
+
+    def takes_int8(self, x: torch.Tensor) -> bool:
+        return self.int8 is not None and len(x) <= self.int8_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b for 2-D x."""
-        if self.int8 is not None and len(x) <= self.int8_rows:
+        if self.takes_int8(x):
             out = int8_product(x, *self.int8)
             return out if self.bias is None else out + self.bias
         if self.packed is not None and (self.weight is None or len(x) > self.plain_rows):
@@ -103,6 +107,7 @@ class LeanModel:
     dtype: torch.dtype
     adapters: list[str] = field(default_factory=list)  # adapters with LoRA columns; index = Lora.owner
     folded: str | None = None  # the adapter folded into the weights
+    int8_folded: str | None = None  # the adapter folded into the int8 copies only (bf16: `build_lean`)
     cast_before_add: bool = False  # bitsandbytes' LoRA layers cast the LoRA output to the result dtype, then add
 
     def index(self, adapter: str | None) -> int:
@@ -143,9 +148,13 @@ def why_not_lean(model, adapters: list[str] | None = None) -> str | None:
     return None
 
 
-def build_lean(model, adapters: list[str] = (), fold: str | None = None) -> LeanModel:
+def build_lean(model, adapters: list[str] = (), fold: str | None = None,
+               fold_int8: str | None = None) -> LeanModel:
     """The step's view of `model` (checked by `why_not_lean` first): `adapters` get stacked LoRA columns; `fold` (one
-    adapter) is folded into the weights instead."""
+    adapter) is folded into the weights instead. `fold_int8` (the one adapter of `adapters`, every row decoding with
+    it) is folded into the int8 copies where int8 decode weights are used, and stays beside the exact weights (bf16,
+    where folding would round the exact sum): int8 products already differ from the exact ones, and the adapter's
+    two small products per projection beside them cost a 2-core CPU more than the int8 product itself saves."""
     base = base_model(model)
     config, inner = base.config, base.model
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -165,7 +174,7 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None) -> Lean
     # meet the activations in it, so they are kept in it here (None: no autocast, as they are)
     autocast = base.__dict__.get("_finetune_autocast")
     layers = [Layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                    {p: _linear(_projection(layer, p), adapters, fold, keep, autocast, packs, plain, eight)
+                    {p: _linear(_projection(layer, p), adapters, fold, keep, autocast, packs, plain, eight, fold_int8)
                      for p in PROJECTIONS})
               for layer in inner.layers]
     any_4bit = any(type(getattr(getattr(m, "base_layer", m), "weight", None)).__name__ == "Params4bit"
@@ -173,7 +182,8 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None) -> Lean
     return LeanModel(layers, inner.embed_tokens.weight.detach(), inner.norm.weight.detach(),
                      _linear(base.lm_head, (), None, keep, packs=packs, plain=plain, int8=eight), inner.rotary_emb,
                      text.num_attention_heads, text.num_key_value_heads, head_dim, text.rms_norm_eps, dtype,
-                     list(adapters), fold, cast_before_add=any_4bit)
+                     list(adapters), fold, fold_int8 if eight and fold_int8 in adapters else None,
+                     cast_before_add=any_4bit)
 
 
 def _int8_rows(dtype: torch.dtype, total: int) -> int:
@@ -203,21 +213,24 @@ def _projection(layer, name: str):
 
 
 def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast: torch.dtype | None = None,
-            packs: bool = False, plain: int = 0, int8: int = 0) -> Linear:
+            packs: bool = False, plain: int = 0, int8: int = 0, fold_int8: str | None = None) -> Linear:
     """A projection as the step runs it; a 4-bit one that is not kept dequantized is dequantized at every use; its
     adapters' A and B in `autocast` (their own dtype where None); its weight packed for oneDNN where `packs`, the
-    plain one kept beside it for inputs of up to `plain` rows, an int8 copy for inputs of up to `int8` rows."""
+    plain one kept beside it for inputs of up to `plain` rows, an int8 copy for inputs of up to `int8` rows (with
+    adapter `fold_int8` folded into it)."""
     base = getattr(module, "base_layer", module)
     bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
     weight = packed = eight = None
+    folds_int8 = bool(int8) and fold_int8 is not None and fold_int8 in getattr(module, "lora_A", {})
     if fold is not None and fold in getattr(module, "lora_A", {}):
-        a, b = module.lora_A[fold].weight.detach(), module.lora_B[fold].weight.detach()
         weight = dense_weight(base, keep=keep and not packs)
-        weight = (weight.float() + (b.float() @ a.float()) * module.scaling[fold]).to(weight.dtype)
+        weight = _folded(module, fold, weight).to(weight.dtype)
         eight = int8_weight(weight) if int8 else None
         packed = pack(weight) if packs else None
     else:
-        if int8:  # (before packing, which drops a 4-bit weight's dense copy)
+        if folds_int8:  # (before packing, which drops a 4-bit weight's dense copy)
+            eight = int8_weight(_folded(module, fold_int8, dense_weight(base, keep=keep)))
+        elif int8:
             eight = layer_int8(base, keep)
         if packs:
             packed = packed_weight(base, keep_plain=plain > 0)
@@ -242,7 +255,13 @@ def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast:
     lora = Lora(torch.cat([parts[i][0] for i, _ in found]), torch.cat([parts[i][1] for i, _ in found], dim=1),
                 owner, scale, parts, layout, rounds)
     return Linear(weight, bias, lora, quantized=quantized, packed=packed, plain_rows=plain, int8=eight,
-                  int8_rows=int8 if eight is not None else 0)
+                  int8_rows=int8 if eight is not None else 0, int8_folds=folds_int8)
+
+
+def _folded(module, adapter: str, weight: torch.Tensor) -> torch.Tensor:
+    """W + s B A in float32, as PEFT merges an adapter."""
+    a, b = module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach()
+    return weight.float() + (b.float() @ a.float()) * module.scaling[adapter]
 
 
 def _as(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -266,10 +285,13 @@ def forward(lm: LeanModel, cache: Cache, ids: torch.Tensor, positions: torch.Ten
     row at its position; T > 1 prefills rows from position 0 (right-padded; `last` [n]: each row's last real index).
     Attention reads the first `span` positions of each row. `adapters`: the adapter index (`LeanModel.index`) every
     row uses (-1: none), or a tensor [n] of each row's."""
+    if lm.int8_folded is not None and (isinstance(adapters, torch.Tensor) or adapters != lm.index(lm.int8_folded)):
+        raise ValueError(f"this decode step holds adapter {lm.int8_folded!r} in its int8 weights: every row must "
+                         "decode with it")
     n, t = ids.shape
     x = F.embedding(ids.reshape(-1), lm.embed)  # [n * t, hidden]: 2-D products (a 3-D input takes a slower path)
     cos, sin = lm.rotary(x, positions)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    cos, sin = cos.unsqueeze(1), _signed(sin).unsqueeze(1)
     # one row decoding reads every cached position: no mask, and its keys and values written by slicing
     alone = positions[0, 0].item() if n == 1 and t == 1 else None
     mask = None if alone == span - 1 else \
@@ -280,7 +302,7 @@ def forward(lm: LeanModel, cache: Cache, ids: torch.Tensor, positions: torch.Ten
         h = _rms(x, layer.attn_norm, lm.eps)
         q, k, v = (_proj(h, layer.proj[p], masks, lm).view(n, t, -1, lm.head_dim).transpose(1, 2)
                    for p in ("q_proj", "k_proj", "v_proj"))
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k = q * cos + _swap_halves(q) * sin, k * cos + _swap_halves(k) * sin
         keys, values = cache.keys[i], cache.values[i]
         if alone is not None:
             keys[start, :, alone] = k[0, :, 0]
@@ -312,9 +334,17 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated, once per pass: then transformers' rotate_half(x) * sin, which is
+    cat(-x2, x1) * sin, is `_swap_halves(x) * _signed(sin)`: the same numbers (a product's rounding is symmetric in
+    sign) in two ops per tensor per layer instead of five."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """cat(x2, x1) for x = cat(x1, x2) along the last dimension."""
+    return torch.roll(x, x.shape[-1] // 2, dims=-1)
 
 
 class _Masks:
@@ -339,7 +369,7 @@ class _Masks:
 def _proj(x: torch.Tensor, lin: Linear, masks: _Masks, lm: LeanModel) -> torch.Tensor:
     out = lin(x)
     lora = lin.lora
-    if lora is None or masks.uniform == -1:
+    if lora is None or masks.uniform == -1 or lin.int8_folds and lin.takes_int8(x):
         return out
     if masks.uniform is not None:
         part = lora.parts.get(masks.uniform)
