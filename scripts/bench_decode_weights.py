@@ -125,12 +125,13 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
     print("\n".join(lines))
-    from finetune.generate.weights import int8_available, int8_rows, plain_rows
+    from finetune.generate.weights import FOLD_WIN, int8_available, int8_rows, plain_rows
 
     print("\nThe decode step on this CPU (finetune.generate.weights.plain_rows, its own probe): "
           + "; ".join(f"{d}: {_choice(plain_rows(getattr(torch, d)))}" for d in ("float32", "bfloat16")))
     print("With FINETUNE_DECODE_WEIGHTS=int8 (finetune.generate.weights.int8_rows): "
-          + "; ".join(f"{d}: {_int8(int8_rows(getattr(torch, d)))}" for d in ("float32", "bfloat16")))
+          + "; ".join(f"{d}: {_int8(int8_rows(getattr(torch, d)))} (with one adapter folded in: "
+                      f"{_int8(int8_rows(getattr(torch, d), FOLD_WIN))})" for d in ("float32", "bfloat16")))
     if args.accuracy and not int8_available():
         print("\nint8 decode weights vs exact: not measured (this torch has no weight-only int8 product)")
     elif args.accuracy:
@@ -165,7 +166,7 @@ def accuracy(model_dir: str, path: Path, count: int, max_tokens: int,
     exact = build_lean(model)
     os.environ[DECODE_WEIGHTS] = "int8"
     # the numbers int8 gives, measured even on a CPU where it is not faster (where the step keeps the exact weights)
-    lean.int8_rows = lambda dtype: 1
+    lean.int8_rows = lambda dtype, bar: 1
     try:
         eight = build_lean(model)
     finally:

@@ -140,7 +140,7 @@ def test_int8_decode_weights_through_the_cli_and_a_bad_value_refused(adapters, m
     this CPU the probe may keep the exact weights); int9 refused with exit 2, naming the variable, no traceback."""
     from finetune.generate import lean
 
-    monkeypatch.setattr(lean, "int8_rows", lambda dtype: 8)
+    monkeypatch.setattr(lean, "int8_rows", lambda dtype, bar: 8)
     lean._note.cache_clear()
     monkeypatch.setenv("FINETUNE_DECODE_WEIGHTS", "int8")
     with caplog.at_level("WARNING", logger="finetune.generate"):

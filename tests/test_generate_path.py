@@ -211,7 +211,7 @@ def test_int8_decode_weights_run_the_few_row_products_and_the_exact_weights_the_
     if not weights.int8_available():
         pytest.fail("this torch has no torch._weight_int8pack_mm")
     assert weights.int8_rows(dtype) in (0, 1, 2, 4, 8, 16)  # this CPU's answer, measured once
-    monkeypatch.setattr(lean, "int8_rows", lambda dtype: 4)
+    monkeypatch.setattr(lean, "int8_rows", lambda dtype, bar: 4)
     monkeypatch.setattr(lean, "plain_rows", lambda dtype: 2)
     exact = lean.build_lean(quantized, ["one", "two"])
     monkeypatch.setenv(weights.DECODE_WEIGHTS, "int8")
@@ -261,10 +261,12 @@ def test_int8_decode_weights_hold_the_one_adapter_and_skip_its_products(quantize
     quantized, so its few-row products skip the adapter's two small products; the exact weights (a prompt's prefill)
     still take them. The decoded logits stay within int8's rounding of the exact step's with the adapter, far from
     the base's; a row asking for anything but that adapter is refused instead of answered with it."""
-    monkeypatch.setattr(lean, "int8_rows", lambda dtype: 4)
+    # int8 at up to 4 rows only where it need not beat the exact product (the adapter's products go with the fold)
+    monkeypatch.setattr(lean, "int8_rows", lambda dtype, bar: 4 if bar == weights.FOLD_WIN else 0)
     monkeypatch.setattr(lean, "plain_rows", lambda dtype: 0)
     exact, base = lean.build_lean(quantized, ["one"]), lean.build_lean(quantized, [])
     monkeypatch.setenv(weights.DECODE_WEIGHTS, "int8")
+    assert lean.build_lean(quantized, ["one"]).head.int8 is None  # (no fold: int8 must be 15% faster)
     lm = lean.build_lean(quantized, ["one"], fold_int8="one")
     assert lm.int8_folded == "one" and lm.folded is None and lm.adapters == ["one"]
     module = quantized.base_model.model.model.layers[1].mlp.down_proj
@@ -309,9 +311,16 @@ def test_the_speed_probes_leave_the_global_random_stream_alone():
     generator they would shift dropout and sampling after them, and a resumed run would differ from the run it
     resumes."""
     state = torch.get_rng_state()
-    for probe in (weights.plain_rows, weights.int8_rows):
-        assert probe.__wrapped__(torch.float32) in (0, 1, 2, 4, 8, 16)  # (the probe itself, not its cached answer)
+    assert weights.plain_rows.__wrapped__(torch.float32) in (0, 1, 2)  # (the probe itself, not its cached answer)
+    assert set(weights._int8_ratios.__wrapped__(torch.float32)) <= {1, 2, 4, 8, 16}
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_faster_product_is_taken_up_to_the_first_row_count_it_loses_at():
+    ratios = {1: 0.9, 2: 0.8, 4: 0.97, 8: 1.1}  # (the probe stops at the first ratio of 1 or more)
+    assert weights._up_to(ratios, weights.WIN) == 0  # not 15% faster at one row: never, though it is at two
+    assert weights._up_to(ratios, weights.FOLD_WIN) == 4
+    assert weights._up_to({}, weights.WIN) == 0
 
 
 def test_float32_folds_the_adapter_bf16_keeps_it_beside_the_weights(quantized, float_base, tiny_model_dir):
@@ -370,7 +379,7 @@ def test_the_compiled_step_compiles_and_answers_as_the_eager_one(decode_weights,
     monkeypatch.setenv("FINETUNE_DECODE_COMPILE", "1")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv(weights.DECODE_WEIGHTS, decode_weights)
-    monkeypatch.setattr(lean, "int8_rows", lambda dtype: 4)
+    monkeypatch.setattr(lean, "int8_rows", lambda dtype, bar: 4)
     monkeypatch.setattr(batch_module, "_compiled", {})
     lm = lean.build_lean(float_base)
     assert (lm.head.int8 is not None) == (decode_weights == "int8")

@@ -146,7 +146,8 @@ def test_bench_decode_weights(tiny_model_dir, tmp_path):
     [choice] = [line for line in done.stdout.splitlines() if "plain_rows" in line]
     assert "float32: " in choice and "bfloat16: " in choice and "packed" in choice
     [int8] = [line for line in done.stdout.splitlines() if "FINETUNE_DECODE_WEIGHTS=int8" in line]
-    assert int8.count("int8 at up to") + int8.count("the exact weights at every") == 2
+    assert int8.count("int8 at up to") + int8.count("the exact weights at every") == 4  # two dtypes, two bars
+    assert int8.count("with one adapter folded in: ") == 2
     # int8 vs exact, token by token: 16 tokens (8 of each text), agreeing on most, a small KL that is not 0
     [line] = [x for x in done.stdout.splitlines() if x.startswith("int8 decode weights vs exact")]
     agree, kl = float(line.split("agreement ")[1].split("%")[0]), float(line.split("mean KL ")[1].split()[0])

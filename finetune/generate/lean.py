@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from finetune.generate.weights import (
-    base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, int8_available, int8_bytes, int8_product,
-    int8_requested, int8_rows, int8_weight, layer_int8, pack, pack_bytes, packable, packed_product, packed_weight,
-    plain_bytes, plain_rows)
+    FOLD_WIN, WIN, base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, int8_available, int8_bytes,
+    int8_product, int8_requested, int8_rows, int8_weight, layer_int8, pack, pack_bytes, packable, packed_product,
+    packed_weight, plain_bytes, plain_rows)
 
 log = logging.getLogger("finetune.generate")
 
@@ -167,8 +167,8 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None,
     # a plain copy beside each packed one, counted with what packing takes (all of it is allocated below)
     both = packs and fits_in_memory(dense + copies + plain_bytes(model))
     plain = plain_rows(dtype) if both else 0
-    eight = _int8_rows(dtype, (dense if keep else 0) + (copies if packs else 0) + int8_bytes(model)) \
-        if int8_requested() else 0
+    eight = _int8_rows(dtype, (dense if keep else 0) + (copies if packs else 0) + int8_bytes(model),
+                       fold_int8 is not None and fold_int8 in adapters) if int8_requested() else 0
     plain = 0 if eight else plain  # (the int8 copy runs the few-row products)
     # the dtype the model's forward autocasts to (finetune.model.compute_like_training): float32 adapter weights
     # meet the activations in it, so they are kept in it here (None: no autocast, as they are)
@@ -186,19 +186,20 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None,
                      cast_before_add=any_4bit)
 
 
-def _int8_rows(dtype: torch.dtype, total: int) -> int:
+def _int8_rows(dtype: torch.dtype, total: int, folds: bool) -> int:
     """`int8_rows` where int8 decode weights are asked for and `total` bytes (with their copy) fit; else 0; said
-    once either way."""
+    once either way. Where an adapter `folds` into the int8 copy, int8 need only be as fast as the exact product."""
+    rows = int8_rows(dtype, FOLD_WIN if folds else WIN) if int8_available() else 0
     if not int8_available():
         why = "this torch has no weight-only int8 product"
     elif not fits_in_memory(total):
         why = f"the int8 copy does not fit in memory beside the rest ({total / 2**30:.1f} GiB)"
-    elif not int8_rows(dtype):
+    elif not rows:
         why = "the int8 product is not faster than the exact one's on this CPU, even at one row"
     else:
-        _note(f"decoding with int8 weights (FINETUNE_DECODE_WEIGHTS=int8) for products of up to {int8_rows(dtype)} "
-              "rows, the exact weights above")
-        return int8_rows(dtype)
+        _note(f"decoding with int8 weights (FINETUNE_DECODE_WEIGHTS=int8) for products of up to {rows} rows, the "
+              "exact weights above")
+        return rows
     _note(f"decoding with the exact weights, not int8 (FINETUNE_DECODE_WEIGHTS=int8): {why}")
     return 0
 

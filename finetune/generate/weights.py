@@ -22,6 +22,8 @@ PACKED = "_finetune_packed"  # the attribute of a parameter holding its weight p
 INT8 = "_finetune_int8"  # the attribute of a parameter holding its int8 copy (`layer_int8`)
 DECODE_WEIGHTS = "FINETUNE_DECODE_WEIGHTS"  # exact (the default) or int8
 PACK_ROWS = 16  # the rows oneDNN's layout is blocked for: measured fastest at 1, 4 and 16 rows alike
+WIN = 0.85  # a faster product is taken where it takes at most this share of the other's time (`_up_to`)
+FOLD_WIN = 1.0  # ... and int8 where it also holds the adapter (its products beside the exact weights then go)
 
 
 def base_model(model):
@@ -124,8 +126,8 @@ def plain_rows(dtype: torch.dtype) -> int:
         return 0
     weights, generator = _probe_weights(dtype)
     packed = [pack(w) for w in weights]
-    return _wins_up_to((1, 2), dtype, generator, lambda x: [F.linear(x, w) for w in weights],
-                       lambda x: [packed_product(x, w) for w in packed])
+    return _up_to(_ratios((1, 2), dtype, generator, lambda x: [F.linear(x, w) for w in weights],
+                          lambda x: [packed_product(x, w) for w in packed]), WIN)
 
 
 def int8_requested() -> bool:
@@ -179,22 +181,28 @@ def int8_available() -> bool:
     return hasattr(torch, "_weight_int8pack_mm")
 
 
+def int8_rows(dtype: torch.dtype, bar: float = WIN) -> int:
+    """Up to how many rows (0, 1, 2, 4, 8 or 16) the int8 product (`int8_product`) takes at most `bar` of the time of
+    the product the decode step otherwise takes (the faster of the plain and the oneDNN-packed weight in `dtype`),
+    measured once per process on `PROBE`'s weights. On a 2-core Intel Xeon (Ice Lake) it took 12 ms per
+    SmolLM2-135M token at one row against 23 (plain float32) and 35 (packed), and lost from 16 rows; on a 2-core
+    AVX512_BF16 EPYC 5.9 ms against 6.9 (packed bf16): not 15% faster, yet with the adapter folded into it the step
+    took 9.0 ms a token against 16 (docs/performance.md, Decoding), hence `FOLD_WIN`."""
+    return _up_to(_int8_ratios(dtype), bar)
+
+
 @functools.cache
-def int8_rows(dtype: torch.dtype) -> int:
-    """Up to how many rows (0, 1, 2, 4, 8 or 16) the int8 product (`int8_product`) beats the product the decode step
-    otherwise takes (the faster of the plain and the oneDNN-packed weight in `dtype`) by 15% or more, measured once per
-    process on `PROBE`'s weights. On a 2-core Intel Xeon (Ice Lake) it took 12 ms per SmolLM2-135M token at one row
-    against 23 (plain float32) and 35 (packed), and lost from 16 rows (docs/performance.md, Decoding)."""
+def _int8_ratios(dtype: torch.dtype) -> dict[int, float]:
     if not int8_available():
-        return 0
+        return {}
     weights, generator = _probe_weights(dtype)
     quantized = [int8_weight(w) for w in weights]
     exact = [lambda x: [F.linear(x, w) for w in weights]]
     if packable(dtype):
         packed = [pack(w) for w in weights]
         exact.append(lambda x: [packed_product(x, w) for w in packed])
-    return _wins_up_to((1, 2, 4, 8, 16), dtype, generator, lambda x: [int8_product(x, q, s) for q, s in quantized],
-                       *exact)
+    return _ratios((1, 2, 4, 8, 16), dtype, generator, lambda x: [int8_product(x, q, s) for q, s in quantized],
+                   *exact)
 
 
 def _probe_weights(dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Generator]:
@@ -204,11 +212,11 @@ def _probe_weights(dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Genera
     return [_random(out, width, dtype, generator) for _ in range(count)], generator
 
 
-def _wins_up_to(counts: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator, fast, *others) -> int:
-    """The largest of `counts` (ascending row counts) up to which `fast(x)` takes at most 0.85x the time of the
-    fastest of `others(x)` (medians; 0: it loses at the first count). Each is timed 4 times, alternating, so a busy
-    moment costs all of them; the first round (a warm-up) is dropped."""
-    best = 0
+def _ratios(counts: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator, fast, *others) -> dict:
+    """{rows: the median time of fast(x) over that of the fastest of others(x)} for `counts` (ascending row counts),
+    up to the first where `fast` is not faster. Each is timed 4 times, alternating, so a busy moment costs all of
+    them; the first round (a warm-up) is dropped."""
+    ratios = {}
     with torch.inference_mode():
         for rows in counts:
             x = _random(rows, PROBE[2], dtype, generator)
@@ -216,9 +224,19 @@ def _wins_up_to(counts: tuple[int, ...], dtype: torch.dtype, generator: torch.Ge
             for _ in range(4):
                 mine.append(_timed(lambda: fast(x)))
                 theirs.append(min(_timed(lambda: other(x)) for other in others))
-            if statistics.median(mine[1:]) > 0.85 * statistics.median(theirs[1:]):
+            ratios[rows] = statistics.median(mine[1:]) / statistics.median(theirs[1:])
+            if ratios[rows] >= 1.0:
                 break
-            best = rows
+    return ratios
+
+
+def _up_to(ratios: dict[int, float], bar: float) -> int:
+    """The largest row count up to which every ratio is at most `bar` (0: none)."""
+    best = 0
+    for rows, ratio in ratios.items():
+        if ratio > bar:
+            break
+        best = rows
     return best
 
 
