@@ -224,6 +224,7 @@ def run(args) -> list[tuple[str, dict[int, list[tuple[float, float]]]]]:
     adapter = make_adapter(args.model, work / f"adapter0-{args.quantize}", 0, quant)
     model, tok = load(adapter)
     prompt = tok(PROMPT)["input_ids"]
+    eight = int8_model(model) if args.int8 else None  # (its speed probe first, before llama.cpp's threads start)
     llama, note = None, ""
     if not args.no_llamacpp:
         try:
@@ -237,7 +238,6 @@ def run(args) -> list[tuple[str, dict[int, list[tuple[float, float]]]]]:
         print(note, flush=True)
     tools = {"finetune": lambda b: finetune_tps(model, prompt, b, args.max_new_tokens),
              "transformers generate": lambda b: transformers_tps(model, prompt, b, args.max_new_tokens)}
-    eight = int8_model(model) if args.int8 else None
     if eight is not None:
         tools["finetune, int8 weights"] = lambda b: finetune_tps(model, prompt, b, args.max_new_tokens, eight)
     elif args.int8:

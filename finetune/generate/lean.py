@@ -44,6 +44,7 @@ log = logging.getLogger("finetune.generate")
 
 FAMILIES = ("llama", "mistral", "qwen2")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHARED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # projections that read the same input
 
 
 @dataclass
@@ -91,6 +92,10 @@ class Layer:
     attn_norm: torch.Tensor
     mlp_norm: torch.Tensor
     proj: dict[str, Linear]
+    # SHARED's projections with one adapter (`_shared`): {names: {adapter index: (their A stacked, their B
+    # block-diagonal, the scaling, each one's output width)}}
+    shared: dict[tuple[str, ...], dict[int, tuple[torch.Tensor, torch.Tensor, float, list[int]]]] = \
+        field(default_factory=dict)
 
 
 @dataclass
@@ -177,6 +182,9 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None,
                     {p: _linear(_projection(layer, p), adapters, fold, keep, autocast, packs, plain, eight, fold_int8)
                      for p in PROJECTIONS})
               for layer in inner.layers]
+    if len(adapters) == 1:  # (one adapter's stacked copies: a few MB; with many, serve, the projections one by one)
+        for layer in layers:
+            layer.shared = {names: _shared([layer.proj[p] for p in names]) for names in SHARED}
     any_4bit = any(type(getattr(getattr(m, "base_layer", m), "weight", None)).__name__ == "Params4bit"
                    for m in base.modules())
     return LeanModel(layers, inner.embed_tokens.weight.detach(), inner.norm.weight.detach(),
@@ -265,6 +273,22 @@ def _folded(module, adapter: str, weight: torch.Tensor) -> torch.Tensor:
     return weight.float() + (b.float() @ a.float()) * module.scaling[adapter]
 
 
+def _shared(lins: list[Linear]) -> dict[int, tuple[torch.Tensor, torch.Tensor, float, list[int]]]:
+    """For each adapter all of `lins` (projections reading one input) hold with one scaling: their A stacked
+    [sum of ranks, in] and their B block-diagonal [sum of outs, sum of ranks], so a batch of that adapter runs it
+    for all of them as two products instead of two each: the same numbers but for the order of the sums (every term
+    the block-diagonal adds is an exact zero)."""
+    if any(lin.lora is None for lin in lins) or len({lin.lora.rounds for lin in lins}) > 1:
+        return {}
+    got = {}
+    for i in lins[0].lora.parts:
+        parts = [lin.lora.parts.get(i) for lin in lins]
+        if all(p is not None for p in parts) and len({p[2] for p in parts}) == 1:
+            got[i] = (torch.cat([a for a, _, _ in parts]), torch.block_diag(*[b for _, b, _ in parts]), parts[0][2],
+                      [b.shape[0] for _, b, _ in parts])
+    return got
+
+
 def _as(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     return weight.detach() if dtype is None else weight.detach().to(dtype)
 
@@ -301,8 +325,7 @@ def forward(lm: LeanModel, cache: Cache, ids: torch.Tensor, positions: torch.Ten
     rows = torch.arange(start, start + n, device=ids.device)
     for i, layer in enumerate(lm.layers):
         h = _rms(x, layer.attn_norm, lm.eps)
-        q, k, v = (_proj(h, layer.proj[p], masks, lm).view(n, t, -1, lm.head_dim).transpose(1, 2)
-                   for p in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (o.view(n, t, -1, lm.head_dim).transpose(1, 2) for o in _projs(h, layer, SHARED[0], masks, lm))
         q, k = q * cos + _swap_halves(q) * sin, k * cos + _swap_halves(k) * sin
         keys, values = cache.keys[i], cache.values[i]
         if alone is not None:
@@ -318,7 +341,7 @@ def forward(lm: LeanModel, cache: Cache, ids: torch.Tensor, positions: torch.Ten
                                            attn_mask=mask, scale=lm.head_dim ** -0.5, enable_gqa=True)
         x = x + _proj(o.transpose(1, 2).reshape(n * t, -1), layer.proj["o_proj"], masks, lm)
         h = _rms(x, layer.mlp_norm, lm.eps)
-        gate, up = _proj(h, layer.proj["gate_proj"], masks, lm), _proj(h, layer.proj["up_proj"], masks, lm)
+        gate, up = _projs(h, layer, SHARED[1], masks, lm)
         x = x + _proj(F.silu(gate) * up, layer.proj["down_proj"], masks, lm)
     x = x.view(n, t, -1)
     x = x[:, -1] if last is None else x[torch.arange(n, device=ids.device), last]
@@ -382,6 +405,24 @@ def _proj(x: torch.Tensor, lin: Linear, masks: _Masks, lm: LeanModel) -> torch.T
         mask, scale = masks.get(lora, len(x))
         y = (_product(_product(x, lora.a, lora.rounds) * mask, lora.b, lora.rounds) * scale).to(lora.rounds or
                                                                                                  lora.a.dtype)
+    return _add(out, y, lm)
+
+
+def _projs(x: torch.Tensor, layer: Layer, names: tuple[str, ...], masks: _Masks, lm: LeanModel) -> list:
+    """`_proj` for each of `names` (projections reading x); a batch of one adapter that `Layer.shared` holds for
+    them takes it as two products for all of them."""
+    lins = [layer.proj[p] for p in names]
+    shared = layer.shared.get(names, {}).get(masks.uniform) if masks.uniform is not None else None
+    if shared is None or lins[0].int8_folds and lins[0].takes_int8(x):
+        return [_proj(x, lin, masks, lm) for lin in lins]
+    a, b, s, widths = shared
+    rounds = lins[0].lora.rounds
+    ys = (_product(_product(x, a, rounds), b, rounds) * s).split(widths, dim=1)
+    return [_add(lin(x), y, lm) for lin, y in zip(lins, ys)]
+
+
+def _add(out: torch.Tensor, y: torch.Tensor, lm: LeanModel) -> torch.Tensor:
+    """A projection's output plus its adapter's, as PEFT adds them."""
     return out + y.to(out.dtype) if lm.cast_before_add else (out + y).to(out.dtype)
 
 
