@@ -74,6 +74,12 @@ def old_path(model, tok, prompts, batch_size):
     return ev._generate_with_model(model, prompts, options, ev.generation_kwargs(model, tok, options), None, None)
 
 
+def weighted(layer: lean.Layer) -> list[lean.Linear]:
+    """The layer's Linears that hold weights: the stacked groups' (`Layer.fused`) and the other projections'."""
+    stacked = {p for names in layer.fused for p in names}
+    return [*layer.fused.values(), *(lin for p, lin in layer.proj.items() if p not in stacked)]
+
+
 def new_path(model, tok, prompts, batch_size):
     assert lean_decoder(model) is not None  # the lean step, not a fallback
     return ev.generate_ids(model, tok, prompts, GenerationOptions(max_new_tokens=TOKENS, batch_size=batch_size))
@@ -137,7 +143,10 @@ def test_weights_are_packed_for_onednn_with_the_same_answers(quantized, tok, pro
         assert dtype == torch.bfloat16 and not cpu_has_native_bf16()  # only an AVX2 CPU refuses bf16
         assert all(p.packed is None for p in lm.layers[1].proj.values()) and lm.head.packed is None
         return
-    assert all(p.packed is not None and p.weight is None for p in lm.layers[1].proj.values())
+    stacked = lm.layers[1].fused  # (q/k/v and gate/up: one packed product each, `test_stacked_...` below)
+    assert set(stacked) == set(lean.SHARED) and all(f.packed is not None and f.weight is None for f in stacked.values())
+    assert all(lm.layers[1].proj[p].packed is not None and lm.layers[1].proj[p].weight is None
+               for p in ("o_proj", "down_proj"))
     assert lm.head.packed is not None and lm.layers[1].proj["down_proj"].packed is getattr(down, weights.PACKED)
     assert lm.head.packed.dtype == dtype
     assert not hasattr(down, weights.DENSE)  # the packed copy replaced the dense one
@@ -146,13 +155,53 @@ def test_weights_are_packed_for_onednn_with_the_same_answers(quantized, tok, pro
     for module in (lean, weights):  # oneDNN refuses (a folded weight is packed by lean, the others by weights)
         monkeypatch.setattr(module, "pack", lambda weight: None)
     monkeypatch.setattr(weights, "PACKED", "_test_unpacked")
+    monkeypatch.setattr(weights, "FUSED", "_test_unfused")
     plain_lm = lean.build_lean(quantized, ["one", "two"])
     assert all(p.packed is None and p.weight is not None for p in plain_lm.layers[1].proj.values())
+    assert plain_lm.layers[1].fused == {}
     plain = decode(plain_lm, names, chosen=packed)
     tolerance = 1e-4 if dtype == torch.float32 else 0.1  # bf16 logits of magnitude ~10: a few ulps
     torch.testing.assert_close(packed, plain, atol=tolerance, rtol=0)
     if dtype == torch.float32:
         assert torch.equal(packed.argmax(-1), plain.argmax(-1))
+
+
+def test_stacked_projections_answer_as_each_alone_to_the_bit(quantized, float_base, prompts, monkeypatch):
+    """q, k and v (and gate and up) read one input: their packed weights stacked by rows make one product each
+    group (a small product's set-up is most of its time), split into each projection's columns: the same numbers
+    as each projection's own product, so a mixed batch decodes to the same logits bit for bit. The stacked copy is
+    kept on the parameters (one copy for every lean model; memory counted as packed), the projections' own dense
+    and packed copies dropped."""
+    dtype = weights.compute_dtype(quantized)
+    monkeypatch.setattr(lean, "plain_rows", lambda dtype: 0)
+    lm = lean.build_lean(quantized, ["one", "two"])
+    if not weights.packable(dtype):  # (bf16 on an AVX2 CPU: the plain weights, one by one)
+        assert all(layer.fused == {} for layer in lm.layers)
+        return
+    attention = quantized.base_model.model.model.layers[1].self_attn
+    bases = [getattr(attention, p).base_layer for p in lean.SHARED[0]]
+    qkv = lm.layers[1].fused[lean.SHARED[0]]
+    assert all(getattr(b.weight, weights.FUSED) is qkv.packed for b in bases)
+    assert not any(hasattr(b.weight, weights.PACKED) or hasattr(b.weight, weights.DENSE) for b in bases)
+    assert lean.build_lean(quantized, ["one"]).layers[1].fused[lean.SHARED[0]].packed is qkv.packed
+    assert qkv.widths == [lean._out_features(b) for b in bases]
+    assert lean.build_lean(float_base).layers[1].fused and weights.pack_bytes(float_base) == 0  # (nothing left)
+    x = torch.randn(3, bases[0].in_features).to(dtype)
+    alone = [weights.packed_product(x, weights.pack(weights.dense_weight(b, keep=False))) for b in bases]
+    assert all(torch.equal(a, b) for a, b in zip(qkv(x).split(qkv.widths, dim=1), alone))
+
+    def decode(lm, names=("one", "two", None)):
+        batch = LeanBatch(lm)
+        logits = [batch.prefill(prompts[:3], list(names))]
+        for _ in range(4):
+            logits.append(batch.decode(logits[-1].argmax(-1).tolist(), list(names)))
+        return torch.stack(logits)
+
+    stacked = decode(lm)
+    monkeypatch.setattr(lean, "_stacked", lambda *args: None)
+    apart = lean.build_lean(quantized, ["one", "two"])
+    assert apart.layers[1].fused == {} and apart.layers[1].proj["q_proj"].packed is not None
+    assert torch.equal(stacked, decode(apart))
 
 
 def test_one_or_two_rows_take_the_plain_weight_where_this_cpu_streams_it_faster(quantized, tok, prompts,
@@ -217,7 +266,7 @@ def test_int8_decode_weights_run_the_few_row_products_and_the_exact_weights_the_
     monkeypatch.setenv(weights.DECODE_WEIGHTS, "int8")
     lm = lean.build_lean(quantized, ["one", "two"])
     down = quantized.base_model.model.model.layers[1].mlp.down_proj.base_layer.weight
-    for lin in [*lm.layers[1].proj.values(), lm.head]:
+    for lin in [*weighted(lm.layers[1]), lm.head]:
         assert lin.int8 is not None and lin.int8_rows == 4 and lin.plain_rows == 0
         assert lin.int8[0].dtype == torch.int8 and lin.int8[1].dtype == torch.bfloat16
     lin = lm.layers[1].proj["down_proj"]

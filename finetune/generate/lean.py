@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from finetune.generate.weights import (
-    FOLD_WIN, WIN, base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, int8_available, int8_bytes,
-    int8_product, int8_requested, int8_rows, int8_weight, layer_int8, pack, pack_bytes, packable, packed_product,
-    packed_weight, plain_bytes, plain_rows)
+    FOLD_WIN, WIN, base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, fused_int8, fused_packed,
+    int8_available, int8_bytes, int8_product, int8_requested, int8_rows, int8_weight, layer_int8, pack, pack_bytes,
+    packable, packed_product, packed_weight, plain_bytes, plain_rows)
 
 log = logging.getLogger("finetune.generate")
 
@@ -72,6 +72,7 @@ class Linear:
     int8: tuple[torch.Tensor, torch.Tensor] | None = None  # the weight as int8 and its row scales (`int8_weight`)
     int8_rows: int = 0  # inputs of up to this many rows take `int8`
     int8_folds: bool = False  # `int8` holds the adapter (W + s B A): products on it skip `lora`
+    widths: list[int] | None = None  # several projections' weights stacked (`_stacked`): each one's output columns
 
     def takes_int8(self, x: torch.Tensor) -> bool:
         return self.int8 is not None and len(x) <= self.int8_rows
@@ -91,7 +92,8 @@ class Linear:
 class Layer:
     attn_norm: torch.Tensor
     mlp_norm: torch.Tensor
-    proj: dict[str, Linear]
+    proj: dict[str, Linear]  # each projection's adapters, and its weights unless `fused` holds them
+    fused: dict[tuple[str, ...], Linear] = field(default_factory=dict)  # SHARED's weights stacked (`_stacked`)
     # SHARED's projections with one adapter (`_shared`): {names: {adapter index: (their A stacked, their B
     # block-diagonal, the scaling, each one's output width)}}
     shared: dict[tuple[str, ...], dict[int, tuple[torch.Tensor, torch.Tensor, float, list[int]]]] = \
@@ -178,10 +180,16 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None,
     # the dtype the model's forward autocasts to (finetune.model.compute_like_training): float32 adapter weights
     # meet the activations in it, so they are kept in it here (None: no autocast, as they are)
     autocast = base.__dict__.get("_finetune_autocast")
-    layers = [Layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                    {p: _linear(_projection(layer, p), adapters, fold, keep, autocast, packs, plain, eight, fold_int8)
-                     for p in PROJECTIONS})
-              for layer in inner.layers]
+    layers = []
+    for layer in inner.layers:
+        # each group's weights stacked where they are packed copies anyway (no plain copy runs a few rows)
+        fused = {names: _stacked([_projection(layer, p) for p in names], fold, keep, eight, fold_int8)
+                 for names in (SHARED if packs and not plain else ())}
+        fused = {names: lin for names, lin in fused.items() if lin is not None}
+        alone = {p for names in fused for p in names}
+        layers.append(Layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                            {p: _linear(_projection(layer, p), adapters, fold, keep, autocast, packs, plain, eight,
+                                        fold_int8, weights=p not in alone) for p in PROJECTIONS}, fused))
     if len(adapters) == 1:  # (one adapter's stacked copies: a few MB; with many, serve, the projections one by one)
         for layer in layers:
             layer.shared = {names: _shared([layer.proj[p] for p in names]) for names in SHARED}
@@ -222,16 +230,19 @@ def _projection(layer, name: str):
 
 
 def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast: torch.dtype | None = None,
-            packs: bool = False, plain: int = 0, int8: int = 0, fold_int8: str | None = None) -> Linear:
+            packs: bool = False, plain: int = 0, int8: int = 0, fold_int8: str | None = None,
+            weights: bool = True) -> Linear:
     """A projection as the step runs it; a 4-bit one that is not kept dequantized is dequantized at every use; its
     adapters' A and B in `autocast` (their own dtype where None); its weight packed for oneDNN where `packs`, the
     plain one kept beside it for inputs of up to `plain` rows, an int8 copy for inputs of up to `int8` rows (with
-    adapter `fold_int8` folded into it)."""
+    adapter `fold_int8` folded into it). Without `weights` (`Layer.fused` holds them), its adapters alone."""
     base = getattr(module, "base_layer", module)
-    bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
+    bias = base.bias.detach() if getattr(base, "bias", None) is not None and weights else None
     weight = packed = eight = None
     folds_int8 = bool(int8) and fold_int8 is not None and fold_int8 in getattr(module, "lora_A", {})
-    if fold is not None and fold in getattr(module, "lora_A", {}):
+    if not weights:
+        folds_int8 = False
+    elif fold is not None and fold in getattr(module, "lora_A", {}):
         weight = dense_weight(base, keep=keep and not packs)
         weight = _folded(module, fold, weight).to(weight.dtype)
         eight = int8_weight(weight) if int8 else None
@@ -245,9 +256,9 @@ def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast:
             packed = packed_weight(base, keep_plain=plain > 0)
     if packed is not None and not plain:
         weight = None
-    elif weight is None and keep:
+    elif weight is None and keep and weights:
         weight = dense_weight(base)
-    quantized = base if weight is None and packed is None else None
+    quantized = base if weight is None and packed is None and weights else None
     found = [(i, name) for i, name in enumerate(adapters) if name in getattr(module, "lora_A", {})]
     if not found:
         return Linear(weight, bias, quantized=quantized, packed=packed, plain_rows=plain, int8=eight,
@@ -265,6 +276,42 @@ def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast:
                 owner, scale, parts, layout, rounds)
     return Linear(weight, bias, lora, quantized=quantized, packed=packed, plain_rows=plain, int8=eight,
                   int8_rows=int8 if eight is not None else 0, int8_folds=folds_int8)
+
+
+def _stacked(modules: list, fold: str | None, keep: bool, int8: int, fold_int8: str | None) -> Linear | None:
+    """The weights of `modules` (projections reading one input) stacked by rows, packed, as `_linear` builds one
+    projection's (`packs`, no plain copy; with `fold` folded in, or an int8 copy for up to `int8` rows holding
+    `fold_int8`): one product for all of them, each one's columns the same numbers as its own product
+    (`weights.fused_packed`), split by `Linear.widths`. Their adapters stay each projection's own (`_linear`).
+    None where their biases differ in kind, or oneDNN does not pack them."""
+    bases = [getattr(m, "base_layer", m) for m in modules]
+    biases = [getattr(b, "bias", None) for b in bases]
+    if len({b is None for b in biases}) > 1 or not keep:
+        return None
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    has = [lambda m, a=a: a is not None and a in getattr(m, "lora_A", {}) for a in (fold, fold_int8)]
+    folds, into8 = any(has[0](m) for m in modules), bool(int8) and any(has[1](m) for m in modules)
+    eight = None
+    if folds:
+        dense = [dense_weight(b, keep=False) for b in bases]
+        weight = torch.cat([_folded(m, fold, d).to(d.dtype) if has[0](m) else d for m, d in zip(modules, dense)])
+        eight, packed = int8_weight(weight) if int8 else None, pack(weight)
+    else:
+        if into8:  # (before packing, which drops a 4-bit weight's dense copy)
+            eight = int8_weight(torch.cat([_folded(m, fold_int8, d) if has[1](m) else d.float() for m, d in
+                                           zip(modules, (dense_weight(b, keep=keep) for b in bases))]))
+        elif int8:
+            eight = fused_int8(bases, keep)
+        packed = fused_packed(bases)
+    if packed is None:
+        return None
+    return Linear(None, bias, packed=packed, int8=eight, int8_rows=int8 if eight is not None else 0,
+                  int8_folds=into8, widths=[_out_features(b) for b in bases])
+
+
+def _out_features(layer) -> int:
+    weight = layer.weight
+    return weight.quant_state.shape[0] if type(weight).__name__ == "Params4bit" else weight.shape[0]
 
 
 def _folded(module, adapter: str, weight: torch.Tensor) -> torch.Tensor:
@@ -391,9 +438,14 @@ class _Masks:
 
 
 def _proj(x: torch.Tensor, lin: Linear, masks: _Masks, lm: LeanModel) -> torch.Tensor:
+    """x through a projection: its weights, then its adapters (not where its int8 copy holds them)."""
     out = lin(x)
-    lora = lin.lora
-    if lora is None or masks.uniform == -1 or lin.int8_folds and lin.takes_int8(x):
+    return out if lin.int8_folds and lin.takes_int8(x) else _adapt(x, out, lin.lora, masks, lm)
+
+
+def _adapt(x: torch.Tensor, out: torch.Tensor, lora: Lora | None, masks: _Masks, lm: LeanModel) -> torch.Tensor:
+    """`out` (x's product with a projection's weights) plus its adapters' products for the batch's rows."""
+    if lora is None or masks.uniform == -1:
         return out
     if masks.uniform is not None:
         part = lora.parts.get(masks.uniform)
@@ -411,14 +463,18 @@ def _proj(x: torch.Tensor, lin: Linear, masks: _Masks, lm: LeanModel) -> torch.T
 def _projs(x: torch.Tensor, layer: Layer, names: tuple[str, ...], masks: _Masks, lm: LeanModel) -> list:
     """`_proj` for each of `names` (projections reading x); a batch of one adapter that `Layer.shared` holds for
     them takes it as two products for all of them."""
-    lins = [layer.proj[p] for p in names]
+    lins, fused = [layer.proj[p] for p in names], layer.fused.get(names)
+    if fused is None:
+        outs, skip = [lin(x) for lin in lins], [lin.int8_folds and lin.takes_int8(x) for lin in lins]
+    else:
+        outs, skip = fused(x).split(fused.widths, dim=1), [fused.int8_folds and fused.takes_int8(x)] * len(lins)
     shared = layer.shared.get(names, {}).get(masks.uniform) if masks.uniform is not None else None
-    if shared is None or lins[0].int8_folds and lins[0].takes_int8(x):
-        return [_proj(x, lin, masks, lm) for lin in lins]
+    if shared is None or any(skip):
+        return [out if off else _adapt(x, out, lin.lora, masks, lm) for out, off, lin in zip(outs, skip, lins)]
     a, b, s, widths = shared
     rounds = lins[0].lora.rounds
     ys = (_product(_product(x, a, rounds), b, rounds) * s).split(widths, dim=1)
-    return [_add(lin(x), y, lm) for lin, y in zip(lins, ys)]
+    return [_add(out, y, lm) for out, y in zip(outs, ys)]
 
 
 def _add(out: torch.Tensor, y: torch.Tensor, lm: LeanModel) -> torch.Tensor:
