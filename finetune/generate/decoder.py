@@ -145,7 +145,8 @@ def sample(logits: torch.Tensor, s: Sequence) -> int:
 
 def lean_decoder(model, context: int | None = None) -> Decoder | None:
     """A decoder over `model`'s active adapter (folded into the weights in float32 compute, where memory allows; in
-    bf16 into the int8 copies where FINETUNE_DECODE_WEIGHTS=int8, beside the exact weights) on the lean step; None, with the reason in the log, where the lean step does not model `model`."""
+    bf16 into the int8 copies where FINETUNE_DECODE_WEIGHTS=int8, beside the exact weights) on the lean step; None,
+    with the reason in the log, where the lean step does not model `model`."""
     several = getattr(model, "peft_config", None) and len(model.active_adapters) > 1
     active = active_adapter(model)
     reason = forced() or ("several adapters active at once" if several else

@@ -14,9 +14,13 @@ per-adapter dispatch, bitsandbytes dequantizing every 4-bit weight again) is gon
 - with FINETUNE_DECODE_WEIGHTS=int8 (opt-in: not the model's numbers), an int8 copy of every weight runs the products
   of up to `int8_rows` rows (decoding a few sequences: half the time per token at one row on an Ice Lake Xeon), the
   exact weights the products of more rows (most prefills, large batches);
+- q/k/v and gate/up (each group reads one input) are one packed weight per group, stacked by rows: one product
+  where there were three and two, each projection's columns the same numbers (`_stacked`; `weights.fused_packed`);
 - one adapter decoded alone is folded into the weights (W + s B A, as PEFT merges) in float32 compute; in bf16 it
   stays beside them, computed as PEFT computes it under training's autocast (finetune.model.compute_like_training:
-  the float32 A and B meet the bf16 activations as bf16, (B(A x)) s in bf16), since folding would round the sum;
+  the float32 A and B meet the bf16 activations as bf16, (B(A x)) s in bf16), since folding would round the sum,
+  as two products per group of projections reading one input (A stacked, B block-diagonal: `_shared`); under
+  FINETUNE_DECODE_WEIGHTS=int8 it is folded into the int8 copies (`build_lean`'s `fold_int8`);
 - several adapters are one batched op per layer (punica's idea, without its kernel): every adapter's A stacked into
   one matrix, one product for all rows, each row's columns kept by a [rows, columns] 0/1 mask, one product with the
   stacked B, then each row scaled by its adapter's scaling (after B, as PEFT scales). A batch whose rows share one
@@ -213,8 +217,8 @@ def _int8_rows(dtype: torch.dtype, total: int, folds: bool) -> int:
     elif not rows:
         why = "the int8 product is not faster than the exact one's on this CPU, even at one row"
     else:
-        _note(f"decoding with int8 weights (FINETUNE_DECODE_WEIGHTS=int8) for products of up to {rows} rows, the "
-              "exact weights above")
+        _note(f"decoding with int8 weights (FINETUNE_DECODE_WEIGHTS=int8) for products of up to {rows} "
+              f"row{'s' if rows > 1 else ''}, the exact weights above")
         return rows
     _note(f"decoding with the exact weights, not int8 (FINETUNE_DECODE_WEIGHTS=int8): {why}")
     return 0
