@@ -392,7 +392,7 @@ def test_the_speed_probes_leave_the_global_random_stream_alone():
     resumes."""
     state = torch.get_rng_state()
     assert weights.plain_rows.__wrapped__(torch.float32) in (0, 1, 2)  # (the probe itself, not its cached answer)
-    assert set(weights._int8_ratios.__wrapped__(torch.float32)) <= {1, 2, 4, 8, 16}
+    assert set(weights.int8_ratios.__wrapped__(torch.float32)) <= {1, 2, 4, 8, 16}
     assert torch.equal(torch.get_rng_state(), state)
 
 

@@ -41,8 +41,8 @@ import torch.nn.functional as F
 
 from finetune.generate.weights import (
     FOLD_WIN, WIN, base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, fused_int8, fused_packed,
-    int8_available, int8_bytes, int8_product, int8_requested, int8_rows, int8_weight, layer_int8, pack, pack_bytes,
-    packable, packed_product, packed_weight, plain_bytes, plain_rows)
+    int8_available, int8_bytes, int8_product, int8_ratios, int8_requested, int8_rows, int8_weight, layer_int8, pack,
+    pack_bytes, packable, packed_product, packed_weight, plain_bytes, plain_rows)
 
 log = logging.getLogger("finetune.generate")
 
@@ -215,7 +215,9 @@ def _int8_rows(dtype: torch.dtype, total: int, folds: bool) -> int:
     elif not fits_in_memory(total):
         why = f"the int8 copy does not fit in memory beside the rest ({total / 2**30:.1f} GiB)"
     elif not rows:
-        why = "the int8 product is not faster than the exact one's on this CPU, even at one row"
+        ratio = int8_ratios(dtype).get(1, float("nan"))
+        why = (f"the int8 product is not faster than the exact one's on this CPU, even at one row (it took "
+               f"{ratio:.2f}x its time)")
     else:
         _note(f"decoding with int8 weights (FINETUNE_DECODE_WEIGHTS=int8) for products of up to {rows} "
               f"row{'s' if rows > 1 else ''}, the exact weights above")

@@ -220,11 +220,11 @@ def int8_rows(dtype: torch.dtype, bar: float = WIN) -> int:
     SmolLM2-135M token at one row against 23 (plain float32) and 35 (packed), and lost from 16 rows; on a 2-core
     AVX512_BF16 EPYC 5.9 ms against 6.9 (packed bf16): not 15% faster, yet with the adapter folded into it the step
     took 9.0 ms a token against 16 (docs/performance.md, Decoding), hence `FOLD_WIN`."""
-    return _up_to(_int8_ratios(dtype), bar)
+    return _up_to(int8_ratios(dtype), bar)
 
 
 @functools.cache
-def _int8_ratios(dtype: torch.dtype) -> dict[int, float]:
+def int8_ratios(dtype: torch.dtype) -> dict[int, float]:
     if not int8_available():
         return {}
     weights, generator = _probe_weights(dtype)
