@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 import finetune.generate.batch as batch_module
 from finetune.errors import RecipeError
 from finetune.generate import decode as ev
-from finetune.generate import lean, weights
+from finetune.generate import lean, step, weights
 from finetune.generate.batch import LeanBatch
 from finetune.generate.decode import GenerationOptions
 from finetune.generate.decoder import lean_decoder, lean_model
@@ -107,8 +107,8 @@ def test_the_rotary_embedding_is_transformers_own_to_the_bit(dtype):
     angles = torch.randn(3, 7, 64, generator=generator) * 40
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     want = apply_rotary_pos_emb(q, k, cos, sin)
-    cos, signed = cos.unsqueeze(1), lean._signed(sin).unsqueeze(1)
-    got = (q * cos + lean._swap_halves(q) * signed, k * cos + lean._swap_halves(k) * signed)
+    cos, signed = cos.unsqueeze(1), step._signed(sin).unsqueeze(1)
+    got = (q * cos + step._swap_halves(q) * signed, k * cos + step._swap_halves(k) * signed)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -327,8 +327,8 @@ def test_int8_decode_weights_hold_the_one_adapter_and_skip_its_products(quantize
     assert torch.equal(lin.int8[0], want[0]) and torch.equal(lin.int8[1], want[1])
     assert not torch.equal(lin.int8[0], weights.int8_weight(dense)[0])  # (the adapter moved the grid points)
     calls = []
-    real = lean._product
-    monkeypatch.setattr(lean, "_product", lambda *args: calls.append(len(args[0])) or real(*args))
+    real = step._product
+    monkeypatch.setattr(step, "_product", lambda *args: calls.append(len(args[0])) or real(*args))
 
     def run(lm, tokens=None):
         """The logits of the prompt and of 6 steps (greedy, or fed `tokens`); the adapter products of each part."""
@@ -368,8 +368,8 @@ def test_one_adapter_runs_as_two_products_for_the_projections_that_read_one_inpu
     assert all(layer.shared == {} for layer in lean.build_lean(quantized, ["one", "two"]).layers)
     apart = dataclasses.replace(lm, layers=[dataclasses.replace(layer, shared={}) for layer in lm.layers])
     calls = []
-    real = lean._product
-    monkeypatch.setattr(lean, "_product", lambda *args: calls.append(1) or real(*args))
+    real = step._product
+    monkeypatch.setattr(step, "_product", lambda *args: calls.append(1) or real(*args))
 
     def run(lm):
         calls.clear()
@@ -474,7 +474,7 @@ def test_the_compiled_step_compiles_and_answers_as_the_eager_one(decode_weights,
     with caplog.at_level(logging.WARNING, logger="finetune.generate"):
         compiled = greedy(batch_module.decode_step())
     assert "decoding without torch.compile" not in caplog.text and not batch_module._compiled.get("failed")
-    eager = greedy(lean.forward)
+    eager = greedy(step.forward)
     dtype = weights.compute_dtype(float_base)
     torch.testing.assert_close(compiled, eager, atol=1e-4 if dtype == torch.float32 else 0.1, rtol=0)
 
@@ -558,7 +558,7 @@ def test_bf16_lora_products_in_float32_are_the_bf16_products():
     for shape in [(16, 576), (576, 16)]:
         w = (torch.randn(*shape, generator=g) * 0.05).bfloat16()
         xs = x if shape[1] == 576 else x[:, :16]
-        got = lean._product(xs, w.float(), torch.bfloat16)
+        got = step._product(xs, w.float(), torch.bfloat16)
         want = torch.nn.functional.linear(xs, w)
         assert got.dtype == torch.bfloat16
         assert (got == want).float().mean() > 0.98  # a differently ordered sum moves a rare value by one ulp

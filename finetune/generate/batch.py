@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from finetune.generate.lean import Cache, LeanModel, forward
+from finetune.generate.lean import LeanModel
+from finetune.generate.step import Cache, forward
 
 BASE = "__base__"  # PEFT's name, in a mixed batch, for rows answered by the base model
 COMPILE = "FINETUNE_DECODE_COMPILE"  # 1: the lean step compiled by torch.compile (inductor)

@@ -8,7 +8,7 @@ A job (one request: a prompt, its adapter, n choices) waits in a bounded queue. 
    running batch;
 3. decodes one token for every running row in one forward pass, each row at its own position. On the lean decode
    step (static KV cache) rows of different adapters share that pass through batched LoRA: one product with every
-   adapter's A stacked, each row's columns kept by a mask, one with the stacked B (generate/lean.py). An adapter the
+   adapter's A stacked, each row's columns kept by a mask, one with the stacked B (generate/step.py). An adapter the
    lean step does not model (DoRA) runs on the model's own forward (PEFT) and shares a batch only with itself (its
    job waits, first in line, until the batch drains); so does every adapter when the lean step does not model the
    base (another architecture, a mixture of experts), through PEFT's mixed-adapter batch. PEFT's per-row split

@@ -1,0 +1,169 @@
+"""The decode step's forward pass: `forward` runs a `LeanModel` (lean.py: a model read out of its modules once) for
+one pass over a static KV cache, a prefill of whole prompts or one token per row, each row with its adapter.
+
+Per layer it is what the model's forward computes, as plain ops: RMSNorm as transformers computes it (float32
+statistics), q/k/v from one stacked product where lean.py stacked them, rotary embeddings in two ops per tensor
+(the same numbers as transformers' rotate_half), keys and values written into the cache, SDPA over the cache's
+positions, then the MLP (gate/up stacked, SiLU, down). Adapters beside the weights are added after each
+projection, as PEFT adds them: one adapter for every row (`_Masks.uniform`) as its own A and B (two products per
+group of projections reading one input, `Layer.shared`), mixed rows as one batched op (every adapter's A stacked,
+a column mask per row, the stacked B).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from finetune.generate.lean import SHARED, Layer, LeanModel, Linear, Lora
+
+
+@dataclass
+class Cache:
+    """Keys and values per layer, [rows, kv heads, positions, head dim]; row r holds one sequence from position 0."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+def forward(lm: LeanModel, cache: Cache, ids: torch.Tensor, positions: torch.Tensor, start: int, span: int,
+            adapters: int | torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 logits [n, vocab] for cache rows start..start+n-1: `ids`/`positions` [n, T]. T = 1 decodes one token per
+    row at its position; T > 1 prefills rows from position 0 (right-padded; `last` [n]: each row's last real index).
+    Attention reads the first `span` positions of each row. `adapters`: the adapter index (`LeanModel.index`) every
+    row uses (-1: none), or a tensor [n] of each row's."""
+    if lm.int8_folded is not None and (isinstance(adapters, torch.Tensor) or adapters != lm.index(lm.int8_folded)):
+        raise ValueError(f"this decode step holds adapter {lm.int8_folded!r} in its int8 weights: every row must "
+                         "decode with it")
+    n, t = ids.shape
+    x = F.embedding(ids.reshape(-1), lm.embed)  # [n * t, hidden]: 2-D products (a 3-D input takes a slower path)
+    cos, sin = lm.rotary(x, positions)
+    cos, sin = cos.unsqueeze(1), _signed(sin).unsqueeze(1)
+    # one row decoding reads every cached position: no mask, and its keys and values written by slicing
+    alone = positions[0, 0].item() if n == 1 and t == 1 else None
+    mask = None if alone == span - 1 else \
+        (torch.arange(span, device=ids.device)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
+    masks = _Masks(lm, adapters)
+    rows = torch.arange(start, start + n, device=ids.device)
+    for i, layer in enumerate(lm.layers):
+        h = _rms(x, layer.attn_norm, lm.eps)
+        q, k, v = (o.view(n, t, -1, lm.head_dim).transpose(1, 2) for o in _projs(h, layer, SHARED[0], masks, lm))
+        q, k = q * cos + _swap_halves(q) * sin, k * cos + _swap_halves(k) * sin
+        keys, values = cache.keys[i], cache.values[i]
+        if alone is not None:
+            keys[start, :, alone] = k[0, :, 0]
+            values[start, :, alone] = v[0, :, 0]
+        elif t == 1:
+            keys[rows, :, positions[:, 0]] = k[:, :, 0]
+            values[rows, :, positions[:, 0]] = v[:, :, 0]
+        else:
+            keys[start : start + n, :, :t] = k
+            values[start : start + n, :, :t] = v
+        o = F.scaled_dot_product_attention(q, keys[start : start + n, :, :span], values[start : start + n, :, :span],
+                                           attn_mask=mask, scale=lm.head_dim ** -0.5, enable_gqa=True)
+        x = x + _proj(o.transpose(1, 2).reshape(n * t, -1), layer.proj["o_proj"], masks, lm)
+        h = _rms(x, layer.mlp_norm, lm.eps)
+        gate, up = _projs(h, layer, SHARED[1], masks, lm)
+        x = x + _proj(F.silu(gate) * up, layer.proj["down_proj"], masks, lm)
+    x = x.view(n, t, -1)
+    x = x[:, -1] if last is None else x[torch.arange(n, device=ids.device), last]
+    return lm.head(_rms(x, lm.norm, lm.eps)).float()
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' Llama RMSNorm: float32 statistics, the normalized value cast back before the weight; in float32
+    torch's fused kernel computes the same numbers in one op."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated, once per pass: then transformers' rotate_half(x) * sin, which is
+    cat(-x2, x1) * sin, is `_swap_halves(x) * _signed(sin)`: the same numbers (a product's rounding is symmetric in
+    sign) in two ops per tensor per layer instead of five."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """cat(x2, x1) for x = cat(x1, x2) along the last dimension."""
+    return torch.roll(x, x.shape[-1] // 2, dims=-1)
+
+
+class _Masks:
+    """Per forward pass: the adapter every row uses (`uniform`; -1: none), else the [rows, R] 0/1 column masks and
+    the [rows, 1] scalings, built once per layout."""
+
+    def __init__(self, lm: LeanModel, adapters: int | torch.Tensor):
+        self.cache = {}
+        self.uniform, self.adapters = (adapters, None) if isinstance(adapters, int) else (None, adapters)
+
+    def get(self, lora: Lora, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([rows * tokens, R] each token's row's columns, [rows * tokens, 1] its row's adapter's scaling)."""
+        got = self.cache.get(lora.layout)
+        if got is None:
+            each = tokens // len(self.adapters)
+            mask = (self.adapters[:, None] == lora.owner[None, :]).to(lora.a.dtype).repeat_interleave(each, dim=0)
+            scale = lora.scale[self.adapters][:, None].repeat_interleave(each, dim=0)  # float32, as PEFT's float
+            got = self.cache[lora.layout] = mask, scale
+        return got
+
+
+def _proj(x: torch.Tensor, lin: Linear, masks: _Masks, lm: LeanModel) -> torch.Tensor:
+    """x through a projection: its weights, then its adapters (not where its int8 copy holds them)."""
+    out = lin(x)
+    return out if lin.int8_folds and lin.takes_int8(x) else _adapt(x, out, lin.lora, masks, lm)
+
+
+def _adapt(x: torch.Tensor, out: torch.Tensor, lora: Lora | None, masks: _Masks, lm: LeanModel) -> torch.Tensor:
+    """`out` (x's product with a projection's weights) plus its adapters' products for the batch's rows."""
+    if lora is None or masks.uniform == -1:
+        return out
+    if masks.uniform is not None:
+        part = lora.parts.get(masks.uniform)
+        if part is None:
+            return out
+        a, b, s = part
+        y = _product(_product(x, a, lora.rounds), b, lora.rounds) * s
+    else:
+        mask, scale = masks.get(lora, len(x))
+        y = (_product(_product(x, lora.a, lora.rounds) * mask, lora.b, lora.rounds) * scale).to(lora.rounds or
+                                                                                                 lora.a.dtype)
+    return _add(out, y, lm)
+
+
+def _projs(x: torch.Tensor, layer: Layer, names: tuple[str, ...], masks: _Masks, lm: LeanModel) -> list:
+    """`_proj` for each of `names` (projections reading x); a batch of one adapter that `Layer.shared` holds for
+    them takes it as two products for all of them."""
+    lins, fused = [layer.proj[p] for p in names], layer.fused.get(names)
+    if fused is None:
+        outs, skip = [lin(x) for lin in lins], [lin.int8_folds and lin.takes_int8(x) for lin in lins]
+    else:
+        outs, skip = fused(x).split(fused.widths, dim=1), [fused.int8_folds and fused.takes_int8(x)] * len(lins)
+    shared = layer.shared.get(names, {}).get(masks.uniform) if masks.uniform is not None else None
+    if shared is None or any(skip):
+        return [out if off else _adapt(x, out, lin.lora, masks, lm) for out, off, lin in zip(outs, skip, lins)]
+    a, b, s, widths = shared
+    rounds = lins[0].lora.rounds
+    ys = (_product(_product(x, a, rounds), b, rounds) * s).split(widths, dim=1)
+    return [_add(out, y, lm) for out, y in zip(outs, ys)]
+
+
+def _add(out: torch.Tensor, y: torch.Tensor, lm: LeanModel) -> torch.Tensor:
+    """A projection's output plus its adapter's, as PEFT adds them."""
+    return out + y.to(out.dtype) if lm.cast_before_add else (out + y).to(out.dtype)
+
+
+def _product(x: torch.Tensor, weight: torch.Tensor, rounds: torch.dtype | None) -> torch.Tensor:
+    """x W^T in `weight`'s dtype; with `rounds` (bf16), as a bf16 product gives it (float32 sums, the result rounded
+    once) from W's float32 copy of bf16 values: the same numbers to the order of the sums, at a fraction of the cost,
+    since a product of rank-16 LoRA size pays ~17 us of oneDNN set-up in bf16 and 3-6 us in float32 (2-core
+    AVX512_BF16 EPYC, docs/performance.md)."""
+    if rounds is None:
+        return F.linear(x.to(weight.dtype), weight)
+    return F.linear(x.float(), weight).to(rounds)
