@@ -403,6 +403,15 @@ def test_a_faster_product_is_taken_up_to_the_first_row_count_it_loses_at():
     assert weights._up_to({}, weights.WIN) == 0
 
 
+def test_the_probes_stream_twice_the_last_cache_in_int8(monkeypatch):
+    """Probe weights that fit in the cache make int8 (a quarter of float32's bytes) look faster than it is on a
+    model's weights: as many 4 MiB int8 weights as twice the last-level cache holds, 6 to 16."""
+    assert weights._last_cache_bytes() >= 2**20  # (this machine's, from sysfs; 32 MiB where unreadable)
+    for cache, count in ((32 * 2**20, 16), (12 * 2**20, 6), (20 * 2**20, 10), (2**30, 16)):
+        monkeypatch.setattr(weights, "_last_cache_bytes", lambda cache=cache: cache)
+        assert weights.probe_count.__wrapped__() == count
+
+
 def test_float32_folds_the_adapter_bf16_keeps_it_beside_the_weights(quantized, float_base, tiny_model_dir):
     lm = lean_model(quantized)
     if weights.compute_dtype(quantized) == torch.float32:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -143,7 +144,29 @@ def fused_int8(layers: list, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return got
 
 
-PROBE = (6, 1024, 4096)  # weights x out x in: 96 MB in float32, past the caches as a model's weights are
+PROBE = (1024, 4096)  # out x in of each probe weight (`probe_count` of them)
+
+
+@functools.cache
+def probe_count() -> int:
+    """How many `PROBE` weights the speed probes stream per product: enough that their int8 form (4 MiB each) is
+    twice the CPU's last-level cache, as a model's weights are past it, 6 to 16. With 6 (24 MB of int8) on a
+    2-core EPYC with 32 MB of L3 the int8 side partly stayed in the cache: the probe measured int8 at 0.67-0.80x the
+    packed bf16 product's time at one row where SmolLM2's own weights take 0.86x, and now and then (a neighbour
+    using the cache) 1.09x, so int8 was not used; with 16, 0.73-0.81x."""
+    return min(16, max(6, -(-2 * _last_cache_bytes() // (PROBE[0] * PROBE[1]))))
+
+
+def _last_cache_bytes() -> int:
+    """The largest CPU cache's size (Linux sysfs; 32 MiB where it cannot be read)."""
+    sizes = []
+    for path in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = path.read_text().strip().upper()
+        try:
+            sizes.append(int(text[:-1]) * {"K": 2**10, "M": 2**20}[text[-1]] if text[-1] in "KM" else int(text))
+        except (ValueError, IndexError):
+            continue
+    return max(sizes, default=32 * 2**20)
 
 
 @functools.cache
@@ -216,7 +239,7 @@ def int8_available() -> bool:
 def int8_rows(dtype: torch.dtype, bar: float = WIN) -> int:
     """Up to how many rows (0, 1, 2, 4, 8 or 16) the int8 product (`int8_product`) takes at most `bar` of the time of
     the product the decode step otherwise takes (the faster of the plain and the oneDNN-packed weight in `dtype`),
-    measured once per process on `PROBE`'s weights. On a 2-core Intel Xeon (Ice Lake) it took 12 ms per
+    measured once per process on `probe_count` `PROBE` weights. On a 2-core Intel Xeon (Ice Lake) it took 12 ms per
     SmolLM2-135M token at one row against 23 (plain float32) and 35 (packed), and lost from 16 rows; on a 2-core
     AVX512_BF16 EPYC 5.9 ms against 6.9 (packed bf16): not 15% faster, yet with the adapter folded into it the step
     took 9.0 ms a token against 16 (docs/performance.md, Decoding), hence `FOLD_WIN`."""
@@ -239,7 +262,7 @@ def int8_ratios(dtype: torch.dtype) -> dict[int, float]:
 
 def _probe_weights(dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Generator]:
     """`PROBE`'s weights in `dtype`, and the generator they came from (the probe's inputs come from it too)."""
-    count, out, width = PROBE
+    count, (out, width) = probe_count(), PROBE
     generator = torch.Generator().manual_seed(0)
     return [_random(out, width, dtype, generator) for _ in range(count)], generator
 
@@ -252,7 +275,7 @@ def _ratios(counts: tuple[int, ...], dtype: torch.dtype, generator: torch.Genera
     ratios = {}
     with torch.inference_mode():
         for rows in counts:
-            x = _random(rows, PROBE[2], dtype, generator)
+            x = _random(rows, PROBE[1], dtype, generator)
             mine, theirs = [], []
             for _ in range(8):
                 mine.append(_timed(lambda: fast(x)))
