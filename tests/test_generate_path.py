@@ -405,11 +405,13 @@ def test_a_faster_product_is_taken_up_to_the_first_row_count_it_loses_at():
 
 def test_the_probes_stream_twice_the_last_cache_in_int8(monkeypatch):
     """Probe weights that fit in the cache make int8 (a quarter of float32's bytes) look faster than it is on a
-    model's weights: as many 4 MiB int8 weights as twice the last-level cache holds, 6 to 16."""
+    model's weights: as many weights as make twice the last-level cache in the smallest format compared (4 MiB each
+    in int8, 8 in bf16), 6 to 16."""
     assert weights._last_cache_bytes() >= 2**20  # (this machine's, from sysfs; 32 MiB where unreadable)
-    for cache, count in ((32 * 2**20, 16), (12 * 2**20, 6), (20 * 2**20, 10), (2**30, 16)):
+    for cache, size, count in ((32 * 2**20, 1, 16), (32 * 2**20, 2, 8), (32 * 2**20, 4, 6), (12 * 2**20, 1, 6),
+                               (20 * 2**20, 1, 10), (2**30, 1, 16)):
         monkeypatch.setattr(weights, "_last_cache_bytes", lambda cache=cache: cache)
-        assert weights.probe_count.__wrapped__() == count
+        assert weights.probe_count.__wrapped__(size) == count
 
 
 def test_float32_folds_the_adapter_bf16_keeps_it_beside_the_weights(quantized, float_base, tiny_model_dir):
@@ -485,7 +487,13 @@ def test_the_compiled_step_compiles_and_answers_as_the_eager_one(decode_weights,
     assert "decoding without torch.compile" not in caplog.text and not batch_module._compiled.get("failed")
     eager = greedy(step.forward)
     dtype = weights.compute_dtype(float_base)
-    torch.testing.assert_close(compiled, eager, atol=1e-4 if dtype == torch.float32 else 0.1, rtol=0)
+    if dtype == torch.float32:
+        torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=0)
+        assert torch.equal(compiled.argmax(-1), eager.argmax(-1))
+    else:  # inductor rounds once per fused kernel where eager rounds every op: bf16 noise through the network
+        # (2-layer model, logits' std 1.6: mean difference 0.017-0.018, largest 0.08-0.11 on an AVX512_BF16 EPYC)
+        diff = (compiled - eager).abs()
+        assert diff.mean() <= 0.02 * eager.std() and diff.max() <= 0.1 * eager.std()  # (same tokens fed)
 
 
 def test_a_compile_that_fails_falls_back_to_the_eager_step(float_base, tok, prompts, monkeypatch, caplog):

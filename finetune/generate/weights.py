@@ -148,13 +148,14 @@ PROBE = (1024, 4096)  # out x in of each probe weight (`probe_count` of them)
 
 
 @functools.cache
-def probe_count() -> int:
-    """How many `PROBE` weights the speed probes stream per product: enough that their int8 form (4 MiB each) is
-    twice the CPU's last-level cache, as a model's weights are past it, 6 to 16. With 6 (24 MB of int8) on a
+def probe_count(size: int) -> int:
+    """How many `PROBE` weights the speed probes stream per product: enough that in their smallest format compared
+    (`size` bytes per weight: 1 for int8) they are twice the CPU's last-level cache, as a model's weights are past
+    it, 6 to 16. With 6 (24 MB of int8) on a
     2-core EPYC with 32 MB of L3 the int8 side partly stayed in the cache: the probe measured int8 at 0.67-0.80x the
     packed bf16 product's time at one row where SmolLM2's own weights take 0.86x, and now and then (a neighbour
     using the cache) 1.09x, so int8 was not used; with 16, 0.73-0.81x."""
-    return min(16, max(6, -(-2 * _last_cache_bytes() // (PROBE[0] * PROBE[1]))))
+    return min(16, max(6, -(-2 * _last_cache_bytes() // (PROBE[0] * PROBE[1] * size))))
 
 
 def _last_cache_bytes() -> int:
@@ -179,7 +180,7 @@ def plain_rows(dtype: torch.dtype) -> int:
     rows; on AMD EPYCs (AVX2, AVX512_BF16) the packed one won at every row count (docs/performance.md, Decoding)."""
     if not packable(dtype):
         return 0
-    weights, generator = _probe_weights(dtype)
+    weights, generator = _probe_weights(dtype, torch.empty((), dtype=dtype).element_size())
     packed = [pack(w) for w in weights]
     return _up_to(_ratios((1, 2), dtype, generator, lambda x: [F.linear(x, w) for w in weights],
                           lambda x: [packed_product(x, w) for w in packed]), WIN)
@@ -250,7 +251,7 @@ def int8_rows(dtype: torch.dtype, bar: float = WIN) -> int:
 def int8_ratios(dtype: torch.dtype) -> dict[int, float]:
     if not int8_available():
         return {}
-    weights, generator = _probe_weights(dtype)
+    weights, generator = _probe_weights(dtype, 1)
     quantized = [int8_weight(w) for w in weights]
     exact = [lambda x: [F.linear(x, w) for w in weights]]
     if packable(dtype):
@@ -260,9 +261,10 @@ def int8_ratios(dtype: torch.dtype) -> dict[int, float]:
                    *exact)
 
 
-def _probe_weights(dtype: torch.dtype) -> tuple[list[torch.Tensor], torch.Generator]:
-    """`PROBE`'s weights in `dtype`, and the generator they came from (the probe's inputs come from it too)."""
-    count, (out, width) = probe_count(), PROBE
+def _probe_weights(dtype: torch.dtype, size: int) -> tuple[list[torch.Tensor], torch.Generator]:
+    """`probe_count(size)` `PROBE` weights in `dtype`, and the generator they came from (the probe's inputs come from
+    it too)."""
+    count, (out, width) = probe_count(size), PROBE
     generator = torch.Generator().manual_seed(0)
     return [_random(out, width, dtype, generator) for _ in range(count)], generator
 
