@@ -190,10 +190,10 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None,
         fused = {names: _stacked([_projection(layer, p) for p in names], fold, keep, eight, fold_int8)
                  for names in (SHARED if packs and not plain else ())}
         fused = {names: lin for names, lin in fused.items() if lin is not None}
-        alone = {p for names in fused for p in names}
+        stacked = {p for names in fused for p in names}
         layers.append(Layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
                             {p: _linear(_projection(layer, p), adapters, fold, keep, autocast, packs, plain, eight,
-                                        fold_int8, weights=p not in alone) for p in PROJECTIONS}, fused))
+                                        fold_int8, weights=p not in stacked) for p in PROJECTIONS}, fused))
     if len(adapters) == 1:  # (one adapter's stacked copies: a few MB; with many, serve, the projections one by one)
         for layer in layers:
             layer.shared = {names: _shared([layer.proj[p] for p in names]) for names in SHARED}
