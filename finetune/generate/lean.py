@@ -208,7 +208,7 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None,
 
 def _int8_rows(dtype: torch.dtype, total: int, folds: bool) -> int:
     """`int8_rows` where int8 decode weights are asked for and `total` bytes (with their copy) fit; else 0; said
-    once either way. Where an adapter `folds` into the int8 copy, int8 need only be as fast as the exact product."""
+    once either way. Where an adapter `folds` into the int8 copy, int8 may be up to 1.25x slower (`FOLD_WIN`)."""
     rows = int8_rows(dtype, FOLD_WIN if folds else WIN) if int8_available() else 0
     if not int8_available():
         why = "this torch has no weight-only int8 product"
@@ -216,8 +216,8 @@ def _int8_rows(dtype: torch.dtype, total: int, folds: bool) -> int:
         why = f"the int8 copy does not fit in memory beside the rest ({total / 2**30:.1f} GiB)"
     elif not rows:
         ratio = int8_ratios(dtype).get(1, float("nan"))
-        why = (f"the int8 product is not faster than the exact one's on this CPU, even at one row (it took "
-               f"{ratio:.2f}x its time)")
+        why = (f"the int8 product is too slow on this CPU, even at one row (it took {ratio:.2f}x the exact "
+               "product's time)")
     else:
         _note(f"decoding with int8 weights (FINETUNE_DECODE_WEIGHTS=int8) for products of up to {rows} "
               f"row{'s' if rows > 1 else ''}, the exact weights above")
