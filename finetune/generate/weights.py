@@ -155,10 +155,9 @@ PROBE = (1024, 4096)  # out x in of each probe weight (`probe_count` of them)
 def probe_count(size: int) -> int:
     """How many `PROBE` weights the speed probes stream per product: enough that in their smallest format compared
     (`size` bytes per weight: 1 for int8) they are twice the CPU's last-level cache, as a model's weights are past
-    it, 6 to 16. With 6 (24 MB of int8) on a
-    2-core EPYC with 32 MB of L3 the int8 side partly stayed in the cache: the probe measured int8 at 0.67-0.80x the
-    packed bf16 product's time at one row where SmolLM2's own weights take 0.86x, and now and then (a neighbour
-    using the cache) 1.09x, so int8 was not used; with 16, 0.73-0.81x."""
+    it, 6 to 16. With 6 (24 MB of int8) on a 2-core EPYC with 32 MB of L3 the int8 side partly stayed in the
+    cache: the probe measured int8 at 0.67-0.80x the packed bf16 product's time at one row, SmolLM2's own weights
+    0.86x. (Between processes it still moves, 0.67-1.05x with 16: `FOLD_WIN`.)"""
     return min(16, max(6, -(-2 * _last_cache_bytes() // (PROBE[0] * PROBE[1] * size))))
 
 
