@@ -192,8 +192,9 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None,
         fused = {names: lin for names, lin in fused.items() if lin is not None}
         stacked = {p for names in fused for p in names}
         layers.append(Layer(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
-                            {p: _linear(_projection(layer, p), adapters, fold, keep, autocast, packs, plain, eight,
-                                        fold_int8, weights=p not in stacked) for p in PROJECTIONS}, fused))
+                            {p: Linear(None, lora=_lora(_projection(layer, p), adapters, autocast)) if p in stacked
+                                else _linear(_projection(layer, p), adapters, fold, keep, autocast, packs, plain,
+                                             eight, fold_int8) for p in PROJECTIONS}, fused))
     if len(adapters) == 1:  # (one adapter's stacked copies: a few MB; with many, serve, the projections one by one)
         for layer in layers:
             layer.shared = {names: _shared([layer.proj[p] for p in names]) for names in SHARED}
@@ -236,19 +237,16 @@ def _projection(layer, name: str):
 
 
 def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast: torch.dtype | None = None,
-            packs: bool = False, plain: int = 0, int8: int = 0, fold_int8: str | None = None,
-            weights: bool = True) -> Linear:
+            packs: bool = False, plain: int = 0, int8: int = 0, fold_int8: str | None = None) -> Linear:
     """A projection as the step runs it; a 4-bit one that is not kept dequantized is dequantized at every use; its
-    adapters' A and B in `autocast` (their own dtype where None); its weight packed for oneDNN where `packs`, the
-    plain one kept beside it for inputs of up to `plain` rows, an int8 copy for inputs of up to `int8` rows (with
-    adapter `fold_int8` folded into it). Without `weights` (`Layer.fused` holds them), its adapters alone."""
+    adapters' A and B in `autocast` (their own dtype where None: `_lora`); its weight packed for oneDNN where `packs`,
+    the plain one kept beside it for inputs of up to `plain` rows, an int8 copy for inputs of up to `int8` rows (with
+    adapter `fold_int8` folded into it)."""
     base = getattr(module, "base_layer", module)
-    bias = base.bias.detach() if getattr(base, "bias", None) is not None and weights else None
+    bias = base.bias.detach() if getattr(base, "bias", None) is not None else None
     weight = packed = eight = None
-    folds_int8 = bool(int8) and fold_int8 is not None and fold_int8 in getattr(module, "lora_A", {})
-    if not weights:
-        folds_int8 = False
-    elif fold is not None and fold in getattr(module, "lora_A", {}):
+    folds_int8 = bool(int8) and _holds(module, fold_int8)
+    if _holds(module, fold):
         weight = dense_weight(base, keep=keep and not packs)
         weight = _folded(module, fold, weight).to(weight.dtype)
         eight = int8_weight(weight) if int8 else None
@@ -262,13 +260,23 @@ def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast:
             packed = packed_weight(base, keep_plain=plain > 0)
     if packed is not None and not plain:
         weight = None
-    elif weight is None and keep and weights:
+    elif weight is None and keep:
         weight = dense_weight(base)
-    quantized = base if weight is None and packed is None and weights else None
-    found = [(i, name) for i, name in enumerate(adapters) if name in getattr(module, "lora_A", {})]
+    quantized = base if weight is None and packed is None else None
+    return Linear(weight, bias, _lora(module, adapters, autocast), quantized=quantized, packed=packed,
+                  plain_rows=plain, int8=eight, int8_rows=int8 if eight is not None else 0, int8_folds=folds_int8)
+
+
+def _holds(module, adapter: str | None) -> bool:
+    return adapter is not None and adapter in getattr(module, "lora_A", {})
+
+
+def _lora(module, adapters: list[str], autocast: torch.dtype | None) -> Lora | None:
+    """The projection's `adapters` (those it holds; None: none): their A and B in `autocast` (their own dtype where
+    None), float32 copies of bf16 ones (`_product`), stacked for batches of mixed adapters."""
+    found = [(i, name) for i, name in enumerate(adapters) if _holds(module, name)]
     if not found:
-        return Linear(weight, bias, quantized=quantized, packed=packed, plain_rows=plain, int8=eight,
-                      int8_rows=int8 if eight is not None else 0)
+        return None
     parts = {i: (_as(module.lora_A[n].weight, autocast), _as(module.lora_B[n].weight, autocast),
                  float(module.scaling[n])) for i, n in found}
     rounds = parts[found[0][0]][0].dtype
@@ -278,10 +286,8 @@ def _linear(module, adapters: list[str], fold: str | None, keep: bool, autocast:
     owner = torch.cat([torch.full((parts[i][0].shape[0],), i) for i, _ in found])
     scale = torch.tensor([parts[i][2] if i in parts else 0.0 for i in range(len(adapters))] + [0.0])
     layout = tuple((i, parts[i][0].shape[0], parts[i][2]) for i, _ in found)
-    lora = Lora(torch.cat([parts[i][0] for i, _ in found]), torch.cat([parts[i][1] for i, _ in found], dim=1),
+    return Lora(torch.cat([parts[i][0] for i, _ in found]), torch.cat([parts[i][1] for i, _ in found], dim=1),
                 owner, scale, parts, layout, rounds)
-    return Linear(weight, bias, lora, quantized=quantized, packed=packed, plain_rows=plain, int8=eight,
-                  int8_rows=int8 if eight is not None else 0, int8_folds=folds_int8)
 
 
 def _stacked(modules: list, fold: str | None, keep: bool, int8: int, fold_int8: str | None) -> Linear | None:
@@ -295,17 +301,16 @@ def _stacked(modules: list, fold: str | None, keep: bool, int8: int, fold_int8: 
     if len({b is None for b in biases}) > 1 or not keep:
         return None
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-    has = [lambda m, a=a: a is not None and a in getattr(m, "lora_A", {}) for a in (fold, fold_int8)]
-    folds, into8 = any(has[0](m) for m in modules), bool(int8) and any(has[1](m) for m in modules)
+    into8 = bool(int8) and any(_holds(m, fold_int8) for m in modules)
     eight = None
-    if folds:
+    if any(_holds(m, fold) for m in modules):
         dense = [dense_weight(b, keep=False) for b in bases]
-        weight = torch.cat([_folded(m, fold, d).to(d.dtype) if has[0](m) else d for m, d in zip(modules, dense)])
+        weight = torch.cat([_folded(m, fold, d).to(d.dtype) if _holds(m, fold) else d for m, d in zip(modules, dense)])
         eight, packed = int8_weight(weight) if int8 else None, pack(weight)
     else:
         if into8:  # (before packing, which drops a 4-bit weight's dense copy)
-            eight = int8_weight(torch.cat([_folded(m, fold_int8, d) if has[1](m) else d.float() for m, d in
-                                           zip(modules, (dense_weight(b, keep=keep) for b in bases))]))
+            eight = int8_weight(torch.cat([_folded(m, fold_int8, d) if _holds(m, fold_int8) else d.float()
+                                           for m, d in zip(modules, (dense_weight(b, keep=keep) for b in bases))]))
         elif int8:
             eight = fused_int8(bases, keep)
         packed = fused_packed(bases)
