@@ -344,45 +344,14 @@ def test_int8_decode_weights_hold_the_one_adapter_and_skip_its_products(quantize
     slow, slow_prefill, slow_decode, slow_keys = run(exact)
     tokens = slow.argmax(-1).tolist()
     fast, fast_prefill, fast_decode, fast_keys = run(lm, tokens)
-    # two products per adapter per layer for q/k/v, o, gate/up and down (`Layer.shared`); none at one row
-    assert fast_decode == 0 and slow_decode == 6 * 2 * 4 * len(lm.layers)
-    assert fast_prefill == slow_prefill == 2 * 4 * len(lm.layers)  # the prompt's rows: the exact weights + adapter
+    assert fast_decode == 0 and slow_decode == 6 * 2 * 7 * len(lm.layers)  # one row: no adapter products
+    assert fast_prefill == slow_prefill == 2 * 7 * len(lm.layers)  # the prompt's rows: the exact weights + adapter
     assert torch.equal(fast_keys, slow_keys)  # the prompt went through the exact weights and the adapter beside them
     off, unadapted = (fast - slow).abs().max(), (run(base, tokens)[0] - slow).abs().max()
     assert 0 < off <= 0.25 * slow.std() and off < unadapted / 4
     batch = LeanBatch(lm)
     with pytest.raises(ValueError, match="holds adapter 'one' in its int8 weights"):
         batch.prefill(prompts[:1], [None])
-
-
-def test_one_adapter_runs_as_two_products_for_the_projections_that_read_one_input(quantized, prompts, monkeypatch):
-    """q, k and v (and gate and up) read one input: with one adapter, its A stacked and its B block-diagonal make
-    its products two for the group instead of two each. The same numbers as each projection's own products but for
-    the order of the sums; a lean model of several adapters (serve's) keeps them apart (memory)."""
-    lm = lean.build_lean(quantized, ["one"])
-    assert set(lm.layers[1].shared) == set(lean.SHARED) and all(list(g) == [0] for g in lm.layers[1].shared.values())
-    a, b, s, widths = lm.layers[1].shared[lean.SHARED[0]][0]
-    q, k, v = (lm.layers[1].proj[p].lora.parts[0] for p in lean.SHARED[0])
-    assert torch.equal(a, torch.cat([q[0], k[0], v[0]])) and widths == [len(q[1]), len(k[1]), len(v[1])]
-    assert torch.equal(b[len(q[1]):, : len(q[0])], torch.zeros(len(k[1]) + len(v[1]), len(q[0])))
-    assert all(layer.shared == {} for layer in lean.build_lean(quantized, ["one", "two"]).layers)
-    apart = dataclasses.replace(lm, layers=[dataclasses.replace(layer, shared={}) for layer in lm.layers])
-    calls = []
-    real = step._product
-    monkeypatch.setattr(step, "_product", lambda *args: calls.append(1) or real(*args))
-
-    def run(lm):
-        calls.clear()
-        batch = LeanBatch(lm)
-        logits = [batch.prefill(prompts[1:2], ["one"])]
-        for _ in range(4):
-            logits.append(batch.decode(logits[-1].argmax(-1).tolist(), ["one"]))
-        return torch.cat(logits), len(calls)
-
-    (grouped, few), (alone, many) = run(lm), run(apart)
-    assert few == 5 * 2 * 4 * len(lm.layers) and many == 5 * 2 * 7 * len(lm.layers)
-    assert torch.equal(grouped.argmax(-1), alone.argmax(-1))
-    assert (grouped - alone).abs().max() <= 0.02 * alone.std(), (grouped - alone).abs().max()
 
 
 def test_the_speed_probes_leave_the_global_random_stream_alone():

@@ -18,9 +18,8 @@ per-adapter dispatch, bitsandbytes dequantizing every 4-bit weight again) is gon
   where there were three and two, each projection's columns the same numbers (`_stacked`; `weights.fused_packed`);
 - one adapter decoded alone is folded into the weights (W + s B A, as PEFT merges) in float32 compute; in bf16 it
   stays beside them, computed as PEFT computes it under training's autocast (finetune.model.compute_like_training:
-  the float32 A and B meet the bf16 activations as bf16, (B(A x)) s in bf16), since folding would round the sum,
-  as two products per group of projections reading one input (A stacked, B block-diagonal: `_shared`); under
-  FINETUNE_DECODE_WEIGHTS=int8 it is folded into the int8 copies (`build_lean`'s `fold_int8`);
+  the float32 A and B meet the bf16 activations as bf16, (B(A x)) s in bf16), since folding would round the sum;
+  under FINETUNE_DECODE_WEIGHTS=int8 it is folded into the int8 copies (`build_lean`'s `fold_int8`);
 - several adapters are one batched op per layer (punica's idea, without its kernel): every adapter's A stacked into
   one matrix, one product for all rows, each row's columns kept by a [rows, columns] 0/1 mask, one product with the
   stacked B, then each row scaled by its adapter's scaling (after B, as PEFT scales). A batch whose rows share one
@@ -98,10 +97,6 @@ class Layer:
     mlp_norm: torch.Tensor
     proj: dict[str, Linear]  # each projection's adapters, and its weights unless `fused` holds them
     fused: dict[tuple[str, ...], Linear] = field(default_factory=dict)  # SHARED's weights stacked (`_stacked`)
-    # SHARED's projections with one adapter (`_shared`): {names: {adapter index: (their A stacked, their B
-    # block-diagonal, the scaling, each one's output width)}}
-    shared: dict[tuple[str, ...], dict[int, tuple[torch.Tensor, torch.Tensor, float, list[int]]]] = \
-        field(default_factory=dict)
 
 
 @dataclass
@@ -195,9 +190,6 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None,
                             {p: Linear(None, lora=_lora(_projection(layer, p), adapters, autocast)) if p in stacked
                                 else _linear(_projection(layer, p), adapters, fold, keep, autocast, packs, plain,
                                              eight, fold_int8) for p in PROJECTIONS}, fused))
-    if len(adapters) == 1:  # (one adapter's stacked copies: a few MB; with many, serve, the projections one by one)
-        for layer in layers:
-            layer.shared = {names: _shared([layer.proj[p] for p in names]) for names in SHARED}
     any_4bit = any(type(getattr(getattr(m, "base_layer", m), "weight", None)).__name__ == "Params4bit"
                    for m in base.modules())
     return LeanModel(layers, inner.embed_tokens.weight.detach(), inner.norm.weight.detach(),
@@ -329,22 +321,6 @@ def _folded(module, adapter: str, weight: torch.Tensor) -> torch.Tensor:
     """W + s B A in float32, as PEFT merges an adapter."""
     a, b = module.lora_A[adapter].weight.detach(), module.lora_B[adapter].weight.detach()
     return weight.float() + (b.float() @ a.float()) * module.scaling[adapter]
-
-
-def _shared(lins: list[Linear]) -> dict[int, tuple[torch.Tensor, torch.Tensor, float, list[int]]]:
-    """For each adapter all of `lins` (projections reading one input) hold with one scaling: their A stacked
-    [sum of ranks, in] and their B block-diagonal [sum of outs, sum of ranks], so a batch of that adapter runs it
-    for all of them as two products instead of two each: the same numbers but for the order of the sums (every term
-    the block-diagonal adds is an exact zero)."""
-    if any(lin.lora is None for lin in lins) or len({lin.lora.rounds for lin in lins}) > 1:
-        return {}
-    got = {}
-    for i in lins[0].lora.parts:
-        parts = [lin.lora.parts.get(i) for lin in lins]
-        if all(p is not None for p in parts) and len({p[2] for p in parts}) == 1:
-            got[i] = (torch.cat([a for a, _, _ in parts]), torch.block_diag(*[b for _, b, _ in parts]), parts[0][2],
-                      [b.shape[0] for _, b, _ in parts])
-    return got
 
 
 def _as(weight: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:

@@ -5,8 +5,8 @@ Per layer it is what the model's forward computes, as plain ops: RMSNorm as tran
 statistics), q/k/v from one stacked product where lean.py stacked them, rotary embeddings in two ops per tensor
 (the same numbers as transformers' rotate_half), keys and values written into the cache, SDPA over the cache's
 positions, then the MLP (gate/up stacked, SiLU, down). Adapters beside the weights are added after each
-projection, as PEFT adds them: one adapter for every row (`_Masks.uniform`) as its own A and B (two products per
-group of projections reading one input, `Layer.shared`), mixed rows as one batched op (every adapter's A stacked,
+projection, as PEFT adds them: one adapter for every row (`_Masks.uniform`) as its own A and B, mixed rows as one
+batched op (every adapter's A stacked,
 a column mask per row, the stacked B).
 """
 
@@ -134,29 +134,19 @@ def _adapt(x: torch.Tensor, out: torch.Tensor, lora: Lora | None, masks: _Masks,
         mask, scale = masks.get(lora, len(x))
         y = (_product(_product(x, lora.a, lora.rounds) * mask, lora.b, lora.rounds) * scale).to(lora.rounds or
                                                                                                  lora.a.dtype)
-    return _add(out, y, lm)
+    return out + y.to(out.dtype) if lm.cast_before_add else (out + y).to(out.dtype)
 
 
 def _projs(x: torch.Tensor, layer: Layer, names: tuple[str, ...], masks: _Masks, lm: LeanModel) -> list:
-    """`_proj` for each of `names` (projections reading x); a batch of one adapter that `Layer.shared` holds for
-    them takes it as two products for all of them."""
+    """`_proj` for each of `names` (projections reading x), through their stacked weights where `Layer.fused` holds
+    them (one product, split into each one's columns), then each one's adapters."""
     lins, fused = [layer.proj[p] for p in names], layer.fused.get(names)
     if fused is None:
-        outs, skip = [lin(x) for lin in lins], [lin.int8_folds and lin.takes_int8(x) for lin in lins]
-    else:
-        outs, skip = fused(x).split(fused.widths, dim=1), [fused.int8_folds and fused.takes_int8(x)] * len(lins)
-    shared = layer.shared.get(names, {}).get(masks.uniform) if masks.uniform is not None else None
-    if shared is None or any(skip):
-        return [out if off else _adapt(x, out, lin.lora, masks, lm) for out, off, lin in zip(outs, skip, lins)]
-    a, b, s, widths = shared
-    rounds = lins[0].lora.rounds
-    ys = (_product(_product(x, a, rounds), b, rounds) * s).split(widths, dim=1)
-    return [_add(out, y, lm) for out, y in zip(outs, ys)]
-
-
-def _add(out: torch.Tensor, y: torch.Tensor, lm: LeanModel) -> torch.Tensor:
-    """A projection's output plus its adapter's, as PEFT adds them."""
-    return out + y.to(out.dtype) if lm.cast_before_add else (out + y).to(out.dtype)
+        return [_proj(x, lin, masks, lm) for lin in lins]
+    outs = fused(x).split(fused.widths, dim=1)
+    if fused.int8_folds and fused.takes_int8(x):
+        return list(outs)
+    return [_adapt(x, out, lin.lora, masks, lm) for out, lin in zip(outs, lins)]
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, rounds: torch.dtype | None) -> torch.Tensor:
