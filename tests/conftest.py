@@ -1,6 +1,7 @@
 """Tiny, network-free tokenizers and models, built once per test session."""
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -128,6 +129,14 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 
 def write_jsonl(path, rows) -> None:
     Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (servers and torchrun rendezvous in tests take one each, never
+    a fixed number: a process left over from an interrupted run would hold it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

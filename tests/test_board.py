@@ -11,14 +11,13 @@ uvicorn on a free loopback port, in a thread of this process.
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import write_jsonl
+from conftest import free_port, write_jsonl
 from test_training import one_thread  # noqa: F401  (the module-wide one-thread fixture)
 from typer.testing import CliRunner
 
@@ -73,12 +72,6 @@ def world(tmp_path_factory, tiny_model_dir, toy_alpaca_rows):
     (runs / "broken" / "recipe.yaml").write_text("model: [unclosed\n")
     (recipes / "tiny.yaml").write_text(json.dumps(recipe_body(tiny_model_dir, data, "tiny")))
     return {"root": root, "runs": runs, "recipes": recipes, "data": data}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ of summation differs between one process and two.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 
-from conftest import write_jsonl
+from conftest import free_port, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,12 +89,6 @@ def launch(args, cwd):
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def accelerate_launch(config, *args):
     """`accelerate launch --config_file <config> --num_processes 2 <args>` on a free port."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
@@ -119,7 +112,7 @@ def two_process_run(tmp_path_factory, tiny_model_dir, toy_alpaca_rows):
     write_jsonl(tmp / "eval.jsonl", toy_alpaca_rows[:8])
     (tmp / "worker.py").write_text(WORKER)
     path = recipe(tmp, tiny_model_dir, "ddp")
-    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
             str(tmp / "worker.py"), str(path), str(tmp)], cwd=tmp)
     return tmp
 

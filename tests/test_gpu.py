@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOY_WORDS, load_base, write_jsonl
+from conftest import TOY_WORDS, free_port, load_base, write_jsonl
 from safetensors.torch import load_file
 from test_training import make_recipe, metrics, stop_after_save
 from typer.testing import CliRunner
@@ -556,6 +556,6 @@ def test_fsdp_qlora_on_two_gpus_trains_and_saves_a_plain_peft_adapter(one_gpu_ru
     path = two_gpu_recipe(tmp, tiny_model_dir, "fsdp", optimizer="adamw_torch")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "recipes" / "accelerate" / "fsdp_qlora.yaml"), "--num_processes", "2",
-           "--main_process_port", "29531", "-m", "finetune", "train", str(path)]
+           "--main_process_port", str(free_port()), "-m", "finetune", "train", str(path)]
     _, wall = run_process("fsdp", cmd, tmp)
     compare_with_one_process("fsdp", tmp, tiny_model_dir, wall, step1_rel=2e-2, all_rel=None)
