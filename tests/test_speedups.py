@@ -116,6 +116,13 @@ def test_compiled_norms_match_the_eager_ones(tiny_model_dir, dtype, monkeypatch)
     assert compiled.use_compiled_norms(model) == "compiled (5 RMSNorm, torch.compile inductor)"  # 2 a layer + final
     assert torch.equal(torch.get_rng_state(), state)
     logits, (loss, grads) = _logits(model, batch, dtype), _loss_and_grads(model, batch, dtype)
+    # ... through the compiled norms, after eval() and train(): transformers' hub kernels, on by default, used to
+    # put every norm's own forward back at each mode switch (the training loop's model.train() among them)
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
+    assert len(norms) == 5 and all(isinstance(vars(m).get("forward"), compiled._Forward) for m in norms)
+    with torch.profiler.profile() as prof:
+        _loss_and_grads(model, batch, dtype)
+    assert not [e.name for e in prof.events() if e.name in ("aten::pow", "PowBackward0")]  # eager norm ops
     loss_tol, grad_tol = TOLERANCE[dtype]
     assert (logits - ref_logits).norm() <= grad_tol * ref_logits.norm()
     assert loss == pytest.approx(ref_loss, rel=loss_tol)

@@ -166,7 +166,8 @@ def load_eval_model(section: ModelSection, quant: QuantizationSection, device, h
     check_gguf(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                     dtype=resolve_compute_dtype(quant.compute_dtype))
+                                                     dtype=resolve_compute_dtype(quant.compute_dtype),
+                                                     use_kernels=False)  # as load.py
     except (OSError, ValueError) as e:
         raise ModelError(f"Cannot load the GGUF model {path}: {first_line(e)}") from None
     return compute_like_training(model.to(device), resolve_compute_dtype(quant.compute_dtype))

@@ -103,7 +103,7 @@ def _convert(path: Path, staging: Path) -> None:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         config = llama_cpp_config(path, AutoConfig.from_pretrained(path.parent, gguf_file=path.name))
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=config,
-                                                      dtype=torch.float32)
+                                                      dtype=torch.float32, use_kernels=False)  # as load.py
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelError(f"Cannot read the GGUF file '{path}': {first_line(e)}") from None
     config = loaded.config

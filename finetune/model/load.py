@@ -89,6 +89,10 @@ def load_base_model(model: ModelSection | str, q: QuantizationSection, device: t
             dtype=torch.float32 if icq else placement.quant_storage if sharded and q.load_in_4bit
             else placement.compute_dtype,
             device_map=None if sharded else device_map,
+            # transformers' hub kernels (on by default where the `kernels` package is, which transformers
+            # installs) re-kernelize the model at every train() / eval(), putting back each RMSNorm's own
+            # forward over the compiled one (finetune/model/compile.py); they also fetch from the hub.
+            use_kernels=False,
             **extra,
         )
     except (OSError, ValueError) as e:
