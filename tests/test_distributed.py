@@ -112,8 +112,8 @@ def two_process_run(tmp_path_factory, tiny_model_dir, toy_alpaca_rows):
     write_jsonl(tmp / "eval.jsonl", toy_alpaca_rows[:8])
     (tmp / "worker.py").write_text(WORKER)
     path = recipe(tmp, tiny_model_dir, "ddp")
-    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-            str(tmp / "worker.py"), str(path), str(tmp)], cwd=tmp)
+    launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(free_port()), str(tmp / "worker.py"), str(path), str(tmp)], cwd=tmp)
     return tmp
 
 

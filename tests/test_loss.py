@@ -89,8 +89,9 @@ def test_the_first_position_check_never_copies_the_head_weight(tiny_model_dir, d
     """The model's own head runs on one position only, as a check (token_losses' hook). A [1, 1, H] slice of the
     [1, T, H] hidden states (a padding-free or packed batch's one row) keeps the stride T*H, which `.contiguous()`
     leaves as it is for a dimension of size 1, and torch's matmul then takes the batched path with the head's
-    transposed weight made contiguous in bf16: a copy of the whole vocabulary x hidden weight every forward (70-80 ms of a
-    2.4 s bf16 micro batch of SmolLM2 on an AMX Xeon). No op of the loss may copy a tensor the head weight's size."""
+    transposed weight made contiguous in bf16: a copy of the whole vocabulary x hidden weight every forward (70-80
+    ms of a 2.4 s bf16 micro batch of SmolLM2 on an AMX Xeon). No op of the loss may copy a tensor the head weight's
+    size."""
     recipe = Recipe.model_validate({
         "model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": ["unused.jsonl"]},
         "quantization": {"compute_dtype": dtype}, "lora": {"dropout": 0.0},
