@@ -183,7 +183,7 @@ def plain_rows(dtype: torch.dtype) -> int:
     rows; on AMD EPYCs (AVX2, AVX512_BF16) the packed one won at every row count (docs/performance.md, Decoding)."""
     if not packable(dtype):
         return 0
-    weights, generator = _probe_weights(dtype, torch.empty((), dtype=dtype).element_size())
+    weights, generator = _probe_weights(dtype, dtype.itemsize)
     packed = [pack(w) for w in weights]
     return _up_to(_ratios((1, 2), dtype, generator, lambda x: [F.linear(x, w) for w in weights],
                           lambda x: [packed_product(x, w) for w in packed]), WIN)
@@ -315,7 +315,7 @@ def _timed(work) -> float:
 
 def dense_bytes(model) -> int:
     """Bytes the 4-bit weights of `model` not yet kept dequantized take once dequantized (0: none)."""
-    size = torch.empty((), dtype=compute_dtype(model)).element_size()
+    size = compute_dtype(model).itemsize
     return sum(m.weight.quant_state.shape.numel() * size for m in model.modules()
                if type(getattr(m, "weight", None)).__name__ == "Params4bit" and not hasattr(m.weight, DENSE))
 
@@ -323,7 +323,7 @@ def dense_bytes(model) -> int:
 def pack_bytes(model) -> int:
     """Bytes packing the weights of `model` not yet packed adds: a copy of each float weight (a 4-bit one's dense
     copy is replaced, already counted by `dense_bytes`)."""
-    size = torch.empty((), dtype=compute_dtype(model)).element_size()
+    size = compute_dtype(model).itemsize
     return sum(m.weight.numel() * size for m in model.modules()
                if isinstance(m, torch.nn.Linear) and type(m.weight).__name__ != "Params4bit"
                and not hasattr(m.weight, PACKED) and not hasattr(m.weight, FUSED))
@@ -332,7 +332,7 @@ def pack_bytes(model) -> int:
 def plain_bytes(model) -> int:
     """Bytes a plain copy of every projection's and the head's weight takes in the compute dtype (`plain_rows`: kept
     beside the packed ones)."""
-    size = torch.empty((), dtype=compute_dtype(model)).element_size()
+    size = compute_dtype(model).itemsize
     return sum(m.in_features * m.out_features * size for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
@@ -344,7 +344,7 @@ def int8_bytes(model) -> int:
 
 def fold_bytes(model) -> int:
     """Bytes of the projections' weights in the compute dtype: what folding an adapter into them copies."""
-    size = torch.empty((), dtype=compute_dtype(model)).element_size()
+    size = compute_dtype(model).itemsize
     total = 0
     for module in model.modules():
         if type(module).__name__ in ("Linear", "Linear4bit") and hasattr(module, "lora_A"):
