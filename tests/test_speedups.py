@@ -148,3 +148,22 @@ def test_compiled_norms_fall_back_to_eager_and_say_why(tiny_model_dir, monkeypat
     assert compiled.use_compiled_norms(model) == "eager: torch.compile failed (RuntimeError: no C++ compiler)"
     norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
     assert norms and all("forward" not in vars(m) for m in norms)  # the modules' own forward, untouched
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_fused_forward_adds_the_adapter_into_the_base_output_without_copying_it(tiny_model_dir, dtype):
+    """finetune/model/fused.py: the adapter's product goes into the base output's own storage (addmm_): an
+    out-of-place addmm copies the [tokens, out] base output first, a pass per layer (a view of it would be copied
+    in backward instead). Forward and backward of one layer copy no tensor of the output's size."""
+    model = _model(tiny_model_dir, dtype, dropout=0.1)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    h = torch.randn(2, 5, 128, dtype=getattr(torch, dtype), requires_grad=True)  # hidden states: the compute dtype
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+        with torch.profiler.profile(record_shapes=True) as prof:
+            out = layer(h)
+            out.backward(torch.randn_like(out))  # a dense gradient (a sum's would be expanded, copied by mm)
+    assert out.shape == (2, 5, 64)
+    copies = [(e.name, e.input_shapes[0]) for e in prof.events() if e.name in ("aten::copy_", "aten::clone")
+              and e.input_shapes and torch.Size(e.input_shapes[0]).numel() == out.numel()
+              and len(e.input_shapes[0]) > 0]
+    assert not copies

@@ -6,9 +6,13 @@ rescaling of the input, the multiplication by `scaling`, and the addition. In a 
 more: it checks `torch.is_autocast_enabled()`, which asks about CUDA, so under CPU autocast it casts the input to
 float32 for the adapter and autocast casts it straight back to bf16 for lora_A.
 
-Here the base output takes the adapter's product in place of its own storage through one `addmm` (beta 1), whose
-alpha carries both `scaling` and the dropout's 1 / (1 - p) (finetune.model.dropout.CpuDropout hands over the
-zeroed input unscaled), so the only elementwise work left is zeroing the dropped inputs, once per input tensor.
+Here the base output takes the adapter's product into its own storage through one in-place `addmm_` (an
+out-of-place addmm would first copy it: a pass over [tokens, out] per layer), whose alpha carries both `scaling` and
+the dropout's 1 / (1 - p) (finetune.model.dropout.CpuDropout hands over the zeroed input unscaled), so the only
+elementwise work left is zeroing the dropped inputs, once per input tensor. The base layer gets the input as 2-D
+rows, so its output is a tensor of its own, not a view (autograd would copy a view's base in backward to update it
+in place); no backward reads the base output, so updating it in place is safe. B is cast to the output's dtype by
+hand, as autocast would for the out-of-place product (it casts no in-place op).
 Mathematically the same function as peft's (the scale is applied to the rank-r product instead of the input);
 numerically within the dtype's rounding (tests/test_speedups.py).
 
@@ -51,13 +55,13 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = _plain_adapter(self, x, args, kwargs)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
+    result = self.base_layer(x.reshape(-1, x.shape[-1]))  # 2-D: its own storage, not a view, for addmm_
     dropout = self.lora_dropout[name]
     dropped, scale = dropout.dropped(x) if isinstance(dropout, CpuDropout) else (dropout(x), 1.0)
     low = F.linear(dropped, self.lora_A[name].weight)
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
-                      self.lora_B[name].weight.t(), alpha=self.scaling[name] * scale)
-    return out.view(result.shape)
+    result.addmm_(low.reshape(-1, low.shape[-1]).to(result.dtype), self.lora_B[name].weight.t().to(result.dtype),
+                  alpha=self.scaling[name] * scale)
+    return result.view(*x.shape[:-1], result.shape[-1])
 
 
 def _plain_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
