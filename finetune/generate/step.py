@@ -2,12 +2,13 @@
 one pass over a static KV cache, a prefill of whole prompts or one token per row, each row with its adapter.
 
 Per layer it is what the model's forward computes, as plain ops: RMSNorm as transformers computes it (float32
-statistics), q/k/v from one stacked product where lean.py stacked them, rotary embeddings in two ops per tensor
-(the same numbers as transformers' rotate_half), keys and values written into the cache, SDPA over the cache's
-positions, then the MLP (gate/up stacked, SiLU, down). Adapters beside the weights are added after each
-projection, as PEFT adds them: one adapter for every row (`_Masks.uniform`) as its own A and B, mixed rows as one
-batched op (every adapter's A stacked,
-a column mask per row, the stacked B).
+statistics), q/k/v from one stacked product where lean.py stacked them (their adapters added into its columns),
+rotary embeddings on q and k together in four ops (the same numbers as transformers' rotate_half), keys and values
+written into the cache, SDPA over the cache's positions, then the MLP (gate/up stacked, SiLU, down). Adapters beside
+the weights are added after each projection, as PEFT adds them: one adapter for every row (`_Masks.uniform`) as its
+own A and B, mixed rows as one batched op (every adapter's A stacked, a column mask per row, the stacked B). At one
+row every op's call costs a few microseconds whatever its size, so the step works in place where a value is its
+own (the same numbers, fewer allocations and calls).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def forward(lm: LeanModel, cache: Cache, ids: torch.Tensor, positions: torch.Ten
     n, t = ids.shape
     x = F.embedding(ids.reshape(-1), lm.embed)  # [n * t, hidden]: 2-D products (a 3-D input takes a slower path)
     cos, sin = lm.rotary(x, positions)
-    cos, sin = cos.unsqueeze(1), _signed(sin).unsqueeze(1)
+    cos, sin = cos.unsqueeze(2), _signed(sin).unsqueeze(2)  # [n, t, 1, head dim]: every head of a position
     # one row decoding reads every cached position: no mask, and its keys and values written by slicing
     alone = positions[0, 0].item() if n == 1 and t == 1 else None
     mask = None if alone == span - 1 else \
@@ -48,13 +49,11 @@ def forward(lm: LeanModel, cache: Cache, ids: torch.Tensor, positions: torch.Ten
     masks = _Masks(lm, adapters)
     rows = torch.arange(start, start + n, device=ids.device)
     for i, layer in enumerate(lm.layers):
-        h = _rms(x, layer.attn_norm, lm.eps)
-        q, k, v = (o.view(n, t, -1, lm.head_dim).transpose(1, 2) for o in _projs(h, layer, SHARED[0], masks, lm))
-        q, k = q * cos + _swap_halves(q) * sin, k * cos + _swap_halves(k) * sin
+        q, k, v = _attention_inputs(_rms(x, layer.attn_norm, lm.eps), layer, masks, lm, n, t, cos, sin)
         keys, values = cache.keys[i], cache.values[i]
         if alone is not None:
-            keys[start, :, alone] = k[0, :, 0]
-            values[start, :, alone] = v[0, :, 0]
+            keys[start].select(1, alone).copy_(k[0, :, 0])
+            values[start].select(1, alone).copy_(v[0, :, 0])
         elif t == 1:
             keys[rows, :, positions[:, 0]] = k[:, :, 0]
             values[rows, :, positions[:, 0]] = v[:, :, 0]
@@ -65,21 +64,51 @@ def forward(lm: LeanModel, cache: Cache, ids: torch.Tensor, positions: torch.Ten
                                            attn_mask=mask, scale=lm.head_dim ** -0.5, enable_gqa=True)
         x = x + _proj(o.transpose(1, 2).reshape(n * t, -1), layer.proj["o_proj"], masks, lm)
         h = _rms(x, layer.mlp_norm, lm.eps)
-        gate, up = _projs(h, layer, SHARED[1], masks, lm)
-        x = x + _proj(F.silu(gate) * up, layer.proj["down_proj"], masks, lm)
+        gate, up = _projs(h, layer, SHARED[1], masks, lm)  # fresh tensors or views of one: free to overwrite
+        x = x + _proj(F.silu(gate, inplace=True).mul_(up), layer.proj["down_proj"], masks, lm)
     x = x.view(n, t, -1)
     x = x[:, -1] if last is None else x[torch.arange(n, device=ids.device), last]
     return lm.head(_rms(x, lm.norm, lm.eps)).float()
 
 
+def _attention_inputs(h: torch.Tensor, layer: Layer, masks: _Masks, lm: LeanModel, n: int, t: int,
+                      cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [n, heads, t, head dim] from the normed input `h`, rotary embeddings on q and k. Where q/k/v are
+    one stacked product (`Layer.fused`), their adapters go into its columns in place and q and k rotate together,
+    as one [n, t, heads + kv heads, head dim] view: four ops for both instead of four each, the same numbers."""
+    lins, fused = [layer.proj[p] for p in SHARED[0]], layer.fused.get(SHARED[0])
+    if fused is None:
+        q, k, v = (o.view(n, t, -1, lm.head_dim) for o in _projs(h, layer, SHARED[0], masks, lm))
+        q, k = _rotated(q, cos, sin), _rotated(k, cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out = fused(h)
+    if not (fused.int8_folds and fused.takes_int8(h)):
+        for part, lin in zip(out.split(fused.widths, dim=1), lins):
+            _adapt(h, part, lin.lora, masks, lm, into=True)
+    heads = out.view(n, t, -1, lm.head_dim)
+    qk = _rotated(heads[:, :, : lm.heads + lm.kv_heads], cos, sin)
+    return (qk[:, :, : lm.heads].transpose(1, 2), qk[:, :, lm.heads :].transpose(1, 2),
+            heads[:, :, lm.heads + lm.kv_heads :].transpose(1, 2))
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [n, t, heads, head dim] with rotary embeddings: transformers' x * cos + rotate_half(x) * sin."""
+    return (x * cos).add_(_swap_halves(x) * sin)
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' Llama RMSNorm: float32 statistics, the normalized value cast back before the weight; in float32
-    torch's fused kernel computes the same numbers in one op."""
-    if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    torch's fused kernel computes the same numbers in one op. Its float32 copy of a bf16 x is new: the ops after it
+    work in place (the same numbers, fewer allocations: every op counts at one row)."""
+    if x.dtype == torch.float32:
+        if weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * h
     h = x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    h.mul_(h.pow(2).mean(-1, keepdim=True).add_(eps).rsqrt_())
+    h = h.to(x.dtype)
+    return h.mul_(weight) if weight.dtype == h.dtype else weight * h
 
 
 def _signed(sin: torch.Tensor) -> torch.Tensor:
@@ -120,8 +149,10 @@ def _proj(x: torch.Tensor, lin: Linear, masks: _Masks, lm: LeanModel) -> torch.T
     return out if lin.int8_folds and lin.takes_int8(x) else _adapt(x, out, lin.lora, masks, lm)
 
 
-def _adapt(x: torch.Tensor, out: torch.Tensor, lora: Lora | None, masks: _Masks, lm: LeanModel) -> torch.Tensor:
-    """`out` (x's product with a projection's weights) plus its adapters' products for the batch's rows."""
+def _adapt(x: torch.Tensor, out: torch.Tensor, lora: Lora | None, masks: _Masks, lm: LeanModel,
+           into: bool = False) -> torch.Tensor:
+    """`out` (x's product with a projection's weights) plus its adapters' products for the batch's rows; `into`:
+    added into `out` itself (the same numbers: an in-place add computes in the promoted dtype, then rounds to out's)."""
     if lora is None or masks.uniform == -1:
         return out
     if masks.uniform is not None:
@@ -134,6 +165,8 @@ def _adapt(x: torch.Tensor, out: torch.Tensor, lora: Lora | None, masks: _Masks,
         mask, scale = masks.get(lora, len(x))
         y = (_product(_product(x, lora.a, lora.rounds) * mask, lora.b, lora.rounds) * scale).to(lora.rounds or
                                                                                                  lora.a.dtype)
+    if into:
+        return out.add_(y.to(out.dtype) if lm.cast_before_add else y)
     return out + y.to(out.dtype) if lm.cast_before_add else (out + y).to(out.dtype)
 
 

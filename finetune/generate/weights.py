@@ -233,6 +233,8 @@ def layer_int8(layer, keep: bool) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_product(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x W^T for 2-D x with W as `int8_weight` gives it: torch's weight-only int8 kernel, the activations as bf16
     (its vectorized form; float32 activations take a scalar loop 7x slower here), the result in x's dtype."""
+    if x.dtype == torch.bfloat16:  # a bf16 model's: no conversions (at one row every op's call counts)
+        return torch._weight_int8pack_mm(x, q, scale)
     return torch._weight_int8pack_mm(x.to(torch.bfloat16), q, scale).to(x.dtype)
 
 
