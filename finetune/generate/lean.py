@@ -77,15 +77,15 @@ class Linear:
     int8_folds: bool = False  # `int8` holds the adapter (W + s B A): products on it skip `lora`
     widths: list[int] | None = None  # several projections' weights stacked (`_stacked`): each one's output columns
 
-    def takes_int8(self, x: torch.Tensor) -> bool:
-        return self.int8 is not None and len(x) <= self.int8_rows
+    def takes_int8(self, x: torch.Tensor) -> bool:  # x.shape[0], not len(x): Tensor.__len__ is Python, ~2 us a call
+        return self.int8 is not None and x.shape[0] <= self.int8_rows
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b for 2-D x."""
         if self.takes_int8(x):
             out = int8_product(x, *self.int8)
             return out if self.bias is None else out + self.bias
-        if self.packed is not None and (self.weight is None or len(x) > self.plain_rows):
+        if self.packed is not None and (self.weight is None or x.shape[0] > self.plain_rows):
             return packed_product(x, self.packed, self.bias)
         weight = self.weight if self.quantized is None else dense_weight(self.quantized, keep=False)
         return F.linear(x, weight, self.bias)

@@ -162,7 +162,7 @@ def _adapt(x: torch.Tensor, out: torch.Tensor, lora: Lora | None, masks: _Masks,
         a, b, s = part
         y = _product(_product(x, a, lora.rounds), b, lora.rounds) * s
     else:
-        mask, scale = masks.get(lora, len(x))
+        mask, scale = masks.get(lora, x.shape[0])
         y = (_product(_product(x, lora.a, lora.rounds) * mask, lora.b, lora.rounds) * scale).to(lora.rounds or
                                                                                                  lora.a.dtype)
     if into:
