@@ -236,3 +236,35 @@ def test_segmented_attention_keeps_left_padded_generation_masked(tiny_model_dir)
     plain = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     attention.use_segmented_attention(model)
     assert model.generate(input_ids=ids, attention_mask=mask, **kwargs).tolist() == plain.tolist()
+
+
+@pytest.mark.parametrize("width", [64, 48])  # a power-of-two scale (1/8) and one that is not
+def test_the_bf16_attention_products_are_causal_attention(width):
+    """finetune.model.attention.causal_attention_math (short bf16 examples: one baddbmm with the causal mask added,
+    grouped-query heads stacked): float32 SDPA's output and gradients to bf16's rounding, and no query sees a later
+    position: changing the last key and value leaves every earlier output as it was, to the bit."""
+    from finetune.model.attention import causal_attention_math
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 37, width, generator=g) for h in (6, 2, 2))  # 3 query heads per key/value head
+    grad = torch.randn(1, 6, 37, width, generator=g)
+
+    def run(fn, *tensors):
+        leaves = [t.detach().requires_grad_() for t in tensors]
+        out = fn(*leaves)
+        out.backward(grad.to(out.dtype))
+        return out.float(), [t.grad.float() for t in leaves]
+
+    ref, ref_grads = run(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True),
+                         q, k, v)
+    bf16 = [t.bfloat16() for t in (q, k, v)]
+    got, grads = run(lambda a, b, c: causal_attention_math(a, b, c, width**-0.5), *bf16)
+    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
+    for g_got, g_ref in zip(grads, ref_grads):
+        assert (g_got - g_ref).norm() <= 0.03 * g_ref.norm()
+    later = [bf16[0], bf16[1].clone(), bf16[2].clone()]
+    later[1][:, :, -1] += 1
+    later[2][:, :, -1] -= 1
+    with torch.no_grad():
+        moved = causal_attention_math(*later, width**-0.5).float()
+    assert torch.equal(moved[:, :, :-1], got[:, :, :-1].detach()) and not torch.equal(moved[:, :, -1], got[:, :, -1])

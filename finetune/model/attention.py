@@ -8,13 +8,13 @@ path). Attention is causal within each example, so for examples of lengths l_1..
 work needed is about sum(l_i^2) / 2, not T^2: for a 512-token row of three examples,
 about a sixth.
 
-`segmented_sdpa` splits each row where its positions restart and runs causal attention on every
-segment: the same numbers as the masked form for every token (to the float rounding of another order of sums).
-Pieces are `split` (one concatenation in backward, where slices each allocated and zero-filled a gradient of the
-whole row) and written straight into the (batch, tokens, heads, width) layout transformers continues with. Anything else (a KV cache
-in generation, rows without restarts under a padding mask) goes to transformers' own SDPA
-unchanged. `use_segmented_attention(model)` switches a model that uses SDPA to it; the
-mask function stays SDPA's, so generation with left padding is still masked.
+`segmented_sdpa` splits each row where its positions restart and runs causal attention on every segment: the same
+numbers as the masked form for every token (to the float rounding of another order of sums). Pieces are `split`
+(one concatenation in backward, where slices each allocated and zero-filled a gradient of the whole row) and written
+straight into the (batch, tokens, heads, width) layout transformers continues with. Anything else (a KV cache in
+generation, rows without restarts under a padding mask) goes to transformers' own SDPA unchanged.
+`use_segmented_attention(model)` switches a model that uses SDPA to it; the mask function stays SDPA's, so
+generation with left padding is still masked.
 """
 
 from __future__ import annotations
@@ -73,20 +73,28 @@ def causal_attention_math(query, key, value, scale: float) -> torch.Tensor:
     """softmax(q k^T * scale + causal mask) v for (batch, heads, length, width) queries over (batch, kv heads,
     length, width) keys and values, as two batched matrix products per key/value head: the g query heads that
     share a key/value head (grouped-query attention, head h reads kv head h // g as transformers' repeat_kv
-    does) are stacked into one (g * length) x width operand, so keys and values are never copied per head."""
+    does) are stacked into one (g * length) x width operand, so keys and values are never copied per head.
+
+    The first product is one `baddbmm`: the scale is its alpha and the causal mask its added input (0 on and below
+    the diagonal, -inf above), so neither the scaled queries nor a masked copy of the scores is a pass of its own,
+    forward or backward (softmax gives the masked places a gradient of exactly 0 without a mask): 1.07x a bf16
+    micro batch of SmolLM2 on an AMX Xeon (docs/performance.md). The same numbers where the scale is a power of two
+    (head width 64, 256); otherwise the scale is applied to the float32 sums instead of the rounded queries."""
     b, heads, n, width = query.shape
     kv = key.shape[1]
     g = heads // kv
-    q = (query * scale).reshape(b, kv, g * n, width)
-    scores = (q @ key.transpose(-1, -2)).view(b, kv, g, n, n)
-    scores = scores.masked_fill_(_future(n, query.device), float("-inf")).softmax(dim=-1)  # one [n, n] mask saved
-    return (scores.view(b, kv, g * n, n) @ value).view(b, heads, n, width)
+    q = query.reshape(b * kv, g * n, width)
+    scores = torch.baddbmm(_future(n, g, q.dtype, query.device), q, key.reshape(b * kv, n, width).transpose(-1, -2),
+                           alpha=scale)
+    return (scores.softmax(dim=-1) @ value.reshape(b * kv, n, width)).view(b, heads, n, width)
 
 
 @functools.lru_cache(maxsize=8)
-def _future(n: int, device: torch.device) -> torch.Tensor:
-    """[n, n] True above the diagonal: one tensor per length, shared by the layers (backward keeps it)."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+def _future(n: int, g: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[g * n, n]: g copies of the causal mask as an additive term, -inf above the diagonal, 0 elsewhere; one tensor
+    per length, shared by the layers."""
+    above = torch.ones(n, n, dtype=torch.bool, device=device).triu_(1)
+    return torch.zeros(n, n, dtype=dtype, device=device).masked_fill_(above, float("-inf")).repeat(g, 1)
 
 
 def _segments(positions: torch.Tensor, batch: int) -> list[list[tuple[int, int]]]:
