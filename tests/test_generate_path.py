@@ -112,6 +112,22 @@ def test_the_rotary_embedding_is_transformers_own_to_the_bit(dtype):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_step_norm_is_transformers_rmsnorm_to_the_bit(dtype):
+    """`_rms` (float32 statistics as a sum divided by a 0-d width, eps a 0-d tensor, in place) gives the numbers of
+    transformers' LlamaRMSNorm (`pow(2).mean(-1)`, `+ eps`, rsqrt) for one row and many, at scales from 1e-3 to 1e3."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    generator = torch.Generator().manual_seed(0)
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(576, generator=generator) + 0.5)
+    norm = norm.to(dtype)
+    for rows in (1, 5):
+        for scale in (1e-3, 1.0, 37.0, 1e3):
+            x = (torch.randn(rows, 576, generator=generator) * scale).to(dtype)
+            assert torch.equal(step._rms(x, norm.weight.detach(), 1e-5), norm(x).detach()), (rows, scale)
+
 def test_a_4bit_weight_is_dequantized_once_to_what_bitsandbytes_computes_with(quantized):
     module = quantized.base_model.model.model.layers[1].mlp.down_proj.base_layer
     dense = weights.dense_weight(module)
