@@ -128,6 +128,7 @@ def test_the_step_norm_is_transformers_rmsnorm_to_the_bit(dtype):
             x = (torch.randn(rows, 576, generator=generator) * scale).to(dtype)
             assert torch.equal(step._rms(x, norm.weight.detach(), 1e-5), norm(x).detach()), (rows, scale)
 
+
 def test_a_4bit_weight_is_dequantized_once_to_what_bitsandbytes_computes_with(quantized):
     module = quantized.base_model.model.model.layers[1].mlp.down_proj.base_layer
     dense = weights.dense_weight(module)
