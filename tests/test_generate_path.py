@@ -98,8 +98,8 @@ def test_greedy_ids_equal_model_generate(which, float_base, quantized, tok, prom
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_rotary_embedding_is_transformers_own_to_the_bit(dtype):
-    """The step rotates q and k as `_swap_halves(x) * _signed(sin)` (two ops): the numbers of transformers'
-    `apply_rotary_pos_emb` (rotate_half, five)."""
+    """The step rotates q and k as `x * cos` plus `x * _swapped_signed(sin)` added half into half (no copy of x to
+    swap its halves): the numbers of transformers' `apply_rotary_pos_emb` (rotate_half: five ops)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     generator = torch.Generator().manual_seed(0)
@@ -107,8 +107,8 @@ def test_the_rotary_embedding_is_transformers_own_to_the_bit(dtype):
     angles = torch.randn(3, 7, 64, generator=generator) * 40
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     want = apply_rotary_pos_emb(q, k, cos, sin)
-    cos, signed = cos.unsqueeze(1), step._signed(sin).unsqueeze(1)
-    got = (q * cos + step._swap_halves(q) * signed, k * cos + step._swap_halves(k) * signed)
+    cos, turned = cos.unsqueeze(2), step._swapped_signed(sin).unsqueeze(2)  # the step's [rows, t, heads, dim] layout
+    got = [step._rotated(x.transpose(1, 2), cos, turned).transpose(1, 2) for x in (q, k)]
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 

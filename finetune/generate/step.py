@@ -42,7 +42,7 @@ def forward(lm: LeanModel, cache: Cache, ids: torch.Tensor, positions: torch.Ten
     n, t = ids.shape
     x = F.embedding(ids.reshape(-1), lm.embed)  # [n * t, hidden]: 2-D products (a 3-D input takes a slower path)
     cos, sin = lm.rotary(x, positions)
-    cos, sin = cos.unsqueeze(2), _signed(sin).unsqueeze(2)  # [n, t, 1, head dim]: every head of a position
+    cos, sin = cos.unsqueeze(2), _swapped_signed(sin).unsqueeze(2)  # [n, t, 1, head dim]: every head of a position
     # one row decoding reads every cached position: no mask, and its keys and values written by slicing
     alone = positions[0, 0].item() if n == 1 and t == 1 else None
     mask = None if alone == span - 1 else \
@@ -93,8 +93,14 @@ def _attention_inputs(h: torch.Tensor, layer: Layer, masks: _Masks, lm: LeanMode
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [n, t, heads, head dim] with rotary embeddings: transformers' x * cos + rotate_half(x) * sin."""
-    return (x * cos).add_(_swap_halves(x) * sin)
+    """x [n, t, heads, head dim] with rotary embeddings: transformers' x * cos + rotate_half(x) * sin, with `sin`
+    given as `_swapped_signed(sin)`: x * that is rotate_half(x) * sin with its halves swapped, each added into the
+    other half of x * cos (no copy to swap x's halves)."""
+    half = x.shape[-1] // 2
+    out, turned = x * cos, x * sin
+    out[..., :half].add_(turned[..., half:])
+    out[..., half:].add_(turned[..., :half])
+    return out
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -121,17 +127,12 @@ def _norm_constants(width: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]
     return torch.tensor(float(width)), torch.tensor(eps, dtype=torch.float32)
 
 
-def _signed(sin: torch.Tensor) -> torch.Tensor:
-    """sin with its first half negated, once per pass: then transformers' rotate_half(x) * sin, which is
-    cat(-x2, x1) * sin, is `_swap_halves(x) * _signed(sin)`: the same numbers (a product's rounding is symmetric in
-    sign) in two ops per tensor per layer instead of five."""
+def _swapped_signed(sin: torch.Tensor) -> torch.Tensor:
+    """cat(s2, -s1) for sin = cat(s1, s2), once per pass: transformers' rotate_half(x) * sin is cat(-x2 s1, x1 s2),
+    and x * cat(s2, -s1) is cat(x1 s2, -x2 s1), its halves swapped: the same numbers (a product's rounding is
+    symmetric in sign)."""
     half = sin.shape[-1] // 2
-    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-
-
-def _swap_halves(x: torch.Tensor) -> torch.Tensor:
-    """cat(x2, x1) for x = cat(x1, x2) along the last dimension."""
-    return torch.roll(x, x.shape[-1] // 2, dims=-1)
+    return torch.cat((sin[..., half:], -sin[..., :half]), dim=-1)
 
 
 class _Masks:
