@@ -48,21 +48,24 @@ def forward(lm: LeanModel, cache: Cache, ids: torch.Tensor, positions: torch.Ten
     mask = None if alone == span - 1 else \
         (torch.arange(span, device=ids.device)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
     masks = _Masks(lm, adapters)
-    rows = torch.arange(start, start + n, device=ids.device)
+    rows = torch.arange(n, device=ids.device)  # the pass's rows, as indices into its view of the cache
+    whole = start == 0 and n == cache.keys[0].shape[0]  # the pass covers every cache row: no view of its rows
     for i, layer in enumerate(lm.layers):
         q, k, v = _attention_inputs(_rms(x, layer.attn_norm, lm.eps), layer, masks, lm, n, t, cos, sin)
         keys, values = cache.keys[i], cache.values[i]
-        if alone is not None:
-            keys[start].select(1, alone).copy_(k[0, :, 0])
-            values[start].select(1, alone).copy_(v[0, :, 0])
+        if not whole:
+            keys, values = keys.narrow(0, start, n), values.narrow(0, start, n)
+        if alone is not None:  # [1, kv heads, 1, head dim] into its place: two views, not four selects each side
+            keys.narrow(2, alone, 1).copy_(k)
+            values.narrow(2, alone, 1).copy_(v)
         elif t == 1:
             keys[rows, :, positions[:, 0]] = k[:, :, 0]
             values[rows, :, positions[:, 0]] = v[:, :, 0]
         else:
-            keys[start : start + n, :, :t] = k
-            values[start : start + n, :, :t] = v
-        o = F.scaled_dot_product_attention(q, keys[start : start + n, :, :span], values[start : start + n, :, :span],
-                                           attn_mask=mask, scale=lm.head_dim ** -0.5, enable_gqa=True)
+            keys[:, :, :t] = k
+            values[:, :, :t] = v
+        o = F.scaled_dot_product_attention(q, keys.narrow(2, 0, span), values.narrow(2, 0, span), attn_mask=mask,
+                                           scale=lm.head_dim ** -0.5, enable_gqa=True)
         x = x + _proj(o.transpose(1, 2).reshape(n * t, -1), layer.proj["o_proj"], masks, lm)
         h = _rms(x, layer.mlp_norm, lm.eps)
         gate, up = _projs(h, layer, SHARED[1], masks, lm)  # fresh tensors or views of one: free to overwrite
