@@ -371,6 +371,70 @@ def test_int8_decode_weights_hold_the_one_adapter_and_skip_its_products(quantize
         batch.prefill(prompts[:1], [None])
 
 
+def test_nf4_decode_weights_are_the_base_codes_with_the_adapter_beside(quantized, prompts, monkeypatch):
+    """With int8 decode weights in bf16, a stacked group whose NF4 codes run faster at one row than its int8 copy
+    (forced here) takes one-row products from the base's own 4-bit weights through bitsandbytes' CPU kernel, with the
+    adapter the int8 copies hold beside them (A stacked, s B batched for gate/up, block-diagonal for q/k/v's unequal
+    widths): each product is W + s B A's within bf16's rounding, no per-projection adapter product runs, the decoded
+    logits stay within int8's bound of the exact step's and far from the base's. Where the group is not faster, its
+    codes' copy is dropped; in float32, or where bitsandbytes has no CPU kernel (no AVX512_BF16), none is made."""
+    from finetune.generate import nf4
+
+    monkeypatch.setattr(lean, "int8_rows", lambda dtype, bar: 4)
+    monkeypatch.setattr(lean, "plain_rows", lambda dtype: 0)
+    monkeypatch.setattr(nf4, "faster", lambda *args: True)
+    exact, base = lean.build_lean(quantized, ["one"]), lean.build_lean(quantized, [])
+    monkeypatch.setenv(weights.DECODE_WEIGHTS, "int8")
+    dtype, gate = weights.compute_dtype(quantized), quantized.base_model.model.model.layers[1].mlp.gate_proj
+    if dtype != torch.bfloat16 or not nf4.available():
+        lm = lean.build_lean(quantized, ["one"], fold_int8="one")
+        assert all(lin.nf4 is None for layer in lm.layers for lin in weighted(layer))
+        monkeypatch.setattr(nf4, "available", lambda: False)
+        assert all(lin.nf4 is None for layer in lean.build_lean(quantized, ["one"], fold_int8="one").layers
+                   for lin in weighted(layer))
+        return
+    lm = lean.build_lean(quantized, ["one"], fold_int8="one")
+    layer, module = lm.layers[1], quantized.base_model.model.model.layers[1]
+    x = torch.randn(1, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for names, batched in ((lean.SHARED[0], False), (lean.SHARED[1], True)):
+        group = layer.fused[names]
+        assert group.nf4 is not None and group.holds_adapter(x) and (group.nf4.b.dim() == 3) == batched
+        mods = [getattr(module.self_attn if p.endswith(("q_proj", "k_proj", "v_proj")) else module.mlp, p)
+                for p in names]
+        dense = torch.cat([weights.dense_weight(m.base_layer, keep=False).float() for m in mods])
+        delta = torch.cat([(m.lora_B["one"].weight.float() @ m.lora_A["one"].weight.float()) * m.scaling["one"]
+                           for m in mods])
+        want = x.float() @ (dense + delta).t()
+        got = group(x).float()
+        assert (got - want).abs().max() <= 0.02 * want.abs().max()  # bf16's rounding of scales and result
+        assert (dataclasses.replace(group.nf4, a=None)(x).float() - want).abs().max() > 4 * (got - want).abs().max()
+        assert torch.equal(group(x.expand(2, -1).contiguous())[:1], weights.int8_product(x.expand(2, -1), *group.int8)[
+            :1])  # two rows: the int8 copy
+    assert getattr(gate.base_layer.weight, nf4.FORMAT).codes is layer.fused[lean.SHARED[1]].nf4.codes  # kept once
+    calls = []
+    real = step._product
+    monkeypatch.setattr(step, "_product", lambda *args: calls.append(1) or real(*args))
+
+    def run(lm, tokens):
+        batch = LeanBatch(lm)
+        logits = [batch.prefill(prompts[1:2], ["one"])]
+        calls.clear()
+        for i in range(6):
+            logits.append(batch.decode([tokens[i]], ["one"]))
+        return torch.cat(logits), len(calls)
+
+    slow, _ = run(exact, list(range(5, 11)))
+    tokens = slow.argmax(-1).tolist()
+    (slow, _), (fast, decoded) = run(exact, tokens), run(lm, tokens)
+    assert decoded == 0  # every adapter inside an int8 copy or beside the NF4 codes, as one group
+    off, unadapted = (fast - slow).abs().max(), (run(base, tokens)[0] - slow).abs().max()
+    assert 0 < off <= 0.25 * slow.std() and off < unadapted / 4
+    monkeypatch.setattr(nf4, "faster", lambda *args: False)
+    assert all(lin.nf4 is None for layer in lean.build_lean(quantized, ["one"], fold_int8="one").layers
+               for lin in weighted(layer))
+    assert not hasattr(gate.base_layer.weight, nf4.FORMAT)  # the codes' copy dropped
+
+
 def test_the_speed_probes_leave_the_global_random_stream_alone():
     """`plain_rows` and `int8_rows` measure on random weights once per process, at the first decode (in training: at
     the first eval generation or GRPO rollout, which a resumed run reaches at another step): drawn from the global

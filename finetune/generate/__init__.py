@@ -1,5 +1,6 @@
 """Decoding and what is done with it: the one decoding path (lean.py: the decode step's view of a model; step.py:
-its forward pass over a static KV cache; weights.py: its weights, dequantized and packed once; batch.py: its rows;
+its forward pass over a static KV cache; weights.py: its weights, dequantized and packed once; nf4.py: the base's
+4-bit codes read by bitsandbytes' CPU kernel at one row; batch.py: its rows;
 decoder.py: the loop with sampling and stop checks) used by `finetune chat`, `eval --generate`, training's
 generation metrics, GRPO's rollouts and `finetune serve`; batched greedy or sampled generation and answer scoring
 (decode.py), and `finetune chat` sessions.

@@ -13,7 +13,9 @@ per-adapter dispatch, bitsandbytes dequantizing every 4-bit weight again) is gon
   weight is kept beside the packed one and runs those;
 - with FINETUNE_DECODE_WEIGHTS=int8 (opt-in: not the model's numbers), an int8 copy of every weight runs the products
   of up to `int8_rows` rows (decoding a few sequences: half the time per token at one row on an Ice Lake Xeon), the
-  exact weights the products of more rows (most prefills, large batches);
+  exact weights the products of more rows (most prefills, large batches); on a 4-bit base in bf16, a stacked group
+  whose NF4 codes bitsandbytes' CPU kernel reads faster than its int8 copy (gate/up on an AMX Xeon) runs its one-row
+  products from those codes instead, the adapter beside them (nf4.py);
 - q/k/v and gate/up (each group reads one input) are one packed weight per group, stacked by rows: one product
   where there were three and two, each projection's columns the same numbers (`_stacked`; `weights.fused_packed`);
 - one adapter decoded alone is folded into the weights (W + s B A, as PEFT merges) in float32 compute; in bf16 it
@@ -38,10 +40,33 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from finetune.generate import nf4
 from finetune.generate.weights import (
-    FOLD_WIN, WIN, base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, fused_int8, fused_packed,
-    int8_available, int8_bytes, int8_product, int8_ratios, int8_requested, int8_rows, int8_weight, layer_int8, pack,
-    pack_bytes, packable, packed_product, packed_weight, plain_bytes, plain_rows)
+    FOLD_WIN,
+    WIN,
+    base_model,
+    compute_dtype,
+    dense_bytes,
+    dense_weight,
+    fits_in_memory,
+    fused_int8,
+    fused_packed,
+    int8_available,
+    int8_bytes,
+    int8_product,
+    int8_ratios,
+    int8_requested,
+    int8_rows,
+    int8_weight,
+    layer_int8,
+    pack,
+    pack_bytes,
+    packable,
+    packed_product,
+    packed_weight,
+    plain_bytes,
+    plain_rows,
+)
 
 log = logging.getLogger("finetune.generate")
 
@@ -76,12 +101,21 @@ class Linear:
     int8_rows: int = 0  # inputs of up to this many rows take `int8`
     int8_folds: bool = False  # `int8` holds the adapter (W + s B A): products on it skip `lora`
     widths: list[int] | None = None  # several projections' weights stacked (`_stacked`): each one's output columns
+    nf4: nf4.Nf4 | None = None  # the base's 4-bit weights for one-row products (nf4.py), with the int8 copy's adapter
 
     def takes_int8(self, x: torch.Tensor) -> bool:  # x.shape[0], not len(x): Tensor.__len__ is Python, ~2 us a call
         return self.int8 is not None and x.shape[0] <= self.int8_rows
 
+    def holds_adapter(self, x: torch.Tensor) -> bool:
+        """Whether x's product includes the adapter folded into the int8 copy (then `lora` is not added again)."""
+        if self.nf4 is not None and nf4.takes(x):
+            return self.nf4.a is not None
+        return self.int8_folds and self.takes_int8(x)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b for 2-D x."""
+        if self.nf4 is not None and nf4.takes(x):
+            return self.nf4(x)
         if self.takes_int8(x):
             out = int8_product(x, *self.int8)
             return out if self.bias is None else out + self.bias
@@ -190,6 +224,8 @@ def build_lean(model, adapters: list[str] = (), fold: str | None = None,
                             {p: Linear(None, lora=_lora(_projection(layer, p), adapters, autocast)) if p in stacked
                                 else _linear(_projection(layer, p), adapters, fold, keep, autocast, packs, plain,
                                              eight, fold_int8) for p in PROJECTIONS}, fused))
+    if eight and dtype == torch.bfloat16 and nf4.available():
+        _use_nf4(inner.layers, layers, fold_int8 if fold_int8 in adapters else None)
     any_4bit = any(type(getattr(getattr(m, "base_layer", m), "weight", None)).__name__ == "Params4bit"
                    for m in base.modules())
     return LeanModel(layers, inner.embed_tokens.weight.detach(), inner.norm.weight.detach(),
@@ -217,6 +253,31 @@ def _int8_rows(dtype: torch.dtype, total: int, folds: bool) -> int:
         return rows
     _note(f"decoding with the exact weights, not int8 (FINETUNE_DECODE_WEIGHTS=int8): {why}")
     return 0
+
+
+def _use_nf4(modules: list, layers: list[Layer], adapter: str | None) -> None:
+    """Each stacked group whose NF4 copy (nf4.py: the base's own 4-bit weights, `adapter` beside them) runs its
+    one-row products faster than its int8 copy over every layer takes them; said once per group."""
+    for names in SHARED:
+        groups = [layer.fused.get(names) for layer in layers]
+        if any(g is None or g.int8 is None or g.bias is not None for g in groups):
+            continue
+        if not fits_in_memory(sum(_projection(m, p).in_features * _projection(m, p).out_features // 2
+                                  for m in modules for p in names)):
+            continue
+        copies = [nf4.group_nf4([_projection(m, p) for p in names], adapter) for m in modules]
+        if any(c is None for c in copies):
+            continue
+        x = torch.randn(1, copies[0].in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+        if nf4.faster([functools.partial(int8_product, q=g.int8[0], scale=g.int8[1]) for g in groups], copies, x):
+            for group, codes in zip(groups, copies):
+                group.nf4 = codes
+            _note(f"decoding {'/'.join(names)} at one row from the base's NF4 weights (faster than their int8 copy)")
+        else:  # the codes' copies are not kept
+            for m in modules:
+                weight = getattr(_projection(m, names[0]), "base_layer", _projection(m, names[0])).weight
+                if hasattr(weight, nf4.FORMAT):
+                    delattr(weight, nf4.FORMAT)
 
 
 @functools.cache

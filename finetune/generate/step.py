@@ -86,7 +86,7 @@ def _attention_inputs(h: torch.Tensor, layer: Layer, masks: _Masks, lm: LeanMode
         q, k = _rotated(q, cos, sin), _rotated(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out = fused(h)
-    if not (fused.int8_folds and fused.takes_int8(h)):
+    if not fused.holds_adapter(h):
         for part, lin in zip(out.split(fused.widths, dim=1), lins):
             _adapt(h, part, lin.lora, masks, lm, into=True)
     heads = out.view(n, t, -1, lm.head_dim)
@@ -160,7 +160,7 @@ class _Masks:
 def _proj(x: torch.Tensor, lin: Linear, masks: _Masks, lm: LeanModel) -> torch.Tensor:
     """x through a projection: its weights, then its adapters (not where its int8 copy holds them)."""
     out = lin(x)
-    return out if lin.int8_folds and lin.takes_int8(x) else _adapt(x, out, lin.lora, masks, lm)
+    return out if lin.holds_adapter(x) else _adapt(x, out, lin.lora, masks, lm)
 
 
 def _adapt(x: torch.Tensor, out: torch.Tensor, lora: Lora | None, masks: _Masks, lm: LeanModel,
@@ -191,7 +191,7 @@ def _projs(x: torch.Tensor, layer: Layer, names: tuple[str, ...], masks: _Masks,
     if fused is None:
         return [_proj(x, lin, masks, lm) for lin in lins]
     outs = fused(x).split(fused.widths, dim=1)
-    if fused.int8_folds and fused.takes_int8(x):
+    if fused.holds_adapter(x):
         return list(outs)
     return [_adapt(x, out, lin.lora, masks, lm) for out, lin in zip(outs, lins)]
 
