@@ -80,15 +80,15 @@ def _attention_inputs(h: torch.Tensor, layer: Layer, masks: _Masks, lm: LeanMode
     """q, k, v [n, heads, t, head dim] from the normed input `h`, rotary embeddings on q and k. Where q/k/v are
     one stacked product (`Layer.fused`), their adapters go into its columns in place and q and k rotate together,
     as one [n, t, heads + kv heads, head dim] view: four ops for both instead of four each, the same numbers."""
-    lins, fused = [layer.proj[p] for p in SHARED[0]], layer.fused.get(SHARED[0])
+    fused = layer.fused.get(SHARED[0])
     if fused is None:
         q, k, v = (o.view(n, t, -1, lm.head_dim) for o in _projs(h, layer, SHARED[0], masks, lm))
         q, k = _rotated(q, cos, sin), _rotated(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out = fused(h)
     if not fused.holds_adapter(h):
-        for part, lin in zip(out.split(fused.widths, dim=1), lins):
-            _adapt(h, part, lin.lora, masks, lm, into=True)
+        for part, p in zip(out.split_with_sizes(fused.widths, dim=1), SHARED[0]):
+            _adapt(h, part, layer.proj[p].lora, masks, lm, into=True)
     heads = out.view(n, t, -1, lm.head_dim)
     qk = _rotated(heads[:, :, : lm.heads + lm.kv_heads], cos, sin)
     return (qk[:, :, : lm.heads].transpose(1, 2), qk[:, :, lm.heads :].transpose(1, 2),
@@ -187,13 +187,13 @@ def _adapt(x: torch.Tensor, out: torch.Tensor, lora: Lora | None, masks: _Masks,
 def _projs(x: torch.Tensor, layer: Layer, names: tuple[str, ...], masks: _Masks, lm: LeanModel) -> list:
     """`_proj` for each of `names` (projections reading x), through their stacked weights where `Layer.fused` holds
     them (one product, split into each one's columns), then each one's adapters."""
-    lins, fused = [layer.proj[p] for p in names], layer.fused.get(names)
+    fused = layer.fused.get(names)
     if fused is None:
-        return [_proj(x, lin, masks, lm) for lin in lins]
-    outs = fused(x).split(fused.widths, dim=1)
+        return [_proj(x, layer.proj[p], masks, lm) for p in names]
+    outs = fused(x).split_with_sizes(fused.widths, dim=1)  # (Tensor.split is a Python wrapper: ~5 us at one row)
     if fused.holds_adapter(x):
         return list(outs)
-    return [_adapt(x, out, lin.lora, masks, lm) for out, lin in zip(outs, lins)]
+    return [_adapt(x, out, layer.proj[p].lora, masks, lm) for out, p in zip(outs, names)]
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor, rounds: torch.dtype | None) -> torch.Tensor:
