@@ -429,6 +429,23 @@ def test_nf4_decode_weights_are_the_base_codes_with_the_adapter_beside(quantized
     assert decoded == 0  # every adapter inside an int8 copy or beside the NF4 codes, as one group
     off, unadapted = (fast - slow).abs().max(), (run(base, tokens)[0] - slow).abs().max()
     assert 0 < off <= 0.25 * slow.std() and off < unadapted / 4
+    # several adapters (serve's mixed rows): the codes alone, each row's adapter added per projection as without NF4
+    mixed = lean.build_lean(quantized, ["one", "two"])
+    group = mixed.layers[1].fused[lean.SHARED[1]]
+    assert group.nf4 is not None and group.nf4.a is None and not group.holds_adapter(x)
+
+    def second(lm, adapter):
+        """The logits of one decoded row (the NF4 codes' one row where `lm` has them) after the prompt."""
+        batch = LeanBatch(lm)
+        batch.prefill(prompts[1:2], [adapter])
+        return batch.decode([7], [adapter])
+
+    fast_two = second(mixed, "two")
+    monkeypatch.delenv(weights.DECODE_WEIGHTS)
+    slow_two, base_two = second(lean.build_lean(quantized, ["one", "two"]), "two"), second(base, None)
+    off = (fast_two - slow_two).abs().max()
+    assert 0 < off <= 0.25 * slow_two.std() and off < (base_two - slow_two).abs().max() / 4
+    monkeypatch.setenv(weights.DECODE_WEIGHTS, "int8")
     monkeypatch.setattr(nf4, "faster", lambda *args: False)
     assert all(lin.nf4 is None for layer in lean.build_lean(quantized, ["one"], fold_int8="one").layers
                for lin in weighted(layer))
