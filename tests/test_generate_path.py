@@ -383,6 +383,7 @@ def test_nf4_decode_weights_are_the_base_codes_with_the_adapter_beside(quantized
     monkeypatch.setattr(lean, "int8_rows", lambda dtype, bar: 4)
     monkeypatch.setattr(lean, "plain_rows", lambda dtype: 0)
     monkeypatch.setattr(nf4, "faster", lambda *args: True)
+    monkeypatch.setattr(lean, "_NF4_CHOSEN", {})  # (measured once per process: this test decides it)
     exact, base = lean.build_lean(quantized, ["one"]), lean.build_lean(quantized, [])
     monkeypatch.setenv(weights.DECODE_WEIGHTS, "int8")
     dtype, gate = weights.compute_dtype(quantized), quantized.base_model.model.model.layers[1].mlp.gate_proj
@@ -446,6 +447,10 @@ def test_nf4_decode_weights_are_the_base_codes_with_the_adapter_beside(quantized
     off = (fast_two - slow_two).abs().max()
     assert 0 < off <= 0.25 * slow_two.std() and off < (base_two - slow_two).abs().max() / 4
     monkeypatch.setenv(weights.DECODE_WEIGHTS, "int8")
+    assert lean._NF4_CHOSEN  # decided once: a later build asks no new measurement
+    monkeypatch.setattr(nf4, "faster", lambda *args: pytest.fail("measured twice"))
+    assert lean.build_lean(quantized, ["one"], fold_int8="one").layers[1].fused[lean.SHARED[1]].nf4 is not None
+    monkeypatch.setattr(lean, "_NF4_CHOSEN", {})
     monkeypatch.setattr(nf4, "faster", lambda *args: False)
     assert all(lin.nf4 is None for layer in lean.build_lean(quantized, ["one"], fold_int8="one").layers
                for lin in weighted(layer))

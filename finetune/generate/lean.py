@@ -255,21 +255,29 @@ def _int8_rows(dtype: torch.dtype, total: int, folds: bool) -> int:
     return 0
 
 
+_NF4_CHOSEN: dict[tuple, bool] = {}  # per process: (group, its int8 shape, layers, adapter?) -> NF4 measured faster
+
+
 def _use_nf4(modules: list, layers: list[Layer], adapter: str | None) -> None:
     """Each stacked group whose NF4 copy (nf4.py: the base's own 4-bit weights, `adapter` beside them) runs its
-    one-row products faster than its int8 copy over every layer takes them; said once per group."""
+    one-row products faster than its int8 copy over every layer takes them; measured once per process and group
+    (GRPO rebuilds the lean model at every rollout), said once."""
     for names in SHARED:
         groups = [layer.fused.get(names) for layer in layers]
         if any(g is None or g.int8 is None or g.bias is not None for g in groups):
             continue
-        if not fits_in_memory(sum(_projection(m, p).in_features * _projection(m, p).out_features // 2
-                                  for m in modules for p in names)):
+        key = (names, tuple(groups[0].int8[0].shape), len(groups), adapter is not None)
+        if _NF4_CHOSEN.get(key) is False or not fits_in_memory(
+                sum(_projection(m, p).in_features * _projection(m, p).out_features // 2 for m in modules for p in names)):
             continue
         copies = [nf4.group_nf4([_projection(m, p) for p in names], adapter) for m in modules]
         if any(c is None for c in copies):
             continue
-        x = torch.randn(1, copies[0].in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-        if nf4.faster([functools.partial(int8_product, q=g.int8[0], scale=g.int8[1]) for g in groups], copies, x):
+        if key not in _NF4_CHOSEN:
+            x = torch.randn(1, copies[0].in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+            _NF4_CHOSEN[key] = nf4.faster([functools.partial(int8_product, q=g.int8[0], scale=g.int8[1])
+                                           for g in groups], copies, x)
+        if _NF4_CHOSEN[key]:
             for group, codes in zip(groups, copies):
                 group.nf4 = codes
             _note(f"decoding {'/'.join(names)} at one row from the base's NF4 weights (faster than their int8 copy)")
