@@ -94,13 +94,14 @@ def available() -> bool:
 def group_nf4(modules: list, adapter: str | None) -> Nf4 | None:
     """The NF4 copy of projections reading one input (`modules`: PEFT LoRA layers or bitsandbytes Linear4bit), with
     `adapter` beside it where they hold it; the codes kept on the first one's 4-bit parameter. None where a base
-    weight is not NF4, the weights differ in width or block size, or their rows are not whole 32-row blocks."""
+    weight is not NF4, the weights differ in width or block size, or their rows (columns) are not whole 32-row
+    (scale) blocks."""
     weights = [getattr(m, "base_layer", m).weight for m in modules]
     if not all(type(w).__name__ == "Params4bit" and w.quant_state.quant_type == "nf4" for w in weights):
         return None
     states = [w.quant_state for w in weights]
-    if any(st.shape[0] % 32 or st.shape[1] != states[0].shape[1] or st.blocksize != states[0].blocksize
-           for st in states):
+    if any(st.shape[0] % 32 or st.shape[1] % st.blocksize or st.shape[1] != states[0].shape[1]
+           or st.blocksize != states[0].blocksize for st in states):
         return None
     got = getattr(weights[0], FORMAT, None)
     if got is None:
