@@ -42,31 +42,9 @@ import torch.nn.functional as F
 
 from finetune.generate import nf4
 from finetune.generate.weights import (
-    FOLD_WIN,
-    WIN,
-    base_model,
-    compute_dtype,
-    dense_bytes,
-    dense_weight,
-    fits_in_memory,
-    fused_int8,
-    fused_packed,
-    int8_available,
-    int8_bytes,
-    int8_product,
-    int8_ratios,
-    int8_requested,
-    int8_rows,
-    int8_weight,
-    layer_int8,
-    pack,
-    pack_bytes,
-    packable,
-    packed_product,
-    packed_weight,
-    plain_bytes,
-    plain_rows,
-)
+    FOLD_WIN, WIN, base_model, compute_dtype, dense_bytes, dense_weight, fits_in_memory, fused_int8, fused_packed,
+    int8_available, int8_bytes, int8_product, int8_ratios, int8_requested, int8_rows, int8_weight, layer_int8, pack,
+    pack_bytes, packable, packed_product, packed_weight, plain_bytes, plain_rows)
 
 log = logging.getLogger("finetune.generate")
 
