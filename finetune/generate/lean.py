@@ -85,7 +85,8 @@ class Linear:
         return self.int8 is not None and x.shape[0] <= self.int8_rows
 
     def holds_adapter(self, x: torch.Tensor) -> bool:
-        """Whether x's product includes the adapter folded into the int8 copy (then `lora` is not added again)."""
+        """Whether x's product includes the adapter (folded into the int8 copy, or beside the NF4 codes): then `lora`
+        is not added again."""
         if self.nf4 is not None and nf4.takes(x):
             return self.nf4.a is not None
         return self.int8_folds and self.takes_int8(x)
@@ -261,7 +262,8 @@ def _use_nf4(modules: list, layers: list[Layer], adapter: str | None) -> None:
             _note(f"decoding {'/'.join(names)} at one row from the base's NF4 weights (faster than their int8 copy)")
         else:  # the codes' copies are not kept
             for m in modules:
-                weight = getattr(_projection(m, names[0]), "base_layer", _projection(m, names[0])).weight
+                first = _projection(m, names[0])
+                weight = getattr(first, "base_layer", first).weight
                 if hasattr(weight, nf4.FORMAT):
                     delattr(weight, nf4.FORMAT)
 
