@@ -42,7 +42,7 @@ OverridesArg = typer.Argument(None, help="Recipe overrides, e.g. training.max_st
 
 
 def main() -> None:
-    """The console command (and `python -m finetune`); `train` on CPU re-executes under tcmalloc (allocator.py)."""
+    """The console command (and `python -m finetune`); on CPU, allocator.VERBS re-execute under tcmalloc."""
     from finetune.model import maybe_reexec
 
     try:

@@ -18,7 +18,8 @@ Each configuration decodes `--max-new-tokens` tokens per sequence (end-of-sequen
 prefill, and is timed whole (prefill included); tools alternate within every repeat, medians of `--repeats` are
 reported with the 1-minute load average when each number was taken (the machine may be shared: compare the ratios).
 `--serve` rows run `finetune serve`'s engine (no HTTP) with 16 concurrent streams of one adapter and of four
-mixed adapters. Writes a table between markers in docs/performance.md (or --out) unless --no-write.
+mixed adapters. Every tool runs under the allocator `finetune chat` and `serve` pick (tcmalloc where installed:
+`--allocator`). Writes a table between markers in docs/performance.md (or --out) unless --no-write.
 """
 
 from __future__ import annotations
@@ -195,10 +196,10 @@ def engine_tps(model_dir: str, adapters: dict[str, Path], names: list[str], stre
 _SERVING: dict[int, object] = {}
 
 
-def grpo_share(steps: int, work: Path) -> list[tuple[str, float, float, float]]:
+def grpo_share(steps: int, work: Path, allocator: str = "auto") -> list[tuple[str, float, float, float]]:
     """GRPO's generation share of a quickstart step (recipes/grpo_quickstart.yaml, `steps` steps after the first):
     the lean decode step vs the model's own generate (FINETUNE_DECODE=model), alternating, each a fresh
-    `finetune train`. [(path, generation s per step, step s, load average)]."""
+    `finetune train` (under the bench's `allocator`). [(path, generation s per step, step s, load average)]."""
     import json
     import subprocess
 
@@ -207,7 +208,8 @@ def grpo_share(steps: int, work: Path) -> list[tuple[str, float, float, float]]:
         run = work / f"grpo-{path}"
         cmd = [sys.executable, "-m", "finetune", "train", str(ROOT / "recipes/grpo_quickstart.yaml"),
                f"training.max_steps={steps + 1}", f"output_dir={run}", "training.save_steps=1000", "--overwrite"]
-        subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, check=True, capture_output=True)
+        chosen = {"FINETUNE_ALLOCATOR": "glibc"} if allocator == "glibc" else {}
+        subprocess.run(cmd, cwd=ROOT, env={**os.environ, **chosen, **env}, check=True, capture_output=True)
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         rows = [r for r in rows if "time/generation_s" in r][1:]  # the first step warms up
         out.append((path, statistics.median(r["time/generation_s"] for r in rows),
@@ -354,16 +356,27 @@ def main(argv=None) -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--grpo", type=int, default=0, metavar="STEPS", help="also GRPO's generation share of a "
                     "quickstart step, lean step vs model.generate, over STEPS steps after the first (needs make data)")
+    ap.add_argument("--allocator", default="auto", choices=["auto", "glibc"],
+                    help="auto: every tool under the allocator `finetune chat` / `serve` pick here (tcmalloc on CPU "
+                    "where it is installed, finetune/model/allocator.py): the script re-executes itself under it; "
+                    "glibc: as started")
     args = ap.parse_args(argv)
+    if args.allocator == "auto" and argv is None:
+        from finetune.model.allocator import execute, preloaded
+
+        execute(preloaded([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:]]))
+    from finetune.model.allocator import allocator_in_use
+
     rows, note = run(args)
     grpo = []
     for _ in range(args.repeats if args.grpo else 0):
-        grpo += grpo_share(args.grpo, Path(args.work))
+        grpo += grpo_share(args.grpo, Path(args.work), args.allocator)
     flags = _cpu_flags()
     text = (f"`python scripts/bench_generate.py --quantize {args.quantize} --batches "
             f"{' '.join(map(str, args.batches))} --max-new-tokens {args.max_new_tokens} --repeats {args.repeats}`, "
             f"{time.strftime('%Y-%m-%d')}, {Path(args.model).name}, CPU flags: {flags or 'n/a'}, "
-            f"{torch.get_num_threads()} threads, compute dtype {os.environ.get('FINETUNE_CPU_DTYPE', 'auto')}."
+            f"{torch.get_num_threads()} threads, compute dtype {os.environ.get('FINETUNE_CPU_DTYPE', 'auto')}, "
+            f"allocator {allocator_in_use()} (every tool)."
             f"{' ' + note + '.' if note else ''}\n\n" + table(rows, args.batches, args.streams) + "\n" +
             ratios(rows, args.streams) + grpo_lines(grpo))
     print(text)

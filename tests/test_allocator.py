@@ -1,4 +1,5 @@
-"""finetune/model/allocator.py: `finetune train` on CPU re-executes itself once under tcmalloc where it is installed."""
+"""finetune/model/allocator.py: `finetune train` (and the decoding verbs) on CPU re-execute themselves once under tcmalloc
+where it is installed."""
 
 import json
 import os
@@ -28,8 +29,12 @@ def test_train_on_cpu_reexecutes_once_with_tcmalloc_preloaded(tcmalloc_here):
     assert reexec_command(argv, env) is None  # the re-executed process goes on: never a second time
 
 
-def test_only_train_and_only_when_asked(tcmalloc_here, monkeypatch):
-    assert reexec_command(["finetune", "eval", "r.yaml"], {}) is None
+def test_only_the_verbs_that_train_or_decode_and_only_when_asked(tcmalloc_here, monkeypatch):
+    for verb in ("chat", "serve", "eval"):  # decoding allocates small tensors every token (docs/performance.md)
+        args, env = reexec_command(["finetune", verb, "runs/x/checkpoint-final"], {})
+        assert args[-2:] == [verb, "runs/x/checkpoint-final"] and env["LD_PRELOAD"].endswith("libtcmalloc_minimal.so.4")
+    for verb in ("merge", "export", "plan", "validate", "prepare", "board"):
+        assert reexec_command(["finetune", verb, "r.yaml"], {}) is None
     assert reexec_command(["finetune", "train", "r.yaml"], {"FINETUNE_ALLOCATOR": "glibc"}) is None
     monkeypatch.setattr(allocator, "cpu_only", lambda env=None: False)  # a GPU machine: auto leaves it alone
     assert reexec_command(["finetune", "train", "r.yaml"], {}) is None

@@ -21,6 +21,7 @@ from conftest import recipe_file, task_data, write_jsonl
 from typer.testing import CliRunner
 
 from finetune.cli import app as cli_app
+from finetune.model import allocator
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "data" / "quickstart"
@@ -130,6 +131,9 @@ def test_bench_generate(tiny_model_dir, tmp_path):
         assert row in text, row
     # FINETUNE_DECODE_WEIGHTS=int8's row where the decode step takes int8 on this CPU, else the bench says why not
     assert ("| finetune, int8 weights |" in text) != ("int8 weights: not measured" in done.stdout)
+    # every tool under the allocator the decoding verbs re-execute under (the script re-executed itself)
+    tcmalloc = allocator.find_tcmalloc() is not None and allocator.cpu_only()
+    assert f"allocator {'tcmalloc' if tcmalloc else 'glibc'} (every tool)" in text
 
 
 def test_bench_decode_weights(tiny_model_dir, tmp_path):

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from finetune.cli import app as cli_app
 from finetune.generate.lean import compute_dtype
 from finetune.generate.session import ChatOptions, Session, load_session, reply
+from finetune.model import allocator
 from finetune.recipe.schema import QuantizationSection
 
 openai = pytest.importorskip("openai")
@@ -422,7 +423,8 @@ def test_cli_serves_and_sigterm_drains_requests_in_flight(adapters, tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.output
     result = runner.invoke(cli_app, ["serve", str(adapters["one"]), "--adapter", "no-equals-sign"])
     assert result.exit_code == 2 and "NAME=PATH" in result.output
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("FINETUNE_ALLOCATOR", allocator.MARK)}
+    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "finetune", "serve", str(adapters["one"]), "--adapter",
                              f"two={adapters['two']}", "--port", "0"], env=env, stderr=subprocess.PIPE, text=True)
     try:
@@ -432,6 +434,9 @@ def test_cli_serves_and_sigterm_drains_requests_in_flight(adapters, tmp_path):
             assert time.monotonic() < deadline and proc.poll() is None, line
             line = proc.stderr.readline()
         url = line.split("http://", 1)[1].split("/v1", 1)[0]
+        if sys.platform.startswith("linux"):  # serve re-executed itself under tcmalloc where it is installed
+            maps = Path(f"/proc/{proc.pid}/maps").read_text()
+            assert ("libtcmalloc" in maps) == (allocator.find_tcmalloc() is not None and allocator.cpu_only(env))
         body = {"model": "two", "max_tokens": 200, "temperature": 0, "messages": [{"role": "user", "content": PROMPT}]}
         # the whole greedy reply, undisturbed: its length (200, or fewer where the compute dtype's rounding makes
         # the random adapter say its end token sooner) is what the drained stream must reach too

@@ -1,5 +1,5 @@
-"""The host memory allocator of CPU training: tcmalloc where it is installed, as PyTorch's own CPU launcher
-(`python -m torch.backends.xeon.run_cpu`) sets up by default.
+"""The host memory allocator of CPU training and decoding: tcmalloc where it is installed, as PyTorch's own CPU
+launcher (`python -m torch.backends.xeon.run_cpu`) sets up by default.
 
 glibc's malloc keeps the blocks a training step frees for reuse instead of returning them, and as tensor
 sizes vary it reuses them badly: on packed GSM8K rows of 2048 tokens (SmolLM2-135M, bf16, docs/performance.md)
@@ -7,12 +7,16 @@ a step peaks at 4.57 GiB without gradient checkpointing and 3.23 GiB with it, wh
 3 and 1.3. tcmalloc keeps size-classed free lists and returns what it does not reuse: 3.04 / 1.37 GiB at the
 same speed or faster (266 vs 228 and 176 vs 177 tokens/s). glibc's own knobs cost speed instead (mapping every
 large block: 2x slower; malloc_trim between steps: no gain); jemalloc saves as much but is slower here.
+Decoding allocates a few hundred small tensors a token, and torch's int8 and oneDNN products a scratch block per
+thread per call: under tcmalloc a token took 1.02-1.12x less time at one row (int8 weights) and 1.09-1.23x (exact
+weights) on a 2-core AMX Xeon, in alternating processes (docs/performance.md).
 
-An allocator must be preloaded before the process starts, so `finetune train` (the console command and
-`python -m finetune`) re-executes itself once with LD_PRELOAD when it runs on Linux without an NVIDIA GPU,
-tcmalloc is installed (Debian/Ubuntu: `apt install libtcmalloc-minimal4`; conda: `gperftools`) and no other
-allocator is preloaded. `FINETUNE_ALLOCATOR` chooses: `auto` (the default, as just said), `tcmalloc` (an error
-if it is not installed) or `glibc` (leave the process as it is). environment.json records the one in use.
+An allocator must be preloaded before the process starts, so the commands that train or decode on the CPU
+(`VERBS`: the console command and `python -m finetune`) re-execute themselves once with LD_PRELOAD when they run
+on Linux without an NVIDIA GPU, tcmalloc is installed (Debian/Ubuntu: `apt install libtcmalloc-minimal4`; conda:
+`gperftools`) and no other allocator is preloaded. `FINETUNE_ALLOCATOR` chooses: `auto` (the default, as just
+said), `tcmalloc` (an error if it is not installed) or `glibc` (leave the process as it is). A training run's
+environment.json records the one in use.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from finetune.errors import FinetuneError
 CHOICES = ("auto", "tcmalloc", "glibc")
 NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so")
 MARK = "FINETUNE_ALLOCATOR_SET"  # set in the re-executed process: never twice
+VERBS = ("train", "chat", "serve", "eval")  # the commands that re-execute themselves under tcmalloc
 
 
 class AllocatorError(FinetuneError):
@@ -93,20 +98,33 @@ def for_training(env=os.environ) -> str:
 
 
 def reexec_command(argv: list[str], env=os.environ) -> tuple[list[str], dict] | None:
-    """The command line and environment to re-execute `finetune train` with tcmalloc, or None to go on as is."""
+    """The command line and environment to re-execute `finetune VERB` (one of `VERBS`) with tcmalloc, or None to go
+    on as is."""
     args = [a for a in argv[1:] if not a.startswith("-")]
-    if not args or args[0] != "train" or env.get(MARK):
+    if not args or args[0] not in VERBS:
+        return None
+    return preloaded([sys.executable, "-m", "finetune", *argv[1:]], env)
+
+
+def preloaded(command: list[str], env=os.environ) -> tuple[list[str], dict] | None:
+    """`command` with the environment that runs it under tcmalloc (`to_preload`), or None to go on as is (the
+    allocator is set already, or stays glibc). The benches run themselves so, as the commands they measure."""
+    if env.get(MARK):
         return None
     library = to_preload(env)
     if library is None:
         return None
     preload = ":".join(p for p in (library, env.get("LD_PRELOAD", "")) if p)
-    return [sys.executable, "-m", "finetune", *argv[1:]], {**env, "LD_PRELOAD": preload, MARK: library}
+    return command, {**env, "LD_PRELOAD": preload, MARK: library}
 
 
 def maybe_reexec(argv: list[str] | None = None) -> None:
-    """Replace this process by `finetune train` under tcmalloc when `reexec_command` says so (never returns then)."""
-    command = reexec_command(list(sys.argv if argv is None else argv))
+    """Replace this process by `finetune VERB` under tcmalloc when `reexec_command` says so (never returns then)."""
+    execute(reexec_command(list(sys.argv if argv is None else argv)))
+
+
+def execute(command: tuple[list[str], dict] | None) -> None:
+    """Replace this process by `command` (`preloaded`'s), or return where it is None."""
     if command is not None:
         args, env = command
         sys.stdout.flush()
