@@ -457,6 +457,60 @@ def test_nf4_decode_weights_are_the_base_codes_with_the_adapter_beside(quantized
     assert not hasattr(gate.base_layer.weight, nf4.FORMAT)  # the codes' copy dropped
 
 
+def test_the_one_row_pass_is_the_general_loop_to_the_bit(quantized, float_base, prompts, monkeypatch):
+    """A row decoding its next token alone takes `step._one_row` (each layer's products chosen once: `Linear.row`,
+    `step._row_plan`): the same logits, bit for bit, as the general loop, for every kind of weights and adapters it
+    meets: the base alone; adapters beside the exact weights (each row's index: one, two, none); one adapter folded
+    (float32); the int8 copies holding the adapter, and the NF4 codes with it beside them where this CPU runs
+    bitsandbytes' kernel; a row of a larger cache (a view of its row). Prompts (several positions) take the loop."""
+    from finetune.generate import nf4
+
+    monkeypatch.setattr(lean, "plain_rows", lambda dtype: 0)
+    taken, real = [], step._one_row
+    monkeypatch.setattr(step, "_one_row", lambda *args: taken.append(1) or real(*args))
+
+    def decode(lm, adapter: int, rows: int = 1, start: int = 0, steps: int = 5) -> torch.Tensor:
+        shape = (rows, lm.kv_heads, 32, lm.head_dim)
+        cache = step.Cache([torch.zeros(shape, dtype=lm.dtype) for _ in lm.layers],
+                           [torch.zeros(shape, dtype=lm.dtype) for _ in lm.layers])
+        prompt = prompts[1]
+        n = len(prompt)
+        logits = [step.forward(lm, cache, torch.tensor([prompt]), torch.arange(n)[None], start, n, adapter,
+                               torch.tensor([n - 1]))]
+        for i in range(steps):
+            token = int(logits[-1].argmax())
+            logits.append(step.forward(lm, cache, torch.tensor([[token]]), torch.tensor([[n + i]]), start, n + i + 1,
+                                       adapter))
+        return torch.cat(logits)
+
+    def both(lm, adapter: int, **kwargs) -> None:
+        taken.clear()
+        lm.rows.clear()
+        one_row = decode(lm, adapter, **kwargs)
+        stacked = all(set(lean.SHARED) <= set(layer.fused) for layer in lm.layers)  # (not: bf16 on an AVX2 CPU)
+        assert len(taken) == (5 if stacked else 0)  # every decoded token, not the prompt
+        with monkeypatch.context() as m:
+            m.setattr(step, "_row_plan", lambda *args: None)
+            assert torch.equal(one_row, decode(lm, adapter, **kwargs))
+
+    both(lean.build_lean(float_base), -1)
+    beside = lean.build_lean(quantized, ["one", "two"])
+    for adapter in (0, 1, -1):
+        both(beside, adapter)
+    both(beside, 1, rows=3, start=1)
+    both(lean.build_lean(quantized, [], fold="one"), -1)
+    monkeypatch.setattr(lean, "int8_rows", lambda dtype, bar: 4)
+    monkeypatch.setattr(nf4, "faster", lambda *args: True)
+    monkeypatch.setattr(lean, "_NF4_CHOSEN", {})
+    monkeypatch.setenv(weights.DECODE_WEIGHTS, "int8")
+    held = lean.build_lean(quantized, ["one"], fold_int8="one")
+    assert held.head.int8 is not None and held.layers[1].proj["down_proj"].int8_folds
+    if weights.compute_dtype(quantized) == torch.bfloat16 and nf4.available():
+        assert held.layers[1].fused[lean.SHARED[1]].nf4.a is not None  # gate/up: the codes, the adapter beside
+    both(held, 0)
+    both(held, 0, rows=2, start=1)
+
+
 def test_the_speed_probes_leave_the_global_random_stream_alone():
     """`plain_rows` and `int8_rows` measure on random weights once per process, at the first decode (in training: at
     the first eval generation or GRPO rollout, which a resumed run reaches at another step): drawn from the global

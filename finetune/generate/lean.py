@@ -91,6 +91,18 @@ class Linear:
             return self.nf4.a is not None
         return self.int8_folds and self.takes_int8(x)
 
+    def row(self, dtype: torch.dtype) -> tuple:
+        """(x -> this product for one contiguous row of `dtype`, whether that includes the adapter): the branch
+        `__call__` and `holds_adapter` take for such an x, chosen once for the step's one-row pass (step.py), which
+        makes ~120 products a token where each call's Python counts."""
+        if self.nf4 is not None and dtype == torch.bfloat16:
+            return self.nf4, self.nf4.a is not None
+        eight = self.int8 is not None and self.int8_rows >= 1
+        if eight and dtype == torch.bfloat16 and self.bias is None:
+            q, scale = self.int8
+            return (lambda x: torch._weight_int8pack_mm(x, q, scale)), self.int8_folds  # (int8_product's bf16 case)
+        return self, self.int8_folds and eight
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x W^T + b for 2-D x."""
         if self.nf4 is not None and nf4.takes(x):
@@ -128,6 +140,7 @@ class LeanModel:
     folded: str | None = None  # the adapter folded into the weights
     int8_folded: str | None = None  # the adapter folded into the int8 copies only (bf16: `build_lean`)
     cast_before_add: bool = False  # bitsandbytes' LoRA layers cast the LoRA output to the result dtype, then add
+    rows: dict = field(default_factory=dict, repr=False)  # adapter index -> the one-row pass's plan (step.py)
 
     def index(self, adapter: str | None) -> int:
         """The adapter's index, -1 for the base (or the folded adapter: it is in the weights)."""
