@@ -84,7 +84,7 @@ def _one_row(lm: LeanModel, plan: list, cache: Cache, ids: torch.Tensor, positio
              span: int) -> torch.Tensor:
     """`forward` for one row decoding the token at position span - 1 (chat, eval, one serve stream, a GRPO row left
     alone): the loop's ops for n = t = 1, each layer's products as `_row_plan` chose them, adapters included. The
-    same numbers (tests/test_generate_path.py); ~2 ms less Python a token than the general loop (1.10x at one row,
+    same numbers (tests/test_generate_path.py); ~1.5 ms less Python a token than the general loop (1.07x at one row,
     int8 weights, 2-core AMX Xeon), and q/k/v split by views of one row instead of slices and transposes."""
     x = F.embedding(ids.reshape(-1), lm.embed)
     cos, sin = lm.rotary(x, positions)
