@@ -129,21 +129,23 @@ def _row_plan(lm: LeanModel, adapter: int) -> list | None:
 
 def _row_product(lin: Linear, layer: Layer, names: tuple[str, ...], masks: _Masks, lm: LeanModel):
     """x -> `lin`'s product for one row (`Linear.row`), with the adapters of `names` (its columns, in order) added
-    into their columns where the product does not hold them, as `_attention_inputs` adds q/k/v's."""
+    where the product does not hold them, as the general loop adds them (`_into_columns` for a stacked group)."""
     product, held = lin.row(lm.dtype)
     loras = [layer.proj[p].lora for p in names]
     if held or masks.uniform == -1 or not any(lora is not None and masks.uniform in lora.parts for lora in loras):
         return product
     if len(names) == 1:
         return lambda x: _adapt(x, product(x), loras[0], masks, lm)
+    return lambda x: _into_columns(x, product(x), lin.widths, loras, masks, lm)
 
-    def adapted(x: torch.Tensor) -> torch.Tensor:
-        out = product(x)
-        for part, lora in zip(out.split_with_sizes(lin.widths, dim=1), loras):
-            _adapt(x, part, lora, masks, lm, into=True)
-        return out
 
-    return adapted
+def _into_columns(x: torch.Tensor, out: torch.Tensor, widths: list[int], loras: list, masks: _Masks,
+                  lm: LeanModel) -> torch.Tensor:
+    """A stacked product's `out` (columns of `widths`) with each projection's adapters (`loras`, in order) added into
+    its own columns, in place."""
+    for part, lora in zip(out.split_with_sizes(widths, dim=1), loras):
+        _adapt(x, part, lora, masks, lm, into=True)
+    return out
 
 
 def _attention_inputs(h: torch.Tensor, layer: Layer, masks: _Masks, lm: LeanModel, n: int, t: int,
@@ -158,8 +160,7 @@ def _attention_inputs(h: torch.Tensor, layer: Layer, masks: _Masks, lm: LeanMode
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     out = fused(h)
     if not fused.holds_adapter(h):
-        for part, p in zip(out.split_with_sizes(fused.widths, dim=1), SHARED[0]):
-            _adapt(h, part, layer.proj[p].lora, masks, lm, into=True)
+        _into_columns(h, out, fused.widths, [layer.proj[p].lora for p in SHARED[0]], masks, lm)
     heads = out.view(n, t, -1, lm.head_dim)
     qk = _rotated(heads[:, :, : lm.heads + lm.kv_heads], cos, sin)
     return (qk[:, :, : lm.heads].transpose(1, 2), qk[:, :, lm.heads :].transpose(1, 2),
