@@ -21,7 +21,7 @@ from finetune.export.gguf import write_gguf
 from finetune.quant import FoldError, QuantLinear, get_format, load_formats, quant_linears
 from finetune.recipe import QuantizationSection
 
-from conftest import load_base, write_jsonl
+from conftest import load_base, recipe_file, write_jsonl
 from test_lora_variants import data  # noqa: F401  (20 training rows, 4 eval rows)
 from test_training import losses, one_thread  # noqa: F401  (autouse: one thread for tiny matmuls)
 
@@ -181,18 +181,11 @@ def test_gguf_quant_type_needs_a_gguf_model(tmp_path, tiny_model_dir):
 
 
 def recipe(tmp_path: Path, model, data: Path, name: str, quantization=None, lora=None, **training) -> Path:
-    body = {"name": name, "output_dir": str(tmp_path / "runs" / name), "model": {"name_or_path": str(model)},
-            "quantization": {"quant_type": "gguf", "compute_dtype": "float32", **(quantization or {})},
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.1, **(lora or {})},
-            "data": {"train": str(data / "train.jsonl"), "eval": str(data / "eval.jsonl"), "format": "alpaca",
-                     "max_length": 32},
-            "training": {"max_steps": 3, "micro_batch_size": 4, "learning_rate": 1e-2, "warmup_steps": 0,
-                         "logging_steps": 1, "optimizer": "adamw_torch", "gradient_checkpointing": False,
-                         "seed": 7, **training}}
-    path = tmp_path / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(body))
-    return path
+    """conftest's recipe on a GGUF file's own blocks (float32 compute): 3 steps of 4, lr 1e-2, no warm-up."""
+    gguf = {"load_in_4bit": True, "quant_type": "gguf", "compute_dtype": "float32", **(quantization or {})}
+    return recipe_file(tmp_path, model, data, name, quantization=gguf,
+                       lora={"target_modules": "all-linear", **(lora or {})},
+                       **{"max_steps": 3, "gradient_accumulation_steps": 4, "warmup_steps": 0, **training})
 
 
 @pytest.fixture(scope="module")
