@@ -45,7 +45,7 @@ bench: fetch
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) scripts/bench.py $(BENCH_ARGS)
 
-# One worker per core, each test file on one worker (its module fixtures built once): 1.3x on 2 cores.
+# One worker per core, each test file on one worker (its module fixtures built once): 1.3-1.5x on 2 cores.
 test: install
 	$(PY) -m pytest -q -n auto --dist loadfile
 

@@ -181,7 +181,7 @@ def test_gguf_quant_type_needs_a_gguf_model(tmp_path, tiny_model_dir):
 
 
 def recipe(tmp_path: Path, model, data: Path, name: str, quantization=None, lora=None, **training) -> Path:
-    """conftest's recipe on a GGUF file's own blocks (float32 compute): 3 steps of 4, lr 1e-2, no warm-up."""
+    """conftest's recipe on a GGUF file's own blocks (float32 compute): 3 steps of 4 x 4, lr 1e-2, no warm-up."""
     gguf = {"load_in_4bit": True, "quant_type": "gguf", "compute_dtype": "float32", **(quantization or {})}
     return recipe_file(tmp_path, model, data, name, quantization=gguf,
                        lora={"target_modules": "all-linear", **(lora or {})},
