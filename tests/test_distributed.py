@@ -168,6 +168,24 @@ def test_presets_are_valid_accelerate_configs():
     assert configs["fsdp_qlora"].fsdp_config["fsdp_version"] == 2  # FSDP1 shards on GPUs only
 
 
+def test_every_process_ends_its_training(tmp_path, monkeypatch):
+    """A process other than the main one ends its training too (accelerate's end_training: it destroys the process
+    group). Once only the main one did, and a second process of a finished run sometimes aborted at exit (SIGABRT,
+    "terminate called without an active exception"), so torchrun reported the run as failed."""
+    import types
+
+    import finetune.train.loop as loop
+
+    ended = []
+    monkeypatch.setattr(loop, "evaluate", lambda run: None)
+    monkeypatch.setattr(loop, "save", lambda run, name, last_eval: tmp_path / name)
+    run = types.SimpleNamespace(main=False, eval_dl=None, accelerator=types.SimpleNamespace(
+        end_training=lambda: ended.append(True)), recipe=types.SimpleNamespace(
+        training=types.SimpleNamespace(eval_generate_steps=0), run_dir=tmp_path))
+    assert loop.finish(run, started=0.0) == tmp_path / "checkpoint-final"
+    assert ended == [True] and not (tmp_path / "summary.json").exists()  # the main process writes the summary
+
+
 # ------------------------------------------------------------------ FSDP2: the 4-bit base sharded over gloo
 
 

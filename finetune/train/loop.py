@@ -130,8 +130,10 @@ def finish(run: Run, started: float) -> Path:
         }
         records.plot_losses(run.recipe.run_dir / "metrics.jsonl", run.recipe.run_dir / "loss.png")
         ckpt.write_json(run.recipe.run_dir / "summary.json", summary)
-        run.accelerator.end_training()
         run.log.console.print(f"done in {summary['wall_time_s']:.1f}s; adapter written to [bold]{final}[/]")
+    # every process: it destroys the process group (a process that kept its group could abort at exit, SIGABRT
+    # from a thread still joinable, and torchrun then reports the finished run as failed)
+    run.accelerator.end_training()
     return final
 
 
