@@ -100,7 +100,8 @@ def _sdpa_segments(module, query, key, value, attention_mask, dropout=0.0, scali
 
 
 ATTENTION_LEVERS = {"attention=sliced": _sliced_sdpa, "attention=sdpa": _sdpa_segments}
-OTHER_LEVERS = ("norms=eager",)  # the RMSNorm modules left eager (finetune/model/compile.py not applied)
+OTHER_LEVERS = ("norms=eager",  # the RMSNorm modules left eager (finetune/model/compile.py not applied)
+                "cache=off")  # each NF4 weight dequantized at every use (finetune/model/weight_cache.py not applied)
 
 
 def use_attention(model, levers: str) -> None:
@@ -162,6 +163,11 @@ def build(path: str, dropout: float = 0.05, model_dir: str | Path = MODEL, lever
             from finetune.model.compile import use_compiled_norms
 
             print(f"norms: {use_compiled_norms(model)}", flush=True)
+        if "cache=off" not in levers.split(","):  # as finetune/train/setup.py does where the run fits (a CPU)
+            from finetune.model import cache_weights
+
+            print(f"dequantized weight cache: {cache_weights(model, placement.compute_dtype) / 2**20:.0f} MiB",
+                  flush=True)
     finally:
         for name, fn in saved.items():
             setattr(fm, name, fn)

@@ -140,7 +140,6 @@ def test_a_rank_that_does_not_divide_a_layer_is_refused_naming_it(tmp_path, tiny
 @pytest.mark.parametrize(("body", "keys"), [
     ({"lora": {"use_iec": True, "use_dora": True}}, ["lora.use_dora", "use_iec"]),
     ({"lora": {"use_iec": True}, "adapter": {"method": "adamix"}}, ["lora.use_iec", "adamix"]),
-    ({"quantization": {"cache_dequantized": True}}, ["quantization.cache_dequantized", "icq_nf4"]),
     ({"quantization": {"quant_type": "icq4"}}, ["quantization.quant_type", "icq_nf4"]),
 ])
 def test_refused_irqlora_settings_name_the_key(tmp_path, tiny_model_dir, data, body, keys):  # noqa: F811

@@ -2,8 +2,9 @@
 attachment (or another PEFT method's, with its training-loop hooks: methods.py; what it trains on a mixture of
 experts and the routers' load-balancing loss: moe.py; LoftQ, IEC and AdaMix: loftq.py, iec.py, adamix.py) and the
 optimizer, the CPU dropout, fused LoRA forward, compiled norms and per-example attention, tcmalloc for CPU
-training, GGUF models in (converted; or trained on their own quantized tensors: gguf_base.py), adapter checkpoints
-/ models to evaluate or chat with, and reward models (a score head; reward.py).
+training, GGUF models in (converted; or trained on their own quantized tensors: gguf_base.py), the dequantized
+weight cache of any 4-bit base (weight_cache.py), adapter checkpoints / models to evaluate or chat with, and
+reward models (a score head; reward.py).
 
 Imports: errors, recipe, artifacts, quant.
 """
@@ -24,7 +25,8 @@ __all__, __getattr__ = lazy_exports(__name__, {
     ],
     "allocator": ["allocator_in_use", "for_training", "maybe_reexec"],
     "gguf_in": ["as_transformers_dir", "llama_cpp_config", "source_note"],
-    "gguf_base": ["cache_for_inference", "cache_weights", "dequantized_bytes", "pack_gguf_base"],
+    "gguf_base": ["cache_for_inference", "pack_gguf_base"],
+    "weight_cache": ["cache_weights", "dequantized_bytes"],
     "load": [
         "attach_lora", "load_base_model", "load_tokenizer", "make_optimizer", "quantization_config"
     ],

@@ -11,8 +11,8 @@ blocks, so the packed rows are reordered without touching a byte). Each packed l
 dequantized weight must equal the float conversion's exactly, or the load stops naming the tensor. Embeddings
 (Q8_0 in the Q4_1 SmolLM2 file) and norms stay in the compute dtype, with the file's values.
 
-Between forwards only the packed bytes are kept; `cache_weights` keeps the dequantized weights instead where
-memory allows (same numbers, faster).
+Between forwards only the packed bytes are kept; `cache_weights` (weight_cache.py) keeps the dequantized weights
+instead where memory allows (same numbers, faster).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from finetune.errors import ModelError
+from finetune.model.weight_cache import cache_weights, dequantized_bytes
 from finetune.quant import Packed, QuantLinear, load_formats, quant_linears
 
 
@@ -96,21 +97,6 @@ def _row_order(processor, name: str, rows: int, names: dict, parsed: dict) -> tu
     if order.shape != (rows, 1) or not np.array_equal(np.sort(order[:, 0]), index[:, 0]):
         return None, result.name
     return order[:, 0].astype(np.int64), result.name
-
-
-def cache_weights(model, dtype: torch.dtype | None) -> int:
-    """Keep every QuantLinear's dequantized weight in `dtype` (None: drop them); returns the bytes cached."""
-    total = 0
-    for layer in quant_linears(model).values():
-        layer.cache(dtype)
-        total += layer.cached_weight.numel() * layer.cached_weight.element_size() if dtype is not None else 0
-    return total
-
-
-def dequantized_bytes(model, dtype: torch.dtype) -> int:
-    """What caching every QuantLinear's weight in `dtype` would hold."""
-    width = torch.empty((), dtype=dtype).element_size()
-    return sum(m.in_features * m.out_features * width for m in quant_linears(model).values())
 
 
 def cache_for_inference(model, choice) -> bool:

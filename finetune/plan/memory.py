@@ -196,7 +196,7 @@ def plan(recipe: Recipe, device_memory: int | None = None, device: str | None = 
             Term("mapped checkpoint", mapped, "weight files read via mmap stay resident"),
             Term("allocator slack", slack, note),
         ]
-    terms += [_cache_term(recipe, model, dtype, terms, device, device_memory)] if gguf else []  # last: it fits or not
+    terms += _cache_term(recipe, model, dtype, terms, device, device_memory, placement)  # last: it fits or not
     result = MemoryPlan(recipe=recipe.name or "recipe", device=device, seq_length=seq_length, seq_note=seq_note,
                         terms=terms, trainable_parameters=n_trainable)
     result.available, result.available_note = _available(device, device_memory)
@@ -225,18 +225,29 @@ def _weights_note(quantized: int, packed: str) -> str:
                                                   "absmax and tau"}.get(packed, "NF4 codes + quantization constants")
 
 
-def _cache_term(recipe: Recipe, model, dtype, terms: list[Term], device: str, device_memory: int | None) -> Term:
-    """quantization.cache_dequantized: the GGUF layers' dequantized weights kept between forwards, counted when
-    on, or auto and the run predicted so far plus the cache stays within 90% of the memory available (what
-    `finetune train` follows)."""
+def _cache_term(recipe: Recipe, model, dtype, terms: list[Term], device: str, device_memory: int | None,
+                placement) -> list[Term]:
+    """quantization.cache_dequantized: a 4-bit base's dequantized weights kept between forwards
+    (finetune/model/weight_cache.py), counted when on, or auto and the run predicted so far plus the cache stays
+    within 90% of the memory available (what `finetune train` follows). An NF4 base caches on the CPU only, where
+    bitsandbytes dequantizes twice a step; on a GPU its kernels do so quickly and QLoRA's memory is the point.
+    A sharded NF4 base (FSDP / ZeRO-3) never caches. No term without a 4-bit base."""
     from finetune.model import dequantized_bytes
 
+    if not recipe.quantization.load_in_4bit:
+        return []
     size, choice = dequantized_bytes(model, dtype), recipe.quantization.cache_dequantized
     available = _available(device, device_memory)[0]
     fits = available is not None and sum(t.bytes for t in terms if t.counted) + size <= 0.9 * available
+    nf4 = not recipe.quantization.packed
+    if nf4 and placement.shards_parameters:
+        return [Term(CACHE_TERM, size, "off: the 4-bit weights are sharded (FSDP / ZeRO-3)", counted=False)]
+    if choice == "auto" and nf4 and device != "cpu":
+        return [Term(CACHE_TERM, size, "quantization.cache_dequantized auto: off on a GPU (true turns it on)",
+                     counted=False)]
     on = choice is True or (choice == "auto" and fits)
     why = "set" if choice != "auto" else ("auto: fits" if fits else "auto: off, would not fit")
-    return Term(CACHE_TERM, size, f"quantization.cache_dequantized {why} (same numbers either way)", counted=on)
+    return [Term(CACHE_TERM, size, f"quantization.cache_dequantized {why} (same numbers either way)", counted=on)]
 
 
 def _sequences_per_item(recipe: Recipe) -> int:

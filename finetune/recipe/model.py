@@ -39,13 +39,11 @@ class QuantizationSection(Section):
         "auto", description="Dtype the packed 4-bit codes are stored in: auto = the compute dtype under FSDP or "
         "DeepSpeed ZeRO-3 (so quantized weights shard), uint8 otherwise."
     )
-
-    # --- GGUF base (quant_type gguf; finetune/model/gguf_base.py, docs/quantized.md)
     cache_dequantized: Union[bool, Literal["auto"]] = Field(
-        "auto", description="quant_type gguf: keep each layer's dequantized weight between forwards (faster, the "
-        "memory of a float model); auto = where `finetune plan` predicts the run still fits with it (same numbers "
-        "either way).")
-    # --- end GGUF base
+        "auto", description="A 4-bit base keeps each layer's dequantized weight between forwards instead of "
+        "dequantizing it in every forward and backward (faster; the memory of a float base in the compute dtype; the "
+        "same numbers either way); auto = where `finetune plan` predicts the run still fits with it (an NF4 or FP4 "
+        "base: on the CPU only).")
     packed = property(lambda self: self.load_in_4bit and self.quant_type in PACKED_TYPES,
                       doc="The frozen base is finetune's own QuantLinear layers (gguf, icq_nf4), not bitsandbytes'.")
 

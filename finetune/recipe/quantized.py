@@ -16,9 +16,10 @@ def check_quantized(recipe) -> None:
         raise KeyedError("quantization.quant_type", f"quantization.quant_type gguf keeps a .gguf file's own quantized "
                          f"tensors, but model.name_or_path '{recipe.model.name_or_path[:80]}' is not a .gguf file; "
                          "name one, or use quant_type nf4 (bitsandbytes 4-bit)")
-    if q.cache_dequantized != "auto" and q.quant_type not in ("gguf", "icq_nf4"):
-        raise KeyedError("quantization.cache_dequantized", "quantization.cache_dequantized applies to quant_type "
-                         "gguf and icq_nf4 only (NF4 layers are dequantized by bitsandbytes); remove it")
+    if q.cache_dequantized is True and not q.load_in_4bit:
+        raise KeyedError("quantization.cache_dequantized", "quantization.cache_dequantized keeps a 4-bit base's "
+                         "dequantized weights, but quantization.load_in_4bit is false (the base is not quantized); "
+                         "remove it")
     if not lora.use_qalora:
         return
     if lora.use_dora:

@@ -16,6 +16,7 @@ from transformers import get_scheduler
 from finetune.data import (
     Collator, Feedback, FeedbackCollator, PairCollator, Pairs, cache_dir, fingerprint, split_records, train_eval_split,
 )
+from finetune.errors import ModelError
 from finetune.export import check_architecture
 from finetune.model import (
     MethodRuntime, Placement, attach_lora, dtype_name, load_base_model, load_tokenizer, loftq_initialise,
@@ -57,7 +58,7 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     model = attach_lora(base, recipe, placement, shared_masks=env["lora_dropout_masks"] == "shared")
     loftq = loftq_initialise(model, recipe) if recipe.lora.init == "loftq" and not resume_from else None
     env["rms_norm"] = use_compiled_norms(model)  # CPU: one compiled kernel each way, or why the norms stay eager
-    cached = _cache_gguf_weights(recipe, model, accelerator.device, placement)
+    cached = _cache_dequantized(recipe, model, accelerator.device, placement)
     if recipe.data.packing or t.padding_free:
         use_segmented_attention(model)  # each example of a row attends to itself only, at its own cost
     collate = Collator(tokenizer.pad_token_id, padding_free=t.padding_free)
@@ -96,20 +97,28 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
             console.print(f"LoftQ: ||W - Q||/||W|| {loftq['error_before']:.4f} -> ||W - Q - sBA||/||W|| "
                           f"{loftq['error_after']:.4f} over the adapted layers")
         if cached is not None:
-            own = "ICQ-NF4 layers" if recipe.quantization.quant_type == "icq_nf4" else \
-                f"{Path(recipe.model.name_or_path).name}'s own quantized tensors"
+            q = recipe.quantization.quant_type
+            own = {"icq_nf4": "ICQ-NF4 layers", "gguf": f"{Path(recipe.model.name_or_path).name}'s own quantized "
+                   "tensors"}.get(q, f"{q.upper()} (bitsandbytes)")
             console.print(f"base: {own}, "
                           + ("dequantized once and cached" if cached else "dequantized at every forward"))
     return run, rng
 
 
 
-def _cache_gguf_weights(recipe: Recipe, model, device: torch.device, placement: Placement) -> bool | None:
-    """quant_type gguf: keep the dequantized weights between forwards when quantization.cache_dequantized is true,
-    or auto and `finetune plan` predicts the run fits with them (None: no GGUF base)."""
+def _cache_dequantized(recipe: Recipe, model, device: torch.device, placement: Placement) -> bool | None:
+    """A 4-bit base keeps its dequantized weights between forwards (model/weight_cache.py: the same numbers) when
+    quantization.cache_dequantized is true, or auto and `finetune plan` predicts the run fits with them (an NF4
+    base: on the CPU only). None: no 4-bit base."""
     q = recipe.quantization
-    if not q.packed:
+    if not q.load_in_4bit:
         return None
+    if placement.shards_parameters and not q.packed:  # FSDP / ZeRO-3 hold a shard of each layer's codes
+        if q.cache_dequantized is True:
+            raise ModelError("quantization.cache_dequantized true keeps each layer's whole dequantized weight, but "
+                             f"{placement.strategy} shards the 4-bit weights across processes: set it to auto or "
+                             "false, or run one process per device (DDP)")
+        return False
     on = q.cache_dequantized is True
     if q.cache_dequantized == "auto":
         from finetune.plan import CACHE_TERM, plan
