@@ -13,6 +13,7 @@ of summation differs between one process and two.
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -75,11 +76,27 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def launch(args, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
+def launch(args, cwd, timeout: int = 300):
+    """Run a two-process launch to its end. One that hangs (seen twice in CI-like runs under two pytest workers,
+    never alone) is sent SIGABRT, so that faulthandler prints where every process of it waited, and fails with that."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        import psutil  # (accelerate's dependency) the launcher's workers run in sessions of their own
+
+        launcher = psutil.Process(proc.pid)
+        procs = [*reversed(launcher.children(recursive=True)), launcher]
+        for p in procs:  # the workers first, so the launcher does not stop them before they print
+            p.send_signal(signal.SIGABRT)
+        for p in psutil.wait_procs(procs, timeout=30)[1]:
+            p.kill()
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"{' '.join(map(str, args[1:4]))} ... hung for {timeout} s; where its processes waited:\n"
+                    f"{out[-2000:]}\n{err[-12000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def accelerate_launch(config, *args):

@@ -162,3 +162,25 @@ def test_the_cache_is_refused_where_it_cannot_apply(tmp_path, tiny_model_dir):
                 _cache_dequantized(recipe, None, torch.device("cpu"), fsdp)
         else:  # sharded: never cached, and the model is not touched
             assert _cache_dequantized(recipe, None, torch.device("cpu"), fsdp) is False
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decoding_in_training_borrows_the_kept_weights(tmp_path, tiny_model_dir, dtype):
+    """GRPO's rollouts and training's generation metrics decode from the training model: its kept weights are the
+    decode step's dense weights (no second copy, nothing dequantized again) and the tokens are the same."""
+    from transformers import AutoTokenizer
+
+    from finetune.generate import weights
+    from finetune.generate.decode import GenerationOptions, generate_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [tok(t)["input_ids"] for t in ("Hello there", "The quick brown fox", "Repeat the word twice.")]
+    options = GenerationOptions(max_new_tokens=8, batch_size=2)
+    plain, cached = (nf4_model(tmp_path / name, tiny_model_dir, dtype).eval() for name in ("plain", "cached"))
+    cache_weights(cached, getattr(torch, dtype))
+    assert weights.dense_bytes(cached) == 0 < weights.dense_bytes(plain)
+    layers = [m for m in cached.modules() if type(m).__name__ == "Linear4bit"]
+    assert all(weights.dense_weight(m) is m.cached_weight for m in layers)
+    ids = generate_ids(cached, tok, prompts, options)
+    assert ids == generate_ids(plain, tok, prompts, options) and all(len(i) > 0 for i in ids)
+    assert not any(hasattr(m.weight, weights.DENSE) for m in layers)

@@ -41,10 +41,14 @@ def base_model(model):
 
 def dense_weight(layer, keep: bool = True) -> torch.Tensor:
     """The layer's weight in its compute dtype: a bitsandbytes 4-bit weight dequantized (what its CPU matmul
-    dequantizes on every call), kept while the parameter lives when `keep`; a float weight as it is."""
+    dequantizes on every call), kept while the parameter lives when `keep`; a float weight as it is. A layer
+    training already keeps dequantized (finetune/model/weight_cache.py, e.g. GRPO's rollouts) lends its copy."""
     weight = layer.weight
     if type(weight).__name__ != "Params4bit":
         return weight.detach()
+    kept = getattr(layer, "cached_weight", None)
+    if kept is not None and kept.dtype == (layer.compute_dtype or torch.float32):
+        return kept
     dense = getattr(weight, DENSE, None)
     if dense is None:
         import bitsandbytes.functional as bnbf
@@ -316,10 +320,12 @@ def _timed(work) -> float:
 
 
 def dense_bytes(model) -> int:
-    """Bytes the 4-bit weights of `model` not yet kept dequantized take once dequantized (0: none)."""
+    """Bytes the 4-bit weights of `model` not yet kept dequantized (here, or by training's cache) take once
+    dequantized (0: none)."""
     size = compute_dtype(model).itemsize
     return sum(m.weight.quant_state.shape.numel() * size for m in model.modules()
-               if type(getattr(m, "weight", None)).__name__ == "Params4bit" and not hasattr(m.weight, DENSE))
+               if type(getattr(m, "weight", None)).__name__ == "Params4bit" and not hasattr(m.weight, DENSE)
+               and getattr(m, "cached_weight", None) is None)
 
 
 def pack_bytes(model) -> int:
