@@ -325,7 +325,7 @@ def dense_bytes(model) -> int:
     size = compute_dtype(model).itemsize
     return sum(m.weight.quant_state.shape.numel() * size for m in model.modules()
                if type(getattr(m, "weight", None)).__name__ == "Params4bit" and not hasattr(m.weight, DENSE)
-               and getattr(m, "cached_weight", None) is None)
+               and getattr(getattr(m, "base_layer", m), "cached_weight", None) is None)
 
 
 def pack_bytes(model) -> int:
