@@ -134,6 +134,13 @@ def finish(run: Run, started: float) -> Path:
     # every process: it destroys the process group (a process that kept its group could abort at exit, SIGABRT
     # from a thread still joinable, and torchrun then reports the finished run as failed)
     run.accelerator.end_training()
+    if run.accelerator.num_processes > 1:
+        # gloo's worker threads release each collective after it completes, which can drop the last reference to a
+        # Python tensor and so takes the GIL; the group itself goes when the run is freed (DDP's reducer holds it),
+        # and its destructor joins those threads holding the GIL. A worker that had not yet released the last
+        # barrier then waited for the GIL forever (a rank hung after its run, now and then on a loaded CPU; seen
+        # with gdb). Sleeping lets them finish with the GIL free.
+        time.sleep(0.2)
     return final
 
 
