@@ -5,7 +5,8 @@ Written before this project had a GPU to run it on, so every test prints what it
 `GPU ...` line each; also collected in runs/gpu-report.json) as well as asserting it:
 
 - on the tiny 2-layer model: 4-bit layers and their quantization state on the device, bf16 compute chosen
-  by `auto`; paged AdamW without a CPU fallback, the loss falling and resume (to CUDA's summation noise);
+  by `auto`; the dequantized weight cache (`quantization.cache_dequantized: true`) against bitsandbytes' own
+  forward and backward, bit for bit, and both timed; paged AdamW without a CPU fallback, the loss falling and resume (to CUDA's summation noise);
   exact resume with deterministic algorithms (subprocesses with CUBLAS_WORKSPACE_CONFIG, a run killed after
   a checkpoint then resumed): bit-identical losses and adapter weights; a merge that reproduces the model
   trained on the GPU; DPO's step-1 loss of log 2;
@@ -120,6 +121,47 @@ def test_4bit_model_lives_on_the_gpu_and_auto_is_bf16(tiny_model_dir):
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits).all()
     report("placement", compute_dtype=str(dtype), layers_4bit=len(layers))
+
+
+def test_the_weight_cache_gives_bitsandbytes_numbers_on_the_gpu(tiny_model_dir):
+    """quantization.cache_dequantized: true on a GPU (auto leaves it off there): every 4-bit layer's output and
+    input gradient as bitsandbytes' own, and what a forward and backward of the tiny model take either way."""
+    import bitsandbytes as bnb
+
+    from finetune.model import cache_weights
+    from finetune.recipe.schema import QuantizationSection
+
+    model = load_base(str(tiny_model_dir), QuantizationSection(), "cuda")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    dtype = layers[0].compute_dtype
+    ids = torch.randint(3, model.config.vocab_size, (4, 128), device="cuda")
+
+    def outputs():
+        got = []
+        for layer in layers:
+            x = torch.randn(8, layer.in_features, device="cuda", generator=torch.Generator("cuda").manual_seed(0),
+                            requires_grad=True)
+            y = layer(x)
+            got += [y.detach(), torch.autograd.grad(y.float().square().sum(), x)[0]]
+        return got
+
+    def seconds(repeats=20):
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            model(inputs_embeds=embeds).logits.float().mean().backward()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) / repeats
+
+    plain, plain_s = outputs(), seconds()
+    kept = cache_weights(model, dtype)
+    cached, cached_s = outputs(), seconds()
+    equal = all(torch.equal(a, b) for a, b in zip(plain, cached))
+    report("weight cache", compute_dtype=str(dtype), cached_bytes=kept, same_bits=equal,
+           step_ms_plain=round(plain_s * 1e3, 2), step_ms_cached=round(cached_s * 1e3, 2))
+    assert kept == sum(m.in_features * m.out_features for m in layers) * torch.empty((), dtype=dtype).element_size()
+    assert equal
 
 
 def test_training_on_the_gpu_pages_adamw_learns_and_resumes_exactly(tmp_path, tiny_model_dir, data, monkeypatch,
