@@ -230,23 +230,26 @@ def _cache_term(recipe: Recipe, model, dtype, terms: list[Term], device: str, de
     """quantization.cache_dequantized: a 4-bit base's dequantized weights kept between forwards
     (finetune/model/weight_cache.py), counted when on, or auto and the run predicted so far plus the cache stays
     within 90% of the memory available (what `finetune train` follows). An NF4 base caches on the CPU only, where
-    bitsandbytes dequantizes twice a step; on a GPU its kernels do so quickly and QLoRA's memory is the point.
-    A sharded NF4 base (FSDP / ZeRO-3) never caches. No term without a 4-bit base."""
+    bitsandbytes dequantizes twice a step, and within half the memory: it buys less there than for a GGUF base,
+    and QLoRA's small footprint is why one chose it (on a GPU its kernels dequantize quickly anyway). A sharded
+    NF4 base (FSDP / ZeRO-3) never caches. No term without a 4-bit base."""
     from finetune.model import dequantized_bytes
 
     if not recipe.quantization.load_in_4bit:
         return []
     size, choice = dequantized_bytes(model, dtype), recipe.quantization.cache_dequantized
-    available = _available(device, device_memory)[0]
-    fits = available is not None and sum(t.bytes for t in terms if t.counted) + size <= 0.9 * available
     nf4 = not recipe.quantization.packed
+    share = 0.5 if nf4 else 0.9  # NF4 gains less (1.02-1.07x; GGUF blocks dequantize slowly): within half the memory
+    available = _available(device, device_memory)[0]
+    fits = available is not None and sum(t.bytes for t in terms if t.counted) + size <= share * available
     if nf4 and placement.shards_parameters:
         return [Term(CACHE_TERM, size, "off: the 4-bit weights are sharded (FSDP / ZeRO-3)", counted=False)]
     if choice == "auto" and nf4 and device != "cpu":
         return [Term(CACHE_TERM, size, "quantization.cache_dequantized auto: off on a GPU (true turns it on)",
                      counted=False)]
     on = choice is True or (choice == "auto" and fits)
-    why = "set" if choice != "auto" else ("auto: fits" if fits else "auto: off, would not fit")
+    why = "set" if choice != "auto" else (f"auto: fits within {share:.0%} of the memory" if fits else
+                                          f"auto: off, would not fit within {share:.0%} of the memory")
     return [Term(CACHE_TERM, size, f"quantization.cache_dequantized {why} (same numbers either way)", counted=on)]
 
 

@@ -43,7 +43,7 @@ class QuantizationSection(Section):
         "auto", description="A 4-bit base keeps each layer's dequantized weight between forwards instead of "
         "dequantizing it in every forward and backward (faster; the memory of a float base in the compute dtype; the "
         "same numbers either way); auto = where `finetune plan` predicts the run still fits with it (an NF4 or FP4 "
-        "base: on the CPU only).")
+        "base: on the CPU only, and within half the memory).")
     packed = property(lambda self: self.load_in_4bit and self.quant_type in PACKED_TYPES,
                       doc="The frozen base is finetune's own QuantLinear layers (gguf, icq_nf4), not bitsandbytes'.")
 
