@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.errors import ModelError
 from finetune.model import Placement, cache_weights, dequantized_bytes
-from finetune.model.weight_cache import dequantize_4bit
+from finetune.model.weight_cache import linear4bit_weight
 from finetune.objectives.loss import token_loss_sum
 from finetune.recipe import load_recipe
 
@@ -78,7 +78,7 @@ def test_the_kept_weight_is_no_buffer_and_survives_train_and_eval(tmp_path, tiny
     model.eval()
     model.train()
     layer = next(m for m in model.modules() if type(m).__name__ == "Linear4bit")
-    assert torch.equal(layer.cached_weight, dequantize_4bit(layer, torch.float32))
+    assert torch.equal(layer.cached_weight, linear4bit_weight(layer, torch.float32))
     x = torch.randn(3, layer.in_features)
     assert torch.equal(layer(x), type(layer).forward(layer, x))  # the kept weight, the same product
 

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from finetune.model import linear4bit_weight
+
 DENSE = "_finetune_dense"  # the attribute of a 4-bit parameter holding its dequantized weight
 PACKED = "_finetune_packed"  # the attribute of a parameter holding its weight packed for oneDNN (`pack`)
 INT8 = "_finetune_int8"  # the attribute of a parameter holding its int8 copy (`layer_int8`)
@@ -51,9 +53,7 @@ def dense_weight(layer, keep: bool = True) -> torch.Tensor:
         return kept
     dense = getattr(weight, DENSE, None)
     if dense is None:
-        import bitsandbytes.functional as bnbf
-
-        dense = bnbf.dequantize_4bit(weight.data, weight.quant_state).to(layer.compute_dtype or torch.float32)
+        dense = linear4bit_weight(layer, layer.compute_dtype or torch.float32)
         if keep:
             setattr(weight, DENSE, dense)
     return dense

@@ -26,7 +26,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "allocator": ["allocator_in_use", "for_training", "maybe_reexec"],
     "gguf_in": ["as_transformers_dir", "llama_cpp_config", "source_note"],
     "gguf_base": ["cache_for_inference", "pack_gguf_base"],
-    "weight_cache": ["cache_weights", "dequantized_bytes"],
+    "weight_cache": ["cache_weights", "dequantized_bytes", "linear4bit_weight"],
     "load": [
         "attach_lora", "load_base_model", "load_tokenizer", "make_optimizer", "quantization_config"
     ],

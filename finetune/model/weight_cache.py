@@ -59,12 +59,12 @@ def _cache_4bit(layer, on: bool) -> int:
     layer.__dict__.pop("cached_weight", None)
     if not on or layer.compute_dtype is None:
         return 0
-    layer.cached_weight = dequantize_4bit(layer, layer.compute_dtype)
+    layer.cached_weight = linear4bit_weight(layer, layer.compute_dtype)
     layer.forward = types.MethodType(_cached_forward, layer)
     return layer.cached_weight.numel() * layer.cached_weight.element_size()
 
 
-def dequantize_4bit(layer, dtype: torch.dtype) -> torch.Tensor:
+def linear4bit_weight(layer, dtype: torch.dtype) -> torch.Tensor:
     """A Linear4bit's weight [out, in] as its forward dequantizes it for an input in `dtype` (bitsandbytes'
     gemm_4bit: the codes dequantized straight to the input's dtype)."""
     import bitsandbytes.functional as bnbf
