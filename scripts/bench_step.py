@@ -60,6 +60,13 @@ def _unshared_dropout(model) -> None:
                     module.lora_dropout[name] = CpuDropout(d.p)
 
 
+def _byte_masks(model, masks: str = "positions") -> None:
+    """finetune.model.dropout.use_cpu_dropout as runs began before 2026-12-08: byte masks, shared per input."""
+    from finetune.model.dropout import use_cpu_dropout
+
+    use_cpu_dropout(model, "shared")
+
+
 def torch_dropout():
     import torch
 
@@ -124,6 +131,7 @@ NOOP = lambda *a, **k: None  # noqa: E731
 LEVERS = {  # lever=setting -> (the function of finetune.model.load it replaces while the model is built, by what)
     "dropout=torch": ("use_cpu_dropout", NOOP),  # torch's dropout, one mask per adapter (what peft does)
     "dropout=unshared": ("use_cpu_dropout", _unshared_dropout),  # finetune's masks, but one per adapter
+    "dropout=masks": ("use_cpu_dropout", _byte_masks),  # byte masks applied by `where` (runs before 2026-12-08)
     "lora=peft": ("use_fused_lora", NOOP),  # peft's LoRA forward (clone, scale, add; fp32 casts under CPU autocast)
 }
 

@@ -75,12 +75,12 @@ def test_resuming_a_previous_checkpoint_gives_its_final_adapter(resumed, tmp_pat
         torch.testing.assert_close(final[k], old[k], atol=1e-5, rtol=0, msg=k)
     assert json.loads((resumed / "checkpoint-final" / "environment.json").read_text())["lora_dropout_masks"] \
         == "per adapter"
-    # ... while this version's uninterrupted run of the same recipe draws shared masks: another adapter
+    # ... while this version's uninterrupted run of the same recipe draws its own way: another adapter
     straight = recipe(tmp_path, tiny_model_dir, toy_alpaca_rows, "straight")
     result = runner.invoke(app, ["train", str(straight)])
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "straight"
-    assert json.loads((run / "checkpoint-final" / "environment.json").read_text())["lora_dropout_masks"] == "shared"
+    assert json.loads((run / "checkpoint-final" / "environment.json").read_text())["lora_dropout_masks"] == "positions"
     fresh = adapter(run / "checkpoint-final")
     assert max((fresh[k] - final[k]).abs().max().item() for k in final) > 1e-4
     lines = (resumed / "metrics.jsonl").read_text().splitlines()

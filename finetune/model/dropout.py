@@ -1,12 +1,36 @@
-"""LoRA's input dropout on CPU: cheap random integers, one mask per input tensor, the scale left to the product."""
+"""LoRA's input dropout on CPU: the dropped positions drawn as geometric gaps, one draw per input tensor, the scale
+left to the product."""
 
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
 
-LEVELS = 2**16  # p is a multiple of 1 / LEVELS
+LEVELS = 2**16  # the byte masks' p is a multiple of 1 / LEVELS
+POSITIONS_MAX_P = 0.125  # above it, 8-byte positions would hold more memory than a 1-byte mask
+
+
+def drop_positions(n: int, p: float) -> torch.Tensor:
+    """The sorted int64 positions in [0, n) to drop, each independently with probability p (0 < p < 1), from the
+    global generator.
+
+    In a sequence of Bernoulli(p) trials the numbers of kept values between drops are independent geometric gaps,
+    G = floor(log(1 - U) / log(1 - p)) for U uniform on [0, 1), so a draw of n values takes about n p uniforms
+    instead of one random number per value: position_k = (G_1 + 1) + ... + (G_k + 1) - 1. In float64, so p is
+    exact to double precision and the floor falls alike on every CPU (a last-bit difference between vector and
+    scalar log1p moves it with odds ~1e-16 a draw). n p + 6 sqrt(n p) + 16 uniforms per batch of draws, another
+    batch only where they fall short of n (odds ~1e-9)."""
+    q = math.log1p(-p)
+    batch = int(n * p + 6 * math.sqrt(n * p) + 16)
+    parts, end = [torch.empty(0, dtype=torch.int64)], 0
+    while end < n:  # the next drop may still fall below n
+        ends = torch.rand(batch, dtype=torch.float64).neg_().log1p_().div_(q).add_(1).to(torch.int64)
+        parts.append(ends.cumsum_(0).add_(end))  # 1-based positions: G + 1 apart
+        end = int(parts[-1][-1])
+    ends = torch.cat(parts) if len(parts) > 2 else parts[-1]
+    return ends[: int(torch.searchsorted(ends, n, right=True))].sub_(1)
 
 
 def drop_mask(shape: torch.Size, p: float) -> torch.Tensor:
@@ -21,13 +45,17 @@ def drop_mask(shape: torch.Size, p: float) -> torch.Tensor:
 
 
 class CpuDropout(torch.nn.Dropout):
-    """LoRA's input dropout on CPU: the same distribution as torch's, a 1-byte mask, one mask per input tensor.
+    """LoRA's input dropout on CPU: the same distribution as torch's, one draw per input tensor.
 
     torch's CPU dropout draws its mask with a Bernoulli kernel that takes one random double per value (outside
     Intel's MKL path), and peft draws one mask per adapter, seven per decoder layer, though q, k and v (and gate
-    and up) read the same tensor. Here the mask comes from `drop_mask` (16-bit integers from the global generator,
-    which checkpoints save: resume stays exact), p rounded to a multiple of 2^-16 (0.05 -> 0.0500031), kept
-    values scaled by 1 / (1 - that p), so E[output] = input exactly. Autograd keeps the boolean mask.
+    and up) read the same tensor; applying a boolean mask (`where`, forward and backward) is not vectorized on a
+    CPU either: dropout was a sixth of a bf16 step. Here, for p up to 1/8 (`positions`, runs begun since
+    2026-12-08), the dropped positions come from `drop_positions` (about n p uniforms from the global generator,
+    which checkpoints save: resume stays exact) and the input is copied with zeros there (`index_fill`; its
+    gradient likewise): p exact, kept values scaled by 1 / (1 - p), autograd keeping the positions (8 p bytes a
+    value). Above 1/8, and for runs begun before (`positions` False), a byte mask from `drop_mask` (16-bit
+    integers, p rounded to a multiple of 2^-16: 0.05 -> 0.0500031) applied by `where`, autograd keeping it.
 
     One instance may serve several adapters (`use_cpu_dropout` gives the adapters of one module a single
     instance): the same input tensor then gets the same mask, drawn once, and the dropped tensor is computed and
@@ -39,9 +67,19 @@ class CpuDropout(torch.nn.Dropout):
 
     _cache: tuple | None = None  # (weak reference to the last input, its dropped copy, whether that is scaled)
 
+    def __init__(self, p: float = 0.5, positions: bool = True):
+        super().__init__(p)
+        self.positions = positions and p <= POSITIONS_MAX_P
+
     @property
     def scale(self) -> float:
-        return LEVELS / (LEVELS - round(self.p * LEVELS))
+        return 1 / (1 - self.p) if self.positions else LEVELS / (LEVELS - round(self.p * LEVELS))
+
+    def _zeroed(self, x: torch.Tensor) -> torch.Tensor:
+        """x with the dropped values zeroed, unscaled: one copy (and one in backward)."""
+        if self.positions:
+            return x.reshape(-1).index_fill(0, drop_positions(x.numel(), self.p), 0).view(x.shape)
+        return torch.where(drop_mask(x.shape, self.p), 0.0, x)  # one pass; masked_fill is a clone, then a fill
 
     def dropped(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
         """(x with the dropped values zeroed, the scale the kept values still need): 1.0 when nothing drops."""
@@ -52,7 +90,7 @@ class CpuDropout(torch.nn.Dropout):
         hit = self._hit(x)
         if hit is not None:
             return hit[1], 1.0 if hit[2] else self.scale
-        out = torch.where(drop_mask(x.shape, self.p), 0.0, x)  # one pass; masked_fill is a clone, then a fill
+        out = self._zeroed(x)
         self._keep(x, out, scaled=False)
         return out, self.scale
 
@@ -63,7 +101,7 @@ class CpuDropout(torch.nn.Dropout):
         hit = self._hit(x)
         if hit is not None:
             return hit[1] if hit[2] else hit[1] * self.scale
-        out = torch.where(drop_mask(x.shape, self.p), 0.0, x).mul_(self.scale)
+        out = self._zeroed(x).mul_(self.scale)
         self._keep(x, out, scaled=True)
         return out
 
@@ -103,24 +141,29 @@ class PerAdapterDropout(torch.nn.Dropout):
         return x.masked_fill(mask, 0).mul_(self.LEVELS / (self.LEVELS - drop))
 
 
-def use_cpu_dropout(model, shared: bool = True) -> None:
+MASKS = ("positions", "shared", "per adapter")  # how runs draw their masks, newest first (environment.json)
+
+
+def use_cpu_dropout(model, masks: str = "positions") -> None:
     """On CPU, the dropout of LoRA adapters becomes a `CpuDropout` of the same p, one instance for the adapters
-    of one module (attention's q/k/v/o, the MLP's gate/up/down: those reading the same tensor share its mask)
-    and p. No weights: checkpoints are unchanged. `shared` False: a `PerAdapterDropout` each, the masks of runs
-    begun before masks were shared (a resumed run keeps its random stream: finetune/train/records.py)."""
+    of one module (attention's q/k/v/o, the MLP's gate/up/down: those reading the same tensor share its draw)
+    and p. No weights: checkpoints are unchanged. `masks` (one of MASKS) is how the run began, which a resumed
+    run keeps, and its random stream with it (finetune/train/records.py): "positions" (since 2026-12-08),
+    "shared" (byte masks shared by an input's adapters), "per adapter" (a `PerAdapterDropout` each, before
+    2026-12-05)."""
     from peft.tuners.lora import LoraLayer
 
     first = next(model.parameters(), None)
     if first is None or first.device.type != "cpu":
         return
-    masks: dict[tuple[str, str, float], CpuDropout] = {}
+    shared: dict[tuple[str, str, float], CpuDropout] = {}
     for path, module in model.named_modules():
         if isinstance(module, LoraLayer):
             parent = path.rsplit(".", 1)[0]
             for name, dropout in module.lora_dropout.items():
                 if type(dropout) is torch.nn.Dropout and dropout.p > 0:
-                    if not shared:
+                    if masks == "per adapter":
                         module.lora_dropout[name] = PerAdapterDropout(dropout.p)
                         continue
                     key = (parent, name, dropout.p)
-                    module.lora_dropout[name] = masks.setdefault(key, CpuDropout(dropout.p))
+                    module.lora_dropout[name] = shared.setdefault(key, CpuDropout(dropout.p, masks == "positions"))

@@ -145,9 +145,10 @@ def _keep_one_cpu_4bit_path(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def attach_lora(base, recipe: Recipe, placement: Placement, shared_masks: bool = True):
+def attach_lora(base, recipe: Recipe, placement: Placement, masks: str = "positions"):
     """Freeze the base, prepare it for k-bit training, wrap it with the recipe's trainable adapter: LoRA, or the
-    PEFT method `adapter.method` names (methods.py builds its config)."""
+    PEFT method `adapter.method` names (methods.py builds its config). `masks`: how the run draws LoRA's dropout
+    on CPU (dropout.py's MASKS; a resumed run keeps how it began)."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     checkpointing = recipe.training.gradient_checkpointing
@@ -168,7 +169,7 @@ def attach_lora(base, recipe: Recipe, placement: Placement, shared_masks: bool =
         base.enable_input_require_grads()
     model = get_peft_model(base, peft_config(recipe, base))
     install_variants(model, recipe)  # IEC, AdaMix (methods.py, variants.py)
-    use_cpu_dropout(model, shared_masks)  # CPU: one cheap mask per adapter input (per adapter: an older run)
+    use_cpu_dropout(model, masks)  # CPU: one cheap draw per adapter input
     use_fused_lora(model)  # CPU: each LoRA layer as its two products, nothing elementwise around them
     return model
 

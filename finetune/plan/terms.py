@@ -148,9 +148,9 @@ def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, ch
                      stream: int | None = None, device: str = "cpu") -> int:
     """Bytes saved for backward by the decoder stack for one micro batch (Llama-style decoder).
     Layers differ when lora.layers or the rank pattern make them: each is counted with its own adapters.
-    LoRA dropout masks are booleans, one byte a value: finetune.model.dropout.CpuDropout's on CPU (one mask and
-    one dropped input per input tensor, shared by the adapters reading it), torch's fused dropout's on GPU (one
-    per adapter). `stream`: bytes per value of the residual stream and what the layer computes from it
+    LoRA dropout on CPU (finetune.model.dropout.CpuDropout): one dropped input per input tensor, shared by the
+    adapters reading it, and its dropped positions (8 bytes each, p of the values; a byte mask above p = 1/8); on
+    GPU torch's fused dropout: one boolean mask (a byte a value) per adapter. `stream`: bytes per value of the residual stream and what the layer computes from it
     (norms, rotated q/k, the MLP's intermediates; float32 on GPU QLoRA), `width` those of the adapters' inputs."""
     stream = stream or width
     c = model.config.get_text_config()
@@ -187,12 +187,14 @@ def per_token_layer_bytes(adapted: list[tuple[str, int, int, int]], recipe: Reci
                           heads: int, kv: int, head_dim: int, width: int, stream: int, shared_masks: bool = True) -> int:
     """Bytes saved per token by one decoder layer (excluding the float32 statistics), given its adapters
     (short name, in_features, out_features, rank): the layer's own values of `stream` bytes, the adapters'
-    of `width`, dropout masks of one byte (booleans), with `shared_masks` one per input tensor (CPU).
+    of `width`, dropout masks (with `shared_masks`, CPU's: one per input tensor, as its dropped positions).
     DoRA keeps, per adapter, the base output and the scaled adapter output (its magnitude's gradient needs
     both): 2 x out_features more."""
     attention_out = heads * head_dim
     base = 2 * h + (heads + 2 * kv) * head_dim + attention_out + 3 * inter  # residuals, q k v, output, MLP
     dropout, dora = adapter_dropout(recipe), recipe.lora.use_dora
+    from finetune.model import POSITIONS_MAX_P  # lazily: finetune.model's front imports no torch, its modules do
+
     # adapter inputs: which tensor each projection reads, its size, and whether the base already saves it
     inputs = {"q_proj": ("x", h, False), "k_proj": ("x", h, False), "v_proj": ("x", h, False),
               "o_proj": ("attn", attention_out, True),
@@ -206,12 +208,12 @@ def per_token_layer_bytes(adapted: list[tuple[str, int, int, int]], recipe: Reci
         extra += r + (2 * d_out if dora else 0)
         if dropout > 0 and not (shared_masks and group in counted):
             extra += size  # the dropped input: one per adapter, or one per input tensor with shared masks
-            masks += size  # and its dropout mask
+            masks += size * (8 * dropout if shared_masks and dropout <= POSITIONS_MAX_P else 1)  # and its mask
             counted.add(group)
         elif dropout == 0 and not saved and group not in counted:
             extra += size  # the shared input, once
             counted.add(group)
-    return base * stream + extra * width + masks
+    return base * stream + extra * width + math.ceil(masks)
 
 
 

@@ -93,15 +93,16 @@ def _git_commit() -> str | None:
 
 
 def dropout_masks(checkpoint: Path | None) -> str:
-    """How LoRA's dropout draws its masks on CPU (finetune/model/dropout.py): "shared" by the adapters reading one
-    input, or "per adapter" as runs began before 2026-12-05 (their environment.json does not say): a resumed run
-    keeps the random stream it began with, so it ends where it would have ended uninterrupted."""
+    """How LoRA's dropout draws its masks on CPU (finetune/model/dropout.py's MASKS): "positions" for a new run,
+    "shared" byte masks as runs began before 2026-12-08, "per adapter" before 2026-12-05 (their environment.json
+    does not say): a resumed run keeps the random stream it began with, so it ends where it would have ended
+    uninterrupted."""
     if checkpoint is None:
-        return "shared"
+        return "positions"
     try:
         return json.loads((checkpoint / "environment.json").read_text()).get("lora_dropout_masks", "per adapter")
     except (OSError, ValueError):
-        return "shared"  # check_resume names the unreadable records
+        return "positions"  # check_resume names the unreadable records
 
 
 def check_resume(checkpoint: Path, recipe, env: dict, console) -> None:

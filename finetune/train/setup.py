@@ -55,7 +55,7 @@ def setup(recipe: Recipe, console: Console, *, overwrite: bool, resume: str | No
     accelerator.wait_for_everyone()
     base = load_base_model(source, recipe.quantization, accelerator.device, placement, head=objective.head)
     env["lora_dropout_masks"] = records.dropout_masks(resume_from)  # a resumed run keeps the masks it began with
-    model = attach_lora(base, recipe, placement, shared_masks=env["lora_dropout_masks"] == "shared")
+    model = attach_lora(base, recipe, placement, masks=env["lora_dropout_masks"])
     loftq = loftq_initialise(model, recipe) if recipe.lora.init == "loftq" and not resume_from else None
     env["rms_norm"] = use_compiled_norms(model)  # CPU: one compiled kernel each way, or why the norms stay eager
     cached = _cache_dequantized(recipe, model, accelerator.device, placement)
