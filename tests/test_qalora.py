@@ -143,7 +143,9 @@ def test_the_export_report_proves_the_fold(folded):
         and fold["same_types"] and fold["offsets_changed"] > 0
     assert 0 < fold["offset_rounding_max"] <= 2 ** -11  # the offsets |m + U| are < 1 here: half an fp16 ulp
     f = report["fidelity"]  # the file read back by transformers, against base blocks + adapter
-    assert f["top1_agreement"] == 1.0 and f["max_abs_logit_diff"] < 0.05
+    # the logits within 0.05 of the trained model's; the top-1 token may flip where a tiny random model's top two
+    # logits lie closer than that (1 of 69 probe tokens for the adapter of deb11b7's dropout draws)
+    assert f["top1_agreement"] >= 0.95 and f["max_abs_logit_diff"] < 0.05
     assert all(report["tokenizer_agreement"].values())
     parts = report["fidelity_parts"]  # without the fp16 rounding the fold is the trained model up to float arithmetic
     assert parts["unrounded_fold_vs_trained"]["max_abs_logit_diff"] < 1e-4
