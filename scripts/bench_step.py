@@ -108,7 +108,8 @@ def _sdpa_segments(module, query, key, value, attention_mask, dropout=0.0, scali
 
 ATTENTION_LEVERS = {"attention=sliced": _sliced_sdpa, "attention=sdpa": _sdpa_segments}
 OTHER_LEVERS = ("norms=eager",  # the RMSNorm modules left eager (finetune/model/compile.py not applied)
-                "cache=off")  # each NF4 weight dequantized at every use (finetune/model/weight_cache.py not applied)
+                "cache=off",  # each NF4 weight dequantized at every use (finetune/model/weight_cache.py not applied)
+                "groups=off")  # q/k/v and gate/up each computed alone (finetune/model/grouped.py not applied)
 
 
 def use_attention(model, levers: str) -> None:
@@ -176,6 +177,10 @@ def build(path: str, dropout: float = 0.05, model_dir: str | Path = MODEL, lever
 
             print(f"dequantized weight cache: {cache_weights(model, placement.compute_dtype) / 2**20:.0f} MiB",
                   flush=True)
+        if "groups=off" in levers.split(","):
+            from finetune.model.grouped import ungroup
+
+            ungroup(model)
     finally:
         for name, fn in saved.items():
             setattr(fm, name, fn)

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.errors import ModelError
 from finetune.model import Placement, cache_weights, dequantized_bytes
+from finetune.model.grouped import ungroup
 from finetune.model.weight_cache import linear4bit_weight
 from finetune.objectives.loss import token_loss_sum
 from finetune.recipe import load_recipe
@@ -46,6 +47,7 @@ def loss_and_grads(model, batch, dtype: str):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_cache_gives_bitsandbytes_numbers_to_the_bit(tmp_path, tiny_model_dir, dtype):
     model = nf4_model(tmp_path, tiny_model_dir, dtype)
+    ungroup(model)  # each layer alone, as bitsandbytes computes it (the grouped siblings: test_grouped.py)
     layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
     assert len(layers) == 14  # 7 per decoder layer, 2 layers
     ids = torch.randint(5, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -100,15 +102,19 @@ def runs(tmp_path_factory, tiny_model_dir):
 
 
 def test_a_run_with_the_cache_is_the_run_without_it(runs):
-    (_, cached, said_on), (_, plain, said_off) = runs[True], runs[False]
+    """The same run within the compute dtype's rounding: with the cache, q/k/v and gate/up also run as one node per
+    group (finetune/model/grouped.py), whose sums take another order; the cache alone gives the same bits (above)."""
+    (path, cached, said_on), (_, plain, said_off) = runs[True], runs[False]
     assert "base: NF4 (bitsandbytes), dequantized once and cached" in said_on
     assert "base: NF4 (bitsandbytes), dequantized at every forward" in said_off
-    assert losses(cached) == losses(plain) and len(losses(cached)) == 4
+    tol = 1e-5 if cpu_width(load_recipe(path)) == 4 else 2e-2  # relative; bf16: 8 bits of mantissa, 4 steps
+    assert losses(cached) == pytest.approx(losses(plain), rel=tol) and len(losses(cached)) == 4
     evals = [[m["eval_loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
               if "eval_loss" in m] for run in (cached, plain)]
-    assert evals[0] == evals[1] and evals[0]
+    assert evals[0] == pytest.approx(evals[1], rel=tol) and evals[0]
     a, b = (load_file(run / "checkpoint-final" / "adapter_model.safetensors") for run in (cached, plain))
-    assert a.keys() == b.keys() and all(torch.equal(t, b[k]) for k, t in a.items())
+    assert a.keys() == b.keys()
+    assert all(((t - b[k]).norm() / b[k].norm()).item() < 10 * tol for k, t in a.items())
 
 
 def test_the_plan_counts_the_cache_where_it_fits_on_the_cpu(runs):

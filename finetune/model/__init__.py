@@ -1,10 +1,10 @@
 """Models: placement (compute dtype, 4-bit storage, strategy; resolved once), tokenizer and NF4 base loading, LoRA
 attachment (or another PEFT method's, with its training-loop hooks: methods.py; what it trains on a mixture of
 experts and the routers' load-balancing loss: moe.py; LoftQ, IEC and AdaMix: loftq.py, iec.py, adamix.py) and the
-optimizer, the CPU dropout, fused LoRA forward, compiled norms and per-example attention, tcmalloc for CPU
-training, GGUF models in (converted; or trained on their own quantized tensors: gguf_base.py), the dequantized
-weight cache of any 4-bit base (weight_cache.py), adapter checkpoints / models to evaluate or chat with, and
-reward models (a score head; reward.py).
+optimizer, the CPU dropout, fused LoRA forward (sibling layers over one input as one node: grouped.py), compiled
+norms and per-example attention, tcmalloc for CPU training, GGUF models in (converted; or trained on their own
+quantized tensors: gguf_base.py), the dequantized weight cache of any 4-bit base (weight_cache.py), adapter
+checkpoints / models to evaluate or chat with, and reward models (a score head; reward.py).
 
 Imports: errors, recipe, artifacts, quant.
 """

@@ -16,6 +16,9 @@ hand, as autocast would for the out-of-place product (it casts no in-place op).
 Mathematically the same function as peft's (the scale is applied to the rank-r product instead of the input);
 numerically within the dtype's rounding (tests/test_speedups.py).
 
+Sibling layers reading one input (q, k, v; gate, up) go further, as one autograd node per group
+(finetune.model.grouped) where their base weights are cached.
+
 Only training steps take it: in eval mode (training's eval, eval, chat, serve's batches mixing adapters, which
 peft computes per adapter) peft's forward runs, so that every inference path rounds alike in bf16, where one
 addmm and peft's scale-then-add differ by a rounding. Anything else keeps peft's own forward too: DoRA and other
@@ -31,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from finetune.model.dropout import CpuDropout
+from finetune.model.grouped import group_siblings
 
 
 def use_fused_lora(model) -> int:
@@ -42,26 +46,38 @@ def use_fused_lora(model) -> int:
     first = next(model.parameters(), None)
     if first is None or first.device.type != "cpu":
         return 0
-    count = 0
+    fused = set()
     for module in model.modules():  # peft's classes or subclasses keeping their forward (finetune.quant's QA-LoRA)
         if isinstance(module, (LoraLinear, Linear4bit)) and type(module).forward in (LoraLinear.forward,
                                                                                      Linear4bit.forward):
             module.forward = types.MethodType(fused_forward, module)
-            count += 1
-    return count
+            fused.add(module)
+    group_siblings(model, fused)
+    return len(fused)
 
 
 def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     name = _plain_adapter(self, x, args, kwargs)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
+    group = self.__dict__.get("lora_group")
+    if group is not None:
+        out = group.output(self, x, name, lambda m, t: _plain_adapter(m, t, (), {}), _dropped)
+        if out is not None:
+            return out
     result = self.base_layer(x.reshape(-1, x.shape[-1]))  # 2-D: its own storage, not a view, for addmm_
-    dropout = self.lora_dropout[name]
-    dropped, scale = dropout.dropped(x) if isinstance(dropout, CpuDropout) else (dropout(x), 1.0)
+    dropped, scale = _dropped(self, x)
     low = F.linear(dropped, self.lora_A[name].weight)
     result.addmm_(low.reshape(-1, low.shape[-1]).to(result.dtype), self.lora_B[name].weight.t().to(result.dtype),
                   alpha=self.scaling[name] * scale)
     return result.view(*x.shape[:-1], result.shape[-1])
+
+
+def _dropped(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """x through the active adapter's dropout, and the scale its kept values still need (CpuDropout leaves it to
+    the product)."""
+    dropout = self.lora_dropout[self.active_adapters[0]]
+    return dropout.dropped(x) if isinstance(dropout, CpuDropout) else (dropout(x), 1.0)
 
 
 def _plain_adapter(self, x: torch.Tensor, args, kwargs) -> str | None:
