@@ -46,7 +46,7 @@ def test_dropped_positions_are_independent_draws_of_p(p):
         hits += mask
         pairs += (mask[1:] & mask[:-1]).sum().item()
     total = n * draws
-    sigma = lambda q, m: 5 * (q * (1 - q) / m) ** 0.5  # noqa: E731
+    sigma = lambda q, m: 5 * (q * (1 - q) / m) ** 0.5
     assert abs(hits.sum().item() / total - p) < sigma(p, total)
     assert abs(pairs / ((n - 1) * draws) - p * p) < sigma(p * p, (n - 1) * draws) * 2  # neighbours overlap
     for edge in (hits[:50], hits[-50:]):  # the first and last 50 positions

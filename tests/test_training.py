@@ -443,6 +443,16 @@ def test_resume_refuses_changed_data_file_contents(interrupted, tmp_path):
     assert "training data changed" in result.output and "the contents of the data files" in result.output
 
 
+def test_resume_refuses_a_dropout_stream_it_does_not_know(interrupted, tmp_path):
+    """environment.json says how the run drew LoRA's dropout; a value this version cannot draw is named, exit 2."""
+    recipe, run_dir = interrupted
+    assert json.loads((run_dir / "checkpoint-2" / "environment.json").read_text())["lora_dropout_masks"] == "positions"
+    copy = copy_with_saved_environment(run_dir, tmp_path / "copy", lambda env: env.update(lora_dropout_masks="dice"))
+    result = runner.invoke(app, ["train", str(recipe), f"output_dir={copy}", "--resume"])
+    assert result.exit_code == 2, result.output
+    assert "lora_dropout_masks is 'dice'" in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
 def test_resume_warns_about_other_library_versions(interrupted, tmp_path):
     recipe, run_dir = interrupted
     copy = copy_with_saved_environment(run_dir, tmp_path / "copy", lambda env: env["versions"].update(peft="0.1.0"))

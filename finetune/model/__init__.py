@@ -37,6 +37,6 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "icq_base": ["pack_icq_base"],
     "attention": ["MATH_MAX_TOKENS", "use_segmented_attention"],
     "compile": ["use_compiled_norms"],
-    "dropout": ["POSITIONS_MAX_P"],
+    "dropout": ["MASKS", "POSITIONS_MAX_P"],
     "reward": ["check_reward_checkpoint", "load_reward_checkpoint", "score_module"],
 })

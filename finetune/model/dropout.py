@@ -153,6 +153,7 @@ def use_cpu_dropout(model, masks: str = "positions") -> None:
     2026-12-05)."""
     from peft.tuners.lora import LoraLayer
 
+    assert masks in MASKS, masks  # records.dropout_masks names a checkpoint's unknown value
     first = next(model.parameters(), None)
     if first is None or first.device.type != "cpu":
         return

@@ -15,7 +15,8 @@ but kept q and k alive as long as attention keeps v). Backward, from the gradien
 
 Per member and layer, autograd ran a node each with its own products and added the members' input gradients one
 at a time (k - 1 passes over [tokens, hidden] for the base, k - 1 for the adapters); here the adapters' input
-gradient is one product and the base's accumulates inside its products. Measured on scripts/bench_step.py's micro batch: docs/performance.md, "An eighth pass".
+gradient is one product and the base's accumulates inside its products. What it buys, measured on
+scripts/bench_step.py's micro batch: docs/performance.md, "An eighth pass".
 
 Mathematically the same function as the per-layer fused forward (finetune.model.fused), numerically within the
 dtype's rounding (the sums run in another order). Only training steps on plain LoRA adapters over cached 4-bit

@@ -190,11 +190,11 @@ def per_token_layer_bytes(adapted: list[tuple[str, int, int, int]], recipe: Reci
     of `width`, dropout masks (with `shared_masks`, CPU's: one per input tensor, as its dropped positions).
     DoRA keeps, per adapter, the base output and the scaled adapter output (its magnitude's gradient needs
     both): 2 x out_features more."""
+    from finetune.model import POSITIONS_MAX_P  # lazily: finetune.model's modules import torch
+
     attention_out = heads * head_dim
     base = 2 * h + (heads + 2 * kv) * head_dim + attention_out + 3 * inter  # residuals, q k v, output, MLP
     dropout, dora = adapter_dropout(recipe), recipe.lora.use_dora
-    from finetune.model import POSITIONS_MAX_P  # lazily: finetune.model's front imports no torch, its modules do
-
     # adapter inputs: which tensor each projection reads, its size, and whether the base already saves it
     inputs = {"q_proj": ("x", h, False), "k_proj": ("x", h, False), "v_proj": ("x", h, False),
               "o_proj": ("attn", attention_out, True),

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from finetune.model import allocator_in_use, cpu_dtype_override, cpu_has_native_bf16
+from finetune.model import MASKS, allocator_in_use, cpu_dtype_override, cpu_has_native_bf16
 from finetune.errors import CheckpointError, RecipeError
 from finetune.recipe import LoraSection
 
@@ -100,9 +100,13 @@ def dropout_masks(checkpoint: Path | None) -> str:
     if checkpoint is None:
         return "positions"
     try:
-        return json.loads((checkpoint / "environment.json").read_text()).get("lora_dropout_masks", "per adapter")
+        masks = json.loads((checkpoint / "environment.json").read_text()).get("lora_dropout_masks", "per adapter")
     except (OSError, ValueError):
         return "positions"  # check_resume names the unreadable records
+    if masks not in MASKS:
+        raise CheckpointError(f"Cannot resume from {checkpoint}: environment.json's lora_dropout_masks is {masks!r}; "
+                              f"this finetune draws LoRA's dropout as one of {', '.join(map(repr, MASKS))}.")
+    return masks
 
 
 def check_resume(checkpoint: Path, recipe, env: dict, console) -> None:
