@@ -60,8 +60,9 @@ def _unshared_dropout(model) -> None:
                     module.lora_dropout[name] = CpuDropout(d.p)
 
 
-def _byte_masks(model, masks: str = "positions") -> None:
-    """finetune.model.dropout.use_cpu_dropout as runs began before 2026-12-08: byte masks, shared per input."""
+def _byte_masks(model, _masks=None) -> None:
+    """finetune.model.dropout.use_cpu_dropout as runs began before 2026-12-08 (whatever `attach_lora` asks for):
+    byte masks, shared per input."""
     from finetune.model.dropout import use_cpu_dropout
 
     use_cpu_dropout(model, "shared")

@@ -150,8 +150,9 @@ def activation_bytes(model, recipe: Recipe, batch: int, seq: int, width: int, ch
     Layers differ when lora.layers or the rank pattern make them: each is counted with its own adapters.
     LoRA dropout on CPU (finetune.model.dropout.CpuDropout): one dropped input per input tensor, shared by the
     adapters reading it, and its dropped positions (8 bytes each, p of the values; a byte mask above p = 1/8); on
-    GPU torch's fused dropout: one boolean mask (a byte a value) per adapter. `stream`: bytes per value of the residual stream and what the layer computes from it
-    (norms, rotated q/k, the MLP's intermediates; float32 on GPU QLoRA), `width` those of the adapters' inputs."""
+    GPU torch's fused dropout: one boolean mask (a byte a value) per adapter. `stream`: bytes per value of the
+    residual stream and what the layer computes from it (norms, rotated q/k, the MLP's intermediates; float32 on
+    GPU QLoRA), `width` those of the adapters' inputs."""
     stream = stream or width
     c = model.config.get_text_config()
     h, inter, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
