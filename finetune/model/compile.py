@@ -4,8 +4,11 @@ Eager RMSNorm is six passes over the activations forward (cast, square, mean, rs
 about ten backward; a decoder has two per layer. inductor fuses each direction into one loop over the row:
 3.3x faster forward + backward at SmolLM2's shapes (docs/performance.md). The compiled function is the
 model's own formula (transformers' LlamaRMSNorm, which Mistral, Qwen2/3 and others copy; only modules whose
-forward has that bytecode are switched), compiled once with dynamic shapes for every layer and row length.
-Compiled code is cached on disk (inductor's FX graph cache, under ~/.cache/finetune/inductor unless
+forward has that bytecode are switched), compiled with dynamic shapes for every layer and row length.
+Each model gets a compiled copy of its own (`_fresh`): dynamo keys its compiled variants, and the budget of 8
+recompilations after which it silently runs a function eagerly, on the function's code object, so one copy per
+process let earlier runs in the process (a sweep's trials, a test session) decide whether a later run's norms were
+compiled, and so its rounding in bf16. Compiled code is cached on disk (inductor's FX graph cache, under ~/.cache/finetune/inductor unless
 TORCHINDUCTOR_CACHE_DIR says otherwise), so only a machine's first run pays the compilation.
 
 Compilation is tried once, on a small probe, forward and backward, before training: where it cannot run (no
@@ -15,11 +18,12 @@ is returned for the run's log (environment.json, the banner)."""
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 
 import torch
 
-_compiled = None  # the compiled norm, or the reason it is not available (str), once per process
+_compiled = None  # True once the probe compiled the norm, or the reason it is not available (str), once per process
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -39,9 +43,10 @@ def use_compiled_norms(model) -> str:
     norms = [m for m in model.modules() if _llama_style(m)]
     if not norms:
         return "eager: no Llama-style RMSNorm in this model"
-    fn = compiled_norm(norms[0].weight.shape[-1])
-    if isinstance(fn, str):
-        return f"eager: {fn}"
+    verdict = compiled_norm(norms[0].weight.shape[-1])
+    if isinstance(verdict, str):
+        return f"eager: {verdict}"
+    fn = _fresh()
     for m in norms:
         m.forward = _Forward(fn, m)
     return f"compiled ({len(norms)} RMSNorm, torch.compile inductor)"
@@ -59,8 +64,15 @@ class _Forward:
         return self.fn(x, m.weight, m.variance_epsilon)
 
 
-def compiled_norm(width: int):
-    """The compiled `rms_norm`, probed forward and backward once per process; a string saying why not."""
+def _fresh():
+    """`rms_norm` compiled under a code object of its own: variants and recompilation budget start from nothing,
+    as in a fresh process (inductor's disk cache makes each variant's compilation quick)."""
+    code = rms_norm.__code__.replace()  # a new code object, the same bytecode
+    return torch.compile(types.FunctionType(code, rms_norm.__globals__, rms_norm.__name__), dynamic=True)
+
+
+def compiled_norm(width: int) -> bool | str:
+    """True where `rms_norm` compiles, probed forward and backward once per process; a string saying why not."""
     global _compiled
     if _compiled is not None:
         return _compiled
@@ -69,7 +81,7 @@ def compiled_norm(width: int):
         return _compiled
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "finetune" / "inductor"))
     try:
-        fn = torch.compile(rms_norm, dynamic=True)
+        fn = _fresh()
         g = torch.Generator().manual_seed(0)  # the probe leaves the global generator (dropout's) as it was
         for dtype in (torch.float32, torch.bfloat16):  # the probe: both directions, the dtypes training uses
             x = torch.randn(1, 3, width, generator=g).to(dtype).requires_grad_()
@@ -78,7 +90,7 @@ def compiled_norm(width: int):
             got.sum().backward()
             if not torch.allclose(got.float(), rms_norm(x, w, 1e-6).float(), rtol=1e-2, atol=1e-2):
                 raise RuntimeError("the compiled norm disagrees with the eager one")
-        _compiled = fn
+        _compiled = True
     except Exception as e:  # noqa: BLE001 - any failure to compile means the eager norm, named in the log
         _compiled = f"torch.compile failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''})"
     return _compiled
