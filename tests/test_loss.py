@@ -1,5 +1,7 @@
 """The labelled-positions-only loss must be the plain full-logits cross-entropy, value and gradient."""
 
+import warnings
+
 import pytest
 import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
@@ -82,6 +84,39 @@ def test_model_that_soft_caps_its_logits_gets_the_plain_loss():
     assert fast.item() == pytest.approx(plain.item(), rel=1e-6)
     for name in plain_grads:
         torch.testing.assert_close(fast_grads[name], plain_grads[name])
+    # remembered: later calls take the plain path at once, one forward each (the check cost a second one)
+    forwards = []
+    model.model.register_forward_hook(lambda *_: forwards.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again, again_grads = _value_and_grads(token_loss_sum, model, batch)
+    assert len(forwards) == 1 and again.item() == fast.item()
+    for name in plain_grads:
+        torch.testing.assert_close(again_grads[name], fast_grads[name], rtol=0, atol=0)
+
+
+def test_a_checked_model_hands_its_head_no_position(tiny_model_dir):
+    """The first call checks the model's logits against the plain projection on one position; later calls run
+    the model's own head on none (a [B, 0, H] slice): the same loss and gradients, without its two products."""
+    recipe = Recipe.model_validate({
+        "model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": ["unused.jsonl"]},
+        "quantization": {"compute_dtype": "float32"}, "lora": {"dropout": 0.0},
+        "training": {"gradient_checkpointing": False},
+    })
+    model = training_model(recipe)
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    batch, head = _batch(model.config.vocab_size), model.get_output_embeddings()
+    seen = []
+    head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[:-1])))
+    first, first_grads = _value_and_grads(token_loss_sum, model, batch)
+    second, second_grads = _value_and_grads(token_loss_sum, model, batch)
+    assert seen == [(2, 1), (2,), (2, 0)]  # the model's head on one position, the check's, then on none
+    assert second.item() == first.item() == pytest.approx(_plain(model, batch).item(), rel=1e-5)
+    for name in first_grads:
+        torch.testing.assert_close(second_grads[name], first_grads[name], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -16,18 +16,25 @@ gradient is all backward needs: nothing vocabulary-sized outlives a chunk.
 Anything this does not cover exactly (a trainable or adapted head, a model that
 rescales or soft-caps its logits, a forward that never calls its output layer)
 takes the plain path over the model's full logits, so the loss is always the
-same number.
+same number. Whether a model's logits are its head's plain projection is checked
+on its first call (its own head on one position against ours) and remembered for
+the model: later calls hand its head no position at all (two vocabulary-sized
+products a micro batch saved), and a model that transforms its logits goes
+straight to the plain path instead of running its forward twice.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
 
 from finetune.data import IGNORE
 CHUNK_BYTES = 64 * 2**20  # float32 logits per chunk: bounds the head's working memory
+# model -> (its head, whether its logits are that head's plain projection), from its first call
+_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def token_loss_sum(model, batch: dict) -> torch.Tensor:
@@ -42,19 +49,21 @@ def token_losses(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Te
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     labels = batch["labels"]
     head = _frozen_linear_head(model)
-    if head is None:
+    verdict = _VERDICTS.get(model, (None, None))
+    plain = verdict[1] if verdict[0] is head else None  # None: not checked with this head yet
+    if head is None or plain is False:
         return _full_logits_losses(model(**inputs, use_cache=False).logits / temperature, labels)
 
     captured = {}
 
     def keep_hidden(module, args):
-        # The model's own head then runs on the first position only: a cheap check that it adds nothing
-        # (scaling, soft-capping) to the plain projection computed below.
+        # Checked: the model's head gets no position. Not yet: the first position only, a cheap check that the
+        # model adds nothing (scaling, soft-capping) to the plain projection computed below.
         # A fresh [B, 1, H] tensor: a slice keeps the row stride T*H (`.contiguous()` leaves a size-1 dimension's
         # stride alone), and with it torch's matmul copies the whole transposed head weight for a bf16 batched
         # product (70-80 ms per SmolLM2 micro batch). Detached: the check needs no graph.
         captured["hidden"] = args[0]
-        return (args[0][:, :1].detach().clone(memory_format=torch.contiguous_format),)
+        return (args[0][:, :0] if plain else args[0][:, :1].detach().clone(memory_format=torch.contiguous_format),)
 
     handle = head.register_forward_pre_hook(keep_hidden)
     try:
@@ -62,14 +71,17 @@ def token_losses(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Te
     finally:
         handle.remove()
     hidden = captured.get("hidden")
-    if hidden is None or hidden.dim() != 3 or out.logits.shape[:2] != (hidden.shape[0], 1):
+    if hidden is None or hidden.dim() != 3 or out.logits.shape[:2] != (hidden.shape[0], 1 if plain is None else 0):
         return _full_logits_losses(out.logits, labels)  # the output layer was not used as expected
     # The head multiplies in its weight's dtype, as autocast has it do inside the forward: a float32 adapter
     # (IA3's scaling vectors) can leave the residual stream in float32 beside a bf16 head.
     hidden = hidden.to(head.weight.dtype)
-    if not torch.allclose(out.logits[:, 0].float(), head(hidden[:, 0].detach()).float(), rtol=1e-3, atol=1e-3):
-        warnings.warn(f"{type(model).__name__} transforms its logits; computing the loss over all positions.")
-        return _full_logits_losses(model(**inputs, use_cache=False).logits / temperature, labels)
+    if plain is None:
+        plain = torch.allclose(out.logits[:, 0].float(), head(hidden[:, 0].detach()).float(), rtol=1e-3, atol=1e-3)
+        _VERDICTS[model] = (head, plain)
+        if not plain:
+            warnings.warn(f"{type(model).__name__} transforms its logits; computing the loss over all positions.")
+            return _full_logits_losses(model(**inputs, use_cache=False).logits / temperature, labels)
 
     labels = labels.to(hidden.device)
     keep = labels[:, 1:] != IGNORE
