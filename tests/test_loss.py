@@ -70,14 +70,60 @@ def test_no_grad_loss_matches(qlora_model):
         assert token_loss_sum(qlora_model, batch).item() == pytest.approx(_plain(qlora_model, batch).item(), rel=1e-5)
 
 
-def test_model_that_soft_caps_its_logits_gets_the_plain_loss():
-    """Gemma 2 soft-caps logits after the head: projecting the hidden states alone would be a different loss."""
-    config = Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, head_dim=16, final_logit_softcapping=1.0)
+def _transforming_model(family: str):
+    """A 1-layer model of a family whose forward transforms the head's logits, with a transform large enough to
+    matter at these logits' size; the head (tied with the input embeddings) frozen, as under LoRA."""
+    from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
+
+    shape = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    config, cls = {
+        "gemma2": (lambda: Gemma2Config(**shape, head_dim=16, final_logit_softcapping=1.0), Gemma2ForCausalLM),
+        "granite": (lambda: GraniteConfig(**shape, logits_scaling=0.25), GraniteForCausalLM),
+        "cohere": (lambda: CohereConfig(**shape, logit_scale=4.0), CohereForCausalLM),
+    }[family]
     torch.manual_seed(0)
-    model = Gemma2ForCausalLM(config)
-    model.get_output_embeddings().weight.requires_grad_(False)  # tied with the input embeddings: frozen, as in LoRA
-    batch = _batch(config.vocab_size)
+    model = cls(config())
+    model.get_output_embeddings().weight.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("family", ["gemma2", "granite", "cohere"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_soft_capped_and_rescaled_logits_keep_the_labelled_positions_path(family, temperature):
+    """Gemma 2 soft-caps logits after the head, Granite and Cohere rescale them: the loss applies the same transform
+    (value and gradient of cap * tanh(z / cap), and of the scale, over logits / temperature) instead of taking the
+    model's full logits, and says nothing."""
+    model = _transforming_model(family)
+    batch = _batch(model.config.vocab_size)
+
+    def plain(model, batch):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        return _full_logits_loss(model(**inputs, use_cache=False).logits / temperature, batch["labels"])
+
+    def labelled(model, batch):
+        return loss_module.token_losses(model, batch, temperature)[0].sum()
+
+    shapes = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: shapes.append(args[0].shape[1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast, fast_grads = _value_and_grads(labelled, model, batch)
+    assert shapes[0] == 1  # the model's own head on one position: the full logits were never computed
+    reference, plain_grads = _value_and_grads(plain, model, batch)
+    assert fast.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert fast_grads.keys() == plain_grads.keys() and fast_grads
+    for name in plain_grads:
+        torch.testing.assert_close(fast_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_transform_the_loss_does_not_know_gets_the_plain_loss(monkeypatch):
+    """A model whose logits are not what `_transform` says (here: Gemma 2's soft-capping, forgotten) fails the check
+    on its first call and takes the plain path over its full logits: the same loss, a warning once."""
+    monkeypatch.setattr(loss_module, "_TRANSFORMS", {k: v for k, v in loss_module._TRANSFORMS.items()
+                                                      if k != "final_logit_softcapping"})
+    model = _transforming_model("gemma2")
+    batch = _batch(model.config.vocab_size)
     with pytest.warns(UserWarning, match="transforms its logits"):
         fast, fast_grads = _value_and_grads(token_loss_sum, model, batch)
     plain, plain_grads = _value_and_grads(_plain, model, batch)

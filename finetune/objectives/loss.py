@@ -13,14 +13,18 @@ positions, and computes head, cross-entropy and the gradient with respect to the
 hidden states a chunk of rows at a time. Under LoRA the head is frozen, so that
 gradient is all backward needs: nothing vocabulary-sized outlives a chunk.
 
-Anything this does not cover exactly (a trainable or adapted head, a model that
-rescales or soft-caps its logits, a forward that never calls its output layer)
-takes the plain path over the model's full logits, so the loss is always the
-same number. Whether a model's logits are its head's plain projection is checked
-on its first call (its own head on one position against ours) and remembered for
-the model: later calls hand its head no position at all (two vocabulary-sized
-products a micro batch saved), and a model that transforms its logits goes
-straight to the plain path instead of running its forward twice.
+The transforms transformers' forwards apply after the head are applied here too
+(`_transform`: Gemma 2/3's soft-capping cap * tanh(z / cap), Granite's division by
+`logits_scaling`, Cohere's `logit_scale`), so those families keep this path: for
+Gemma's 256k vocabulary the full float32 logits of one 4 x 512 micro batch are 2 GB.
+Anything this does not cover exactly (a trainable or adapted head, a transform of
+another kind, a forward that never calls its output layer) takes the plain path
+over the model's full logits, so the loss is always the same number. Whether a
+model's logits are what `_transform` says is checked on its first call (its own
+head on one position against ours, op for op as it computes them) and remembered
+for the model: later calls hand its head no position at all (two vocabulary-sized
+products a micro batch saved), and a model that fails the check goes straight to
+the plain path instead of running its forward twice.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def token_losses(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Te
     head = _frozen_linear_head(model)
     verdict = _VERDICTS.get(model, (None, None))
     plain = verdict[1] if verdict[0] is head else None  # None: not checked with this head yet
+    scale, cap = _transform(model)
     if head is None or plain is False:
         return _full_logits_losses(model(**inputs, use_cache=False).logits / temperature, labels)
 
@@ -77,7 +82,8 @@ def token_losses(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Te
     # (IA3's scaling vectors) can leave the residual stream in float32 beside a bf16 head.
     hidden = hidden.to(head.weight.dtype)
     if plain is None:
-        plain = torch.allclose(out.logits[:, 0].float(), head(hidden[:, 0].detach()).float(), rtol=1e-3, atol=1e-3)
+        ours = _as_the_model_does(head(hidden[:, 0].detach()), model)
+        plain = torch.allclose(out.logits[:, 0].float(), ours.float(), rtol=1e-3, atol=1e-3)
         _VERDICTS[model] = (head, plain)
         if not plain:
             warnings.warn(f"{type(model).__name__} transforms its logits; computing the loss over all positions.")
@@ -86,11 +92,43 @@ def token_losses(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Te
     labels = labels.to(hidden.device)
     keep = labels[:, 1:] != IGNORE
     rows = hidden[:, -labels.shape[1]:-1][keep]  # prompt/P-tuning prepend virtual tokens: the last positions are ours
-    bias = head.bias
-    if temperature != 1.0:  # (h W^T + b) / T = (h / T) W^T + b / T
-        rows, bias = rows / temperature, (bias / temperature if bias is not None else None)
+    bias, post = head.bias, 1.0 / temperature
+    if cap is None:  # s (h W^T + b) / T = (s h / T) W^T + s b / T: the rescaling folds into the rows
+        scale, post = scale * post, 1.0
+    if scale != 1.0:
+        rows, bias = rows * scale, (bias * scale if bias is not None else None)
     chunk = max(1, CHUNK_BYTES // (4 * head.weight.shape[0]))
-    return LabelledCrossEntropy.apply(rows, head.weight, bias, labels[:, 1:][keep], chunk), keep
+    return LabelledCrossEntropy.apply(rows, head.weight, bias, labels[:, 1:][keep], chunk, cap, post), keep
+
+
+# config attribute -> the op transformers' forward applies to the head's logits (checked on each model's first call)
+_TRANSFORMS = {
+    "final_logit_softcapping": lambda z, cap: torch.tanh(z / cap) * cap,  # Gemma 2, Gemma 3
+    "logits_scaling": lambda z, s: z / s,  # Granite, GraniteMoE
+    "logit_scale": lambda z, s: z * s,  # Cohere, Cohere 2
+}
+
+
+def _transform_values(model) -> dict:
+    config = getattr(model, "module", model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    values = {k: getattr(config, k, None) for k in _TRANSFORMS}  # (a scale of 1 or a cap of None/0: none)
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and v and (k == "final_logit_softcapping"
+                                                                                       or v != 1)}
+
+
+def _transform(model) -> tuple[float, float | None]:
+    """(scale, cap): the model's logits are cap * tanh(scale * z / cap), or scale * z without a cap, for the head's z."""
+    values = _transform_values(model)
+    scale = values.get("logit_scale", 1.0) / values.get("logits_scaling", 1.0)
+    return float(scale), values.get("final_logit_softcapping")
+
+
+def _as_the_model_does(z: torch.Tensor, model) -> torch.Tensor:
+    """The head's logits z transformed op for op as `_TRANSFORMS` says the model's forward does (the same rounding)."""
+    for key, value in _transform_values(model).items():
+        z = _TRANSFORMS[key](z, value)
+    return z
 
 
 def sequence_logprobs(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,6 +205,7 @@ def _full_logits_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[tor
 
 class LabelledCrossEntropy(torch.autograd.Function):
     """CE(rows_i @ weight.T + bias, targets_i) for each row i, in chunks of rows; differentiable in `rows` only.
+    With a `cap`, of the soft-capped logits post * cap * tanh(z / cap) (Gemma's; `post`: 1 / temperature).
 
     The forward pass already computes d loss / d rows (softmax minus one-hot, times the
     weight), chunk by chunk, so backward is one multiplication by the incoming scale and
@@ -174,7 +213,7 @@ class LabelledCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, bias, targets, chunk):
+    def forward(ctx, rows, weight, bias, targets, chunk, cap=None, post=1.0):
         losses = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
         grad = torch.empty_like(rows) if ctx.needs_input_grad[0] else None
         for start in range(0, rows.shape[0], chunk):
@@ -182,6 +221,10 @@ class LabelledCrossEntropy(torch.autograd.Function):
             z = (h @ weight.t()).float()
             if bias is not None:
                 z += bias.float()
+            if cap is not None:  # logits post * cap * tanh(z / cap): d/dz = post * (1 - tanh^2)
+                z = z.div_(cap).tanh_()
+                slope = z.square().neg_().add_(1).mul_(post)
+                z.mul_(cap * post)
             z -= z.amax(dim=1, keepdim=True)
             target_z = z.gather(1, t[:, None]).squeeze(1)
             z.exp_()
@@ -190,6 +233,8 @@ class LabelledCrossEntropy(torch.autograd.Function):
             if grad is not None:
                 z /= sum_exp[:, None]  # softmax
                 z[torch.arange(len(t), device=z.device), t] -= 1
+                if cap is not None:
+                    z.mul_(slope)
                 grad[start : start + chunk] = z.to(weight.dtype) @ weight
         ctx.save_for_backward(grad)
         return losses
@@ -197,4 +242,4 @@ class LabelledCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses):
         (grad,) = ctx.saved_tensors
-        return grad * grad_losses.to(grad.dtype)[:, None], None, None, None, None
+        return grad * grad_losses.to(grad.dtype)[:, None], None, None, None, None, None, None
