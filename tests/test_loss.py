@@ -36,10 +36,10 @@ def _value_and_grads(fn, model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.fixture(scope="module")
-def qlora_model(tiny_model_dir):
+def _qlora(model_dir):
+    """The fixture model under float32 LoRA without dropout, its B initialised away from 0."""
     recipe = Recipe.model_validate({
-        "model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": ["unused.jsonl"]},
+        "model": {"name_or_path": str(model_dir)}, "data": {"train": ["unused.jsonl"]},
         "quantization": {"compute_dtype": "float32"}, "lora": {"dropout": 0.0},
         "training": {"gradient_checkpointing": False},
     })
@@ -49,6 +49,11 @@ def qlora_model(tiny_model_dir):
         if "lora_B" in name:  # B = 0 at init would leave A without gradient
             torch.nn.init.normal_(p, std=0.1)
     return model
+
+
+@pytest.fixture(scope="module")
+def qlora_model(tiny_model_dir):
+    return _qlora(tiny_model_dir)
 
 
 @pytest.mark.parametrize("chunk_bytes", [loss_module.CHUNK_BYTES, 4 * 512 * 3])  # one chunk; 3-row chunks
@@ -75,8 +80,8 @@ def _transforming_model(family: str):
     matter at these logits' size; the head (tied with the input embeddings) frozen, as under LoRA."""
     from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM
 
-    shape = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                 num_key_value_heads=1)
+    shape = {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 1}
     config, cls = {
         "gemma2": (lambda: Gemma2Config(**shape, head_dim=16, final_logit_softcapping=1.0), Gemma2ForCausalLM),
         "granite": (lambda: GraniteConfig(**shape, logits_scaling=0.25), GraniteForCausalLM),
@@ -144,16 +149,7 @@ def test_a_transform_the_loss_does_not_know_gets_the_plain_loss(monkeypatch):
 def test_a_checked_model_hands_its_head_no_position(tiny_model_dir):
     """The first call checks the model's logits against the plain projection on one position; later calls run
     the model's own head on none (a [B, 0, H] slice): the same loss and gradients, without its two products."""
-    recipe = Recipe.model_validate({
-        "model": {"name_or_path": str(tiny_model_dir)}, "data": {"train": ["unused.jsonl"]},
-        "quantization": {"compute_dtype": "float32"}, "lora": {"dropout": 0.0},
-        "training": {"gradient_checkpointing": False},
-    })
-    model = training_model(recipe)
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.1)
+    model = _qlora(tiny_model_dir)  # a model of its own: the module's fixture is checked already
     batch, head = _batch(model.config.vocab_size), model.get_output_embeddings()
     seen = []
     head.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[:-1])))

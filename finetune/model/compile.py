@@ -8,8 +8,9 @@ forward has that bytecode are switched), compiled with dynamic shapes for every 
 Each model gets a compiled copy of its own (`_fresh`): dynamo keys its compiled variants, and the budget of 8
 recompilations after which it silently runs a function eagerly, on the function's code object, so one copy per
 process let earlier runs in the process (a sweep's trials, a test session) decide whether a later run's norms were
-compiled, and so its rounding in bf16. Compiled code is cached on disk (inductor's FX graph cache, under ~/.cache/finetune/inductor unless
-TORCHINDUCTOR_CACHE_DIR says otherwise), so only a machine's first run pays the compilation.
+compiled, and so its rounding in bf16. Compiled code is cached on disk (inductor's FX graph cache, under
+~/.cache/finetune/inductor unless TORCHINDUCTOR_CACHE_DIR says otherwise), so only a machine's first run pays the
+compilation.
 
 Compilation is tried once, on a small probe, forward and backward, before training: where it cannot run (no
 C++ compiler, an unsupported torch build, FINETUNE_COMPILE=0), the model keeps its eager norms and the reason

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from finetune.data import IGNORE
 CHUNK_BYTES = 64 * 2**20  # float32 logits per chunk: bounds the head's working memory
-# model -> (its head, whether its logits are that head's plain projection), from its first call
+# model -> (its head, whether its logits are `_transform` of that head's projection), from its first call
 _VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -55,7 +55,6 @@ def token_losses(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Te
     head = _frozen_linear_head(model)
     verdict = _VERDICTS.get(model, (None, None))
     plain = verdict[1] if verdict[0] is head else None  # None: not checked with this head yet
-    scale, cap = _transform(model)
     if head is None or plain is False:
         return _full_logits_losses(model(**inputs, use_cache=False).logits / temperature, labels)
 
@@ -63,7 +62,7 @@ def token_losses(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Te
 
     def keep_hidden(module, args):
         # Checked: the model's head gets no position. Not yet: the first position only, a cheap check that the
-        # model adds nothing (scaling, soft-capping) to the plain projection computed below.
+        # model's logits are the projection computed below, transformed as `_transform` says.
         # A fresh [B, 1, H] tensor: a slice keeps the row stride T*H (`.contiguous()` leaves a size-1 dimension's
         # stride alone), and with it torch's matmul copies the whole transposed head weight for a bf16 batched
         # product (70-80 ms per SmolLM2 micro batch). Detached: the check needs no graph.
@@ -92,7 +91,7 @@ def token_losses(model, batch: dict, temperature: float = 1.0) -> tuple[torch.Te
     labels = labels.to(hidden.device)
     keep = labels[:, 1:] != IGNORE
     rows = hidden[:, -labels.shape[1]:-1][keep]  # prompt/P-tuning prepend virtual tokens: the last positions are ours
-    bias, post = head.bias, 1.0 / temperature
+    (scale, cap), bias, post = _transform(model), head.bias, 1.0 / temperature
     if cap is None:  # s (h W^T + b) / T = (s h / T) W^T + s b / T: the rescaling folds into the rows
         scale, post = scale * post, 1.0
     if scale != 1.0:
